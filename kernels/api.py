@@ -1,0 +1,132 @@
+"""Public BLA operator: ``bla_attention`` (a whole sequence) and ``bla_step`` (one decode step)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Sequence
+
+import torch
+
+from .checks import State, check_problem, check_step
+from .chunked import bla_chunked
+from .reference import bla_reference, step_reference
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def triton_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton backend can run on ``device``, and why not when it cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    try:
+        from . import triton_bla  # noqa: F401
+    except ImportError as exc:
+        return False, f"the Triton kernels are not available: {exc}"
+    if device.type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "TRITON_INTERPRET=1: Triton's interpreter on the CPU"
+        return False, f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to interpret them"
+    return True, "CUDA device"
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        ok, _ = triton_available(device)
+        return "triton" if ok and device.type == "cuda" else "torch"
+    if backend == "triton":
+        ok, why = triton_available(device)
+        if not ok:
+            raise ValueError(f"backend='triton' cannot run: {why}")
+    return backend
+
+
+def bla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | Sequence[int],
+    slots: int,
+    scale: float | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State | None]:
+    """Blurry Window Attention over whole sequences.
+
+    Args:
+        q, k: [B, T, H, d_k] and [B, T, H_kv, d_k]; v: [B, T, H_kv, d_v]. H_kv < H is GQA: the
+            query heads of a group read one slot state.
+        window: W, an int or a list per head (per query head, equal inside a GQA group, or per kv head).
+        slots: m, dividing every window.
+        scale: softmax scale over slots, default d_k ** -0.5.
+        initial_state: (K [N, H_kv, m, d_k], V [N, H_kv, m, d_v]); zeros when None.
+        output_final_state: also return the state after the last token of every sequence.
+        cu_seqlens: int [N + 1] document starts when documents are packed into B = 1; each
+            document starts from its own initial state (zeros by default) at phase ``offset``.
+        offset: tokens already consumed (int or [N] tensor): the phase continues from there.
+        backend: "auto" (Triton on CUDA, torch otherwise), "triton", "torch" or "reference".
+
+    Returns:
+        o [B, T, H, d_v] in q's dtype, and the final state (float32, or float64 for float64
+        inputs) or None.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 16, 2, 8)
+        >>> o, (K, V) = bla_attention(q, k, v, window=8, slots=4, output_final_state=True)
+        >>> o.shape, K.shape
+        (torch.Size([1, 16, 2, 8]), torch.Size([1, 2, 4, 8]))
+    """
+    problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset)
+    chosen = _resolve_backend(backend, q.device)
+    if chosen == "reference":
+        o, state = bla_reference(q, k, v, problem, initial_state)
+        if q.dtype != torch.float64:
+            state = tuple(s.float() for s in state)
+    elif chosen == "torch":
+        o, state = bla_chunked(q, k, v, problem, initial_state)
+    else:
+        from .triton_bla import bla_triton
+
+        o, state = bla_triton(q, k, v, problem, initial_state)
+    return o, (state if output_final_state else None)
+
+
+def bla_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: State | None,
+    position: torch.Tensor,
+    window: int | Sequence[int],
+    slots: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, State]:
+    """One decode step: q [B, H, d_k], k [B, H_kv, d_k], v [B, H_kv, d_v], position [B] (the
+    token's position in its document, offset included). ``state`` None starts from zeros.
+
+    Returns o [B, H, d_v] in q's dtype and the new state, in the same format as
+    ``bla_attention``'s final state, so a prefill's state feeds decoding directly.
+    """
+    problem = check_step(q, k, v, state, position, window, slots, scale)
+    sdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if state is None:
+        B, G, m = problem.batch, problem.num_kv_heads, problem.slots
+        state = (q.new_zeros(B, G, m, problem.head_dim_k, dtype=sdtype), q.new_zeros(B, G, m, problem.head_dim_v, dtype=sdtype))
+    else:
+        state = tuple(s.to(sdtype) for s in state)
+    if q.is_cuda:
+        ok, _ = triton_available(q.device)
+        if ok:
+            from .triton_bla import bla_step_triton
+
+            return bla_step_triton(q, k, v, state, problem)
+    o, new_state = step_reference(
+        q, k, v, state, problem.offset, problem.window_tensor(q.device), problem.slots, problem.scale
+    )
+    return o.to(q.dtype), new_state

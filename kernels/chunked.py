@@ -1,0 +1,151 @@
+"""Chunked, vectorised BLA in pure torch: the CPU training path (autograd differentiates it).
+
+Each slot j follows a scalar-gated linear recurrence, K_t[j] = alpha_t[j] K_{t-1}[j] + w_t[j] k_t,
+so inside a chunk of C tokens
+
+    K_t[j] = g_t[j] K_start[j] + sum_{s <= t} M[t, s, j] k_s,     M[t, s, j] = w_s[j] prod_{s < u <= t} alpha_u[j]
+
+with g_t[j] = prod_{u <= t} alpha_u[j]. The slot scores and the output of token t are then
+
+    z[t, j] = scale * (sum_s (q_t . k_s) M[t, s, j] + g_t[j] (q_t . K_start[j]))
+    o[t]    = sum_s (sum_j p[t, j] M[t, s, j]) v_s + sum_j p[t, j] g_t[j] V_start[j],   p = softmax_j z
+
+M, g and the chunk's state update depend only on positions (never on data), so they are built
+once in float64 and shared across the batch and across heads that share a window.
+
+Products across a reset (alpha = 0) are exactly zero. Rather than taking log(0), the cumulative
+log-decay skips resets and a cumulative reset count tells whether a reset lies between s and t.
+Variable-length batches are laid out one document per row (padding tokens have w = 0 and
+alpha = 1, so they change no state) and scattered back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import Problem, State
+from .gates import dirichlet_gates
+
+DEFAULT_CHUNK = 64
+
+
+def chunk_tables(
+    positions_RL: torch.Tensor, valid_RL: torch.Tensor, windows: torch.Tensor, slots: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Position-only tables for chunks of ``chunk`` tokens (L a multiple of chunk), float64.
+
+    Returns M [R, NC, Hw, C, C, m] (row t, column s), g [R, NC, Hw, C, m] (decay of the chunk's
+    start state up to token t, inclusive) and the chunk's start-state decay g[..., -1, :].
+    """
+    R, L = positions_RL.shape
+    NC = L // chunk
+    w, alpha, reset = dirichlet_gates(positions_RL, windows, slots, valid_RL)  # [R, L, Hw, m]
+    shape = (R, NC, chunk) + w.shape[2:]
+    w, alpha, reset = (x.reshape(shape).transpose(2, 3) for x in (w, alpha, reset))  # [R, NC, Hw, C, m]
+    log_alpha = torch.where(reset, torch.zeros_like(alpha), torch.log(alpha))
+    cum_log = log_alpha.cumsum(dim=3)  # sum over u <= t, resets skipped
+    cum_rst = reset.to(torch.int32).cumsum(dim=3)  # number of resets at u <= t
+
+    # decay[t, s] = prod_{s < u <= t} alpha_u: zero when a reset lies in (s, t].
+    same_segment = cum_rst[..., :, None, :] == cum_rst[..., None, :, :]
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=w.device).tril()[:, :, None]
+    keep = same_segment & causal
+    log_decay = cum_log[..., :, None, :] - cum_log[..., None, :, :]
+    decay = torch.where(keep, torch.exp(torch.where(keep, log_decay, torch.zeros_like(log_decay))), torch.zeros_like(log_decay))
+    M = decay * w[..., None, :, :]
+    g = torch.where(cum_rst == 0, torch.exp(cum_log), torch.zeros_like(cum_log))
+    return M, g, g[..., -1, :]
+
+
+def _to_rows(x: torch.Tensor, problem: Problem, index_RL: torch.Tensor, valid_RL: torch.Tensor) -> torch.Tensor:
+    """[1, T, H, d] packed documents -> [N, L, H, d] one document a row, zeros past each end."""
+    rows = x[0][index_RL]
+    return rows * valid_RL[..., None, None].to(rows.dtype)
+
+
+def bla_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    problem: Problem,
+    initial_state: State | None,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, State]:
+    p = problem
+    dev = q.device
+    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    C = chunk
+
+    # ---- lay sequences out as rows of length L (a multiple of C) ----
+    if p.cu_seqlens is None:
+        R, L = p.batch, p.seq_len
+        qr, kr, vr = q, k, v
+        lengths = torch.full((R,), L, dtype=torch.int64, device=dev)
+        index_RL = None
+    else:
+        R = p.num_seqs
+        lengths = p.cu_seqlens[1:] - p.cu_seqlens[:-1]
+        L = int(lengths.max()) if R > 0 else 0
+        t = torch.arange(L, device=dev)
+        valid = t[None, :] < lengths[:, None]
+        index_RL = torch.where(valid, p.cu_seqlens[:-1, None] + t[None, :], torch.zeros_like(t[None, :]))
+        qr, kr, vr = (_to_rows(x, p, index_RL, valid) for x in (q, k, v))
+    Lp = max(C, -(-L // C) * C)
+    pad = Lp - L
+    if pad:
+        qr, kr, vr = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (qr, kr, vr))
+    NC = Lp // C
+
+    # ---- position-only tables, shared across rows when every row has the same phases ----
+    shared_rows = p.cu_seqlens is None and bool((p.offset == p.offset[0]).all())
+    offsets = p.offset[:1] if shared_rows else p.offset
+    lens = lengths[:1] if shared_rows else lengths
+    t = torch.arange(Lp, device=dev)
+    positions = offsets[:, None] + t[None, :]
+    valid = t[None, :] < lens[:, None]
+    windows = p.window_tensor(dev)
+    if len(set(p.windows)) == 1:
+        windows = windows[:1]  # one table serves every head
+    M, g, g_last = (x.to(cdtype) for x in chunk_tables(positions, valid, windows, p.slots, C))
+    # M [Rg, NC, Hw, C, C, m]; g [Rg, NC, Hw, C, m]; g_last [Rg, NC, Hw, m]
+
+    G, hpg = p.num_kv_heads, p.group_size
+    qc = qr.to(cdtype).reshape(R, NC, C, G, hpg, p.head_dim_k).permute(0, 1, 3, 4, 2, 5)  # [R, NC, G, h, C, dk]
+    kc = kr.to(cdtype).reshape(R, NC, C, G, p.head_dim_k).permute(0, 1, 3, 2, 4)  # [R, NC, G, C, dk]
+    vc = vr.to(cdtype).reshape(R, NC, C, G, p.head_dim_v).permute(0, 1, 3, 2, 4)  # [R, NC, G, C, dv]
+
+    # ---- inter-chunk scan of slot states (cheap: [R, G, m, d] per chunk) ----
+    last_row = M[..., -1, :, :]  # [Rg, NC, Hw, C(s), m]: weight of token s in the chunk's end state
+    K_local = torch.einsum("rnhsj,rnhsd->rnhjd", last_row, kc)
+    V_local = torch.einsum("rnhsj,rnhsd->rnhjd", last_row, vc)
+    if initial_state is None:
+        K = qc.new_zeros(R, G, p.slots, p.head_dim_k)
+        V = qc.new_zeros(R, G, p.slots, p.head_dim_v)
+    else:
+        K, V = (s.to(cdtype) for s in initial_state)
+    K_starts, V_starts = [], []
+    for n in range(NC):
+        K_starts.append(K)
+        V_starts.append(V)
+        decay = g_last[:, n, :, :, None]
+        K = decay * K + K_local[:, n]
+        V = decay * V + V_local[:, n]
+    K_st = torch.stack(K_starts, dim=1)  # [R, NC, G, m, dk]
+    V_st = torch.stack(V_starts, dim=1)
+
+    # ---- scores over slots, softmax, output ----
+    S = torch.einsum("rnghtd,rngsd->rnghts", qc, kc)
+    z = torch.einsum("rnghts,rngtsj->rnghtj", S, M)
+    z = z + g[:, :, :, None] * torch.einsum("rnghtd,rngjd->rnghtj", qc, K_st)
+    prob = torch.softmax(p.scale * z, dim=-1)
+    P = torch.einsum("rnghtj,rngtsj->rnghts", prob, M)
+    o = torch.einsum("rnghts,rngsd->rnghtd", P, vc)
+    o = o + torch.einsum("rnghtj,rngjd->rnghtd", prob * g[:, :, :, None], V_st)
+
+    o = o.permute(0, 1, 4, 2, 3, 5).reshape(R, Lp, p.num_heads, p.head_dim_v)[:, :L]
+    if index_RL is not None:
+        flat = o.new_zeros(p.seq_len, p.num_heads, p.head_dim_v)
+        valid_rows = torch.arange(L, device=dev)[None, :] < lengths[:, None]
+        flat = flat.index_put((index_RL[valid_rows],), o[valid_rows])
+        o = flat[None]
+    return o.to(q.dtype), (K, V)

@@ -1,0 +1,20 @@
+"""The ``bla`` command: one entry point, a subcommand per part of the stack."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bla", description="bla-lm: pretraining LMs on Blurry Window Attention")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from bla.model.cli import add_model_commands
+
+    add_model_commands(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

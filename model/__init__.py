@@ -1,0 +1,1 @@
+"""The BLA language model."""

@@ -1,0 +1,1 @@
+def add_model_commands(sub): pass
