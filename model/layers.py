@@ -1,0 +1,73 @@
+"""Building blocks shared by the mixers and the LM: RMSNorm, SwiGLU, RoPE, short causal conv."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def apply_rope(x_BTHD: torch.Tensor, positions_BT: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) at integer positions ``positions_BT``."""
+    d = x_BTHD.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x_BTHD.device, dtype=torch.float32) / d)
+    angles = positions_BT.to(torch.float32)[..., None] * inv_freq  # [B, T, d/2]
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x_BTHD.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time that never reads across a document start.
+
+    ``positions_BT`` (the token's index inside its document) tells how many earlier tokens
+    belong to the same document, so packed documents stay apart. Decoding carries the last
+    ``kernel - 1`` inputs in a buffer.
+    """
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.zeros(dim, kernel))
+        with torch.no_grad():
+            self.weight[:, -1] = 1.0  # starts as the identity
+            self.weight.add_(torch.randn_like(self.weight) * 0.02)
+
+    def forward(
+        self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, past_BKD: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns silu(conv(x)) and the last ``kernel - 1`` inputs (the decode buffer)."""
+        K = self.kernel
+        B, T, D = x_BTD.shape
+        past = past_BKD if past_BKD is not None else x_BTD.new_zeros(B, K - 1, D)
+        full = torch.cat([past.to(x_BTD.dtype), x_BTD], dim=1)  # [B, K-1+T, D]
+        y = torch.zeros_like(x_BTD)
+        for lag in range(K):
+            # tap `lag` reads token t - lag, which is in the same document iff position >= lag
+            same_doc = (positions_BT >= lag).to(x_BTD.dtype)[..., None]
+            y = y + full[:, K - 1 - lag : K - 1 - lag + T] * self.weight[:, K - 1 - lag] * same_doc
+        return F.silu(y), full[:, -(K - 1) :] if K > 1 else full[:, :0]

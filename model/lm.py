@@ -1,0 +1,120 @@
+"""The decoder-only LM: embeddings, pre-norm blocks (RMSNorm, token mixer, SwiGLU), final norm, head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .mixers import BLACache, KVCache, build_mixer
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # [B, T, vocab]
+    loss: torch.Tensor | None = None
+    cache: "DecodeCache | None" = None
+
+
+@dataclass
+class DecodeCache:
+    """Per-layer caches plus the number of tokens consumed (the next token's position)."""
+
+    layers: list
+    length: int = 0
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """[1, T] position of every token inside its document."""
+    cu = cu_seqlens.to(torch.int64)
+    t = torch.arange(T, device=cu.device)
+    doc = torch.searchsorted(cu[1:-1], t, right=True)
+    return (t - cu[doc])[None]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer: str):
+        super().__init__()
+        self.kind = mixer
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(mixer, cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+    def forward(self, x, positions, cu_seqlens=None, cache=None):
+        y, cache = self.mixer(self.mixer_norm(x), positions, cu_seqlens, cache)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class BLALM(nn.Module):
+    """Decoder-only LM whose token mixers come from ``cfg.layer_pattern``.
+
+    ``forward(input_ids, cu_seqlens=None, labels=None)``: ``labels`` are the targets at the same
+    positions as ``input_ids`` (already shifted; -100 is ignored). With ``cache`` (from
+    ``new_cache``) the tokens continue the cached sequences: prefill and decoding.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.mixers)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        # residual projections scaled by depth (GPT-2)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+
+    def _init(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache([BLACache() if b.kind == "bla" else KVCache() for b in self.blocks])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: DecodeCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> LMOutput:
+        B, T = input_ids.shape
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("cache and cu_seqlens cannot be combined: decoding runs one sequence per row")
+        if positions is None:
+            if cu_seqlens is not None:
+                if B != 1:
+                    raise ValueError(f"cu_seqlens needs the documents packed into batch 1, got B={B}")
+                positions = positions_from_cu_seqlens(cu_seqlens.to(input_ids.device), T)
+            else:
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+        x = self.embed(input_ids)
+        layer_caches = []
+        for i, block in enumerate(self.blocks):
+            x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None)
+            layer_caches.append(c)
+        new_cache = DecodeCache(layer_caches, cache.length + T) if cache is not None else None
+        logits = self.head(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return LMOutput(logits, loss, new_cache)
+

@@ -1,0 +1,166 @@
+"""Token mixers: the BLA layer (spec section 3) and softmax attention (full causal or sliding window).
+
+Every mixer takes ``x [B, T, D]``, the position of each token inside its document
+(``positions [B, T]``), optional packing (``cu_seqlens``, with B = 1) and an optional cache, and
+returns ``(y, cache)``. With a cache the tokens continue the cached sequence (prefill then
+decode); the cache of a BLA layer has a constant size, that of ``attn`` grows with the
+context and that of ``swa`` is a rolling window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bla.kernels import bla_attention, bla_step
+
+from .config import ModelConfig
+from .layers import RMSNorm, ShortConv, apply_rope
+
+
+@dataclass
+class BLACache:
+    state: tuple[torch.Tensor, torch.Tensor] | None = None  # (K [B, H_kv, m, d_k], V [B, H_kv, m, d_v])
+    conv: torch.Tensor | None = None  # last (kernel - 1) q/k/v projections [B, kernel-1, 3D']
+
+    def nbytes(self) -> int:
+        tensors = list(self.state or ()) + ([self.conv] if self.conv is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor | None = None  # [B, H_kv, L, d] (after RoPE)
+    v: torch.Tensor | None = None
+    window: int | None = None  # keep at most window - 1 past tokens (swa)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
+
+class BLAMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H, Hkv, d = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, d
+        self.windows = cfg.bla_windows()
+        self.slots = cfg.bla.slots
+        self.q_proj = nn.Linear(D, H * d, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=False)
+        self.conv = ShortConv((H + 2 * Hkv) * d, cfg.bla.short_conv) if cfg.bla.short_conv else None
+        self.out_norm = RMSNorm(d, cfg.norm_eps) if cfg.bla.output_norm else None
+        self.gate_proj = nn.Linear(D, H * d, bias=False) if cfg.bla.output_gate else None
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+
+    def forward(self, x, positions, cu_seqlens=None, cache: BLACache | None = None):
+        B, T, _ = x.shape
+        H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        conv_buf = None
+        if self.conv is not None:
+            qkv, conv_buf = self.conv(qkv, positions, cache.conv if cache is not None else None)
+        q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
+        q, k, v = q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
+        if self.cfg.bla.rope:
+            q = apply_rope(q, positions, self.cfg.rope_theta)
+            k = apply_rope(k, positions, self.cfg.rope_theta)
+
+        state = cache.state if cache is not None else None
+        if cache is not None and T == 1:
+            o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots)
+            o = o[:, None]
+        else:
+            o, state = bla_attention(
+                q, k, v, self.windows, self.slots,
+                initial_state=state,
+                output_final_state=cache is not None,
+                cu_seqlens=cu_seqlens,
+                offset=_start_positions(positions, cu_seqlens),
+                backend=self.cfg.bla.backend,
+            )  # fmt: skip
+        if self.out_norm is not None:
+            o = self.out_norm(o)
+        o = o.reshape(B, T, H * d)
+        if self.gate_proj is not None:
+            o = o * F.silu(self.gate_proj(x))
+        new_cache = BLACache(state, conv_buf) if cache is not None else None
+        return self.o_proj(o), new_cache
+
+
+def _start_positions(positions_BT: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Position of each sequence's (or packed document's) first token: BLA's phase offset."""
+    if cu_seqlens is None:
+        return positions_BT[:, 0]
+    starts = cu_seqlens[:-1].to(positions_BT.device, torch.int64).clamp(max=positions_BT.shape[1] - 1)
+    empty = cu_seqlens[1:] == cu_seqlens[:-1]
+    return torch.where(empty.to(positions_BT.device), 0, positions_BT[0, starts])
+
+
+def _attention_mask(q_pos, k_pos, q_doc, k_doc, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, Tq, Tk] mask: causal, same document, and within the window when given."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    allowed = (diff >= 0) & (q_doc[:, :, None] == k_doc[:, None, :])
+    if window is not None:
+        allowed &= diff < window
+    return allowed[:, None]
+
+
+class SoftmaxMixer(nn.Module):
+    """Causal softmax attention with RoPE; ``window`` set makes it sliding-window (SWA)."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None):
+        super().__init__()
+        D, H, Hkv, d = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.cfg, self.window = cfg, window
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, d
+        self.q_proj = nn.Linear(D, H * d, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=False)
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+
+    def forward(self, x, positions, cu_seqlens=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, H, d), positions, self.cfg.rope_theta).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(B, T, Hkv, d), positions, self.cfg.rope_theta).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
+
+        k_pos, q_pos = positions, positions
+        new_cache = None
+        if cache is not None:
+            if cache.k is not None:
+                past = cache.k.shape[2]
+                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+                k_pos = torch.cat([positions[:, :1] - past + torch.arange(past, device=x.device), positions], dim=1)
+            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+            new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], self.window)
+
+        if cu_seqlens is None and cache is None and self.window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
+        else:
+            doc = _document_ids(cu_seqlens, T, x.device) if cu_seqlens is not None else torch.zeros_like(positions)
+            k_doc = torch.zeros_like(k_pos) if cu_seqlens is None else doc
+            mask = _attention_mask(q_pos, k_pos, doc, k_doc, self.window)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), new_cache
+
+
+def _document_ids(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
+    """[1, T] index of each token's document."""
+    starts = cu_seqlens.to(device)[1:-1]
+    return torch.searchsorted(starts, torch.arange(T, device=device), right=True)[None]
+
+
+def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
+    if kind == "bla":
+        return BLAMixer(cfg)
+    if kind == "attn":
+        return SoftmaxMixer(cfg, window=None)
+    if kind == "swa":
+        return SoftmaxMixer(cfg, window=cfg.swa_window)
+    raise ValueError(f"unknown mixer {kind!r}")
