@@ -48,7 +48,8 @@ def dirichlet_gates(
     stride = window // slots  # [Hw]
     theta = torch.arange(slots, device=positions.device, dtype=torch.int64)[None, :] * stride[:, None]
     x = torch.remainder(positions[..., None, None].to(torch.int64) - theta, window[:, None])  # [..., Hw, m]
-    reset = x == 0
+    # D == 1 exactly at its own node; with a single slot D is 1 everywhere (every token resets).
+    reset = (x == 0) | (slots == 1)
     other_node = (torch.remainder(x, stride[:, None]) == 0) & ~reset
     d = dirichlet_kernel(x, window[:, None], slots)
     w = torch.where(reset, torch.ones_like(d), torch.where(other_node, torch.zeros_like(d), d))

@@ -1,0 +1,138 @@
+"""The LM: hybrid layer patterns, decoding caches, packing, config handling and accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from bla.model import BLALM, ModelConfig, apply_overrides, load_preset, param_count, preset_names, state_size
+from bla.model.stats import flops_per_token
+
+
+def tiny(**over) -> ModelConfig:
+    return apply_overrides(load_preset("tiny"), [f"{k}={v}" for k, v in over.items()])
+
+
+def test_tiny_hybrid_overfits_one_batch():
+    torch.manual_seed(0)
+    model = BLALM(tiny())
+    assert [b.kind for b in model.blocks] == ["bla", "attn", "swa"]
+    ids = torch.randint(0, 256, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(120):
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 5.0 and loss.item() < 0.2, (first, loss.item())
+
+
+@pytest.mark.parametrize("pattern", ["[bla, attn, swa]", "[bla]", "[swa, bla]"])
+@pytest.mark.parametrize("prefill", [1, 13])
+def test_generation_logits_equal_parallel(pattern, prefill):
+    torch.manual_seed(0)
+    model = BLALM(tiny(layer_pattern=pattern, **{"bla.rope": "true"})).eval()
+    ids = torch.randint(0, 256, (2, 45))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :prefill], cache=model.new_cache())
+        logits, cache = [out.logits], out.cache
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t : t + 1], cache=cache)
+            logits.append(out.logits)
+            cache = out.cache
+    assert cache.length == ids.shape[1]
+    assert_close("logits", torch.cat(logits, 1), full, atol=1e-5)
+
+
+def test_bla_decode_cache_is_constant_size():
+    model = BLALM(tiny(layer_pattern="[bla]")).eval()
+    cache = model.new_cache()
+    sizes = []
+    with torch.no_grad():
+        for t in range(40):
+            cache = model(torch.tensor([[t % 256]]), cache=cache).cache
+            sizes.append(cache.nbytes())
+    assert len(set(sizes)) == 1
+
+
+def test_packed_documents_equal_separate_runs():
+    torch.manual_seed(0)
+    model = BLALM(tiny()).eval()
+    ids = torch.randint(0, 256, (1, 50))
+    cu = torch.tensor([0, 7, 7, 8, 50])  # includes an empty and a 1-token document
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu).logits
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if b > a:
+                assert_close(f"doc {a}:{b}", packed[:, a:b], model(ids[:, a:b]).logits, atol=1e-5)
+
+
+def test_loss_ignores_masked_labels():
+    model = BLALM(tiny())
+    ids = torch.randint(0, 256, (2, 10))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    loss = model(ids, labels=labels).loss
+    manual = torch.nn.functional.cross_entropy(model(ids).logits[:, 5:].reshape(-1, 256), ids[:, 5:].reshape(-1))
+    assert_close("loss", loss, manual, atol=1e-6)
+
+
+def test_config_yaml_round_trip(tmp_path):
+    for name in preset_names():
+        cfg = load_preset(name)
+        path = tmp_path / f"{name}.yaml"
+        cfg.to_yaml(path)
+        assert ModelConfig.from_yaml(path) == cfg
+    cfg = apply_overrides(load_preset("tiny"), ["bla.window=[8, 16]", "layer_pattern=bla,swa"])
+    assert cfg.bla.window == [8, 16] and cfg.layer_pattern == ["bla", "swa"]
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (["layer_pattern=[bla, mamba]"], "unknown mixer 'mamba'"),
+        (["bla.slots=5"], "bla.slots=5 must divide every bla.window"),
+        (["n_heads=3"], "n_heads=3 must divide d_model=64"),
+        (["n_kv_heads=3"], "n_kv_heads=3 must divide n_heads=4"),
+        (["bla.window=[16, 16, 16]"], "one per kv head"),
+        (["d_modl=3"], "unknown key"),
+        (["bla.backend=cuda"], "bla.backend must be"),
+    ],
+)
+def test_bad_config_is_refused(over, match):
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(load_preset("tiny"), over)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        load_preset("huge")
+
+
+@pytest.mark.parametrize("name", ["tiny", "125m", "350m", "1.3b"])
+def test_param_count_matches_built_model(name):
+    cfg = load_preset(name)
+    with torch.device("meta"):
+        model = BLALM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == param_count(cfg)
+
+
+def test_preset_sizes_are_as_named():
+    expected = {"125m": 125e6, "350m": 350e6, "1.3b": 1.3e9}
+    for name, n in expected.items():
+        assert 0.8 * n < param_count(load_preset(name)) < 1.2 * n, name
+
+
+def test_state_size_and_flops():
+    cfg = tiny()  # layers: bla (m=4), attn, swa (W=16); 2 kv heads of 16
+    T = 100
+    expected = 2 * 4 * 32 + 2 * T * 32 + 2 * 16 * 32
+    assert state_size(cfg, T, bytes_per_element=2) == {"elements": expected, "bytes": 2 * expected}
+    bla_only = tiny(layer_pattern="[bla]")
+    assert state_size(bla_only, 10) == state_size(bla_only, 10**6)  # constant in context
+    n = param_count(bla_only)
+    assert flops_per_token(bla_only, 10) == 6 * n + 3 * 3 * 4 * 4 * 4 * 32

@@ -1,0 +1,268 @@
+"""The BLA operator: the properties of spec section 2 for the reference and torch backends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close, random_qkv, random_state
+
+from bla.kernels import bla_attention, bla_step, dirichlet_gates
+
+F64 = torch.float64
+BACKENDS = ["reference", "torch"]
+
+
+def sliding_window_attention(q, k, v, window, scale=None):
+    """Causal softmax over the last ``window`` positions, written from scratch: positions before
+    the start count as zero keys and zero values (they take part in the softmax with score 0)."""
+    B, T, H, dk = q.shape
+    G = k.shape[2]
+    scale = dk**-0.5 if scale is None else scale
+    windows = [window] * H if isinstance(window, int) else window
+    out = torch.zeros(B, T, H, v.shape[-1], dtype=q.dtype)
+    for h in range(H):
+        W, g = windows[h], h // (H // G)
+        kp = torch.cat([k.new_zeros(B, W - 1, dk), k[:, :, g]], dim=1)
+        vp = torch.cat([v.new_zeros(B, W - 1, v.shape[-1]), v[:, :, g]], dim=1)
+        for t in range(T):
+            keys, vals = kp[:, t : t + W], vp[:, t : t + W]
+            p = torch.softmax(scale * torch.einsum("bd,bwd->bw", q[:, t, h], keys), dim=-1)
+            out[:, t, h] = torch.einsum("bw,bwd->bd", p, vals)
+    return out
+
+
+# ---------------------------------------------------------------- gates
+
+
+@pytest.mark.parametrize("W,m", [(16, 4), (12, 3), (30, 5), (8, 8), (64, 1)])
+def test_dirichlet_nodes_symmetry_and_range(W, m):
+    r = W // m
+    pos = torch.arange(3 * W)
+    w, alpha, reset = dirichlet_gates(pos, torch.tensor([W]), m)
+    w, alpha, reset = w[:, 0], alpha[:, 0], reset[:, 0]
+    for j in range(m):
+        for i in range(m):
+            assert w[i * r, j] == (1.0 if i == j else 0.0)  # D(theta_i - theta_j) = delta_ij, exactly
+    # D is even: w at phase theta_j + x equals w at theta_j - x
+    x = torch.arange(1, W)
+    j = m - 1
+    assert_close("D even", w[(j * r + x) % W, j], w[(j * r - x) % W, j], atol=1e-12)
+    # side lobes: -1/3 at m = 3 is the deepest (tending to about -0.22 as m grows)
+    assert w.max() <= 1.0 and w.min() >= -1 / 3 - 1e-12
+    assert torch.equal(reset, alpha == 0)
+    resets_per_slot = 3 * W if m == 1 else 3  # once per period (every token when m = 1)
+    assert torch.equal(reset.sum(0), torch.full((m,), resets_per_slot))
+
+
+def test_dirichlet_matches_formula():
+    W, m = 20, 4  # even m: the tan form
+    x = torch.arange(1, W)
+    w, _, _ = dirichlet_gates(x, torch.tensor([W]), m)
+    d = x.double()
+    formula = torch.sin(math.pi * m * d / W) / (m * torch.tan(math.pi * d / W))
+    formula[x % (W // m) == 0] = 0.0
+    assert_close("even-m Dirichlet", w[:, 0, 0], formula, atol=1e-14)
+
+
+# ---------------------------------------------------------------- spec properties
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("W,H,Hkv", [(5, 2, 2), (8, 4, 2), ([3, 8], 2, 2)])
+def test_swa_limit(backend, W, H, Hkv):
+    q, k, v = random_qkv(2, 21, H, Hkv, 6, 5)
+    windows = W if isinstance(W, int) else W
+    # m = W per head only works for one m; per-head windows use the SWA limit head by head
+    if isinstance(W, list):
+        for h, w in enumerate(W):
+            o, _ = bla_attention(q[:, :, h : h + 1], k[:, :, h : h + 1], v[:, :, h : h + 1], w, w, backend=backend)
+            ref = sliding_window_attention(q[:, :, h : h + 1], k[:, :, h : h + 1], v[:, :, h : h + 1], w)
+            assert_close(f"o head {h}", o, ref, atol=1e-10)
+        return
+    o, _ = bla_attention(q, k, v, windows, windows, backend=backend)
+    assert_close("o", o, sliding_window_attention(q, k, v, windows), atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("W,m", [(12, 4), (10, 5), (16, 16)])
+def test_finite_window(backend, W, m):
+    T, s = 70, 23
+    q, k, v = random_qkv(1, T, 2, 2, 4, 4)
+    o, _ = bla_attention(q, k, v, W, m, backend=backend)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, s] += 3.0
+    v2[:, s] -= 2.0
+    o2, _ = bla_attention(q, k2, v2, W, m, backend=backend)
+    changed = (o2 - o).abs().amax(dim=(0, 2, 3))
+    assert changed[s] > 0
+    assert torch.all(changed[s + W :] == 0), f"token {s} reached outputs after {s + W - 1}"
+
+
+def test_gsa_special_case():
+    """An independent gated-slot recurrence fed s = w and g = log(alpha) (a finite stand-in at
+    resets) gives BLA."""
+    W, m = 12, 4
+    q, k, v = random_qkv(1, 40, 2, 2, 4, 3)
+    w, alpha, reset = dirichlet_gates(torch.arange(40), torch.tensor([W, W]), m)
+    g = torch.where(reset, torch.full_like(alpha, -1e4), torch.log(alpha.clamp_min(1e-300)))
+    K = torch.zeros(2, m, 4, dtype=F64)
+    V = torch.zeros(2, m, 3, dtype=F64)
+    outs = []
+    for t in range(40):
+        K = torch.exp(g[t])[..., None] * K + w[t][..., None] * k[0, t][:, None, :]
+        V = torch.exp(g[t])[..., None] * V + w[t][..., None] * v[0, t][:, None, :]
+        p = torch.softmax(0.5 * torch.einsum("hd,hmd->hm", q[0, t], K), dim=-1)
+        outs.append(torch.einsum("hm,hmd->hd", p, V))
+    o, _ = bla_attention(q, k, v, W, m, backend="torch")
+    assert_close("o", o[0], torch.stack(outs), atol=1e-10)
+
+
+CASES = [
+    # B, T, H, Hkv, dk, dv, window, m
+    (2, 37, 2, 2, 4, 3, 8, 4),  # even m
+    (2, 37, 2, 2, 4, 3, 9, 3),  # odd m
+    (1, 150, 4, 2, 8, 8, 24, 6),  # GQA, W not a multiple of the chunk, T > chunk
+    (1, 150, 2, 2, 8, 8, 100, 5),  # W above the chunk size
+    (1, 70, 2, 2, 4, 4, [8, 40], 4),  # per-head windows
+    (2, 65, 2, 1, 4, 4, 6, 6),  # m = W
+    (1, 64, 2, 2, 4, 4, 256, 64),  # many slots, long window
+    (1, 40, 2, 2, 4, 4, 8, 1),  # one slot: every token resets it
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_equals_reference(case):
+    B, T, H, Hkv, dk, dv, W, m = case
+    q, k, v = random_qkv(B, T, H, Hkv, dk, dv)
+    s0 = random_state(B, Hkv, m, dk, dv)
+    for kwargs in ({}, {"initial_state": s0, "offset": 5}, {"offset": torch.arange(B) * 7 + 3}):
+        o_r, s_r = bla_attention(q, k, v, W, m, output_final_state=True, backend="reference", **kwargs)
+        o_t, s_t = bla_attention(q, k, v, W, m, output_final_state=True, backend="torch", **kwargs)
+        assert_close(f"o {list(kwargs)}", o_t, o_r, atol=1e-10)
+        assert_close(f"K {list(kwargs)}", s_t[0], s_r[0], atol=1e-10)
+        assert_close(f"V {list(kwargs)}", s_t[1], s_r[1], atol=1e-10)
+
+
+@pytest.mark.parametrize("W,m,Hkv", [(6, 3, 1), (8, 4, 2), (4, 4, 2)])
+def test_torch_gradcheck(W, m, Hkv):
+    q, k, v = random_qkv(1, 11, 2, Hkv, 3, 2, requires_grad=True)
+    K0, V0 = random_state(1, Hkv, m, 3, 2, requires_grad=True)
+
+    def f(q, k, v, K0, V0):
+        o, (K, V) = bla_attention(q, k, v, W, m, initial_state=(K0, V0), output_final_state=True, offset=2, backend="torch")
+        return o, K, V
+
+    assert torch.autograd.gradcheck(f, (q, k, v, K0, V0), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_carry(backend):
+    W, m, T, cut = 10, 5, 53, 22
+    q, k, v = random_qkv(2, T, 2, 2, 4, 4)
+    o, s = bla_attention(q, k, v, W, m, output_final_state=True, backend=backend)
+    o1, s1 = bla_attention(q[:, :cut], k[:, :cut], v[:, :cut], W, m, output_final_state=True, backend=backend)
+    o2, s2 = bla_attention(
+        q[:, cut:], k[:, cut:], v[:, cut:], W, m, initial_state=s1, offset=cut, output_final_state=True, backend=backend
+    )
+    assert_close("o", torch.cat([o1, o2], 1), o, atol=1e-10)
+    assert_close("K", s2[0], s[0], atol=1e-10)
+    assert_close("V", s2[1], s[1], atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_equals_loop(backend):
+    lengths = [0, 1, 17, 0, 70, 2]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    T = int(cu[-1])
+    W, m = 12, 4
+    q, k, v = random_qkv(1, T, 4, 2, 4, 3)
+    N = len(lengths)
+    s0 = random_state(N, 2, m, 4, 3)
+    off = torch.tensor([0, 3, 0, 5, 11, 1])
+    o, (K, V) = bla_attention(
+        q, k, v, W, m, cu_seqlens=cu, initial_state=s0, offset=off, output_final_state=True, backend=backend
+    )
+    for n in range(N):
+        a, b = int(cu[n]), int(cu[n + 1])
+        init = (s0[0][n : n + 1], s0[1][n : n + 1])
+        o_n, (K_n, V_n) = bla_attention(
+            q[:, a:b], k[:, a:b], v[:, a:b], W, m, initial_state=init, offset=int(off[n]), output_final_state=True, backend="reference"
+        )
+        assert_close(f"o doc {n}", o[:, a:b], o_n, atol=1e-10)
+        assert_close(f"K doc {n}", K[n : n + 1], K_n, atol=1e-10)
+        assert_close(f"V doc {n}", V[n : n + 1], V_n, atol=1e-10)
+
+
+def test_empty_document_keeps_initial_state():
+    q, k, v = random_qkv(1, 5, 2, 2, 4, 4)
+    s0 = random_state(2, 2, 4, 4, 4)
+    cu = torch.tensor([0, 0, 5])
+    _, (K, V) = bla_attention(q, k, v, 8, 4, cu_seqlens=cu, initial_state=s0, output_final_state=True, backend="torch")
+    assert torch.equal(K[0], s0[0][0]) and torch.equal(V[0], s0[1][0])
+
+
+@pytest.mark.parametrize("W,m", [(8, 4), (9, 3), ([8, 16], 4)])
+def test_step_decoding_equals_parallel(W, m):
+    T = 30
+    q, k, v = random_qkv(2, T, 4, 2, 4, 3)
+    o_par, s_par = bla_attention(q, k, v, W, m, output_final_state=True, backend="torch")
+    state = None
+    for t in range(T):
+        o_t, state = bla_step(q[:, t], k[:, t], v[:, t], state, torch.full((2,), t), W, m)
+        assert_close(f"o step {t}", o_t, o_par[:, t], atol=1e-10)
+    assert_close("K", state[0], s_par[0], atol=1e-10)
+    assert_close("V", state[1], s_par[1], atol=1e-10)
+
+
+def test_low_precision_inputs_accumulate_in_float32():
+    q, k, v = random_qkv(1, 80, 2, 2, 8, 8, dtype=torch.bfloat16)
+    o, (K, V) = bla_attention(q, k, v, 16, 4, output_final_state=True, backend="torch")
+    assert o.dtype == torch.bfloat16 and K.dtype == torch.float32
+    o64, _ = bla_attention(q.double(), k.double(), v.double(), 16, 4, backend="reference")
+    assert_close("o bf16", o, o64, atol=3e-2, rtol=3e-2)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _call(**over):
+    q, k, v = random_qkv(1, 8, 2, 2, 4, 4)
+    args = dict(q=q, k=k, v=v, window=8, slots=4)
+    args.update(over)
+    return bla_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"slots": 3}, "slots=3 must divide"),
+        ({"window": 2}, "must divide every window and be at most it"),
+        ({"window": [8, 8, 8]}, "list of 3"),
+        ({"k": torch.randn(1, 9, 2, 4)}, "must agree"),
+        ({"q": torch.randn(1, 8, 3, 4)}, "multiple of k/v heads"),
+        ({"v": torch.randn(1, 8, 2, 4, dtype=torch.float32)}, "share one dtype"),
+        ({"q": torch.ones(1, 8, 2, 4, dtype=torch.int64)}, "floating dtype"),
+        ({"initial_state": (torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 4, 4))}, r"initial_state must be \(K \[1, 2, 4, 4\]"),
+        ({"cu_seqlens": torch.tensor([0, 5, 3, 8])}, "non-decreasing"),
+        ({"cu_seqlens": torch.tensor([0, 5, 7])}, "end at T=8"),
+        ({"offset": -1}, "non-negative"),
+        ({"backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_bad_input_raises_value_error(over, match):
+    if "q" in over and over["q"].dtype == torch.float32 and over["q"].shape[2] == 3:
+        over = {**over, "q": over["q"].double()}
+    if "k" in over:
+        over = {**over, "k": over["k"].double()}
+    with pytest.raises(ValueError, match=match):
+        _call(**over)
+
+
+def test_bla_step_bad_state():
+    q = torch.randn(2, 2, 4)
+    with pytest.raises(ValueError, match="state must be"):
+        bla_step(q, q, q, (torch.zeros(2, 2, 4, 4),), torch.zeros(2, dtype=torch.long), 8, 4)
+    with pytest.raises(ValueError, match="position must be an integer tensor"):
+        bla_step(q, q, q, None, torch.zeros(2), 8, 4)
