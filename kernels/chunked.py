@@ -21,6 +21,9 @@ alpha = 1, so they change no state) and scattered back.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from .checks import Problem, State
@@ -30,31 +33,56 @@ DEFAULT_CHUNK = 64
 
 
 def chunk_tables(
-    positions_RL: torch.Tensor, valid_RL: torch.Tensor, windows: torch.Tensor, slots: int, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Position-only tables for chunks of ``chunk`` tokens (L a multiple of chunk), float64.
+    positions_KC: torch.Tensor, valid_KC: torch.Tensor, windows: torch.Tensor, slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position-only tables for K chunks of C tokens each, float64.
 
-    Returns M [R, NC, Hw, C, C, m] (row t, column s), g [R, NC, Hw, C, m] (decay of the chunk's
-    start state up to token t, inclusive) and the chunk's start-state decay g[..., -1, :].
+    Returns M [K, Hw, C, C, m] (row t, column s) and g [K, Hw, C, m] (decay of the chunk's start
+    state up to token t, inclusive; g[..., -1, :] decays the start state over the whole chunk).
     """
-    R, L = positions_RL.shape
-    NC = L // chunk
-    w, alpha, reset = dirichlet_gates(positions_RL, windows, slots, valid_RL)  # [R, L, Hw, m]
-    shape = (R, NC, chunk) + w.shape[2:]
-    w, alpha, reset = (x.reshape(shape).transpose(2, 3) for x in (w, alpha, reset))  # [R, NC, Hw, C, m]
+    C = positions_KC.shape[1]
+    w, alpha, reset = (x.transpose(1, 2) for x in dirichlet_gates(positions_KC, windows, slots, valid_KC))
     log_alpha = torch.where(reset, torch.zeros_like(alpha), torch.log(alpha))
-    cum_log = log_alpha.cumsum(dim=3)  # sum over u <= t, resets skipped
-    cum_rst = reset.to(torch.int32).cumsum(dim=3)  # number of resets at u <= t
+    cum_log = log_alpha.cumsum(dim=2)  # sum over u <= t, resets skipped
+    cum_rst = reset.to(torch.int32).cumsum(dim=2)  # number of resets at u <= t
 
     # decay[t, s] = prod_{s < u <= t} alpha_u: zero when a reset lies in (s, t].
     same_segment = cum_rst[..., :, None, :] == cum_rst[..., None, :, :]
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=w.device).tril()[:, :, None]
+    causal = torch.ones(C, C, dtype=torch.bool, device=w.device).tril()[:, :, None]
     keep = same_segment & causal
-    log_decay = cum_log[..., :, None, :] - cum_log[..., None, :, :]
-    decay = torch.where(keep, torch.exp(torch.where(keep, log_decay, torch.zeros_like(log_decay))), torch.zeros_like(log_decay))
-    M = decay * w[..., None, :, :]
+    log_decay = torch.where(keep, cum_log[..., :, None, :] - cum_log[..., None, :, :], torch.zeros_like(w[..., None, :]))
+    M = torch.where(keep, torch.exp(log_decay), torch.zeros_like(log_decay)) * w[..., None, :, :]
     g = torch.where(cum_rst == 0, torch.exp(cum_log), torch.zeros_like(cum_log))
-    return M, g, g[..., -1, :]
+    return M, g
+
+
+@functools.lru_cache(maxsize=16)
+def _table_bank(keys: tuple[tuple[int, int], ...], windows: tuple[int, ...], slots: int, chunk: int, device: str, dtype):
+    """Tables for distinct chunks, each given as (start position mod period, valid tokens)."""
+    k = torch.tensor(keys, dtype=torch.int64, device=device)
+    t = torch.arange(chunk, device=device)
+    M, g = chunk_tables(k[:, :1] + t, t[None, :] < k[:, 1:], torch.tensor(windows, device=device), slots)
+    return M.to(dtype), g.to(dtype)
+
+
+def tables_for_rows(
+    offsets_R: torch.Tensor, lengths_R: torch.Tensor, num_chunks: int, windows: tuple[int, ...], slots: int, chunk: int, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M [R, NC, Hw, C, C, m] and g [R, NC, Hw, C, m] for rows starting at ``offsets_R``.
+
+    A chunk's tables depend only on its start phase (mod the windows' common period) and on how
+    many of its tokens are valid, so only the distinct ones are computed, and they are cached.
+    """
+    period = math.lcm(*windows)
+    n = torch.arange(num_chunks, device=offsets_R.device)
+    start = torch.remainder(offsets_R[:, None] + n * chunk, period)  # [R, NC]
+    n_valid = (lengths_R[:, None] - n * chunk).clamp(0, chunk)
+    keys_RN = torch.stack([start, n_valid], dim=-1).reshape(-1, 2)
+    unique, inverse = torch.unique(keys_RN, dim=0, return_inverse=True)
+    keys = tuple(map(tuple, unique.tolist()))
+    M, g = _table_bank(keys, windows, slots, chunk, str(offsets_R.device), dtype)
+    R = offsets_R.shape[0]
+    return M[inverse].unflatten(0, (R, num_chunks)), g[inverse].unflatten(0, (R, num_chunks))
 
 
 def _to_rows(x: torch.Tensor, problem: Problem, index_RL: torch.Tensor, valid_RL: torch.Tensor) -> torch.Tensor:
@@ -98,15 +126,10 @@ def bla_chunked(
 
     # ---- position-only tables, shared across rows when every row has the same phases ----
     shared_rows = p.cu_seqlens is None and bool((p.offset == p.offset[0]).all())
-    offsets = p.offset[:1] if shared_rows else p.offset
-    lens = lengths[:1] if shared_rows else lengths
-    t = torch.arange(Lp, device=dev)
-    positions = offsets[:, None] + t[None, :]
-    valid = t[None, :] < lens[:, None]
-    windows = p.window_tensor(dev)
-    if len(set(p.windows)) == 1:
-        windows = windows[:1]  # one table serves every head
-    M, g, g_last = (x.to(cdtype) for x in chunk_tables(positions, valid, windows, p.slots, C))
+    offsets, lens = (p.offset[:1], lengths[:1]) if shared_rows else (p.offset, lengths)
+    windows = p.windows[:1] if len(set(p.windows)) == 1 else p.windows  # one table serves every head
+    M, g = tables_for_rows(offsets, lens, NC, windows, p.slots, C, cdtype)
+    g_last = g[..., -1, :]
     # M [Rg, NC, Hw, C, C, m]; g [Rg, NC, Hw, C, m]; g_last [Rg, NC, Hw, m]
 
     G, hpg = p.num_kv_heads, p.group_size
