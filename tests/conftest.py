@@ -1,6 +1,11 @@
 import os
 import sys
 
+# Triton kernels run in Triton's interpreter on machines without a GPU. This must be set
+# before triton is first imported.
+if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 

@@ -1,0 +1,508 @@
+"""BLA in Triton: fused chunked forward and backward, variable length, decode.
+
+One program owns one sequence (a batch row or a packed document) and one kv head, and walks
+its chunks in order with the slot state K, V [m, d] in registers. Per chunk of C tokens:
+
+* the gates come from token positions inside the kernel (a few sines; no gate tensors);
+* the intra-chunk decay prod_{s<u<=t} alpha_u[j] is factorised as A[t, j] * B[s, j] with
+  A = exp(L), B = w exp(-L), L the chunk's cumulative log-decay with resets skipped; pairs
+  (s, t) separated by a reset of slot j (a different "epoch" count) are masked, one matmul
+  per epoch (two when W >= C). So the slot scores are matmuls, not a [C, C, m] tensor;
+* the softmax over slots sits between the two passes on chip: z -> p -> o never leave it.
+
+The chunk size is chosen per window so that |L| stays far inside fp32's exp range (a host-side
+check over all phases); windows whose stride W/m is too coarse for even C = 16 are refused with
+the reason (``backend="auto"`` then uses the torch backend).
+
+The backward walks the chunks in reverse with the state gradients dK, dV in registers, reading
+the chunk-start states that the forward saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import Problem, State
+from .gates import dirichlet_gates
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+LOG_RANGE_LIMIT = 50.0  # |cumulative log-decay| allowed inside a chunk (exp(50) ~ 5e21 in fp32)
+CHUNK_CHOICES = (64, 32, 16)
+
+
+# ----------------------------------------------------------------------------- host-side planning
+
+
+@functools.lru_cache(maxsize=64)
+def max_log_range(window: int, slots: int, chunk: int) -> float:
+    """Largest |cumulative log-decay| (resets skipped) over any chunk start phase and slot."""
+    pos = torch.arange(window + chunk)
+    _, alpha, reset = dirichlet_gates(pos, torch.tensor([window]), slots)
+    la = torch.where(reset, torch.zeros_like(alpha), torch.log(alpha))[:, 0]  # [W + C, m]
+    prefix = torch.cat([torch.zeros(1, slots, dtype=la.dtype), la.cumsum(0)])  # prefix[i] = sum la[:i]
+    windows = prefix[1:].unfold(0, chunk, 1)[:window]  # [W, m, C]: sum la[:p0 + t + 1]
+    rel = windows - prefix[:window, :, None]  # L(p0, t) = sum la[p0 : p0 + t + 1]
+    return float(rel.abs().max())
+
+
+def plan_chunk(windows: tuple[int, ...], slots: int) -> tuple[int | None, str]:
+    """The largest chunk size safe for every window, or None and the reason."""
+    for chunk in CHUNK_CHOICES:
+        worst = max(max_log_range(w, slots, chunk) for w in set(windows))
+        if worst <= LOG_RANGE_LIMIT:
+            return chunk, f"chunk {chunk} (max |log decay| {worst:.1f})"
+    return None, (
+        f"stride W/m = {max(windows) // slots} is too coarse for the factorised Triton kernel: the "
+        f"log-decay inside a 16-token chunk reaches {worst:.0f} > {LOG_RANGE_LIMIT:.0f} (fp32 exp range)"
+    )
+
+
+def supports(problem: Problem) -> tuple[bool, str]:
+    if problem.slots == 1:
+        return False, "one slot resets at every token (a degenerate BLA); the torch backend computes it"
+    chunk, why = plan_chunk(problem.windows, problem.slots)
+    return chunk is not None, why
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+# ----------------------------------------------------------------------------- shared device code
+
+
+@triton.jit
+def _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M: tl.constexpr):
+    """Gates of one chunk whose first token sits at position pos0 and has n_valid tokens.
+
+    Returns w [C, BM], L [C, BM] (cumulative log-decay, resets skipped) and cnt [C, BM] (resets
+    of slot j among tokens 0..t: the epoch). Tokens past the end and padded slots get w = 0 and
+    log alpha = 0, and do not advance the epoch.
+    """
+    valid_C = t_C < n_valid
+    x0 = (pos0 % W - j_M * r + W) % W  # [BM] phase distance of token 0 from each node (% truncates in C)
+    xr = x0[None, :] + tl.minimum(t_C, n_valid - 1)[:, None]  # [C, BM]
+    x = xr % W
+    cnt = xr // W + (x0[None, :] == 0).to(tl.int32)
+    on_node = (x % r) == 0
+    xf = tl.where(on_node, 0.5, x.to(tl.float32))
+    num = tl.sin(3.141592653589793 * ((M * x) % (2 * W)).to(tl.float32) / W)
+    ang = 3.141592653589793 * xf / W
+    if EVEN_M:
+        den = M * tl.sin(ang) / tl.cos(ang)
+    else:
+        den = M * tl.sin(ang)
+    w = tl.where(on_node, tl.where(x == 0, 1.0, 0.0), num / den)
+    keep = valid_C[:, None] & mask_M[None, :]
+    if M == 1:  # D == 1 everywhere: every token resets the single slot
+        w = tl.where(keep, 1.0, 0.0)
+        la = tl.zeros(w.shape, tl.float32)
+    else:
+        w = tl.where(keep, w, 0.0)
+        la = tl.where(keep & (x != 0), tl.log(1.0 - w), 0.0)
+    L = tl.cumsum(la, axis=0)
+    return w, L, cnt
+
+
+@triton.jit
+def _chunk_decays(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M: tl.constexpr, C: tl.constexpr):
+    """The factorised decays of one chunk.
+
+    A [C, BM], B [C, BM]: prod_{s<u<=t} alpha_u[j] = A[t, j] B[s, j] / w_s[j] within an epoch;
+    g_start [C, BM]: decay of the chunk's start state up to t; g_end [BM]: over the whole chunk;
+    B_end [C, BM]: weight of token s in the chunk's end state; cnt [C, BM]: epochs.
+    """
+    w, L, cnt = _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M, EVEN_M)
+    A = tl.exp(L)
+    B = w * tl.exp(-L)
+    g_start = tl.where(cnt == 0, A, 0.0)
+    is_last = t_C[:, None] == C - 1
+    A_last = tl.sum(tl.where(is_last, A, 0.0), axis=0)  # [BM]
+    cnt_last = tl.max(cnt, axis=0)  # cnt never decreases along t
+    g_end = tl.where(cnt_last == 0, A_last, 0.0)
+    B_end = tl.where(cnt == cnt_last[None, :], B * A_last[None, :], 0.0)
+    return A, B, g_start, g_end, B_end, cnt
+
+
+@triton.jit
+def _load_tokens(ptr, tok_C, valid_C, head, d_D, mask_D, N_HEADS: tl.constexpr, D: tl.constexpr):
+    offs = tok_C[:, None] * (N_HEADS * D) + head * D + d_D[None, :]
+    return tl.load(ptr + offs, mask=valid_C[:, None] & mask_D[None, :], other=0.0)
+
+
+@triton.jit
+def _through_slots(X, B, cnt, E: tl.constexpr):
+    """sum_s X[t, s] B[s, j] over s in t's epoch of slot j: X [C, C] -> [C, BM]."""
+    out = tl.zeros(B.shape, dtype=tl.float32)
+    for e in range(E):
+        sel = cnt == e
+        out += tl.where(sel, tl.dot(X, tl.where(sel, B, 0.0)), 0.0)
+    return out
+
+
+@triton.jit
+def _pair_weights(Y, B, cnt, causal, E: tl.constexpr):
+    """sum_j Y[t, j] B[s, j] over slots where s and t share an epoch, causal: [C, BM] -> [C, C]."""
+    out = tl.zeros([Y.shape[0], Y.shape[0]], dtype=tl.float32)
+    for e in range(E):
+        sel = cnt == e
+        out += tl.dot(tl.where(sel, Y, 0.0), tl.trans(tl.where(sel, B, 0.0)))
+    return tl.where(causal, out, 0.0)
+
+
+@triton.jit
+def _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E: tl.constexpr):
+    """Softmax over slots of scale * K_t q_t for every token of the chunk: [C, BM]."""
+    S = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0)  # [C, C]
+    z = tl.dot(b_q.to(tl.float32), tl.trans(b_K)) * g_start + A * _through_slots(S, B, cnt, E)
+    z = tl.where(mask_M[None, :], scale * z, float("-inf"))
+    p = tl.exp(z - tl.max(z, axis=1)[:, None])
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _bla_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    h0k_ptr, h0v_ptr, hk_ptr, hv_ptr, kst_ptr, vst_ptr,
+    seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr,
+    scale,
+    H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    g = tl.program_id(1)
+    HPG: tl.constexpr = H // HKV
+    bos = tl.load(seq_start_ptr + n)
+    seq_len = tl.load(seq_len_ptr + n)
+    offset = tl.load(offset_ptr + n)
+    chunk_base = tl.load(chunk_base_ptr + n)
+    W = tl.load(window_ptr + g)
+    r = W // M
+
+    t_C = tl.arange(0, C)
+    j_M = tl.arange(0, BM)
+    mask_M = j_M < M
+    dk_D = tl.arange(0, BDK)
+    dv_D = tl.arange(0, BDV)
+    mask_DK = dk_D < DK
+    mask_DV = dv_D < DV
+    causal = t_C[:, None] >= t_C[None, :]  # [C(t), C(s)]
+
+    state_off = (n * HKV + g) * M
+    sk_offs = (state_off + j_M[:, None]) * DK + dk_D[None, :]
+    sv_offs = (state_off + j_M[:, None]) * DV + dv_D[None, :]
+    smask_k = mask_M[:, None] & mask_DK[None, :]
+    smask_v = mask_M[:, None] & mask_DV[None, :]
+    if USE_H0:
+        b_K = tl.load(h0k_ptr + sk_offs, mask=smask_k, other=0.0).to(tl.float32)  # [BM, BDK]
+        b_V = tl.load(h0v_ptr + sv_offs, mask=smask_v, other=0.0).to(tl.float32)  # [BM, BDV]
+    else:
+        b_K = tl.zeros([BM, BDK], dtype=tl.float32)
+        b_V = tl.zeros([BM, BDV], dtype=tl.float32)
+
+    n_chunks = tl.cdiv(seq_len, C)
+    for c in range(0, n_chunks):
+        t0 = c * C
+        valid_C = (t0 + t_C) < seq_len
+        tok_C = bos + t0 + t_C
+        if STORE_CHUNKS:
+            cs = ((chunk_base + c) * HKV + g) * M
+            tl.store(kst_ptr + (cs + j_M[:, None]) * DK + dk_D[None, :], b_K, mask=smask_k)
+            tl.store(vst_ptr + (cs + j_M[:, None]) * DV + dv_D[None, :], b_V, mask=smask_v)
+
+        A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+
+        b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)  # [C, BDK]
+        b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)  # [C, BDV]
+
+        for hh in range(HPG):
+            h = g * HPG + hh
+            b_q = _load_tokens(q_ptr, tok_C, valid_C, h, dk_D, mask_DK, H, DK)  # [C, BDK]
+            p = _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E)
+            P = _pair_weights(p * A, B, cnt, causal, E)
+            b_o = tl.dot(P, b_v.to(tl.float32)) + tl.dot(p * g_start, b_V)
+            o_offs = tok_C[:, None] * (H * DV) + h * DV + dv_D[None, :]
+            tl.store(o_ptr + o_offs, b_o.to(o_ptr.dtype.element_ty), mask=valid_C[:, None] & mask_DV[None, :])
+
+        b_K = g_end[:, None] * b_K + tl.dot(tl.trans(B_end), b_k.to(tl.float32))
+        b_V = g_end[:, None] * b_V + tl.dot(tl.trans(B_end), b_v.to(tl.float32))
+
+    if STORE_FINAL:
+        tl.store(hk_ptr + sk_offs, b_K, mask=smask_k)
+        tl.store(hv_ptr + sv_offs, b_V, mask=smask_v)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bla_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
+    kst_ptr, vst_ptr, dhk_ptr, dhv_ptr, dh0k_ptr, dh0v_ptr,
+    seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr,
+    scale,
+    H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    g = tl.program_id(1)
+    HPG: tl.constexpr = H // HKV
+    bos = tl.load(seq_start_ptr + n)
+    seq_len = tl.load(seq_len_ptr + n)
+    offset = tl.load(offset_ptr + n)
+    chunk_base = tl.load(chunk_base_ptr + n)
+    W = tl.load(window_ptr + g)
+    r = W // M
+
+    t_C = tl.arange(0, C)
+    j_M = tl.arange(0, BM)
+    mask_M = j_M < M
+    dk_D = tl.arange(0, BDK)
+    dv_D = tl.arange(0, BDV)
+    mask_DK = dk_D < DK
+    mask_DV = dv_D < DV
+    causal = t_C[:, None] >= t_C[None, :]
+    smask_k = mask_M[:, None] & mask_DK[None, :]
+    smask_v = mask_M[:, None] & mask_DV[None, :]
+    state_off = (n * HKV + g) * M
+    sk_offs = (state_off + j_M[:, None]) * DK + dk_D[None, :]
+    sv_offs = (state_off + j_M[:, None]) * DV + dv_D[None, :]
+
+    # gradients w.r.t. the state at the end of the current chunk
+    if USE_DHT:
+        dK = tl.load(dhk_ptr + sk_offs, mask=smask_k, other=0.0).to(tl.float32)
+        dV = tl.load(dhv_ptr + sv_offs, mask=smask_v, other=0.0).to(tl.float32)
+    else:
+        dK = tl.zeros([BM, BDK], dtype=tl.float32)
+        dV = tl.zeros([BM, BDV], dtype=tl.float32)
+
+    n_chunks = tl.cdiv(seq_len, C)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        t0 = c * C
+        valid_C = (t0 + t_C) < seq_len
+        tok_C = bos + t0 + t_C
+        cs = ((chunk_base + c) * HKV + g) * M
+        b_K = tl.load(kst_ptr + (cs + j_M[:, None]) * DK + dk_D[None, :], mask=smask_k, other=0.0)
+        b_V = tl.load(vst_ptr + (cs + j_M[:, None]) * DV + dv_D[None, :], mask=smask_v, other=0.0)
+        A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+        b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
+        b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)
+        b_kf = b_k.to(tl.float32)
+        b_vf = b_v.to(tl.float32)
+
+        # the state path: K_end = g_end K_start + B_end^T k
+        b_dk = tl.dot(B_end, dK)  # [C, BDK]
+        b_dv = tl.dot(B_end, dV)  # [C, BDV]
+        dK_start = g_end[:, None] * dK
+        dV_start = g_end[:, None] * dV
+
+        for hh in range(HPG):
+            h = g * HPG + hh
+            b_q = _load_tokens(q_ptr, tok_C, valid_C, h, dk_D, mask_DK, H, DK)
+            b_do = _load_tokens(do_ptr, tok_C, valid_C, h, dv_D, mask_DV, H, DV).to(tl.float32)
+            b_qf = b_q.to(tl.float32)
+            p = _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E)
+            # dp[t, j] = dO_t . V_t[j]
+            dOv = tl.where(causal, tl.dot(b_do, tl.trans(b_vf)), 0.0)
+            dp = tl.dot(b_do, tl.trans(b_V)) * g_start + A * _through_slots(dOv, B, cnt, E)
+            dz = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [C, BM]
+            # o = sum_j p V_t[j]
+            P = _pair_weights(p * A, B, cnt, causal, E)
+            b_dv += tl.dot(tl.trans(P), b_do)
+            dV_start += tl.dot(tl.trans(p * g_start), b_do)
+            # z = scale K_t q_t
+            Pz = _pair_weights(dz * A, B, cnt, causal, E)
+            b_dq = tl.dot(dz * g_start, b_K) + tl.dot(Pz, b_kf)
+            b_dk += tl.dot(tl.trans(Pz), b_qf)
+            dK_start += tl.dot(tl.trans(dz * g_start), b_qf)
+            dq_offs = tok_C[:, None] * (H * DK) + h * DK + dk_D[None, :]
+            tl.store(dq_ptr + dq_offs, b_dq.to(dq_ptr.dtype.element_ty), mask=valid_C[:, None] & mask_DK[None, :])
+
+        dk_offs = tok_C[:, None] * (HKV * DK) + g * DK + dk_D[None, :]
+        dv_offs = tok_C[:, None] * (HKV * DV) + g * DV + dv_D[None, :]
+        tl.store(dk_ptr + dk_offs, b_dk.to(dk_ptr.dtype.element_ty), mask=valid_C[:, None] & mask_DK[None, :])
+        tl.store(dv_ptr + dv_offs, b_dv.to(dv_ptr.dtype.element_ty), mask=valid_C[:, None] & mask_DV[None, :])
+        dK = dK_start
+        dV = dV_start
+
+    if STORE_DH0:
+        tl.store(dh0k_ptr + sk_offs, dK, mask=smask_k)
+        tl.store(dh0v_ptr + sv_offs, dV, mask=smask_v)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _bla_step_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr, sv_ptr, pos_ptr, window_ptr, scale,
+    H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, EVEN_M: tl.constexpr,
+):  # fmt: skip
+    """One token per sequence; updates the state in place."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    HPG: tl.constexpr = H // HKV
+    W = tl.load(window_ptr + g)
+    r = W // M
+    pos = tl.load(pos_ptr + b)
+    j_M = tl.arange(0, BM)
+    mask_M = j_M < M
+    dk_D = tl.arange(0, BDK)
+    dv_D = tl.arange(0, BDV)
+    mask_DK = dk_D < DK
+    mask_DV = dv_D < DV
+    one = tl.arange(0, 1)
+    w, L, _ = _chunk_gates(pos, one, 1, W, r, j_M, mask_M, M, EVEN_M)  # [1, BM]
+    alpha = tl.exp(L)  # one token: L = log(alpha), 0 at a reset ...
+    alpha = tl.where(w == 1.0, 0.0, alpha)  # ... where alpha is exactly 0
+    alpha = tl.reshape(alpha, (BM,))
+    w = tl.reshape(w, (BM,))
+
+    state_off = (b * HKV + g) * M
+    sk_offs = (state_off + j_M[:, None]) * DK + dk_D[None, :]
+    sv_offs = (state_off + j_M[:, None]) * DV + dv_D[None, :]
+    smask_k = mask_M[:, None] & mask_DK[None, :]
+    smask_v = mask_M[:, None] & mask_DV[None, :]
+    b_K = tl.load(sk_ptr + sk_offs, mask=smask_k, other=0.0)
+    b_V = tl.load(sv_ptr + sv_offs, mask=smask_v, other=0.0)
+    b_k = tl.load(k_ptr + (b * HKV + g) * DK + dk_D, mask=mask_DK, other=0.0).to(tl.float32)
+    b_v = tl.load(v_ptr + (b * HKV + g) * DV + dv_D, mask=mask_DV, other=0.0).to(tl.float32)
+    b_K = alpha[:, None] * b_K + w[:, None] * b_k[None, :]
+    b_V = alpha[:, None] * b_V + w[:, None] * b_v[None, :]
+    tl.store(sk_ptr + sk_offs, b_K, mask=smask_k)
+    tl.store(sv_ptr + sv_offs, b_V, mask=smask_v)
+    for hh in range(HPG):
+        h = g * HPG + hh
+        b_q = tl.load(q_ptr + (b * H + h) * DK + dk_D, mask=mask_DK, other=0.0).to(tl.float32)
+        z = tl.where(mask_M, scale * tl.sum(b_K * b_q[None, :], axis=1), float("-inf"))
+        p = tl.exp(z - tl.max(z, axis=0))
+        p = p / tl.sum(p, axis=0)
+        b_o = tl.sum(p[:, None] * b_V, axis=0)
+        tl.store(o_ptr + (b * H + h) * DV + dv_D, b_o.to(o_ptr.dtype.element_ty), mask=mask_DV)
+
+
+# ----------------------------------------------------------------------------- Python side
+
+
+def _sequences(problem: Problem, device, chunk: int):
+    """Per-sequence start token, length, phase offset and first chunk index (int32)."""
+    p = problem
+    if p.cu_seqlens is None:
+        starts = torch.arange(p.batch, device=device, dtype=torch.int64) * p.seq_len
+        lengths = torch.full((p.batch,), p.seq_len, device=device, dtype=torch.int64)
+    else:
+        starts = p.cu_seqlens[:-1]
+        lengths = p.cu_seqlens[1:] - p.cu_seqlens[:-1]
+    n_chunks = (lengths + chunk - 1) // chunk
+    chunk_base = torch.cumsum(n_chunks, 0) - n_chunks
+    total_chunks = int(n_chunks.sum())
+    as32 = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
+    return as32(starts), as32(lengths), as32(p.offset), as32(chunk_base), total_chunks
+
+
+def _constants(problem: Problem, chunk: int) -> dict:
+    p = problem
+    return dict(
+        H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_pow2(p.slots),
+        DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
+        C=chunk, E=(chunk - 1) // min(p.windows) + 2, EVEN_M=p.slots % 2 == 0,
+    )  # fmt: skip
+
+
+def _launch_opts(problem: Problem) -> dict:
+    big = max(problem.slots, problem.head_dim_k, problem.head_dim_v) > 64
+    return dict(num_warps=8 if big else 4, num_stages=1)
+
+
+class _BLATriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, h0k, h0v, problem: Problem, chunk: int):
+        p = problem
+        dev = q.device
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        starts, lengths, offsets, chunk_base, total_chunks = _sequences(p, dev, chunk)
+        consts = _constants(p, chunk)
+        windows = p.window_tensor(dev).to(torch.int32)
+        needs_grad = any(ctx.needs_input_grad[:5])
+        o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
+        hk = torch.empty(p.num_seqs, p.num_kv_heads, p.slots, p.head_dim_k, device=dev, dtype=torch.float32)
+        hv = torch.empty(p.num_seqs, p.num_kv_heads, p.slots, p.head_dim_v, device=dev, dtype=torch.float32)
+        if needs_grad:
+            kst = torch.empty(total_chunks, p.num_kv_heads, p.slots, p.head_dim_k, device=dev, dtype=torch.float32)
+            vst = torch.empty(total_chunks, p.num_kv_heads, p.slots, p.head_dim_v, device=dev, dtype=torch.float32)
+        else:
+            kst = vst = hk
+        use_h0 = h0k is not None
+        h0k_c = h0k.contiguous().float() if use_h0 else hk
+        h0v_c = h0v.contiguous().float() if use_h0 else hv
+        grid = (p.num_seqs, p.num_kv_heads)
+        _bla_fwd_kernel[grid](
+            q, k, v, o, h0k_c, h0v_c, hk, hv, kst, vst,
+            starts, lengths, offsets, chunk_base, windows, p.scale,
+            USE_H0=use_h0, STORE_FINAL=True, STORE_CHUNKS=needs_grad, **consts, **_launch_opts(p),
+        )  # fmt: skip
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, kst, vst, starts, lengths, offsets, chunk_base, windows)
+        ctx.problem, ctx.chunk, ctx.use_h0 = p, chunk, use_h0
+        return o, hk, hv
+
+    @staticmethod
+    def backward(ctx, do, dhk, dhv):
+        q, k, v, kst, vst, starts, lengths, offsets, chunk_base, windows = ctx.saved_tensors
+        p, chunk = ctx.problem, ctx.chunk
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # autograd materialises the gradients of unused outputs as zeros
+        dhk, dhv = dhk.contiguous().float(), dhv.contiguous().float()
+        dh0k = torch.empty(p.num_seqs, *kst.shape[1:], device=q.device, dtype=torch.float32)
+        dh0v = torch.empty(p.num_seqs, *vst.shape[1:], device=q.device, dtype=torch.float32)
+        _bla_bwd_kernel[(p.num_seqs, p.num_kv_heads)](
+            q, k, v, do.contiguous(), dq, dk, dv, kst, vst,
+            dhk, dhv, dh0k, dh0v,
+            starts, lengths, offsets, chunk_base, windows, p.scale,
+            USE_DHT=True, STORE_DH0=ctx.use_h0, **_constants(p, chunk), **_launch_opts(p),
+        )  # fmt: skip
+        if not ctx.use_h0:
+            dh0k = dh0v = None
+        return dq, dk, dv, dh0k, dh0v, None, None
+
+
+def bla_triton(q, k, v, problem: Problem, initial_state: State | None) -> tuple[torch.Tensor, State]:
+    ok, why = supports(problem)
+    if not ok:
+        raise ValueError(f"backend='triton' cannot run this configuration: {why}")
+    chunk, _ = plan_chunk(problem.windows, problem.slots)
+    h0k, h0v = initial_state if initial_state is not None else (None, None)
+    dtype = q.dtype
+    if _INTERPRETING and dtype == torch.bfloat16:
+        # Triton's CPU interpreter multiplies bf16 matrices wrongly; there, run the fp32 kernel
+        # on upcast inputs (autograd casts the gradients back). GPUs run bf16 natively.
+        q, k, v = q.float(), k.float(), v.float()
+    o, hk, hv = _BLATriton.apply(q, k, v, h0k, h0v, problem, chunk)
+    return o.to(dtype), (hk, hv)
+
+
+def bla_step_triton(q, k, v, state: State, problem: Problem) -> tuple[torch.Tensor, State]:
+    p = problem
+    sk, sv = (s.float().contiguous().clone() for s in state)
+    o = torch.empty(p.batch, p.num_heads, p.head_dim_v, device=q.device, dtype=q.dtype)
+    consts = _constants(p, 16)
+    consts.pop("C"), consts.pop("E")
+    _bla_step_kernel[(p.batch, p.num_kv_heads)](
+        q.contiguous(), k.contiguous(), v.contiguous(), o, sk, sv, p.offset.to(torch.int32).contiguous(),
+        p.window_tensor(q.device).to(torch.int32), p.scale, **consts,
+    )  # fmt: skip
+    return o, (sk, sv)

@@ -1,0 +1,115 @@
+"""The Triton backend against the torch backend (float64): outputs, final states, every gradient.
+
+On a CPU these run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) at small shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, random_qkv, random_state
+
+from bla.kernels import bla_attention, bla_step, triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not triton_available(torch.device(DEVICE))[0], reason="Triton cannot run here")
+
+CASES = [
+    # B, T, H, Hkv, dk, dv, window, m
+    (2, 37, 2, 2, 8, 8, 8, 4),  # even m, W below the chunk, T not a multiple of it
+    (1, 45, 2, 2, 16, 8, 12, 3),  # odd m
+    (1, 40, 2, 1, 8, 16, 6, 6),  # m = W (SWA limit), GQA
+    (1, 150, 4, 2, 16, 16, 24, 6),  # GQA, several chunks
+    (1, 150, 2, 2, 8, 8, 100, 5),  # W above the chunk size
+    (1, 90, 2, 2, 8, 8, [8, 40], 4),  # per-head windows
+    (1, 70, 2, 2, 16, 16, 64, 16),  # 16 slots
+]
+
+
+def _run(backend, q, k, v, W, m, **kw):
+    o, (K, V) = bla_attention(q, k, v, W, m, output_final_state=True, backend=backend, **kw)
+    return o, K, V
+
+
+def _compare(case, dtype=torch.float32, atol=2e-4, **kw_builder):
+    B, T, H, Hkv, dk, dv, W, m = case
+    q, k, v = random_qkv(B, T, H, Hkv, dk, dv, dtype=dtype, device=DEVICE, requires_grad=True)
+    N = B
+    K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(N, Hkv, m, dk, dv, dtype=torch.float32))
+    kw = dict(initial_state=(K0, V0), offset=torch.arange(N, device=DEVICE) * 5 + 3)
+    outs = _run("triton", q, k, v, W, m, **kw)
+    leaves = (q, k, v, K0, V0)
+    gens = [torch.Generator(device="cpu").manual_seed(i) for i in range(3)]
+    cot = [torch.randn(x.shape, generator=gn, dtype=torch.float64).to(DEVICE) for x, gn in zip(outs, gens)]
+    grads = torch.autograd.grad(outs, leaves, [c.to(x.dtype) for c, x in zip(cot, outs)])
+
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    qr, kr, vr, K0r, V0r = ref_leaves
+    ref = _run("torch", qr, kr, vr, W, m, initial_state=(K0r, V0r), offset=kw["offset"])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    for name, a, b in zip(["o", "K", "V"], outs, ref):
+        assert_close(name, a, b, atol=atol, rtol=atol)
+    for name, a, b in zip(["dq", "dk", "dv", "dK0", "dV0"], grads, ref_grads):
+        assert_close(name, a, b, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_equals_torch(case):
+    _compare(case)
+
+
+def test_triton_varlen_with_empty_and_single_token_documents():
+    lengths = [0, 1, 17, 0, 70, 2]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
+    T, N, W, m = int(cu[-1]), len(lengths), 12, 4
+    q, k, v = random_qkv(1, T, 4, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(N, 2, m, 8, 8, dtype=torch.float32))
+    off = torch.tensor([0, 3, 0, 5, 11, 1], device=DEVICE)
+    kw = dict(cu_seqlens=cu, initial_state=(K0, V0), offset=off)
+    outs = _run("triton", q, k, v, W, m, **kw)
+    loss = sum((x.double() * (i + 1)).sin().sum() for i, x in enumerate(outs))
+    grads = torch.autograd.grad(loss, (q, k, v, K0, V0))
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, K0, V0)]
+    ref = _run("torch", *leaves[:3], W, m, cu_seqlens=cu, initial_state=tuple(leaves[3:]), offset=off)
+    ref_loss = sum((x * (i + 1)).sin().sum() for i, x in enumerate(ref))
+    ref_grads = torch.autograd.grad(ref_loss, leaves)
+    for name, a, b in zip(["o", "K", "V"], outs, ref):
+        assert_close(name, a, b, atol=2e-4, rtol=2e-4)
+    for name, a, b in zip(["dq", "dk", "dv", "dK0", "dV0"], grads, ref_grads):
+        assert_close(name, a, b, atol=2e-4, rtol=2e-4)
+
+
+def test_triton_without_initial_state_or_grad():
+    q, k, v = random_qkv(2, 33, 2, 2, 8, 8, dtype=torch.float32, device=DEVICE)
+    o, _ = bla_attention(q, k, v, 16, 4, backend="triton")
+    ref, _ = bla_attention(q.double(), k.double(), v.double(), 16, 4, backend="torch")
+    assert_close("o", o, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_inputs(dtype):
+    q, k, v = random_qkv(1, 64, 2, 2, 16, 16, dtype=dtype, device=DEVICE)
+    o, (K, V) = bla_attention(q, k, v, 32, 8, output_final_state=True, backend="triton")
+    assert o.dtype == dtype and K.dtype == torch.float32
+    ref, (Kr, _) = bla_attention(q.double(), k.double(), v.double(), 32, 8, output_final_state=True, backend="torch")
+    assert_close("o", o, ref, atol=2e-2, rtol=2e-2)
+    assert_close("K", K, Kr, atol=2e-2, rtol=2e-2)
+
+
+def test_triton_refuses_degenerate_configs_with_a_reason():
+    q, k, v = random_qkv(1, 8, 1, 1, 4, 4, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match="one slot resets at every token"):
+        bla_attention(q, k, v, 8, 1, backend="triton")
+    with pytest.raises(ValueError, match="too coarse"):
+        bla_attention(q, k, v, 4096, 8, backend="triton")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Triton decode kernel runs on CUDA")
+def test_triton_step_equals_parallel():
+    q, k, v = random_qkv(2, 20, 4, 2, 16, 16, dtype=torch.float32, device=DEVICE)
+    o_par, s_par = bla_attention(q, k, v, 16, 4, output_final_state=True, backend="torch")
+    state = None
+    for t in range(20):
+        o_t, state = bla_step(q[:, t], k[:, t], v[:, t], state, torch.full((2,), t, device=DEVICE), 16, 4)
+        assert_close(f"o step {t}", o_t, o_par[:, t], atol=1e-4)
+    assert_close("K", state[0], s_par[0], atol=1e-4)
