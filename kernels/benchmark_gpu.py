@@ -1,0 +1,172 @@
+"""GPU benchmarks and large-shape accuracy of the Triton backend (``python -m bla.kernels.benchmark gpu|accuracy``).
+
+``gpu``: forward and forward+backward medians (``triton.testing.do_bench``) of BLA against
+causal SDPA (flash), sliding-window attention at the same W (``flex_attention``) and fla's
+``chunk_gsa`` when installed; T swept at a fixed token count per batch; first-call times at a
+new shape with an empty Triton cache.
+``accuracy``: the Triton backend in bf16 against the torch backend in fp32 (outputs, final
+states, gradients) at B=4, T=8192, H=16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from .api import bla_attention
+
+
+def _inputs(B, T, H, d, dtype, grad=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, T, H, d, device="cuda", dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def _bench(fn, grad_of=None):
+    from triton.testing import do_bench
+
+    fwd = do_bench(lambda: fn(), warmup=10, rep=50)
+    if grad_of is None:
+        return fwd, float("nan")
+
+    def fwd_bwd():
+        out = fn()
+        out.backward(grad_of)
+
+    return fwd, do_bench(fwd_bwd, warmup=10, rep=50)
+
+
+def _bla_fn(q, k, v, W, m):
+    return lambda: bla_attention(q, k, v, W, m, backend="triton")[0]
+
+
+def _sdpa_fn(q, k, v):
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+
+def _flex_swa_fn(q, k, v, W):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T, H, _ = q.shape
+    block_mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < W), None, None, T, T, device="cuda")
+    flex = torch.compile(flex_attention)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return lambda: flex(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
+
+
+def _fla_gsa_fn(q, k, v, m):
+    from fla.ops.gsa import chunk_gsa
+
+    B, T, H, d = q.shape
+    s = torch.randn(B, T, H, m, device="cuda", dtype=q.dtype)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, m, device="cuda", dtype=torch.float32))
+    return lambda: chunk_gsa(q, k, v, s, g)[0]
+
+
+def bla_flops(B, T, H, d, m, fwd_bwd: bool) -> float:
+    """Model FLOPs by spec section 3 (4 H m (d_k + d_v) per token forward; x3 for fwd+bwd)."""
+    f = 4 * H * m * (2 * d) * B * T
+    return 3 * f if fwd_bwd else f
+
+
+def first_call_seconds(B, T, H, d, m, W) -> dict:
+    """Compile time at a new shape in a fresh process with an empty Triton cache."""
+    code = (
+        "import time, torch; from bla.kernels import bla_attention\n"
+        f"q,k,v=[torch.randn({B},{T},{H},{d},device='cuda',dtype=torch.bfloat16,requires_grad=True) for _ in range(3)]\n"
+        "torch.cuda.synchronize(); t=time.perf_counter()\n"
+        f"o,_=bla_attention(q,k,v,{W},{m},backend='triton'); torch.cuda.synchronize(); f=time.perf_counter()-t\n"
+        "t=time.perf_counter(); o.sum().backward(); torch.cuda.synchronize(); b=time.perf_counter()-t\n"
+        "print(f, b)\n"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    f, b = map(float, out.stdout.split()[-2:])
+    return {"first_fwd_s": f, "first_bwd_s": b}
+
+
+def gpu_benchmark(args) -> list[dict]:
+    rows = []
+    have_fla = importlib.util.find_spec("fla") is not None
+    dtype = torch.bfloat16
+    H, W = args.heads, args.window
+    for d in args.head_dims:
+        for m in args.slots:
+            for T in args.seq_lens:
+                B = max(1, args.tokens // T)
+                q, k, v = _inputs(B, T, H, d, dtype, grad=True)
+                do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
+                row = dict(B=B, T=T, H=H, d=d, m=m, W=W)
+                row["bla_fwd_ms"], row["bla_fwdbwd_ms"] = _bench(_bla_fn(q, k, v, W, m), do)
+                if m == args.slots[0]:  # the softmax baselines do not depend on m
+                    row["sdpa_fwd_ms"], row["sdpa_fwdbwd_ms"] = _bench(_sdpa_fn(q, k, v), do)
+                    if not args.no_flex:
+                        row["flex_swa_fwd_ms"], row["flex_swa_fwdbwd_ms"] = _bench(_flex_swa_fn(q, k, v, W), do)
+                if have_fla:
+                    row["fla_gsa_fwd_ms"], row["fla_gsa_fwdbwd_ms"] = _bench(_fla_gsa_fn(q, k, v, m), do)
+                io_bytes = 4 * B * T * H * d * 2  # q, k, v, o in bf16
+                row["bla_fwd_tflops"] = bla_flops(B, T, H, d, m, False) / row["bla_fwd_ms"] / 1e9
+                row["bla_fwd_gbps"] = io_bytes / row["bla_fwd_ms"] / 1e6
+                rows.append(row)
+                print(_fmt(row), flush=True)
+                del q, k, v, do
+                torch.cuda.empty_cache()
+    if args.first_call:
+        fc = dict(B=4, T=8192, H=H, d=64, m=64, W=W, **first_call_seconds(4, 8192, H, 64, 64, W))
+        print(f"first call at a new shape (empty Triton cache): forward {fc['first_fwd_s']:.2f} s, "
+              f"backward {fc['first_bwd_s']:.2f} s")  # fmt: skip
+        rows.append(fc)
+    return rows
+
+
+def _fmt(r: dict) -> str:
+    keys = ["B", "T", "H", "d", "m", "W", "bla_fwd_ms", "bla_fwdbwd_ms", "sdpa_fwd_ms", "sdpa_fwdbwd_ms",
+            "flex_swa_fwd_ms", "flex_swa_fwdbwd_ms", "fla_gsa_fwd_ms", "fla_gsa_fwdbwd_ms", "bla_fwd_tflops", "bla_fwd_gbps"]  # fmt: skip
+    return " ".join(f"{k}={r[k]:.3f}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r)
+
+
+def accuracy(args) -> list[dict]:
+    """bf16 Triton against fp32 torch: relative errors of o, final state and gradients."""
+    rows = []
+    B, T, H, W = 4, args.acc_seq_len, 16, args.window
+    for d in args.head_dims:
+        for m in args.slots:
+            q, k, v = _inputs(B, T, H, d, torch.bfloat16, grad=True, seed=1)
+            do = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
+            o, (K, V) = bla_attention(q, k, v, W, m, output_final_state=True, backend="triton")
+            grads = torch.autograd.grad(o, (q, k, v), do)
+            ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+            o_r, (K_r, V_r) = bla_attention(*ref_in, W, m, output_final_state=True, backend="torch")
+            ref_grads = torch.autograd.grad(o_r, ref_in, do.float())
+            rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+            row = dict(B=B, T=T, H=H, d=d, m=m, W=W, o=rel(o, o_r), K=rel(K, K_r), V=rel(V, V_r),
+                       dq=rel(grads[0], ref_grads[0]), dk=rel(grads[1], ref_grads[1]), dv=rel(grads[2], ref_grads[2]),
+                       nan=bool(any(torch.isnan(x).any() for x in (o, K, V, *grads))))  # fmt: skip
+            print(" ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            rows.append(row)
+            del q, k, v, do, o, grads, ref_in, o_r, ref_grads
+            torch.cuda.empty_cache()
+    return rows
+
+
+def add_gpu_parser(sub) -> None:
+    for mode, fn in (("gpu", gpu_benchmark), ("accuracy", accuracy)):
+        p = sub.add_parser(mode, help=(fn.__doc__ or "").strip().splitlines()[0])
+        p.add_argument("--heads", type=int, default=16)
+        p.add_argument("--window", type=int, default=512)
+        p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+        p.add_argument("--slots", type=int, nargs="+", default=[32, 64, 128, 256])
+        p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
+        p.add_argument("--tokens", type=int, default=32768 * 4, help="tokens per batch (B = tokens // T)")
+        p.add_argument("--acc-seq-len", type=int, default=8192)
+        p.add_argument("--first-call", action="store_true")
+        p.add_argument("--no-flex", action="store_true")
+        p.add_argument("--json", default=f"bench_{mode}.json")
+        p.set_defaults(run=fn)
+
