@@ -92,6 +92,7 @@ def first_call_seconds(B, T, H, d, m, W) -> dict:
 
 
 def gpu_benchmark(args) -> list[dict]:
+    """Operator timings: BLA (Triton) against SDPA flash, flex_attention SWA and fla GSA."""
     rows = []
     have_fla = importlib.util.find_spec("fla") is not None
     dtype = torch.bfloat16
