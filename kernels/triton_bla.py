@@ -1,7 +1,6 @@
 """BLA in Triton: fused chunked forward and backward, variable length, decode.
 
-One program owns one sequence (a batch row or a packed document) and one kv head, and walks
-its chunks in order with the slot state K, V [m, d] in registers. Per chunk of C tokens:
+Per chunk of C tokens and kv head:
 
 * the gates come from token positions inside the kernel (a few sines; no gate tensors);
 * the intra-chunk decay prod_{s<u<=t} alpha_u[j] is factorised as A[t, j] * B[s, j] with
@@ -14,8 +13,15 @@ The chunk size is chosen per window so that |L| stays far inside fp32's exp rang
 check over all phases); windows whose stride W/m is too coarse for even C = 16 are refused with
 the reason (``backend="auto"`` then uses the torch backend).
 
-The backward walks the chunks in reverse with the state gradients dK, dV in registers, reading
-the chunk-start states that the forward saved.
+Parallelism. Every slot is reset within any W consecutive tokens, so the state at a position
+depends only on the W tokens before it (or on the document's start and initial state when
+that is closer). The forward therefore splits each sequence into segments of at least
+max(W, 512) tokens: a program rebuilds its segment's start state exactly from the preceding
+W tokens (state updates only), then runs the segment with the state in registers, saving each
+chunk's start state when gradients are needed. The backward is chunk-parallel in three
+steps: (A) per chunk, dq and the intra-chunk parts of dk, dv, plus the chunk's own gradient
+with respect to its start state; (B) a reverse scan of the state gradients over chunks (a few
+[m, d] tiles per chunk); (C) per chunk, the state path's share of dk, dv.
 """
 
 from __future__ import annotations
@@ -99,12 +105,8 @@ def _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M:
         den = M * tl.sin(ang)
     w = tl.where(on_node, tl.where(x == 0, 1.0, 0.0), num / den)
     keep = valid_C[:, None] & mask_M[None, :]
-    if M == 1:  # D == 1 everywhere: every token resets the single slot
-        w = tl.where(keep, 1.0, 0.0)
-        la = tl.zeros(w.shape, tl.float32)
-    else:
-        w = tl.where(keep, w, 0.0)
-        la = tl.where(keep & (x != 0), tl.log(1.0 - w), 0.0)
+    w = tl.where(keep, w, 0.0)
+    la = tl.where(keep & (x != 0), tl.log(1.0 - w), 0.0)
     L = tl.cumsum(la, axis=0)
     return w, L, cnt
 
@@ -113,7 +115,7 @@ def _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M:
 def _chunk_decays(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M: tl.constexpr, C: tl.constexpr):
     """The factorised decays of one chunk.
 
-    A [C, BM], B [C, BM]: prod_{s<u<=t} alpha_u[j] = A[t, j] B[s, j] / w_s[j] within an epoch;
+    A [C, BM], B [C, BM]: prod_{s<u<=t} alpha_u[j] w_s[j] = A[t, j] B[s, j] within an epoch;
     g_start [C, BM]: decay of the chunk's start state up to t; g_end [BM]: over the whole chunk;
     B_end [C, BM]: weight of token s in the chunk's end state; cnt [C, BM]: epochs.
     """
@@ -121,12 +123,19 @@ def _chunk_decays(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M
     A = tl.exp(L)
     B = w * tl.exp(-L)
     g_start = tl.where(cnt == 0, A, 0.0)
-    is_last = t_C[:, None] == C - 1
-    A_last = tl.sum(tl.where(is_last, A, 0.0), axis=0)  # [BM]
+    A_last = tl.sum(tl.where(t_C[:, None] == C - 1, A, 0.0), axis=0)  # [BM]
     cnt_last = tl.max(cnt, axis=0)  # cnt never decreases along t
     g_end = tl.where(cnt_last == 0, A_last, 0.0)
     B_end = tl.where(cnt == cnt_last[None, :], B * A_last[None, :], 0.0)
     return A, B, g_start, g_end, B_end, cnt
+
+
+@triton.jit
+def _mm(a, b, DT: tl.constexpr):
+    """a @ b with fp32 accumulation: operands in DT (bf16/fp16 for half inputs), or exact fp32."""
+    if DT == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT))
 
 
 @triton.jit
@@ -136,30 +145,36 @@ def _load_tokens(ptr, tok_C, valid_C, head, d_D, mask_D, N_HEADS: tl.constexpr, 
 
 
 @triton.jit
-def _through_slots(X, B, cnt, E: tl.constexpr):
+def _store_tokens(ptr, val, tok_C, valid_C, head, d_D, mask_D, N_HEADS: tl.constexpr, D: tl.constexpr):
+    offs = tok_C[:, None] * (N_HEADS * D) + head * D + d_D[None, :]
+    tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=valid_C[:, None] & mask_D[None, :])
+
+
+@triton.jit
+def _through_slots(X, B, cnt, E: tl.constexpr, DT: tl.constexpr):
     """sum_s X[t, s] B[s, j] over s in t's epoch of slot j: X [C, C] -> [C, BM]."""
     out = tl.zeros(B.shape, dtype=tl.float32)
-    for e in range(E):
+    for e in tl.static_range(E):
         sel = cnt == e
-        out += tl.where(sel, tl.dot(X, tl.where(sel, B, 0.0)), 0.0)
+        out += tl.where(sel, _mm(X, tl.where(sel, B, 0.0), DT), 0.0)
     return out
 
 
 @triton.jit
-def _pair_weights(Y, B, cnt, causal, E: tl.constexpr):
+def _pair_weights(Y, B, cnt, causal, E: tl.constexpr, DT: tl.constexpr):
     """sum_j Y[t, j] B[s, j] over slots where s and t share an epoch, causal: [C, BM] -> [C, C]."""
     out = tl.zeros([Y.shape[0], Y.shape[0]], dtype=tl.float32)
-    for e in range(E):
+    for e in tl.static_range(E):
         sel = cnt == e
-        out += tl.dot(tl.where(sel, Y, 0.0), tl.trans(tl.where(sel, B, 0.0)))
+        out += _mm(tl.where(sel, Y, 0.0), tl.trans(tl.where(sel, B, 0.0)), DT)
     return tl.where(causal, out, 0.0)
 
 
 @triton.jit
-def _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E: tl.constexpr):
+def _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E: tl.constexpr, DT: tl.constexpr):
     """Softmax over slots of scale * K_t q_t for every token of the chunk: [C, BM]."""
-    S = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0)  # [C, C]
-    z = tl.dot(b_q.to(tl.float32), tl.trans(b_K)) * g_start + A * _through_slots(S, B, cnt, E)
+    S = tl.where(causal, _mm(b_q, tl.trans(b_k), DT), 0.0)  # [C, C]
+    z = _mm(b_q, tl.trans(b_K), DT) * g_start + A * _through_slots(S, B, cnt, E, DT)
     z = tl.where(mask_M[None, :], scale * z, float("-inf"))
     p = tl.exp(z - tl.max(z, axis=1)[:, None])
     return p / tl.sum(p, axis=1)[:, None]
@@ -172,16 +187,18 @@ def _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E: tl.
 def _bla_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     h0k_ptr, h0v_ptr, hk_ptr, hv_ptr, kst_ptr, vst_ptr,
-    seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr,
+    seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr, item_seq_ptr, item_chunk_ptr,
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_CHUNKS: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(0)
+    item = tl.program_id(0)
     g = tl.program_id(1)
     HPG: tl.constexpr = H // HKV
+    n = tl.load(item_seq_ptr + item)
+    c_first = tl.load(item_chunk_ptr + item)
     bos = tl.load(seq_start_ptr + n)
     seq_len = tl.load(seq_len_ptr + n)
     offset = tl.load(offset_ptr + n)
@@ -197,21 +214,40 @@ def _bla_fwd_kernel(
     mask_DK = dk_D < DK
     mask_DV = dv_D < DV
     causal = t_C[:, None] >= t_C[None, :]  # [C(t), C(s)]
-
+    smask_k = mask_M[:, None] & mask_DK[None, :]
+    smask_v = mask_M[:, None] & mask_DV[None, :]
     state_off = (n * HKV + g) * M
     sk_offs = (state_off + j_M[:, None]) * DK + dk_D[None, :]
     sv_offs = (state_off + j_M[:, None]) * DV + dv_D[None, :]
-    smask_k = mask_M[:, None] & mask_DK[None, :]
-    smask_v = mask_M[:, None] & mask_DV[None, :]
-    if USE_H0:
-        b_K = tl.load(h0k_ptr + sk_offs, mask=smask_k, other=0.0).to(tl.float32)  # [BM, BDK]
-        b_V = tl.load(h0v_ptr + sv_offs, mask=smask_v, other=0.0).to(tl.float32)  # [BM, BDV]
+
+    # The segment's start state: exact from the W tokens before it (every slot resets there),
+    # or from the document's start and initial state when that is closer.
+    seg_start = c_first * C
+    warm_start = seg_start - W
+    if warm_start <= 0:
+        c_warm = 0
+        if USE_H0:
+            b_K = tl.load(h0k_ptr + sk_offs, mask=smask_k, other=0.0).to(tl.float32)  # [BM, BDK]
+            b_V = tl.load(h0v_ptr + sv_offs, mask=smask_v, other=0.0).to(tl.float32)  # [BM, BDV]
+        else:
+            b_K = tl.zeros([BM, BDK], dtype=tl.float32)
+            b_V = tl.zeros([BM, BDV], dtype=tl.float32)
     else:
+        c_warm = warm_start // C
         b_K = tl.zeros([BM, BDK], dtype=tl.float32)
         b_V = tl.zeros([BM, BDV], dtype=tl.float32)
+    for c in range(c_warm, c_first):
+        t0 = c * C
+        tok_C = bos + t0 + t_C
+        valid_C = (t0 + t_C) < seq_len
+        _, _, _, g_end, B_end, _ = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+        b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
+        b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)
+        b_K = g_end[:, None] * b_K + _mm(tl.trans(B_end), b_k, DT)
+        b_V = g_end[:, None] * b_V + _mm(tl.trans(B_end), b_v, DT)
 
-    n_chunks = tl.cdiv(seq_len, C)
-    for c in range(0, n_chunks):
+    c_stop = tl.minimum(c_first + SEG_CHUNKS, tl.cdiv(seq_len, C))
+    for c in range(c_first, c_stop):
         t0 = c * C
         valid_C = (t0 + t_C) < seq_len
         tok_C = bos + t0 + t_C
@@ -219,25 +255,20 @@ def _bla_fwd_kernel(
             cs = ((chunk_base + c) * HKV + g) * M
             tl.store(kst_ptr + (cs + j_M[:, None]) * DK + dk_D[None, :], b_K, mask=smask_k)
             tl.store(vst_ptr + (cs + j_M[:, None]) * DV + dv_D[None, :], b_V, mask=smask_v)
-
         A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
-
         b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)  # [C, BDK]
         b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)  # [C, BDV]
-
-        for hh in range(HPG):
+        for hh in tl.static_range(HPG):
             h = g * HPG + hh
             b_q = _load_tokens(q_ptr, tok_C, valid_C, h, dk_D, mask_DK, H, DK)  # [C, BDK]
-            p = _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E)
-            P = _pair_weights(p * A, B, cnt, causal, E)
-            b_o = tl.dot(P, b_v.to(tl.float32)) + tl.dot(p * g_start, b_V)
-            o_offs = tok_C[:, None] * (H * DV) + h * DV + dv_D[None, :]
-            tl.store(o_ptr + o_offs, b_o.to(o_ptr.dtype.element_ty), mask=valid_C[:, None] & mask_DV[None, :])
+            p = _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E, DT)
+            P = _pair_weights(p * A, B, cnt, causal, E, DT)
+            b_o = _mm(P, b_v, DT) + _mm(p * g_start, b_V, DT)
+            _store_tokens(o_ptr, b_o, tok_C, valid_C, h, dv_D, mask_DV, H, DV)
+        b_K = g_end[:, None] * b_K + _mm(tl.trans(B_end), b_k, DT)
+        b_V = g_end[:, None] * b_V + _mm(tl.trans(B_end), b_v, DT)
 
-        b_K = g_end[:, None] * b_K + tl.dot(tl.trans(B_end), b_k.to(tl.float32))
-        b_V = g_end[:, None] * b_V + tl.dot(tl.trans(B_end), b_v.to(tl.float32))
-
-    if STORE_FINAL:
+    if c_stop * C >= seq_len:  # the sequence's last segment holds its final state
         tl.store(hk_ptr + sk_offs, b_K, mask=smask_k)
         tl.store(hv_ptr + sv_offs, b_V, mask=smask_v)
 
@@ -246,23 +277,23 @@ def _bla_fwd_kernel(
 
 
 @triton.jit
-def _bla_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
-    kst_ptr, vst_ptr, dhk_ptr, dhv_ptr, dh0k_ptr, dh0v_ptr,
-    seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr,
+def _bla_bwd_chunk_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, kst_ptr, vst_ptr, dks_ptr, dvs_ptr,
+    seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, chunk_seq_ptr, chunk_idx_ptr,
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(0)
+    """Step A: dq, intra-chunk dk/dv (fp32) and the chunk's gradient w.r.t. its start state."""
+    i = tl.program_id(0)
     g = tl.program_id(1)
     HPG: tl.constexpr = H // HKV
+    n = tl.load(chunk_seq_ptr + i)
+    c = tl.load(chunk_idx_ptr + i)
     bos = tl.load(seq_start_ptr + n)
     seq_len = tl.load(seq_len_ptr + n)
     offset = tl.load(offset_ptr + n)
-    chunk_base = tl.load(chunk_base_ptr + n)
     W = tl.load(window_ptr + g)
     r = W // M
 
@@ -276,71 +307,131 @@ def _bla_bwd_kernel(
     causal = t_C[:, None] >= t_C[None, :]
     smask_k = mask_M[:, None] & mask_DK[None, :]
     smask_v = mask_M[:, None] & mask_DV[None, :]
-    state_off = (n * HKV + g) * M
-    sk_offs = (state_off + j_M[:, None]) * DK + dk_D[None, :]
-    sv_offs = (state_off + j_M[:, None]) * DV + dv_D[None, :]
+    cs = (i * HKV + g) * M
+    sk_offs = (cs + j_M[:, None]) * DK + dk_D[None, :]
+    sv_offs = (cs + j_M[:, None]) * DV + dv_D[None, :]
 
-    # gradients w.r.t. the state at the end of the current chunk
-    if USE_DHT:
-        dK = tl.load(dhk_ptr + sk_offs, mask=smask_k, other=0.0).to(tl.float32)
-        dV = tl.load(dhv_ptr + sv_offs, mask=smask_v, other=0.0).to(tl.float32)
-    else:
-        dK = tl.zeros([BM, BDK], dtype=tl.float32)
-        dV = tl.zeros([BM, BDV], dtype=tl.float32)
+    t0 = c * C
+    valid_C = (t0 + t_C) < seq_len
+    tok_C = bos + t0 + t_C
+    b_K = tl.load(kst_ptr + sk_offs, mask=smask_k, other=0.0)
+    b_V = tl.load(vst_ptr + sv_offs, mask=smask_v, other=0.0)
+    A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+    b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
+    b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)
 
+    b_dk = tl.zeros([C, BDK], dtype=tl.float32)
+    b_dv = tl.zeros([C, BDV], dtype=tl.float32)
+    dK_start = tl.zeros([BM, BDK], dtype=tl.float32)
+    dV_start = tl.zeros([BM, BDV], dtype=tl.float32)
+    for hh in tl.static_range(HPG):
+        h = g * HPG + hh
+        b_q = _load_tokens(q_ptr, tok_C, valid_C, h, dk_D, mask_DK, H, DK)
+        b_do = _load_tokens(do_ptr, tok_C, valid_C, h, dv_D, mask_DV, H, DV)
+        p = _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E, DT)
+        # dp[t, j] = dO_t . V_t[j]
+        dOv = tl.where(causal, _mm(b_do, tl.trans(b_v), DT), 0.0)
+        dp = _mm(b_do, tl.trans(b_V), DT) * g_start + A * _through_slots(dOv, B, cnt, E, DT)
+        dz = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [C, BM]
+        # o = sum_j p V_t[j]
+        P = _pair_weights(p * A, B, cnt, causal, E, DT)
+        b_dv += _mm(tl.trans(P), b_do, DT)
+        dV_start += _mm(tl.trans(p * g_start), b_do, DT)
+        # z = scale K_t q_t
+        Pz = _pair_weights(dz * A, B, cnt, causal, E, DT)
+        b_dq = _mm(dz * g_start, b_K, DT) + _mm(Pz, b_k, DT)
+        b_dk += _mm(tl.trans(Pz), b_q, DT)
+        dK_start += _mm(tl.trans(dz * g_start), b_q, DT)
+        _store_tokens(dq_ptr, b_dq, tok_C, valid_C, h, dk_D, mask_DK, H, DK)
+    _store_tokens(dk_ptr, b_dk, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
+    _store_tokens(dv_ptr, b_dv, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)
+    tl.store(dks_ptr + sk_offs, dK_start, mask=smask_k)
+    tl.store(dvs_ptr + sv_offs, dV_start, mask=smask_v)
+
+
+@triton.jit
+def _bla_bwd_scan_kernel(
+    dks_ptr, dvs_ptr, dhk_ptr, dhv_ptr, dh0k_ptr, dh0v_ptr,
+    seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr,
+    HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    C: tl.constexpr, EVEN_M: tl.constexpr,
+):  # fmt: skip
+    """Step B: state gradients at every chunk's end, in place of the chunks' own share.
+
+    dS_end(c - 1) = dS_start(c) = g_end(c) dS_end(c) + own(c); the first chunk's dS_start is the
+    gradient of the initial state.
+    """
+    n = tl.program_id(0)
+    g = tl.program_id(1)
+    seq_len = tl.load(seq_len_ptr + n)
+    offset = tl.load(offset_ptr + n)
+    chunk_base = tl.load(chunk_base_ptr + n)
+    W = tl.load(window_ptr + g)
+    r = W // M
+    t_C = tl.arange(0, C)
+    j_M = tl.arange(0, BM)
+    mask_M = j_M < M
+    dk_D = tl.arange(0, BDK)
+    dv_D = tl.arange(0, BDV)
+    smask_k = mask_M[:, None] & (dk_D < DK)[None, :]
+    smask_v = mask_M[:, None] & (dv_D < DV)[None, :]
+    so = (n * HKV + g) * M
+    dK = tl.load(dhk_ptr + (so + j_M[:, None]) * DK + dk_D[None, :], mask=smask_k, other=0.0)
+    dV = tl.load(dhv_ptr + (so + j_M[:, None]) * DV + dv_D[None, :], mask=smask_v, other=0.0)
     n_chunks = tl.cdiv(seq_len, C)
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i
-        t0 = c * C
-        valid_C = (t0 + t_C) < seq_len
-        tok_C = bos + t0 + t_C
+    for ii in range(0, n_chunks):
+        c = n_chunks - 1 - ii
         cs = ((chunk_base + c) * HKV + g) * M
-        b_K = tl.load(kst_ptr + (cs + j_M[:, None]) * DK + dk_D[None, :], mask=smask_k, other=0.0)
-        b_V = tl.load(vst_ptr + (cs + j_M[:, None]) * DV + dv_D[None, :], mask=smask_v, other=0.0)
-        A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
-        b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
-        b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)
-        b_kf = b_k.to(tl.float32)
-        b_vf = b_v.to(tl.float32)
+        k_offs = (cs + j_M[:, None]) * DK + dk_D[None, :]
+        v_offs = (cs + j_M[:, None]) * DV + dv_D[None, :]
+        own_K = tl.load(dks_ptr + k_offs, mask=smask_k, other=0.0)
+        own_V = tl.load(dvs_ptr + v_offs, mask=smask_v, other=0.0)
+        tl.store(dks_ptr + k_offs, dK, mask=smask_k)
+        tl.store(dvs_ptr + v_offs, dV, mask=smask_v)
+        _, _, _, g_end, _, _ = _chunk_decays(offset + c * C, t_C, seq_len - c * C, W, r, j_M, mask_M, M, EVEN_M, C)
+        dK = g_end[:, None] * dK + own_K
+        dV = g_end[:, None] * dV + own_V
+    tl.store(dh0k_ptr + (so + j_M[:, None]) * DK + dk_D[None, :], dK, mask=smask_k)
+    tl.store(dh0v_ptr + (so + j_M[:, None]) * DV + dv_D[None, :], dV, mask=smask_v)
 
-        # the state path: K_end = g_end K_start + B_end^T k
-        b_dk = tl.dot(B_end, dK)  # [C, BDK]
-        b_dv = tl.dot(B_end, dV)  # [C, BDV]
-        dK_start = g_end[:, None] * dK
-        dV_start = g_end[:, None] * dV
 
-        for hh in range(HPG):
-            h = g * HPG + hh
-            b_q = _load_tokens(q_ptr, tok_C, valid_C, h, dk_D, mask_DK, H, DK)
-            b_do = _load_tokens(do_ptr, tok_C, valid_C, h, dv_D, mask_DV, H, DV).to(tl.float32)
-            b_qf = b_q.to(tl.float32)
-            p = _slot_probs(b_q, b_k, b_K, A, B, g_start, cnt, causal, mask_M, scale, E)
-            # dp[t, j] = dO_t . V_t[j]
-            dOv = tl.where(causal, tl.dot(b_do, tl.trans(b_vf)), 0.0)
-            dp = tl.dot(b_do, tl.trans(b_V)) * g_start + A * _through_slots(dOv, B, cnt, E)
-            dz = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])  # [C, BM]
-            # o = sum_j p V_t[j]
-            P = _pair_weights(p * A, B, cnt, causal, E)
-            b_dv += tl.dot(tl.trans(P), b_do)
-            dV_start += tl.dot(tl.trans(p * g_start), b_do)
-            # z = scale K_t q_t
-            Pz = _pair_weights(dz * A, B, cnt, causal, E)
-            b_dq = tl.dot(dz * g_start, b_K) + tl.dot(Pz, b_kf)
-            b_dk += tl.dot(tl.trans(Pz), b_qf)
-            dK_start += tl.dot(tl.trans(dz * g_start), b_qf)
-            dq_offs = tok_C[:, None] * (H * DK) + h * DK + dk_D[None, :]
-            tl.store(dq_ptr + dq_offs, b_dq.to(dq_ptr.dtype.element_ty), mask=valid_C[:, None] & mask_DK[None, :])
-
-        dk_offs = tok_C[:, None] * (HKV * DK) + g * DK + dk_D[None, :]
-        dv_offs = tok_C[:, None] * (HKV * DV) + g * DV + dv_D[None, :]
-        tl.store(dk_ptr + dk_offs, b_dk.to(dk_ptr.dtype.element_ty), mask=valid_C[:, None] & mask_DK[None, :])
-        tl.store(dv_ptr + dv_offs, b_dv.to(dv_ptr.dtype.element_ty), mask=valid_C[:, None] & mask_DV[None, :])
-        dK = dK_start
-        dV = dV_start
-
-    if STORE_DH0:
-        tl.store(dh0k_ptr + sk_offs, dK, mask=smask_k)
-        tl.store(dh0v_ptr + sv_offs, dV, mask=smask_v)
+@triton.jit
+def _bla_bwd_state_kernel(
+    dk_ptr, dv_ptr, dks_ptr, dvs_ptr,
+    seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, chunk_seq_ptr, chunk_idx_ptr,
+    HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    C: tl.constexpr, EVEN_M: tl.constexpr, DT: tl.constexpr,
+):  # fmt: skip
+    """Step C: dk, dv += B_end dS_end (the tokens' share of the chunk's end state)."""
+    i = tl.program_id(0)
+    g = tl.program_id(1)
+    n = tl.load(chunk_seq_ptr + i)
+    c = tl.load(chunk_idx_ptr + i)
+    bos = tl.load(seq_start_ptr + n)
+    seq_len = tl.load(seq_len_ptr + n)
+    offset = tl.load(offset_ptr + n)
+    W = tl.load(window_ptr + g)
+    r = W // M
+    t_C = tl.arange(0, C)
+    j_M = tl.arange(0, BM)
+    mask_M = j_M < M
+    dk_D = tl.arange(0, BDK)
+    dv_D = tl.arange(0, BDV)
+    mask_DK = dk_D < DK
+    mask_DV = dv_D < DV
+    t0 = c * C
+    valid_C = (t0 + t_C) < seq_len
+    tok_C = bos + t0 + t_C
+    cs = (i * HKV + g) * M
+    dK = tl.load(dks_ptr + (cs + j_M[:, None]) * DK + dk_D[None, :], mask=mask_M[:, None] & mask_DK[None, :], other=0.0)
+    dV = tl.load(dvs_ptr + (cs + j_M[:, None]) * DV + dv_D[None, :], mask=mask_M[:, None] & mask_DV[None, :], other=0.0)
+    _, _, _, _, B_end, _ = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+    b_dk = _load_tokens(dk_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK) + _mm(B_end, dK, DT)
+    b_dv = _load_tokens(dv_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV) + _mm(B_end, dV, DT)
+    _store_tokens(dk_ptr, b_dk, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
+    _store_tokens(dv_ptr, b_dv, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -367,8 +458,7 @@ def _bla_step_kernel(
     mask_DV = dv_D < DV
     one = tl.arange(0, 1)
     w, L, _ = _chunk_gates(pos, one, 1, W, r, j_M, mask_M, M, EVEN_M)  # [1, BM]
-    alpha = tl.exp(L)  # one token: L = log(alpha), 0 at a reset ...
-    alpha = tl.where(w == 1.0, 0.0, alpha)  # ... where alpha is exactly 0
+    alpha = tl.where(w == 1.0, 0.0, tl.exp(L))  # one token: L = log(alpha), skipped (0) at a reset
     alpha = tl.reshape(alpha, (BM,))
     w = tl.reshape(w, (BM,))
 
@@ -385,7 +475,7 @@ def _bla_step_kernel(
     b_V = alpha[:, None] * b_V + w[:, None] * b_v[None, :]
     tl.store(sk_ptr + sk_offs, b_K, mask=smask_k)
     tl.store(sv_ptr + sv_offs, b_V, mask=smask_v)
-    for hh in range(HPG):
+    for hh in tl.static_range(HPG):
         h = g * HPG + hh
         b_q = tl.load(q_ptr + (b * H + h) * DK + dk_D, mask=mask_DK, other=0.0).to(tl.float32)
         z = tl.where(mask_M, scale * tl.sum(b_K * b_q[None, :], axis=1), float("-inf"))
@@ -397,35 +487,64 @@ def _bla_step_kernel(
 
 # ----------------------------------------------------------------------------- Python side
 
-
-def _sequences(problem: Problem, device, chunk: int):
-    """Per-sequence start token, length, phase offset and first chunk index (int32)."""
-    p = problem
-    if p.cu_seqlens is None:
-        starts = torch.arange(p.batch, device=device, dtype=torch.int64) * p.seq_len
-        lengths = torch.full((p.batch,), p.seq_len, device=device, dtype=torch.int64)
-    else:
-        starts = p.cu_seqlens[:-1]
-        lengths = p.cu_seqlens[1:] - p.cu_seqlens[:-1]
-    n_chunks = (lengths + chunk - 1) // chunk
-    chunk_base = torch.cumsum(n_chunks, 0) - n_chunks
-    total_chunks = int(n_chunks.sum())
-    as32 = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
-    return as32(starts), as32(lengths), as32(p.offset), as32(chunk_base), total_chunks
+# Matmul operands for half inputs: bf16 for fp16 too, since the factorised decays exp(-L) reach
+# values far beyond fp16's 65504 while bf16 has fp32's exponent range.
+_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.bfloat16}
 
 
-def _constants(problem: Problem, chunk: int) -> dict:
+class _Layout:
+    """Sequences, chunks and forward work items (segments) of one call, as int32 device tensors."""
+
+    def __init__(self, problem: Problem, device, chunk: int, seg_chunks: int):
+        p = problem
+        if p.cu_seqlens is None:
+            starts = torch.arange(p.batch, dtype=torch.int64) * p.seq_len
+            lengths = torch.full((p.batch,), p.seq_len, dtype=torch.int64)
+        else:
+            cu = p.cu_seqlens.cpu()
+            starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        n_chunks = (lengths + chunk - 1) // chunk
+        self.total_chunks = int(n_chunks.sum())
+        chunk_base = torch.cumsum(n_chunks, 0) - n_chunks
+        seq_ids = torch.arange(len(lengths))
+        self.chunk_seq = torch.repeat_interleave(seq_ids, n_chunks)
+        self.chunk_idx = torch.arange(self.total_chunks) - chunk_base[self.chunk_seq]
+        n_items = torch.clamp((n_chunks + seg_chunks - 1) // seg_chunks, min=1)  # an empty sequence still has one
+        self.item_seq = torch.repeat_interleave(seq_ids, n_items)
+        item_base = torch.cumsum(n_items, 0) - n_items
+        self.item_chunk = (torch.arange(int(n_items.sum())) - item_base[self.item_seq]) * seg_chunks
+        as32 = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
+        self.starts, self.lengths, self.chunk_base = as32(starts), as32(lengths), as32(chunk_base)
+        self.offsets = as32(p.offset)
+        self.chunk_seq, self.chunk_idx = as32(self.chunk_seq), as32(self.chunk_idx)
+        self.item_seq, self.item_chunk = as32(self.item_seq), as32(self.item_chunk)
+        self.windows = as32(p.window_tensor(device))
+
+
+def _constants(problem: Problem, chunk: int, dtype: torch.dtype) -> dict:
     p = problem
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_pow2(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
         C=chunk, E=(chunk - 1) // min(p.windows) + 2, EVEN_M=p.slots % 2 == 0,
+        DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
 
 
 def _launch_opts(problem: Problem) -> dict:
     big = max(problem.slots, problem.head_dim_k, problem.head_dim_v) > 64
-    return dict(num_warps=8 if big else 4, num_stages=1)
+    warps = int(os.environ.get("BLA_TRITON_WARPS", 8 if big else 4))
+    return dict(num_warps=warps, num_stages=int(os.environ.get("BLA_TRITON_STAGES", 1)))
+
+
+def _segment_chunks(problem: Problem, chunk: int) -> int:
+    """Chunks per forward work item: at least 512 tokens, and at least W (bounds the warm-up)."""
+    tokens = max(512, max(problem.windows))
+    return -(-tokens // chunk)
+
+
+def _pick(consts: dict, *names: str) -> dict:
+    return {k: consts[k] for k in names}
 
 
 class _BLATriton(torch.autograd.Function):
@@ -434,57 +553,69 @@ class _BLATriton(torch.autograd.Function):
         p = problem
         dev = q.device
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        starts, lengths, offsets, chunk_base, total_chunks = _sequences(p, dev, chunk)
-        consts = _constants(p, chunk)
-        windows = p.window_tensor(dev).to(torch.int32)
+        seg_chunks = _segment_chunks(p, chunk)
+        lay = _Layout(p, dev, chunk, seg_chunks)
+        consts = _constants(p, chunk, q.dtype)
         needs_grad = any(ctx.needs_input_grad[:5])
         o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
         hk = torch.empty(p.num_seqs, p.num_kv_heads, p.slots, p.head_dim_k, device=dev, dtype=torch.float32)
         hv = torch.empty(p.num_seqs, p.num_kv_heads, p.slots, p.head_dim_v, device=dev, dtype=torch.float32)
-        if needs_grad:
-            kst = torch.empty(total_chunks, p.num_kv_heads, p.slots, p.head_dim_k, device=dev, dtype=torch.float32)
-            vst = torch.empty(total_chunks, p.num_kv_heads, p.slots, p.head_dim_v, device=dev, dtype=torch.float32)
-        else:
-            kst = vst = hk
+        n_st = lay.total_chunks if needs_grad else 0
+        kst = torch.empty(n_st, p.num_kv_heads, p.slots, p.head_dim_k, device=dev, dtype=torch.float32)
+        vst = torch.empty(n_st, p.num_kv_heads, p.slots, p.head_dim_v, device=dev, dtype=torch.float32)
         use_h0 = h0k is not None
         h0k_c = h0k.contiguous().float() if use_h0 else hk
         h0v_c = h0v.contiguous().float() if use_h0 else hv
-        grid = (p.num_seqs, p.num_kv_heads)
-        _bla_fwd_kernel[grid](
+        _bla_fwd_kernel[(lay.item_seq.numel(), p.num_kv_heads)](
             q, k, v, o, h0k_c, h0v_c, hk, hv, kst, vst,
-            starts, lengths, offsets, chunk_base, windows, p.scale,
-            USE_H0=use_h0, STORE_FINAL=True, STORE_CHUNKS=needs_grad, **consts, **_launch_opts(p),
+            lay.starts, lay.lengths, lay.offsets, lay.chunk_base, lay.windows, lay.item_seq, lay.item_chunk, p.scale,
+            SEG_CHUNKS=seg_chunks, USE_H0=use_h0, STORE_CHUNKS=needs_grad, **consts, **_launch_opts(p),
         )  # fmt: skip
         if needs_grad:
-            ctx.save_for_backward(q, k, v, kst, vst, starts, lengths, offsets, chunk_base, windows)
-        ctx.problem, ctx.chunk, ctx.use_h0 = p, chunk, use_h0
+            ctx.save_for_backward(q, k, v, kst, vst)
+        ctx.problem, ctx.chunk, ctx.use_h0, ctx.layout = p, chunk, use_h0, lay
         return o, hk, hv
 
     @staticmethod
     def backward(ctx, do, dhk, dhv):
-        q, k, v, kst, vst, starts, lengths, offsets, chunk_base, windows = ctx.saved_tensors
-        p, chunk = ctx.problem, ctx.chunk
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        q, k, v, kst, vst = ctx.saved_tensors
+        p, chunk, lay = ctx.problem, ctx.chunk, ctx.layout
+        consts = _constants(p, chunk, q.dtype)
+        opts = _launch_opts(p)
+        dq = torch.empty_like(q)
+        dk = torch.empty(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.empty(v.shape, device=v.device, dtype=torch.float32)
+        dks, dvs = torch.empty_like(kst), torch.empty_like(vst)  # each chunk's own share, then dS_end
+        grid_chunks = (lay.total_chunks, p.num_kv_heads)
+        if lay.total_chunks:
+            _bla_bwd_chunk_kernel[grid_chunks](
+                q, k, v, do.contiguous(), dq, dk, dv, kst, vst, dks, dvs,
+                lay.starts, lay.lengths, lay.offsets, lay.windows, lay.chunk_seq, lay.chunk_idx, p.scale,
+                **consts, **opts,
+            )  # fmt: skip
         # autograd materialises the gradients of unused outputs as zeros
-        dhk, dhv = dhk.contiguous().float(), dhv.contiguous().float()
         dh0k = torch.empty(p.num_seqs, *kst.shape[1:], device=q.device, dtype=torch.float32)
         dh0v = torch.empty(p.num_seqs, *vst.shape[1:], device=q.device, dtype=torch.float32)
-        _bla_bwd_kernel[(p.num_seqs, p.num_kv_heads)](
-            q, k, v, do.contiguous(), dq, dk, dv, kst, vst,
-            dhk, dhv, dh0k, dh0v,
-            starts, lengths, offsets, chunk_base, windows, p.scale,
-            USE_DHT=True, STORE_DH0=ctx.use_h0, **_constants(p, chunk), **_launch_opts(p),
+        _bla_bwd_scan_kernel[(p.num_seqs, p.num_kv_heads)](
+            dks, dvs, dhk.contiguous().float(), dhv.contiguous().float(), dh0k, dh0v,
+            lay.lengths, lay.offsets, lay.chunk_base, lay.windows,
+            **_pick(consts, "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "EVEN_M"), **opts,
         )  # fmt: skip
+        if lay.total_chunks:
+            _bla_bwd_state_kernel[grid_chunks](
+                dk, dv, dks, dvs, lay.starts, lay.lengths, lay.offsets, lay.windows, lay.chunk_seq, lay.chunk_idx,
+                **_pick(consts, "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "EVEN_M", "DT"), **opts,
+            )  # fmt: skip
         if not ctx.use_h0:
             dh0k = dh0v = None
-        return dq, dk, dv, dh0k, dh0v, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dh0k, dh0v, None, None
 
 
 def bla_triton(q, k, v, problem: Problem, initial_state: State | None) -> tuple[torch.Tensor, State]:
     ok, why = supports(problem)
     if not ok:
         raise ValueError(f"backend='triton' cannot run this configuration: {why}")
-    chunk, _ = plan_chunk(problem.windows, problem.slots)
+    chunk = int(os.environ.get("BLA_TRITON_CHUNK", 0)) or plan_chunk(problem.windows, problem.slots)[0]
     h0k, h0v = initial_state if initial_state is not None else (None, None)
     dtype = q.dtype
     if _INTERPRETING and dtype == torch.bfloat16:
@@ -499,8 +630,7 @@ def bla_step_triton(q, k, v, state: State, problem: Problem) -> tuple[torch.Tens
     p = problem
     sk, sv = (s.float().contiguous().clone() for s in state)
     o = torch.empty(p.batch, p.num_heads, p.head_dim_v, device=q.device, dtype=q.dtype)
-    consts = _constants(p, 16)
-    consts.pop("C"), consts.pop("E")
+    consts = _pick(_constants(p, 16, q.dtype), "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "EVEN_M")
     _bla_step_kernel[(p.batch, p.num_kv_heads)](
         q.contiguous(), k.contiguous(), v.contiguous(), o, sk, sv, p.offset.to(torch.int32).contiguous(),
         p.window_tensor(q.device).to(torch.int32), p.scale, **consts,
