@@ -9,9 +9,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bla", description="bla-lm: pretraining LMs on Blurry Window Attention")
     sub = parser.add_subparsers(dest="command", required=True)
+    from bla.data.cli import add_data_commands
     from bla.model.cli import add_model_commands
 
     add_model_commands(sub)
+    add_data_commands(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

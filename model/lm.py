@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU
-from .mixers import BLACache, KVCache, build_mixer
+from .mixers import BLACache, KVCache, build_mixer, positions_from_cu_seqlens
 
 
 @dataclass
@@ -29,14 +29,6 @@ class DecodeCache:
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    """[1, T] position of every token inside its document."""
-    cu = cu_seqlens.to(torch.int64)
-    t = torch.arange(T, device=cu.device)
-    doc = torch.searchsorted(cu[1:-1], t, right=True)
-    return (t - cu[doc])[None]
 
 
 class Block(nn.Module):

@@ -63,7 +63,10 @@ class BLAMixer(nn.Module):
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         conv_buf = None
         if self.conv is not None:
-            qkv, conv_buf = self.conv(qkv, positions, cache.conv if cache is not None else None)
+            # the convolution reads back only inside a segment: a packed row's previous segment
+            # is another document, or another part of the stream, even where positions continue
+            conv_pos = positions if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens, T)
+            qkv, conv_buf = self.conv(qkv, conv_pos, cache.conv if cache is not None else None)
         q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
         q, k, v = q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
         if self.cfg.bla.rope:
@@ -90,6 +93,13 @@ class BLAMixer(nn.Module):
             o = o * F.silu(self.gate_proj(x))
         new_cache = BLACache(state, conv_buf) if cache is not None else None
         return self.o_proj(o), new_cache
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """[1, T] index of every token inside its segment of a packed row."""
+    cu = cu_seqlens.to(torch.int64)
+    t = torch.arange(T, device=cu.device)
+    return (t - cu[_document_ids(cu, T, cu.device)[0]])[None]
 
 
 def _start_positions(positions_BT: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:

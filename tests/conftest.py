@@ -5,6 +5,9 @@ import sys
 # before triton is first imported.
 if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
+# No test may reach the network: hub-backed code paths are tested on local folders.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

@@ -1,0 +1,135 @@
+"""Pre-tokenised shards: ``bla data prepare`` writes them once, loaders memory-map them.
+
+A shard directory holds ``shard_NNNNN.bin`` (token ids, uint16 when the vocabulary fits, else
+uint32), ``shard_NNNNN.idx.npy`` (int64 document offsets into the shard, length docs + 1),
+the tokenizer file, and ``manifest.json`` (tokenizer hash and kind, dtype, counts, source),
+written last and atomically: a directory without a manifest is an unfinished run.
+Documents are stored without special tokens; the packer adds them, exactly as when streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .sources import DataSourceConfig, load_documents
+from .tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def prepare(
+    source: DataSourceConfig, tokenizer: Tokenizer, out_dir: str | Path, shard_tokens: int = 1 << 27,
+    batch_docs: int = 64, max_docs: int | None = None, progress: bool = True,
+) -> dict:  # fmt: skip
+    """Tokenise ``source`` into shards under ``out_dir``; returns the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    shards: list[dict] = []
+    state = {"file": None, "offsets": [0], "tokens": 0}
+
+    def close_shard():
+        if state["file"] is None:
+            return
+        state["file"].close()
+        n = len(shards)
+        np.save(out / f"shard_{n:05d}.idx.npy", np.asarray(state["offsets"], dtype=np.int64))
+        shards.append({"bin": f"shard_{n:05d}.bin", "idx": f"shard_{n:05d}.idx.npy",
+                       "docs": len(state["offsets"]) - 1, "tokens": state["offsets"][-1]})  # fmt: skip
+        state["file"], state["offsets"] = None, [0]
+
+    total_docs = total_tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(desc="tokenising", unit="tok", unit_scale=True, disable=not progress)
+    batch: list[str] = []
+    docs = load_documents(source)
+    for i, ex in enumerate(docs):
+        if max_docs is not None and i >= max_docs:
+            break
+        batch.append(ex["text"])
+        if len(batch) < batch_docs:
+            continue
+        total_tokens += _write_batch(tokenizer.encode_batch(batch), out, shards, state, dtype, shard_tokens, close_shard, bar)
+        total_docs += len(batch)
+        batch = []
+    if batch:
+        total_tokens += _write_batch(tokenizer.encode_batch(batch), out, shards, state, dtype, shard_tokens, close_shard, bar)
+        total_docs += len(batch)
+    close_shard()
+    bar.close()
+    if total_docs == 0:
+        raise ValueError("prepare: the source yielded no documents (empty corpus)")
+    seconds = time.perf_counter() - t0
+    tokenizer.save(out)
+    manifest = {
+        "tokenizer": tokenizer.describe(), "dtype": np.dtype(dtype).name, "docs": total_docs,
+        "tokens": total_tokens, "shards": shards, "source": [s.describe() for s in source.sources],
+        "seconds": seconds, "tokens_per_second": total_tokens / max(seconds, 1e-9),
+    }  # fmt: skip
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _write_batch(encoded, out, shards, state, dtype, shard_tokens, close_shard, bar) -> int:
+    n = 0
+    for ids in encoded:
+        if state["file"] is None:
+            state["file"] = open(out / f"shard_{len(shards):05d}.bin", "wb")
+        np.asarray(ids, dtype=dtype).tofile(state["file"])
+        state["offsets"].append(state["offsets"][-1] + len(ids))
+        n += len(ids)
+        if state["offsets"][-1] >= shard_tokens:
+            close_shard()
+    bar.update(n)
+    return n
+
+
+class ShardDocuments:
+    """Documents of a shard directory by global index, memory-mapped."""
+
+    def __init__(self, directory: str | Path, tokenizer: Tokenizer | None = None):
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.exists():
+            raise ValueError(f"{self.dir} holds no {MANIFEST}: not a finished `bla data prepare` output")
+        self.manifest = json.loads(path.read_text())
+        made_with = self.manifest["tokenizer"]["sha256"]
+        if tokenizer is not None and tokenizer.sha256 != made_with:
+            raise ValueError(
+                f"shards in {self.dir} were made with tokenizer {made_with[:12]}..., "
+                f"not with {tokenizer.path} ({tokenizer.sha256[:12]}...); re-run `bla data prepare`"
+            )
+        dtype = np.dtype(self.manifest["dtype"])
+        self._bins = [np.memmap(self.dir / s["bin"], dtype=dtype, mode="r") if s["tokens"] else np.zeros(0, dtype)
+                      for s in self.manifest["shards"]]  # fmt: skip
+        self._idx = [np.load(self.dir / s["idx"]) for s in self.manifest["shards"]]
+        counts = [s["docs"] for s in self.manifest["shards"]]
+        self._first_doc = np.cumsum([0] + counts)
+        self.num_docs = int(self._first_doc[-1])
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def __getitem__(self, i: int) -> list[int]:
+        s = int(np.searchsorted(self._first_doc, i, side="right") - 1)
+        j = i - self._first_doc[s]
+        a, b = self._idx[s][j], self._idx[s][j + 1]
+        return self._bins[s][a:b].astype(np.int64).tolist()
+
+    def iter_from(self, start: int, shard: int, num_shards: int) -> Iterator[tuple[int, list[int]]]:
+        first = start + (shard - start) % num_shards  # first index >= start in this shard
+        for i in range(first, self.num_docs, num_shards):
+            yield i, self[i]

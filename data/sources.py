@@ -1,0 +1,193 @@
+"""Document sources: hub datasets, local files, the embedded standard-library corpus, mixtures.
+
+Every source becomes a ``datasets`` iterable of ``{"text": str}`` documents, streamed
+(``streaming=True``), in a deterministic order. Describe one with ``SourceConfig`` or with the
+string forms of ``parse_source``:
+
+    stdlib[:train|:validation]            the embedded corpus (this Python's standard library)
+    files:<glob>[#field]                   local txt / jsonl / json / parquet / arrow files
+    hub:<name>[@config][:split][#field]    a Hugging Face hub dataset (or a local dataset folder)
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+
+FILE_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+VALIDATION_PERCENT = 2  # share of the embedded corpus held out
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "stdlib"  # stdlib | files | hub
+    name: str = ""  # glob (files) or dataset name / folder (hub)
+    config: str | None = None  # hub dataset config
+    split: str = "train"
+    text_field: str = "text"
+    weight: float = 1.0  # in a mixture
+
+    def describe(self) -> str:
+        if self.kind == "stdlib":
+            return f"stdlib:{self.split}"
+        extra = f"@{self.config}" if self.config else ""
+        return f"{self.kind}:{self.name}{extra}:{self.split}#{self.text_field}"
+
+
+@dataclass
+class DataSourceConfig:
+    """One source or a weighted mixture (sampled with a fixed seed)."""
+
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    seed: int = 0
+
+
+def parse_source(spec: str) -> SourceConfig:
+    """``stdlib:validation``, ``files:data/*.jsonl#content``, ``hub:wikitext@wikitext-2-raw-v1:train``,
+    optionally prefixed by ``<weight>*`` in a mixture."""
+    weight = 1.0
+    if "*" in spec.split(":", 1)[0]:
+        w, spec = spec.split("*", 1)
+        weight = float(w)
+    kind, _, rest = spec.partition(":")
+    text_field = "text"
+    if "#" in rest:
+        rest, text_field = rest.rsplit("#", 1)
+    if kind == "stdlib":
+        return SourceConfig("stdlib", split=rest or "train", weight=weight)
+    if kind == "files":
+        if not rest:
+            raise ValueError("files source needs a glob: files:<glob>[#field]")
+        return SourceConfig("files", rest, text_field=text_field, weight=weight)
+    if kind == "hub":
+        name, _, split = rest.partition(":")
+        name, _, config = name.partition("@")
+        if not name:
+            raise ValueError("hub source needs a dataset name: hub:<name>[@config][:split][#field]")
+        return SourceConfig("hub", name, config or None, split or "train", text_field, weight)
+    raise ValueError(f"unknown source kind {kind!r} in {spec!r}; expected stdlib, files or hub")
+
+
+# ----------------------------------------------------------------------------- the embedded corpus
+
+
+def stdlib_files(split: str) -> list[str]:
+    """The standard library's .py files of this interpreter, sorted, split by a hash of the path."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"stdlib split must be train or validation, got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "dist-packages/")):
+            continue
+        held_out = int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100 < VALIDATION_PERCENT
+        if held_out == (split == "validation"):
+            files.append(str(path))
+    return files
+
+
+def _read_files(files: list[str]) -> Iterator[dict]:
+    for f in files:
+        text = Path(f).read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield {"text": text}
+
+
+# ----------------------------------------------------------------------------- loading
+def iterate_as_main_process(ds) -> Iterator[dict]:
+    """Iterate a ``datasets`` stream whole, even inside a DataLoader worker.
+
+    Inside a torch worker ``datasets`` splits its own shards among the workers when iteration
+    starts; our sharding is by document index (so streamed and shard loaders agree), so the
+    worker info is hidden while the iterator starts, and only then.
+    """
+    from torch.utils.data._utils import worker as torch_worker
+
+    saved = torch_worker._worker_info
+    torch_worker._worker_info = None
+    try:
+        it = iter(ds)
+        first = next(it, None)
+    finally:
+        torch_worker._worker_info = saved
+    if first is None:
+        return
+    yield first
+    yield from it
+
+
+
+def _files_dataset(src: SourceConfig) -> datasets.IterableDataset:
+    files = sorted(globlib.glob(os.path.expanduser(src.name), recursive=True))
+    if not files:
+        raise ValueError(f"files source: no file matches {src.name!r}")
+    exts = {Path(f).suffix for f in files}
+    formats = {FILE_FORMATS.get(e) for e in exts}
+    if None in formats or len(formats) != 1:
+        raise ValueError(f"files source: expected files of one format among {sorted(FILE_FORMATS)}, got {sorted(exts)}")
+    fmt = formats.pop()
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise ValueError(f"source {src.describe()} is empty: every matching file has 0 bytes")
+    kwargs = {"sample_by": "document"} if fmt == "text" else {}
+    try:
+        return datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
+    except StopIteration as exc:  # datasets finds no row to infer the features from
+        raise ValueError(f"source {src.describe()} is empty") from exc
+
+
+def _hub_dataset(src: SourceConfig) -> datasets.IterableDataset:
+    try:
+        return datasets.load_dataset(src.name, src.config, split=src.split, streaming=True)
+    except (FileNotFoundError, ConnectionError, ValueError) as exc:
+        raise ValueError(f"hub source {src.describe()}: cannot load dataset {src.name!r}: {exc}") from exc
+    except Exception as exc:  # datasets raises its own DatasetNotFoundError and friends
+        raise ValueError(f"hub source {src.describe()}: cannot load dataset {src.name!r}: {exc}") from exc
+
+
+def load_source(src: SourceConfig) -> datasets.IterableDataset:
+    """One source as a stream of ``{"text": ...}``, checked: it exists, is not empty, has the field."""
+    if src.kind == "stdlib":
+        files = stdlib_files(src.split)
+        if not files:
+            raise ValueError("the embedded corpus is empty: no standard-library sources found")
+        return datasets.IterableDataset.from_generator(_read_files, gen_kwargs={"files": files})
+    if src.kind == "files":
+        ds = _files_dataset(src)
+    elif src.kind == "hub":
+        ds = _hub_dataset(src)
+    else:
+        raise ValueError(f"unknown source kind {src.kind!r}; expected stdlib, files or hub")
+    first = next(iterate_as_main_process(ds.take(1)), None)
+    if first is None:
+        raise ValueError(f"source {src.describe()} is empty")
+    if src.text_field not in first:
+        raise ValueError(f"source {src.describe()}: no text field {src.text_field!r}; its fields are {sorted(first)}")
+    if not isinstance(first[src.text_field], str):
+        raise ValueError(f"source {src.describe()}: field {src.text_field!r} holds {type(first[src.text_field]).__name__}, not text")
+    if src.text_field != "text":
+        ds = ds.rename_column(src.text_field, "text")
+    return ds.select_columns(["text"])
+
+
+def load_documents(cfg: DataSourceConfig) -> datasets.IterableDataset:
+    """The configured source, or a weighted mixture of several, as one document stream."""
+    if not cfg.sources:
+        raise ValueError("data config names no source")
+    streams = [load_source(s) for s in cfg.sources]
+    if len(streams) == 1:
+        return streams[0]
+    weights = [s.weight for s in cfg.sources]
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"mixture weights must be positive, got {weights}")
+    total = sum(weights)
+    return datasets.interleave_datasets(
+        streams, probabilities=[w / total for w in weights], seed=cfg.seed, stopping_strategy="all_exhausted"
+    )

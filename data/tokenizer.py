@@ -1,0 +1,137 @@
+"""Tokenizers: train a byte-level BPE (``tokenizers``) or a SentencePiece BPE/unigram model, load
+either back, and use them through one small interface with fixed special tokens.
+
+Special tokens are the same for both kinds: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2
+(SentencePiece adds ``<unk>`` = 3; byte fallback means it is never needed for valid UTF-8).
+A tokenizer is identified by the SHA-256 of its file, recorded in shard manifests and
+checkpoints so data tokenised with one tokenizer is never read with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+SPECIALS = ["<pad>", "<bos>", "<eos>"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+KINDS = ("bpe", "sentencepiece")
+
+
+class Tokenizer:
+    """Either kind behind ``encode``/``decode``; ``path`` is the tokenizer's one file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            found = [p for p in (self.path / "tokenizer.json", self.path / "tokenizer.model") if p.exists()]
+            if not found:
+                raise ValueError(f"no tokenizer.json or tokenizer.model in {self.path}")
+            self.path = found[0]
+        if not self.path.is_file():
+            raise ValueError(f"tokenizer file {self.path} does not exist")
+        if self.path.suffix == ".json":
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.kind = "bpe"
+            self._tok = HFTokenizer.from_file(str(self.path))
+            self.vocab_size = self._tok.get_vocab_size()
+            ids = [self._tok.token_to_id(t) for t in SPECIALS]
+        elif self.path.suffix == ".model":
+            import sentencepiece as spm
+
+            self.kind = "sentencepiece"
+            self._tok = spm.SentencePieceProcessor(model_file=str(self.path))
+            self.vocab_size = self._tok.get_piece_size()
+            ids = [self._tok.pad_id(), self._tok.bos_id(), self._tok.eos_id()]
+        else:
+            raise ValueError(f"unknown tokenizer file {self.path}: expected tokenizer.json or a .model")
+        if ids != [PAD_ID, BOS_ID, EOS_ID]:
+            raise ValueError(f"tokenizer {self.path}: special tokens must be pad=0, bos=1, eos=2, got {ids}")
+        self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "bpe":
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "bpe":
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        return self._tok.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)]
+        return self._tok.decode(ids)
+
+    def save(self, directory: str | Path) -> Path:
+        """Copy the tokenizer file into ``directory`` (beside data or a checkpoint)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / ("tokenizer.json" if self.kind == "bpe" else "tokenizer.model")
+        if target.resolve() != self.path.resolve():
+            shutil.copyfile(self.path, target)
+        return target
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256, "file": self.path.name}
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab: int) -> None:
+    if tokenizer.vocab_size > model_vocab:
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model_vocab}; set model vocab_size >= {tokenizer.vocab_size}"
+        )
+
+
+def train_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, kind: str = "bpe", vocab_size: int = 8192, model_type: str = "bpe"
+) -> Tokenizer:
+    """Train on ``texts`` and save into ``out_dir``; ``model_type`` (bpe|unigram) is for sentencepiece."""
+    if kind not in KINDS:
+        raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )  # fmt: skip
+        tok.train_from_iterator(texts, trainer=trainer)
+        tok.save(str(out / "tokenizer.json"))
+        return Tokenizer(out / "tokenizer.json")
+
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"sentencepiece model_type must be bpe or unigram, got {model_type!r}")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=3, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        max_sentence_length=1 << 16, input_sentence_size=2_000_000, shuffle_input_sentence=False,
+        hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({"kind": kind, "model_type": model_type}))
+    return Tokenizer(out / "tokenizer.model")
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+    """SentencePiece trains on lines; newlines themselves are learnt through byte fallback."""
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                yield line

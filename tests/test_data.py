@@ -1,0 +1,251 @@
+"""Data: sources, tokenizers, packing, sharding across ranks and workers, resume, shards."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from helpers import assert_close
+
+from bla.data import (
+    DataSourceConfig, LoaderConfig, Packer, ShardDocuments, SourceConfig, Tokenizer, build_loader, check_vocab,
+    collate, load_documents, parse_source, prepare, train_tokenizer,
+)  # fmt: skip
+from bla.data.loader import worker_batches
+from bla.model import BLALM, apply_overrides, load_preset
+
+STDLIB_VAL = DataSourceConfig([SourceConfig("stdlib", split="validation")])
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    texts = (ex["text"] for ex in load_documents(STDLIB_VAL))
+    return train_tokenizer(texts, tmp_path_factory.mktemp("bpe"), kind="bpe", vocab_size=600)
+
+
+@pytest.fixture()
+def doc_files(tmp_path):
+    """30 small documents as jsonl, each text unique, with an extra field."""
+    path = tmp_path / "docs.jsonl"
+    with path.open("w") as f:
+        for i in range(30):
+            f.write(json.dumps({"content": f"document {i}: " + "word " * (i % 7 + 1), "id": i}) + "\n")
+    return path
+
+
+def files_source(path, field="content"):
+    return DataSourceConfig([SourceConfig("files", str(path), text_field=field)])
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+@pytest.mark.parametrize("kind,model_type", [("bpe", "bpe"), ("sentencepiece", "bpe"), ("sentencepiece", "unigram")])
+def test_tokenizers_train_save_load_round_trip(tmp_path, kind, model_type):
+    texts = [ex["text"] for ex in load_documents(STDLIB_VAL)]
+    tok = train_tokenizer(texts, tmp_path / "a", kind=kind, vocab_size=500, model_type=model_type)
+    saved = tok.save(tmp_path / "b")
+    again = Tokenizer(saved.parent)
+    text = "def f(x):\n\treturn  x ** 2  # naïve ✓\n\n"
+    ids = again.encode(text)
+    assert ids == tok.encode(text) and again.decode(ids) == text
+    assert again.sha256 == tok.sha256 and (again.pad_id, again.bos_id, again.eos_id) == (0, 1, 2)
+    assert again.vocab_size <= 500
+
+
+def test_tokenizer_bigger_than_model_is_refused(bpe):
+    with pytest.raises(ValueError, match="model's vocab_size is 256"):
+        check_vocab(bpe, 256)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_local_file_formats(tmp_path, doc_files):
+    import datasets
+
+    rows = [json.loads(line) for line in doc_files.read_text().splitlines()]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "docs.parquet"))
+    (tmp_path / "txt").mkdir()
+    for r in rows[:3]:
+        (tmp_path / "txt" / f"{r['id']}.txt").write_text(r["content"] + "\nsecond line\n")
+    jsonl = [ex["text"] for ex in load_documents(files_source(doc_files))]
+    parquet = [ex["text"] for ex in load_documents(files_source(tmp_path / "*.parquet"))]
+    txt = [ex["text"] for ex in load_documents(files_source(tmp_path / "txt" / "*.txt", "text"))]
+    assert jsonl == parquet == [r["content"] for r in rows]
+    assert len(txt) == 3 and all(t.endswith("second line\n") for t in txt)  # one document per file
+
+
+def test_hub_code_path_on_a_local_dataset_folder(tmp_path, doc_files):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(doc_files.read_text())
+    src = parse_source(f"hub:{folder}:train#content")
+    assert src.kind == "hub" and src.split == "train"
+    docs = [ex["text"] for ex in load_documents(DataSourceConfig([src]))]
+    assert len(docs) == 30 and docs[0].startswith("document 0")
+
+
+def test_mixture_draws_from_both(tmp_path, doc_files):
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"content": f"other {i}"}) + "\n" for i in range(30)))
+    cfg = DataSourceConfig([SourceConfig("files", str(doc_files), text_field="content", weight=1.0),
+                            SourceConfig("files", str(other), text_field="content", weight=3.0)], seed=1)  # fmt: skip
+    first = [ex["text"] for ex in itertools.islice(load_documents(cfg), 20)]
+    assert first == [ex["text"] for ex in itertools.islice(load_documents(cfg), 20)]  # deterministic
+    n_other = sum(t.startswith("other") for t in first)
+    assert 8 < n_other < 20
+
+
+def test_embedded_corpus_split_is_disjoint_and_deterministic():
+    from bla.data.sources import stdlib_files
+
+    train, val = stdlib_files("train"), stdlib_files("validation")
+    assert train and val and not set(train) & set(val)
+    assert val == stdlib_files("validation")
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("files:/nonexistent/*.jsonl", "no file matches"),
+        ("hub:/nonexistent/dataset_folder", "cannot load dataset"),
+        ("nope:x", "unknown source kind"),
+    ],
+)
+def test_bad_sources(spec, match):
+    with pytest.raises(ValueError, match=match):
+        load_documents(DataSourceConfig([parse_source(spec)]))
+
+
+def test_empty_corpus_and_missing_field(tmp_path, doc_files):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        load_documents(files_source(tmp_path / "empty.jsonl"))
+    with pytest.raises(ValueError, match="no text field 'body'; its fields are \\['content', 'id'\\]"):
+        load_documents(files_source(doc_files, "body"))
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packing_boundaries_and_positions():
+    p = Packer(seq_len=8, bos_id=1, eos_id=2)
+    p.add([10, 11, 12])  # -> 1 10 11 12 2   (positions 0..4)
+    p.add([20, 21, 22, 23, 24, 25, 26])  # -> 1 20 ... 26 2 (positions 0..8)
+    r1 = p.pop_row()
+    assert r1["input_ids"] == [1, 10, 11, 12, 2, 1, 20, 21]
+    assert r1["positions"] == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert r1["labels"] == [10, 11, 12, 2, -100, 20, 21, 22]  # eos -> next bos is not a label
+    r2 = p.pop_row() if p.has_row() else None
+    assert r2 is None  # 14 tokens: one row of 8 (+1) and 6 left
+    p.add([30])
+    r2 = p.pop_row()
+    assert r2["input_ids"] == [22, 23, 24, 25, 26, 2, 1, 30]
+    assert r2["positions"] == [3, 4, 5, 6, 7, 8, 0, 1]  # the split document keeps its positions
+    batch = collate([r1, r2])
+    assert batch["cu_seqlens"].tolist() == [0, 5, 8, 14, 16]
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        Packer(seq_len=0, bos_id=1, eos_id=2)
+
+
+def test_packed_batch_equals_separate_segments():
+    torch.manual_seed(0)
+    model = BLALM(apply_overrides(load_preset("tiny"), ["vocab_size=64"])).eval()
+    p = Packer(seq_len=24, bos_id=1, eos_id=2)
+    for n in (9, 30, 3, 17):
+        p.add(torch.randint(3, 64, (n,)).tolist())
+    rows = [p.pop_row(), p.pop_row()]
+    batch = collate(rows)
+    with torch.no_grad():
+        packed = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], positions=batch["positions"]).logits
+        cu = batch["cu_seqlens"].tolist()
+        for a, b in zip(cu[:-1], cu[1:]):
+            alone = model(batch["input_ids"][:, a:b], positions=batch["positions"][:, a:b]).logits
+            assert_close(f"segment {a}:{b}", packed[:, a:b], alone, atol=1e-5)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _docs_of(batches, tok):
+    """Decode the documents of a stream of batches (a document runs from its bos to the next; a
+    stream's very last eos is only ever a label, so the end of the stream closes one too)."""
+    ids = torch.cat([b["input_ids"][0] for b in batches]).tolist()
+    docs, cur = [], None
+    for t in ids + [tok.bos_id]:
+        if t == tok.bos_id:
+            if cur is not None:
+                docs.append(tok.decode(cur))
+            cur = []
+        elif cur is not None and t not in (tok.eos_id, tok.pad_id):
+            cur.append(t)
+    return docs
+
+
+def test_two_ranks_two_workers_cover_every_document_once(bpe, doc_files):
+    src = files_source(doc_files)
+    expected = sorted(ex["text"] for ex in load_documents(src))
+    seen = []
+    for rank in range(2):
+        loader = build_loader(LoaderConfig(seq_len=16, batch_size=2, rank=rank, world_size=2, num_workers=2, loop=False), bpe, src)
+        for w in range(2):
+            shard = rank * 2 + w
+            batches = [b for b, _ in worker_batches(loader.docs, loader.cfg, loader.ids, shard, 4, loader.states[w])]
+            seen += _docs_of(batches, bpe)
+    assert sorted(seen) == expected
+
+
+def test_streaming_and_shard_loaders_are_identical(tmp_path, bpe):
+    manifest = prepare(STDLIB_VAL, bpe, tmp_path / "shards", shard_tokens=20_000, progress=False)
+    assert len(manifest["shards"]) > 1 and manifest["dtype"] == "uint16"
+    for rank in range(2):
+        cfg = LoaderConfig(seq_len=64, batch_size=3, rank=rank, world_size=2, loop=False)
+        streamed = list(build_loader(cfg, bpe, source=STDLIB_VAL))
+        sharded = list(build_loader(cfg, bpe, shards=tmp_path / "shards"))
+        assert len(streamed) == len(sharded) > 10
+        for a, b in zip(streamed, sharded):
+            for key in a:
+                assert torch.equal(a[key], b[key]), key
+
+
+def test_shards_made_with_another_tokenizer_are_refused(tmp_path, bpe):
+    prepare(STDLIB_VAL, bpe, tmp_path / "shards", progress=False, max_docs=3)
+    other = train_tokenizer(["completely different text " * 50], tmp_path / "other", vocab_size=300)
+    with pytest.raises(ValueError, match="were made with tokenizer"):
+        ShardDocuments(tmp_path / "shards", other)
+    with pytest.raises(ValueError, match="holds no manifest.json"):
+        ShardDocuments(tmp_path / "other")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("backend", ["stream", "shards"])
+def test_resume_equals_uninterrupted(tmp_path, bpe, doc_files, num_workers, backend):
+    src = files_source(doc_files)
+    kw = {"source": src} if backend == "stream" else {"shards": tmp_path / "s"}
+    if backend == "shards":
+        prepare(src, bpe, tmp_path / "s", progress=False)
+    cfg = LoaderConfig(seq_len=8, batch_size=2, num_workers=num_workers, loop=True)  # loops over epochs
+    full = list(itertools.islice(build_loader(cfg, bpe, **kw), 40))
+    first = build_loader(cfg, bpe, **kw)
+    head = list(itertools.islice(first, 17))
+    state = first.state_dict()
+    resumed = build_loader(cfg, bpe, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives serialisation
+    tail = list(itertools.islice(resumed, 23))
+    for i, (a, b) in enumerate(zip(full, head + tail)):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["positions"], b["positions"]), i
+
+
+def test_loader_layout_mismatch_and_bad_config(bpe, doc_files):
+    loader = build_loader(LoaderConfig(seq_len=8, batch_size=2), bpe, files_source(doc_files))
+    other = build_loader(LoaderConfig(seq_len=8, batch_size=2, world_size=2), bpe, files_source(doc_files))
+    with pytest.raises(ValueError, match="exact resume needs the same layout"):
+        other.load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        LoaderConfig(seq_len=0).validate()
+    too_many = LoaderConfig(seq_len=8, batch_size=1, world_size=40, rank=35)
+    with pytest.raises(ValueError, match="fewer documents than ranks x workers"):
+        next(iter(build_loader(too_many, bpe, files_source(doc_files))))
