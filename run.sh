@@ -24,6 +24,9 @@ stamp="$VENV/.bla-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[run.sh] installing bla-lm and its test dependencies into $VENV" >&2
+    # DeepSpeed ships as an sdist whose setup imports torch: build it against the torch above
+    # (an isolated build would download another, multi-GB, torch).
+    "$PY" -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
     "$PY" -m pip install -q -e ".[test]"
     echo "$want" > "$stamp"
 fi

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
@@ -62,6 +63,7 @@ class BLALM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.mixers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute blocks in the backward (set by the trainer)
         self.apply(self._init)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -101,7 +103,10 @@ class BLALM(nn.Module):
         x = self.embed(input_ids)
         layer_caches = []
         for i, block in enumerate(self.blocks):
-            x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None)
+            if self.activation_checkpointing and self.training and cache is None:
+                x, c = torch.utils.checkpoint.checkpoint(block, x, positions, cu_seqlens, None, use_reentrant=False)
+            else:
+                x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None)
             layer_caches.append(c)
         new_cache = DecodeCache(layer_caches, cache.length + T) if cache is not None else None
         logits = self.head(self.norm(x))

@@ -1,0 +1,156 @@
+"""Checkpoints: DeepSpeed's files plus our client state, made safe against crashes mid-write.
+
+A checkpoint is the folder ``<out>/checkpoints/step_NNNNNNN``. Every rank writes its own
+loader state and RNG states there, DeepSpeed writes model and optimiser states, and only then
+rank 0 writes ``complete.json``: the list of every file with its size. A checkpoint counts only
+if that manifest exists and every file still has its recorded size, so a crash mid-write (or a
+truncated file later) never makes a half checkpoint the one resumed from: the previous one is.
+
+Resuming on another number of processes goes through DeepSpeed's universal checkpoint
+(converted once, beside the original); the data loaders then restart every shard at the
+earliest document any old rank had not finished (documents may repeat, none is skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "complete.json"
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_rank_files(tag_dir: Path, rank: int, loader_state: dict) -> None:
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(tag_dir / f"loader_rank{rank}.json", json.dumps(loader_state).encode())
+    tmp = tag_dir / f"rng_rank{rank}.pt.tmp"
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, tag_dir / f"rng_rank{rank}.pt")
+
+
+def write_manifest(tag_dir: Path, meta: dict) -> None:
+    files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}  # fmt: skip
+    _atomic_write(tag_dir / MANIFEST, json.dumps({**meta, "files": files}, indent=1).encode())
+
+
+def check_complete(tag_dir: Path) -> str | None:
+    """None when the checkpoint is whole, else what is wrong with it."""
+    path = tag_dir / MANIFEST
+    if not path.exists():
+        return "no complete.json (the save did not finish)"
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return "complete.json is unreadable"
+    for name, size in manifest["files"].items():
+        f = tag_dir / name
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.exists():
+        return []
+    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(UNIVERSAL_SUFFIX)]
+    return sorted(tags, key=lambda p: p.name)
+
+
+def latest_complete(ckpt_dir: Path, log=print) -> Path | None:
+    """The newest whole checkpoint; broken newer ones are reported and passed over."""
+    for tag_dir in reversed(list_checkpoints(ckpt_dir)):
+        problem = check_complete(tag_dir)
+        if problem is None:
+            return tag_dir
+        log(f"checkpoint {tag_dir.name} is not usable: {problem}; trying the previous one")
+    return None
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` whole checkpoints (and broken ones older than them)."""
+    tags = list_checkpoints(ckpt_dir)
+    whole = [t for t in tags if check_complete(t) is None]
+    keep = set(whole[-keep_last:])
+    newest_kept = min((t.name for t in keep), default="")
+    removed = []
+    for t in tags:
+        if t not in keep and t.name < newest_kept:
+            shutil.rmtree(t, ignore_errors=True)
+            shutil.rmtree(t.with_name(t.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+            removed.append(t.name)
+    return removed
+
+
+def read_meta(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / MANIFEST).read_text())
+
+
+def ensure_universal(tag_dir: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format once (rank 0 only)."""
+    out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
+    if (out / MANIFEST).exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{done.stderr[-3000:]}")
+    for name in os.listdir(tag_dir):  # our client files travel along
+        if name.startswith(("loader_rank", "rng_rank")) or name in ("config.yaml",):
+            shutil.copyfile(tag_dir / name, out / name)
+    write_manifest(out, read_meta(tag_dir))
+    return out
+
+
+def loader_states_for(tag_dir: Path, old_world: int, rank: int, world: int, num_workers: int) -> dict | None:
+    """Loader state for ``rank``: exact on the same layout, else restarted at the earliest
+    unfinished document of any old rank (nothing skipped)."""
+    path = tag_dir / f"loader_rank{rank}.json"
+    if old_world == world and path.exists():
+        state = json.loads(path.read_text())
+        if len(state["states"]) == max(1, num_workers):
+            return state
+    old = [json.loads((tag_dir / f"loader_rank{r}.json").read_text()) for r in range(old_world)]
+    # each old shard had consumed its documents below next_doc, the last one possibly only in part
+    epoch, last_doc = min((s["epoch"], s["next_doc"] - 1) for o in old for s in o["states"])
+    restart = {"epoch": epoch, "next_doc": max(0, last_doc), "packer": {"tokens": [], "positions": []}}
+    n = max(1, num_workers)
+    return {"states": [dict(restart) for _ in range(n)], "next_worker": 0, "world_size": world, "rank": rank,
+            "num_workers": num_workers}  # fmt: skip

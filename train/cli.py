@@ -1,0 +1,36 @@
+"""``bla train [PRESET|config.yaml] [key=value ...]``; with no arguments, the main job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load_train_config
+
+
+def _train(args) -> int:
+    from .trainer import run
+
+    cfg = load_train_config(args.config, args.override)
+    summary = run(cfg)
+    return 0 if summary["status"] == "finished" or summary["status"].startswith("interrupted") else 1
+
+
+def add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="pretrain (default: a small BLA LM on the embedded corpus)")
+    p.add_argument("config", nargs="?", default="main", help="preset (main, tiny) or a YAML file")
+    p.add_argument("override", nargs="*", help="key=value overrides, e.g. steps=1000 model.bla.slots=32")
+    p.set_defaults(func=_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for launchers: ``torchrun ... -m bla.train.cli [config] [key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="bla train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_commands(sub)
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

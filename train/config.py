@@ -1,0 +1,152 @@
+"""Training configuration: one typed tree (model, data, optimiser, run), YAML presets, overrides.
+
+``bla train [PRESET|file.yaml] key=value ...``; keys are dotted paths (``optim.lr=3e-4``,
+``model.bla.slots=32``, ``data.sources=[stdlib:train]``). The resolved tree is validated at
+start and saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bla.model.config import ModelConfig, load_preset, parse_value
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["stdlib:train"])  # see bla.data.parse_source
+    val_sources: list[str] = field(default_factory=lambda: ["stdlib:validation"])
+    tokenizer: str = "auto"  # path to tokenizer.json / .model, or "auto": train one and cache it
+    tokenizer_kind: str = "bpe"  # when training: bpe | sentencepiece
+    shards: str = "auto"  # pre-tokenised shard dir; "auto": prepare into the cache; "none": stream
+    seq_len: int = 256
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay)
+    decay_fraction: float = 0.2  # wsd: last fraction of steps spent decaying
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 300  # optimiser steps
+    micro_batch: int = 8  # rows of seq_len per micro-batch and rank
+    grad_accum: int = 1
+    zero_stage: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = False
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    out_dir: str = "runs/main"
+    cache_dir: str = "~/.cache/bla"
+    seed: int = 0
+    nan_policy: str = "skip"  # skip (drop the micro-batch) | stop (save and exit)
+    resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | none | a checkpoint dir
+    peak_flops: float = 0.0  # per device, for MFU; 0 = known GPU's datasheet figure, none on CPU
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def bad(msg: str) -> None:
+            raise ValueError(f"train config: {msg}")
+
+        self.model.validate()
+        for name in ("steps", "micro_batch", "grad_accum", "eval_batches", "save_every", "keep_last", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.data.seq_len < 1:
+            bad(f"data.seq_len must be a positive int, got {self.data.seq_len}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            bad(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad(f"precision must be auto, fp32 or bf16, got {self.precision!r} (fp16 is not supported)")
+        if self.optim.schedule not in ("cosine", "wsd"):
+            bad(f"optim.schedule must be cosine or wsd, got {self.optim.schedule!r}")
+        if self.nan_policy not in ("skip", "stop"):
+            bad(f"nan_policy must be skip or stop, got {self.nan_policy!r}")
+        if not self.data.sources:
+            bad("data.sources is empty")
+        if self.data.tokenizer_kind not in ("bpe", "sentencepiece"):
+            bad(f"data.tokenizer_kind must be bpe or sentencepiece, got {self.data.tokenizer_kind!r}")
+        if not 0 <= self.optim.warmup_steps <= self.steps:
+            bad(f"optim.warmup_steps must be within [0, steps={self.steps}], got {self.optim.warmup_steps}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"train config: unknown keys {sorted(set(d) - known)}")
+        model = d.pop("model", {}) or {}
+        if isinstance(model, str):
+            model = load_preset(model).to_dict()
+        elif "preset" in model:
+            base = load_preset(model.pop("preset")).to_dict()
+            base.update({k: v for k, v in model.items() if k != "bla"})
+            base["bla"] = {**base["bla"], **model.get("bla", {})}
+            model = base
+        sections = {"data": DataConfig, "optim": OptimConfig}
+        built = {}
+        for name, klass in sections.items():
+            raw = d.pop(name, {}) or {}
+            unknown = set(raw) - {f.name for f in dataclasses.fields(klass)}
+            if unknown:
+                raise ValueError(f"train config: unknown keys {name}.{sorted(unknown)}")
+            if "betas" in raw:
+                raw["betas"] = tuple(raw["betas"])
+            built[name] = klass(**raw)
+        return cls(model=ModelConfig.from_dict(model), **built, **d).validate()
+
+
+def preset_path(name: str) -> Path:
+    path = resources.files("bla.train").joinpath("presets", f"{name}.yaml")
+    if not path.is_file():
+        names = sorted(p.name[:-5] for p in resources.files("bla.train").joinpath("presets").iterdir())
+        raise ValueError(f"unknown train preset {name!r}; known: {', '.join(names)}")
+    return Path(str(path))
+
+
+def load_train_config(preset: str = "main", overrides: list[str] | None = None) -> TrainConfig:
+    """A preset name or YAML path, then ``key=value`` overrides (dotted keys reach nested sections)."""
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else preset_path(preset)
+    if not path.is_file():
+        raise ValueError(f"train config file {path} does not exist")
+    d = TrainConfig.from_dict(yaml.safe_load(path.read_text()) or {}).to_dict()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        node = d
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override {key!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"override {key!r}: unknown key; known here: {sorted(node)}")
+        node[parts[-1]] = parse_value(value)
+    return TrainConfig.from_dict(d)

@@ -1,0 +1,324 @@
+"""Pretraining on DeepSpeed: ``run(cfg)`` trains, evaluates, logs and checkpoints.
+
+Launch as one process (``bla train``), with ``torchrun --nproc_per_node N -m bla.train.cli`` or
+with the ``deepspeed`` launcher; CPU runs use gloo, GPU runs NCCL. All parallel setup lives
+here; the model is the single-device ``BLALM``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from bla.data import DataSourceConfig, LoaderConfig, Tokenizer, build_loader, check_vocab, parse_source, prepare, train_tokenizer
+from bla.data.sources import load_documents
+from bla.model import BLALM, flops_per_token, param_count
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .schedule import lr_lambda
+
+DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Rank, world size and device; a lone process gets a world of one (gloo on CPU)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _cache_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_tokenizer(cfg: TrainConfig, rank: int, log) -> Tokenizer:
+    """The configured tokenizer, or one trained on the training sources and cached."""
+    d = cfg.data
+    if d.tokenizer != "auto":
+        return Tokenizer(d.tokenizer)
+    cache = Path(cfg.cache_dir).expanduser() / "tokenizers" / _cache_key(d.sources, d.tokenizer_kind, cfg.model.vocab_size)
+    name = "tokenizer.json" if d.tokenizer_kind == "bpe" else "tokenizer.model"
+    if rank == 0 and not (cache / name).exists():
+        log(f"training a {d.tokenizer_kind} tokenizer of {cfg.model.vocab_size} tokens on {d.sources} -> {cache}")
+        texts = (ex["text"] for ex in load_documents(DataSourceConfig([parse_source(s) for s in d.sources])))
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        train_tokenizer(texts, tmp, kind=d.tokenizer_kind, vocab_size=cfg.model.vocab_size)
+        tmp.replace(cache) if not cache.exists() else None
+    dist.barrier()
+    return Tokenizer(cache / name)
+
+
+def ensure_shards(cfg: TrainConfig, tok: Tokenizer, rank: int, log) -> Path | None:
+    d = cfg.data
+    if d.shards == "none":
+        return None
+    if d.shards != "auto":
+        return Path(d.shards)
+    out = Path(cfg.cache_dir).expanduser() / "shards" / _cache_key(d.sources, tok.sha256)
+    if rank == 0 and not (out / "manifest.json").exists():
+        log(f"tokenising {d.sources} once into shards at {out}")
+        prepare(DataSourceConfig([parse_source(s) for s in d.sources], seed=d.seed), tok, out, progress=cfg.progress)
+    dist.barrier()
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool, universal: bool) -> dict:
+    o = cfg.optim
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # one packed row of micro_batch * seq_len tokens
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay,
+                                                   "torch_adam": True}},  # fmt: skip
+        "bf16": {"enabled": bf16},
+        "checkpoint": {"load_universal": universal},
+        "steps_per_print": 10**9,
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
+
+    def __init__(self):
+        self.raised = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+
+def _all_reduce(value: float, op=dist.ReduceOp.SUM) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(engine, cfg: TrainConfig, tok: Tokenizer, rank: int, world: int, device) -> dict:
+    """Token loss and perplexity on the validation sources; every rank runs the same number of
+    batches (ZeRO-3 gathers parameters collectively) over its own part of the data."""
+    d = cfg.data
+    src = DataSourceConfig([parse_source(s) for s in d.val_sources], seed=d.seed)
+    loader = build_loader(LoaderConfig(d.seq_len, cfg.micro_batch, 0, rank, world, loop=True), tok, source=src)
+    total = count = 0.0
+    engine.eval()
+    with torch.no_grad():
+        for _, batch in zip(range(cfg.eval_batches), loader):
+            b = _to(batch, device)
+            out = engine(b["input_ids"], cu_seqlens=b["cu_seqlens"], labels=b["labels"], positions=b["positions"])
+            n = float((b["labels"] != -100).sum())
+            total += float(out.loss) * n
+            count += n
+    engine.train()
+    loss = _all_reduce(total) / max(_all_reduce(count), 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train to ``cfg.steps``; returns the run's summary (also written to out_dir/summary.json)."""
+    import deepspeed
+
+    cfg.validate()
+    rank, world, device = init_distributed()
+    log = (lambda msg: print(f"[bla train] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    out = Path(cfg.out_dir)
+    ckpt_dir = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    tok = ensure_tokenizer(cfg, rank, log)
+    check_vocab(tok, cfg.model.vocab_size)
+    shards = ensure_shards(cfg, tok, rank, log)
+
+    resume_from, universal, meta = None, False, {}
+    if cfg.resume != "none":
+        resume_from = ckpt.latest_complete(ckpt_dir, log) if cfg.resume == "auto" else Path(cfg.resume)
+        if resume_from is not None:
+            problem = ckpt.check_complete(resume_from)
+            if problem:
+                raise ValueError(f"cannot resume from {resume_from}: {problem}")
+            meta = ckpt.read_meta(resume_from)
+            universal = meta["world_size"] != world
+    dist.barrier()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = BLALM(cfg.model)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    n_params = param_count(cfg.model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, bf16, universal),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+    )  # fmt: skip
+    loader = build_loader(
+        LoaderConfig(cfg.data.seq_len, cfg.micro_batch, cfg.data.num_workers, rank, world, loop=True),
+        tok, source=DataSourceConfig([parse_source(s) for s in cfg.data.sources], seed=cfg.data.seed), shards=shards,
+    )  # fmt: skip
+
+    step, tokens_seen, skipped = 0, 0, 0
+    if resume_from is not None:
+        load_dir = resume_from
+        if universal:
+            if rank == 0:
+                log(f"resuming a {meta['world_size']}-process checkpoint on {world}: converting to a universal checkpoint")
+                ckpt.ensure_universal(resume_from)
+            dist.barrier()
+            load_dir = resume_from.with_name(resume_from.name + ckpt.UNIVERSAL_SUFFIX)
+        _, client = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_module_strict=True)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load {load_dir}")
+        step, tokens_seen, skipped = client["step"], client["tokens_seen"], client.get("skipped", 0)
+        loader.load_state_dict(ckpt.loader_states_for(resume_from, meta["world_size"], rank, world, cfg.data.num_workers))
+        if not universal:
+            ckpt.set_rng_state(torch.load(resume_from / f"rng_rank{rank}.pt", weights_only=False))
+        log(f"resumed from {resume_from} at step {step}")
+
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tok.save(out / "tokenizer")
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+
+    peak = cfg.peak_flops or next((v for k, v in DATASHEET_PEAK.items() if device.type == "cuda"
+                                   and k in torch.cuda.get_device_name(device)), 0.0)  # fmt: skip
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens_per_step = cfg.micro_batch * cfg.data.seq_len * cfg.grad_accum * world
+
+    def save(reason: str) -> Path:
+        tag_dir = ckpt_dir / ckpt.tag_of(step)
+        ckpt.write_rank_files(tag_dir, rank, loader.state_dict())
+        client = {"step": step, "tokens_seen": tokens_seen, "skipped": skipped, "config": cfg.to_dict(),
+                  "tokenizer": tok.describe(), "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}  # fmt: skip
+        engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client, save_latest=False)
+        dist.barrier()
+        if rank == 0:
+            (tag_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            ckpt.write_manifest(tag_dir, {"step": step, "world_size": world, "reason": reason})
+            removed = ckpt.prune(ckpt_dir, cfg.keep_last)
+            log(f"saved {tag_dir} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
+        dist.barrier()
+        return tag_dir
+
+    stop = _StopFlag()
+    history, last_eval = [], {}
+    it = iter(loader)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
+    t_last, tokens_last = time.perf_counter(), tokens_seen
+    status = "finished"
+    while step < cfg.steps:
+        micro_losses = []
+        while len(micro_losses) < cfg.grad_accum:
+            b = _to(next(it), device)
+            out_ = engine(b["input_ids"], cu_seqlens=b["cu_seqlens"], labels=b["labels"], positions=b["positions"])
+            loss = out_.loss
+            if _all_reduce(float(torch.isfinite(loss.detach()).all()), dist.ReduceOp.MIN) < 1:
+                skipped += 1
+                log(f"non-finite loss at step {step + 1} (micro-batch dropped; {skipped} so far)")
+                if writer:
+                    writer.add_scalar("train/nonfinite_skipped", skipped, step + 1)
+                if cfg.nan_policy == "stop":
+                    status = "stopped on a non-finite loss"
+                    break
+                continue
+            engine.backward(loss)
+            engine.step()
+            micro_losses.append(float(loss.detach()))
+        if status != "finished":
+            break
+        step += 1
+        tokens_seen += tokens_per_step
+        loss_mean = _all_reduce(sum(micro_losses) / len(micro_losses)) / world
+        history.append({"step": step, "loss": loss_mean})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_mean:.3f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, tokens_seen
+            if writer:
+                gn = engine.get_global_grad_norm()
+                scalars = {"train/loss": loss_mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps,
+                           "train/grad_norm": float(gn) if gn is not None else float("nan"), "train/tokens": tokens_seen}  # fmt: skip
+                if peak:
+                    scalars["train/mfu"] = fpt * tps / (peak * world)
+                scalars["train/memory_gb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                                              _rss_bytes()) / 1e9  # fmt: skip
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, step)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            last_eval = evaluate(engine, cfg, tok, rank, world, device)
+            log(f"step {step}: train loss {loss_mean:.4f}, val loss {last_eval['val_loss']:.4f}, val ppl {last_eval['val_ppl']:.2f}")
+            if writer:
+                writer.add_scalar("val/loss", last_eval["val_loss"], step)
+                writer.add_scalar("val/ppl", last_eval["val_ppl"], step)
+        signalled = _all_reduce(1.0 if stop.raised else 0.0, dist.ReduceOp.MAX) > 0
+        if step % cfg.save_every == 0 or step == cfg.steps or signalled:
+            save("signal" if signalled else "periodic" if step < cfg.steps else "final")
+        if signalled:
+            status = f"interrupted by {stop.raised or 'a signal on another rank'}; checkpoint saved"
+            break
+    bar.close()
+    if writer:
+        writer.close()
+    summary = {
+        "status": status, "step": step, "tokens_seen": tokens_seen, "skipped_micro_batches": skipped,
+        "params": n_params, "world_size": world, "precision": "bf16" if bf16 else "fp32", "zero_stage": cfg.zero_stage,
+        **last_eval, "losses": history, "out_dir": str(out), "checkpoints": str(ckpt_dir),
+        "tensorboard": str(out / "tb"), "tokenizer": str(out / "tokenizer"),
+    }  # fmt: skip
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log(f"{status} at step {step}: {tokens_seen:,} tokens; " +
+            (f"val loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f}); " if last_eval else "") +
+            f"\n  config      {out / 'config.yaml'}\n  checkpoints {ckpt_dir}\n  tensorboard {out / 'tb'}"
+            f"\n  tokenizer   {out / 'tokenizer'}\n  summary     {out / 'summary.json'}")  # fmt: skip
+    if status.startswith("stopped"):
+        raise RuntimeError(f"training {status} at step {step + 1} (nan_policy=stop)")
+    return summary
+
+
+def _rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
