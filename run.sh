@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bla-lm on a fresh machine: sets up its environment once, then runs what you ask.
 #
+#   ./run.sh train [ARGS]    the main job: pretrain a small BLA LM on the embedded corpus (`bla train`)
 #   ./run.sh test            the test suite (what CI runs)
 #   ./run.sh bla ARGS...     any `bla` command inside the environment
 #
@@ -35,6 +36,7 @@ cmd="${1:-test}"
 shift || true
 case "$cmd" in
     test) exec "$PY" -m pytest -q -ra "$@" ;;
+    train) exec "$VENV/bin/bla" train "$@" ;;
     bla) exec "$VENV/bin/bla" "$@" ;;
-    *) echo "usage: ./run.sh test | ./run.sh bla ARGS..." >&2; exit 2 ;;
+    *) echo "usage: ./run.sh train [ARGS] | ./run.sh test | ./run.sh bla ARGS..." >&2; exit 2 ;;
 esac

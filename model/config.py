@@ -149,8 +149,15 @@ def load_preset(name: str) -> ModelConfig:
 
 
 def parse_value(text: str) -> Any:
-    """A CLI override value: YAML scalars and lists (``3``, ``true``, ``[bla, attn]``)."""
-    return yaml.safe_load(text)
+    """A CLI override value: YAML scalars and lists (``3``, ``true``, ``[bla, attn]``); numbers
+    YAML 1.1 leaves as strings (``1e-3``) become floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:

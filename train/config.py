@@ -47,7 +47,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 300  # optimiser steps
+    steps: int = 300  # optimiser steps (the schedule spans these)
+    stop_at: int = 0  # stop with a checkpoint once this step is reached (time-boxed jobs); 0 = run to steps
     micro_batch: int = 8  # rows of seq_len per micro-batch and rank
     grad_accum: int = 1
     zero_stage: int = 0
@@ -74,6 +75,12 @@ class TrainConfig:
         for name in ("steps", "micro_batch", "grad_accum", "eval_batches", "save_every", "keep_last", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "decay_fraction", "grad_clip"):
+            value = getattr(self.optim, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                bad(f"optim.{name} must be a non-negative number, got {value!r}")
+        if not 0 <= self.stop_at <= self.steps:
+            bad(f"stop_at must be within [0, steps={self.steps}], got {self.stop_at}")
         if self.data.seq_len < 1:
             bad(f"data.seq_len must be a positive int, got {self.data.seq_len}")
         if self.zero_stage not in (0, 1, 2, 3):

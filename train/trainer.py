@@ -292,10 +292,14 @@ def run(cfg: TrainConfig) -> dict:
                 writer.add_scalar("val/loss", last_eval["val_loss"], step)
                 writer.add_scalar("val/ppl", last_eval["val_ppl"], step)
         signalled = _all_reduce(1.0 if stop.raised else 0.0, dist.ReduceOp.MAX) > 0
-        if step % cfg.save_every == 0 or step == cfg.steps or signalled:
-            save("signal" if signalled else "periodic" if step < cfg.steps else "final")
+        boxed = step == cfg.stop_at
+        if step % cfg.save_every == 0 or step == cfg.steps or signalled or boxed:
+            save("signal" if signalled else "stop_at" if boxed else "periodic" if step < cfg.steps else "final")
         if signalled:
             status = f"interrupted by {stop.raised or 'a signal on another rank'}; checkpoint saved"
+            break
+        if boxed:
+            status = f"stopped at stop_at={step}; checkpoint saved"
             break
     bar.close()
     if writer:
@@ -312,7 +316,7 @@ def run(cfg: TrainConfig) -> dict:
             (f"val loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f}); " if last_eval else "") +
             f"\n  config      {out / 'config.yaml'}\n  checkpoints {ckpt_dir}\n  tensorboard {out / 'tb'}"
             f"\n  tokenizer   {out / 'tokenizer'}\n  summary     {out / 'summary.json'}")  # fmt: skip
-    if status.startswith("stopped"):
+    if status.startswith("stopped on"):
         raise RuntimeError(f"training {status} at step {step + 1} (nan_policy=stop)")
     return summary
 

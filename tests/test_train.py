@@ -1,0 +1,181 @@
+"""Training: ZeRO-2/3 over gloo with 2 CPU processes, exact resume, universal resume on another
+process count, damaged checkpoints, NaN policy, signals, config errors, schedules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bla.train import checkpoint as ckpt
+from bla.train.config import load_train_config
+from bla.train.schedule import lr_lambda
+
+pytestmark = pytest.mark.slow
+BASE = ["steps=8", "save_every=4", "eval_every=4", "log_every=1", "optim.lr=1e-2", "optim.warmup_steps=1", "keep_last=5"]
+
+
+def _env(cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(tmp: Path, name: str, nproc: int, *overrides: str, check=True) -> dict:
+    out = tmp / name
+    args = ["tiny", f"out_dir={out}", f"cache_dir={tmp / 'cache'}", *BASE, *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "bla.train.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + (hash(str(out)) % 2000)), "-m", "bla.train.cli", *args]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp), timeout=600)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {"proc": done}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Uninterrupted 2-process ZeRO-2 run, and the same run stopped at step 4 then resumed."""
+    tmp = tmp_path_factory.mktemp("train")
+    full = train(tmp, "full", 2, "zero_stage=2")
+    stopped = train(tmp, "resumed", 2, "zero_stage=2", "stop_at=4")
+    resumed = train(tmp, "resumed", 2, "zero_stage=2")
+    return tmp, full, stopped, resumed
+
+
+def test_zero2_two_processes_train(runs):
+    _, full, _, _ = runs
+    assert full["status"] == "finished" and full["world_size"] == 2 and full["zero_stage"] == 2
+    losses = [h["loss"] for h in full["losses"]]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
+
+
+def test_resume_is_bit_exact_in_fp32(runs):
+    _, full, stopped, resumed = runs
+    assert stopped["status"].startswith("stopped at stop_at=4") and stopped["step"] == 4
+    assert [h["loss"] for h in stopped["losses"]] == [h["loss"] for h in full["losses"][:4]]
+    assert [h["step"] for h in resumed["losses"]] == [5, 6, 7, 8]
+    assert [h["loss"] for h in resumed["losses"]] == [h["loss"] for h in full["losses"][4:]]  # bit for bit
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_two_process_checkpoint_resumes_in_one_process(runs):
+    tmp, full, _, _ = runs
+    shutil.copytree(tmp / "resumed", tmp / "uni", ignore=shutil.ignore_patterns("step_0000008*"))
+    for tag in ("step_0000008",):
+        assert not (tmp / "uni" / "checkpoints" / tag).exists()
+    one = train(tmp, "uni", 1, "zero_stage=2")
+    assert one["world_size"] == 1 and [h["step"] for h in one["losses"]][0] == 5  # resumed after step 4
+    assert (tmp / "uni" / "checkpoints" / "step_0000004_universal" / "complete.json").exists()
+    # the weights came along: a fresh model starts near ln(512) = 6.2, the trained one far below
+    assert one["losses"][0]["loss"] < full["losses"][0]["loss"] - 0.5
+
+
+def test_zero3_two_processes_train_and_resume(tmp_path):
+    first = train(tmp_path, "z3", 2, "zero_stage=3", "stop_at=4")
+    again = train(tmp_path, "z3", 2, "zero_stage=3")
+    full = train(tmp_path, "z3full", 2, "zero_stage=3")
+    assert first["step"] == 4 and again["status"] == "finished"
+    assert [h["loss"] for h in first["losses"] + again["losses"]] == [h["loss"] for h in full["losses"]]
+
+
+def test_truncated_checkpoint_is_detected_and_the_previous_used(runs, capsys):
+    tmp, _, _, _ = runs
+    ck = tmp / "damaged" / "checkpoints"
+    shutil.copytree(tmp / "full" / "checkpoints", ck)
+    newest = ckpt.list_checkpoints(ck)[-1]
+    victim = next(p for p in sorted(newest.rglob("*.pt")) if p.stat().st_size > 100)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    chosen = ckpt.latest_complete(ck)
+    assert chosen == ckpt.list_checkpoints(ck)[-2]
+    assert "is not usable" in capsys.readouterr().out
+    (chosen / "complete.json").unlink()  # a save that never finished
+    assert ckpt.latest_complete(ck) is None  # nothing usable left: a fresh start
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    run = train(tmp_path, "keep", 1, "keep_last=2", "save_every=2")
+    names = [p.name for p in ckpt.list_checkpoints(Path(run["checkpoints"]))]
+    assert names == ["step_0000006", "step_0000008"]
+
+
+NAN_SCRIPT = """
+import sys, torch
+from bla.model import lm
+from bla.train.config import load_train_config
+from bla.train.trainer import run
+calls = {"n": 0}
+original = lm.BLALM.forward
+def forward(self, *a, **k):
+    out = original(self, *a, **k)
+    if self.training:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+    return out
+lm.BLALM.forward = forward
+cfg = load_train_config("tiny", sys.argv[1:])
+print("SUMMARY", run(cfg)["skipped_micro_batches"])
+"""
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_loss_policy(tmp_path, policy):
+    args = [f"out_dir={tmp_path / 'nan'}", f"cache_dir={tmp_path / 'cache'}", "steps=5", f"nan_policy={policy}"]
+    done = subprocess.run([sys.executable, "-c", NAN_SCRIPT, *args], capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert "non-finite loss at step 3" in done.stdout, done.stdout + done.stderr[-3000:]
+    if policy == "skip":
+        assert done.returncode == 0 and "SUMMARY 1" in done.stdout
+    else:
+        assert done.returncode != 0 and "nan_policy=stop" in done.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}",
+           "steps=100000", "save_every=100000", "eval_every=100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    deadline = time.time() + 240
+    while not (out / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"].startswith("interrupted by SIGTERM") and summary["step"] > 0
+    assert ckpt.latest_complete(out / "checkpoints").name == ckpt.tag_of(summary["step"])
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (["zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
+        (["precision=fp16"], "fp16 is not supported"),
+        (["optim.lrr=1"], "unknown key"),
+        (["model.bla.slots=5"], "bla.slots=5 must divide"),
+        (["data.seq_len=0"], "data.seq_len must be a positive int"),
+        (["stop_at=99"], "stop_at must be within"),
+        (["optim.lr=fast"], "optim.lr must be a non-negative number"),
+    ],
+)
+def test_bad_train_config(over, match):
+    with pytest.raises(ValueError, match=match):
+        load_train_config("tiny", over)
+
+
+def test_schedules():
+    cos = lr_lambda(load_train_config("main", ["steps=100", "optim.warmup_steps=10"]))
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    wsd = lr_lambda(load_train_config("main", ["steps=100", "optim.warmup_steps=10", "optim.schedule=wsd"]))
+    assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.55) and wsd(100) == pytest.approx(0.1)
