@@ -102,6 +102,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def deepspeed(self, bf16: bool, load_universal: bool = False) -> dict:
+        """The DeepSpeed config this run trains with."""
+        o = self.optim
+        return {
+            "train_micro_batch_size_per_gpu": 1,  # one packed row of micro_batch * seq_len tokens
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": o.grad_clip,
+            "zero_optimization": {"stage": self.zero_stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay,
+                                                       "torch_adam": True}},  # fmt: skip
+            "bf16": {"enabled": bf16},
+            "checkpoint": {"load_universal": load_universal},
+            "steps_per_print": 10**9,
+        }
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)

@@ -89,21 +89,6 @@ def ensure_shards(cfg: TrainConfig, tok: Tokenizer, rank: int, log) -> Path | No
     return out
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool, universal: bool) -> dict:
-    o = cfg.optim
-    return {
-        "train_micro_batch_size_per_gpu": 1,  # one packed row of micro_batch * seq_len tokens
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay,
-                                                   "torch_adam": True}},  # fmt: skip
-        "bf16": {"enabled": bf16},
-        "checkpoint": {"load_universal": universal},
-        "steps_per_print": 10**9,
-    }
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -184,7 +169,7 @@ def run(cfg: TrainConfig) -> dict:
     model.activation_checkpointing = cfg.activation_checkpointing
     n_params = param_count(cfg.model)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, bf16, universal),
+        model=model, model_parameters=model.parameters(), config=cfg.deepspeed(bf16, universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )  # fmt: skip
     loader = build_loader(
