@@ -179,3 +179,12 @@ def test_schedules():
     assert cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
     wsd = lr_lambda(load_train_config("main", ["steps=100", "optim.warmup_steps=10", "optim.schedule=wsd"]))
     assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.55) and wsd(100) == pytest.approx(0.1)
+
+
+def test_cli_overrides_without_a_preset(monkeypatch):
+    from bla.train import cli
+
+    seen = {}
+    monkeypatch.setattr("bla.train.trainer.run", lambda cfg: seen.setdefault("cfg", cfg) and {"status": "finished"})
+    assert cli.main(["steps=70", "optim.lr=1e-3"]) == 0
+    assert seen["cfg"].steps == 70 and seen["cfg"].optim.lr == 1e-3 and seen["cfg"].model.d_model == 192  # the main preset

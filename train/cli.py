@@ -11,7 +11,10 @@ from .config import load_train_config
 def _train(args) -> int:
     from .trainer import run
 
-    cfg = load_train_config(args.config, args.override)
+    config, overrides = args.config, list(args.override)
+    if "=" in config:  # `bla train steps=10`: no preset named, only overrides
+        config, overrides = "main", [config, *overrides]
+    cfg = load_train_config(config, overrides)
     summary = run(cfg)
     return 0
 
