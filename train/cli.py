@@ -23,6 +23,7 @@ def add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="pretrain (default: a small BLA LM on the embedded corpus)")
     p.add_argument("config", nargs="?", default="main", help="preset (main, tiny) or a YAML file")
     p.add_argument("override", nargs="*", help="key=value overrides, e.g. steps=1000 model.bla.slots=32")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     p.set_defaults(func=_train)
 
 

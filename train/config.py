@@ -52,6 +52,7 @@ class TrainConfig:
     micro_batch: int = 8  # rows of seq_len per micro-batch and rank
     grad_accum: int = 1
     zero_stage: int = 0
+    sequence_parallel_size: int = 1  # ranks sharing each sequence (data parallelism across groups)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
     eval_every: int = 100
@@ -83,6 +84,8 @@ class TrainConfig:
             bad(f"stop_at must be within [0, steps={self.steps}], got {self.stop_at}")
         if self.data.seq_len < 1:
             bad(f"data.seq_len must be a positive int, got {self.data.seq_len}")
+        if not isinstance(self.sequence_parallel_size, int) or self.sequence_parallel_size < 1:
+            bad(f"sequence_parallel_size must be a positive int, got {self.sequence_parallel_size!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             bad(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -162,6 +165,9 @@ def load_train_config(preset: str = "main", overrides: list[str] | None = None) 
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
+        if key == "model.preset":  # rebase the model on another preset; later overrides refine it
+            d["model"] = load_preset(value).to_dict()
+            continue
         node = d
         parts = key.split(".")
         for part in parts[:-1]:

@@ -141,6 +141,11 @@ def run(cfg: TrainConfig) -> dict:
     import deepspeed
 
     cfg.validate()
+    if cfg.sequence_parallel_size > 1:
+        raise NotImplementedError(
+            "sequence_parallel_size > 1: sequence parallelism is not implemented yet (issue 6); "
+            "launch layouts with it can be checked with `bla launch --dry-run`"
+        )
     rank, world, device = init_distributed()
     log = (lambda msg: print(f"[bla train] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
     out = Path(cfg.out_dir)

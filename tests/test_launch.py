@@ -1,0 +1,113 @@
+"""Launch: every launcher path runs a tiny job with 2 CPU processes; dry runs; bad layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bla.launch.layout import expand_nodelist
+
+REPO = Path(__file__).resolve().parents[1]
+BLA = f"{sys.executable} -m bla.launch.cli"
+SLURM_4x8 = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_JOB_NUM_NODES": "4",
+             "SLURM_NODEID": "1", "SLURM_GPUS_PER_NODE": "8"}  # fmt: skip
+
+
+def _env(tmp_path: Path, **extra) -> dict:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    path = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return {**env, "PATH": path, "OMP_NUM_THREADS": "1", "BLA": BLA, **extra}
+
+
+def _bla(args: list[str], env: dict, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bla.launch.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_nodelist_expansion():
+    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert expand_nodelist("node7") == ["node7"]
+
+
+def test_dry_run_for_a_4_node_8_gpu_slurm_allocation(tmp_path):
+    done = _bla(["launch", "--launcher", "slurm", "--dry-run", "--sequence-parallel", "2", "--global-batch", "128",
+                 "main", "model.preset=350m", "micro_batch=4"], _env(tmp_path, **SLURM_4x8))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for line in [
+        "nodes                4 (gpu01, gpu02, gpu03, gpu04)",
+        "processes per node   8",
+        "world size           32",
+        "this node            rank 1: global ranks 8..15",
+        "master               gpu01:29500",
+        "data-parallel        16 group(s) of ranks [0..1], [2..3], [4..5], [6..7] ...",
+        "sequence-parallel    2 rank(s) per sequence (128 tokens each)",
+        "micro-batch          4 x 256 tokens per rank, 2 accumulation step(s)",
+        "global batch         128 sequences = 32,768 tokens per step",
+    ]:
+        assert line in out, f"missing: {line}\n{out}"
+    assert "--nnodes 4 --nproc_per_node 8 --node_rank 1 --master_addr gpu01" in out
+    assert "d_model: 1024" in out  # the 350m preset, resolved
+
+
+@pytest.mark.parametrize(
+    "args,env,match",
+    [
+        (["--sequence-parallel", "3"], SLURM_4x8, "sequence_parallel_size=3 does not divide the world size 32"),
+        (["--global-batch", "100"], SLURM_4x8, "global batch 100 is not a multiple of micro_batch x data-parallel = 8 x 32 = 256"),
+        (["--launcher", "torchrun", "--nodes", "2", "--node-rank", "2"], {}, "node rank 2 is outside 2 node"),
+        (["--launcher", "slurm"], {}, "needs SLURM's variables"),
+    ],
+)
+def test_bad_layouts_are_refused(tmp_path, args, env, match):
+    base = ["--launcher", "slurm"] if env and "--launcher" not in args else []
+    done = _bla(["launch", "--dry-run", *base, *args, "main"], _env(tmp_path, **env))
+    assert done.returncode != 0 and match in done.stderr, done.stderr[-2000:]
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    done = _bla(["launch", "--dry-run", "huge"], _env(tmp_path))
+    assert done.returncode != 0 and "unknown train preset 'huge'" in done.stderr
+
+
+TINY = ["tiny", "steps=4", "save_every=4", "eval_every=4"]
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,port", [("torchrun", 29641), ("deepspeed", 29643)])
+def test_launcher_runs_a_tiny_job(tmp_path, launcher, port):
+    out = tmp_path / "run"
+    args = ["launch", "--launcher", launcher, "--gpus-per-node", "2", "--master-port", str(port),
+            *TINY, f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    done = _bla(args, _env(tmp_path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    s = _summary(out)
+    assert s["status"] == "finished" and s["world_size"] == 2 and s["step"] == 4
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_a_tiny_job(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/sh\n# stand-in for srun on one node: drop its flags, run the task\n'
+                               'while [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')  # fmt: skip
+    (fake / "srun").chmod(0o755)
+    out = tmp_path / "run"
+    env = _env(tmp_path, SLURM_JOB_ID="5", SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0",
+               SLURM_GPUS_PER_NODE="2", MASTER_PORT="29645")  # fmt: skip
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    cmd = ["bash", str(REPO / "launch" / "slurm.sbatch"), *TINY, f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "master               localhost:29645" in done.stdout
+    s = _summary(out)
+    assert s["status"] == "finished" and s["world_size"] == 2
