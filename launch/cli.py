@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     from bla.data.cli import add_data_commands
     from bla.model.cli import add_model_commands
+    from bla.eval.cli import add_eval_commands
     from bla.launch.run import add_launch_commands
     from bla.train.cli import add_train_commands
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     add_data_commands(sub)
     add_train_commands(sub)
     add_launch_commands(sub)
+    add_eval_commands(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

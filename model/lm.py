@@ -76,8 +76,17 @@ class BLALM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
 
-    def new_cache(self) -> DecodeCache:
-        return DecodeCache([BLACache() if b.kind == "bla" else KVCache() for b in self.blocks])
+    def new_cache(self, max_context: int | None = None) -> DecodeCache:
+        """Empty decode caches; ``max_context`` turns full-attention caches into a sliding context
+        of that many tokens (BLA and SWA caches are bounded already)."""
+
+        def one(block: Block):
+            if block.kind == "bla":
+                return BLACache()
+            window = block.mixer.window if block.kind == "swa" else max_context
+            return KVCache(window=window)
+
+        return DecodeCache([one(b) for b in self.blocks])
 
     def forward(
         self,

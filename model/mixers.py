@@ -142,20 +142,22 @@ class SoftmaxMixer(nn.Module):
 
         k_pos, q_pos = positions, positions
         new_cache = None
+        # a full-attention cache may carry a sliding context (perplexity of long documents)
+        window = self.window if self.window is not None else (cache.window if cache is not None else None)
         if cache is not None:
             if cache.k is not None:
                 past = cache.k.shape[2]
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
                 k_pos = torch.cat([positions[:, :1] - past + torch.arange(past, device=x.device), positions], dim=1)
-            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-            new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], self.window)
+            keep = k.shape[2] if window is None else min(k.shape[2], window - 1)
+            new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], window)
 
-        if cu_seqlens is None and cache is None and self.window is None:
+        if cu_seqlens is None and cache is None and window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
         else:
             doc = _document_ids(cu_seqlens, T, x.device) if cu_seqlens is not None else torch.zeros_like(positions)
             k_doc = torch.zeros_like(k_pos) if cu_seqlens is None else doc
-            mask = _attention_mask(q_pos, k_pos, doc, k_doc, self.window)
+            mask = _attention_mask(q_pos, k_pos, doc, k_doc, window)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), new_cache
 

@@ -148,6 +148,8 @@ def loader_states_for(tag_dir: Path, old_world: int, rank: int, world: int, num_
         if len(state["states"]) == max(1, num_workers):
             return state
     old = [json.loads((tag_dir / f"loader_rank{r}.json").read_text()) for r in range(old_world)]
+    if "next_batch" in old[0]:  # a synthetic task loader re-splits its own stream
+        return old[0]
     # each old shard had consumed its documents below next_doc, the last one possibly only in part
     epoch, last_doc = min((s["epoch"], s["next_doc"] - 1) for o in old for s in o["states"])
     restart = {"epoch": epoch, "next_doc": max(0, last_doc), "packer": {"tokens": [], "positions": []}}

@@ -15,11 +15,16 @@ from typing import Any
 
 import yaml
 
+from bla.data.synthetic import MQARConfig
 from bla.model.config import ModelConfig, load_preset, parse_value
+
+TASKS = ("lm", "mqar")
 
 
 @dataclass
 class DataConfig:
+    task: str = "lm"  # lm (text sources) | mqar (synthetic, see bla.data.synthetic)
+    mqar: MQARConfig = field(default_factory=MQARConfig)
     sources: list[str] = field(default_factory=lambda: ["stdlib:train"])  # see bla.data.parse_source
     val_sources: list[str] = field(default_factory=lambda: ["stdlib:validation"])
     tokenizer: str = "auto"  # path to tokenizer.json / .model, or "auto": train one and cache it
@@ -94,6 +99,12 @@ class TrainConfig:
             bad(f"optim.schedule must be cosine or wsd, got {self.optim.schedule!r}")
         if self.nan_policy not in ("skip", "stop"):
             bad(f"nan_policy must be skip or stop, got {self.nan_policy!r}")
+        if self.data.task not in TASKS:
+            bad(f"data.task must be one of {TASKS}, got {self.data.task!r}")
+        if self.data.task == "mqar":
+            self.data.mqar.check(self.data.seq_len)
+            if self.data.mqar.vocab_size > self.model.vocab_size:
+                bad(f"data.mqar.vocab_size={self.data.mqar.vocab_size} exceeds model.vocab_size={self.model.vocab_size}")
         if not self.data.sources:
             bad("data.sources is empty")
         if self.data.tokenizer_kind not in ("bpe", "sentencepiece"):
@@ -143,6 +154,8 @@ class TrainConfig:
                 raise ValueError(f"train config: unknown keys {name}.{sorted(unknown)}")
             if "betas" in raw:
                 raw["betas"] = tuple(raw["betas"])
+            if isinstance(raw.get("mqar"), dict):
+                raw["mqar"] = MQARConfig(**raw["mqar"])
             built[name] = klass(**raw)
         return cls(model=ModelConfig.from_dict(model), **built, **d).validate()
 

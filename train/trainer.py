@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from bla.data import DataSourceConfig, LoaderConfig, Tokenizer, build_loader, check_vocab, parse_source, prepare, train_tokenizer
 from bla.data.sources import load_documents
+from bla.data.synthetic import TaskLoader, mqar_examples
+from bla.eval.tasks import label_accuracy
 from bla.model import BLALM, flops_per_token, param_count
 
 from . import checkpoint as ckpt
@@ -30,6 +32,7 @@ from .config import TrainConfig
 from .schedule import lr_lambda
 
 DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
+HELD_OUT_SEED = 1_000_003  # evaluation examples of synthetic tasks come from another seed stream
 
 
 # ----------------------------------------------------------------------------- setup
@@ -116,24 +119,46 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def evaluate(engine, cfg: TrainConfig, tok: Tokenizer, rank: int, world: int, device) -> dict:
-    """Token loss and perplexity on the validation sources; every rank runs the same number of
-    batches (ZeRO-3 gathers parameters collectively) over its own part of the data."""
+def train_loader(cfg: TrainConfig, tok: Tokenizer | None, shards, rank: int, world: int):
     d = cfg.data
+    if d.task == "mqar":
+        make = lambda n, seed: mqar_examples(n, d.seq_len, d.mqar, seed)  # noqa: E731
+        return TaskLoader(make, cfg.micro_batch, d.seed, rank, world)
+    src = DataSourceConfig([parse_source(s) for s in d.sources], seed=d.seed)
+    return build_loader(LoaderConfig(d.seq_len, cfg.micro_batch, d.num_workers, rank, world, loop=True), tok, src, shards)
+
+
+def eval_loader(cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: int):
+    d = cfg.data
+    if d.task == "mqar":  # held-out examples: another seed stream than training's
+        make = lambda n, seed: mqar_examples(n, d.seq_len, d.mqar, seed)  # noqa: E731
+        return TaskLoader(make, cfg.micro_batch, d.seed + HELD_OUT_SEED, rank, world)
     src = DataSourceConfig([parse_source(s) for s in d.val_sources], seed=d.seed)
-    loader = build_loader(LoaderConfig(d.seq_len, cfg.micro_batch, 0, rank, world, loop=True), tok, source=src)
-    total = count = 0.0
+    return build_loader(LoaderConfig(d.seq_len, cfg.micro_batch, 0, rank, world, loop=True), tok, source=src)
+
+
+def evaluate(engine, cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: int, device) -> dict:
+    """Validation loss and perplexity (and accuracy for tasks); every rank runs the same number of
+    batches (ZeRO-3 gathers parameters collectively) over its own part of the data."""
+    total = count = correct = examples = 0.0
     engine.eval()
     with torch.no_grad():
-        for _, batch in zip(range(cfg.eval_batches), loader):
+        for _, batch in zip(range(cfg.eval_batches), eval_loader(cfg, tok, rank, world)):
             b = _to(batch, device)
-            out = engine(b["input_ids"], cu_seqlens=b["cu_seqlens"], labels=b["labels"], positions=b["positions"])
+            out = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), labels=b["labels"], positions=b.get("positions"))
             n = float((b["labels"] != -100).sum())
             total += float(out.loss) * n
             count += n
+            if cfg.data.task != "lm":
+                acc = label_accuracy(out.logits, b["labels"])
+                correct += float(acc.nansum())
+                examples += float((~acc.isnan()).sum())
     engine.train()
     loss = _all_reduce(total) / max(_all_reduce(count), 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if cfg.data.task != "lm":
+        result["val_accuracy"] = _all_reduce(correct) / max(_all_reduce(examples), 1.0)
+    return result
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -154,9 +179,12 @@ def run(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
-    tok = ensure_tokenizer(cfg, rank, log)
-    check_vocab(tok, cfg.model.vocab_size)
-    shards = ensure_shards(cfg, tok, rank, log)
+    task = cfg.data.task
+    tok = shards = None
+    if task == "lm":
+        tok = ensure_tokenizer(cfg, rank, log)
+        check_vocab(tok, cfg.model.vocab_size)
+        shards = ensure_shards(cfg, tok, rank, log)
 
     resume_from, universal, meta = None, False, {}
     if cfg.resume != "none":
@@ -177,10 +205,7 @@ def run(cfg: TrainConfig) -> dict:
         model=model, model_parameters=model.parameters(), config=cfg.deepspeed(bf16, universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )  # fmt: skip
-    loader = build_loader(
-        LoaderConfig(cfg.data.seq_len, cfg.micro_batch, cfg.data.num_workers, rank, world, loop=True),
-        tok, source=DataSourceConfig([parse_source(s) for s in cfg.data.sources], seed=cfg.data.seed), shards=shards,
-    )  # fmt: skip
+    loader = train_loader(cfg, tok, shards, rank, world)
 
     step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
@@ -202,7 +227,8 @@ def run(cfg: TrainConfig) -> dict:
 
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        tok.save(out / "tokenizer")
+        if tok is not None:
+            tok.save(out / "tokenizer")
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -218,7 +244,7 @@ def run(cfg: TrainConfig) -> dict:
         tag_dir = ckpt_dir / ckpt.tag_of(step)
         ckpt.write_rank_files(tag_dir, rank, loader.state_dict())
         client = {"step": step, "tokens_seen": tokens_seen, "skipped": skipped, "config": cfg.to_dict(),
-                  "tokenizer": tok.describe(), "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}  # fmt: skip
+                  "tokenizer": tok.describe() if tok else None, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}  # fmt: skip
         engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client, save_latest=False)
         dist.barrier()
         if rank == 0:
@@ -239,7 +265,7 @@ def run(cfg: TrainConfig) -> dict:
         micro_losses = []
         while len(micro_losses) < cfg.grad_accum:
             b = _to(next(it), device)
-            out_ = engine(b["input_ids"], cu_seqlens=b["cu_seqlens"], labels=b["labels"], positions=b["positions"])
+            out_ = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), labels=b["labels"], positions=b.get("positions"))
             loss = out_.loss
             if _all_reduce(float(torch.isfinite(loss.detach()).all()), dist.ReduceOp.MIN) < 1:
                 skipped += 1
@@ -277,10 +303,10 @@ def run(cfg: TrainConfig) -> dict:
                     writer.add_scalar(k, v, step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             last_eval = evaluate(engine, cfg, tok, rank, world, device)
-            log(f"step {step}: train loss {loss_mean:.4f}, val loss {last_eval['val_loss']:.4f}, val ppl {last_eval['val_ppl']:.2f}")
+            log(f"step {step}: train loss {loss_mean:.4f}, " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if writer:
-                writer.add_scalar("val/loss", last_eval["val_loss"], step)
-                writer.add_scalar("val/ppl", last_eval["val_ppl"], step)
+                for k, v in last_eval.items():
+                    writer.add_scalar(f"val/{k.removeprefix('val_')}", v, step)
         signalled = _all_reduce(1.0 if stop.raised else 0.0, dist.ReduceOp.MAX) > 0
         boxed = step == cfg.stop_at
         if step % cfg.save_every == 0 or step == cfg.steps or signalled or boxed:
@@ -298,12 +324,12 @@ def run(cfg: TrainConfig) -> dict:
         "status": status, "step": step, "tokens_seen": tokens_seen, "skipped_micro_batches": skipped,
         "params": n_params, "world_size": world, "precision": "bf16" if bf16 else "fp32", "zero_stage": cfg.zero_stage,
         **last_eval, "losses": history, "out_dir": str(out), "checkpoints": str(ckpt_dir),
-        "tensorboard": str(out / "tb"), "tokenizer": str(out / "tokenizer"),
+        "tensorboard": str(out / "tb"), "tokenizer": str(out / "tokenizer") if tok else None,
     }  # fmt: skip
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"{status} at step {step}: {tokens_seen:,} tokens; " +
-            (f"val loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f}); " if last_eval else "") +
+            ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()) +
             f"\n  config      {out / 'config.yaml'}\n  checkpoints {ckpt_dir}\n  tensorboard {out / 'tb'}"
             f"\n  tokenizer   {out / 'tokenizer'}\n  summary     {out / 'summary.json'}")  # fmt: skip
     if status.startswith("stopped on"):

@@ -1,0 +1,78 @@
+"""Synthetic recall tasks as training and evaluation data (procedures of ../shared/spec/EVAL.md).
+
+MQAR (multi-query associative recall, Zoology): keys from [1, V/2), values from [V/2, V),
+drawn without replacement inside an example; ``k1 v1 ... kK vK`` first, then each key queried
+once at position ``2K + 2 gap`` with gaps drawn without replacement from ``range(space)``,
+``space = (L - 2K) / 2``, with probability proportional to ``a * (i + 1) ** (a - 1)``; the value
+is the label at the query; every other label is -100. Filler is 0 or random ids.
+
+Batches are deterministic functions of (seed, batch index), so a task loader resumes exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class MQARConfig:
+    num_kv_pairs: int = 4  # K
+    vocab_size: int = 8192  # V
+    power_a: float = 0.01  # gap distribution exponent
+    random_filler: bool = False
+
+    def check(self, seq_len: int) -> None:
+        K, V, L = self.num_kv_pairs, self.vocab_size, seq_len
+        if L % 2 or 4 * K > L or V <= L or K > V // 2 - 1:
+            raise ValueError(f"MQAR needs an even L with 4K <= L < V and K < V/2 - 1; got L={L}, K={K}, V={V}")
+
+
+def mqar_examples(n: int, seq_len: int, cfg: MQARConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` examples: inputs [n, L] and labels [n, L] (int64)."""
+    cfg.check(seq_len)
+    rng = np.random.default_rng(seed)
+    K, V, L, a = cfg.num_kv_pairs, cfg.vocab_size, seq_len, cfg.power_a
+    keys = np.stack([rng.choice(np.arange(1, V // 2), size=K, replace=False) for _ in range(n)])
+    values = np.stack([rng.choice(np.arange(V // 2, V), size=K, replace=False) for _ in range(n)])
+    space = (L - 2 * K) // 2
+    p = a * np.arange(1, space + 1, dtype=np.float64) ** (a - 1)
+    p /= p.sum()
+    gaps = np.stack([rng.choice(space, size=K, replace=False, p=p) for _ in range(n)])
+    x = np.zeros((n, L + 1), dtype=np.int64)
+    x[:, 0 : 2 * K : 2], x[:, 1 : 2 * K : 2] = keys, values
+    rows = np.arange(n)[:, None]
+    x[rows, 2 * K + 2 * gaps] = keys
+    labels_full = np.full((n, L + 1), IGNORE, dtype=np.int64)
+    labels_full[rows, 2 * K + 2 * gaps + 1] = values
+    inputs, labels = torch.from_numpy(x[:, :-1].copy()), torch.from_numpy(labels_full[:, 1:].copy())
+    if cfg.random_filler:
+        filler = inputs == 0
+        inputs[filler] = torch.from_numpy(rng.integers(1, V, size=int(filler.sum())))
+    return inputs, labels
+
+
+class TaskLoader:
+    """Endless batches of a synthetic task for one rank; ``state_dict`` is the next batch index."""
+
+    def __init__(self, make, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.make, self.batch_size, self.seed = make, batch_size, seed
+        self.rank, self.world_size, self.next_batch = rank, world_size, 0
+
+    def __iter__(self):
+        while True:
+            index = self.next_batch * self.world_size + self.rank
+            inputs, labels = self.make(self.batch_size, int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0]))
+            self.next_batch += 1
+            yield {"input_ids": inputs, "labels": labels}
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self.next_batch, "world_size": self.world_size}
+
+    def load_state_dict(self, sd: dict) -> None:
+        # a different world size re-splits the stream from the earliest unfinished batch
+        self.next_batch = sd["next_batch"] * sd["world_size"] // self.world_size

@@ -1,0 +1,104 @@
+"""``bla eval perplexity|mqar|memory`` and ``bla generate``."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _perplexity(args) -> int:
+    from bla.data import DataSourceConfig, parse_source
+
+    from .load import load_run
+    from .perplexity import perplexity
+
+    device = _device(args.device)
+    model, tok, cfg = load_run(args.run, device)
+    source = DataSourceConfig([parse_source(s) for s in args.source or cfg["data"]["val_sources"]])
+    context = args.context or cfg["data"]["seq_len"]
+    result = perplexity(model, tok, source, context, args.max_docs, device, progress=True)
+    print(json.dumps({**result, "context": context, "run": str(args.run)}, indent=1))
+    return 0
+
+
+def _mqar(args) -> int:
+    from bla.data.synthetic import MQARConfig, mqar_examples
+
+    from .load import load_run
+    from .tasks import label_accuracy
+
+    device = _device(args.device)
+    model, _, cfg = load_run(args.run, device)
+    d = cfg["data"]
+    seq_len = args.seq_len or d["seq_len"]
+    base = dict(d.get("mqar") or {})
+    print(f"{'K':>4} {'L':>6} {'examples':>9} {'accuracy':>9}")
+    for K in args.num_kv_pairs or [base.get("num_kv_pairs", 4)]:
+        mcfg = MQARConfig(**{**base, "num_kv_pairs": K})
+        correct = []
+        for start in range(0, args.examples, args.batch):
+            n = min(args.batch, args.examples - start)
+            x, y = mqar_examples(n, seq_len, mcfg, args.seed + start)  # held out: training uses other seeds
+            with torch.no_grad():
+                correct.append(label_accuracy(model(x.to(device)).logits, y.to(device)).cpu())
+        print(f"{K:>4} {seq_len:>6} {args.examples:>9} {float(torch.cat(correct).mean()):>9.4f}")
+    return 0
+
+
+def _generate(args) -> int:
+    from .generate import generate
+    from .load import load_run
+
+    device = _device(args.device)
+    model, tok, _ = load_run(args.run, device)
+    ids = torch.tensor([[tok.bos_id, *tok.encode(args.prompt)]], device=device)
+    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id, args.seed)
+    print(args.prompt + tok.decode(out[0, ids.shape[1] :].tolist()))
+    return 0
+
+
+def add_eval_commands(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate checkpoints and models")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+
+    ppl = esub.add_parser("perplexity", help="token loss, perplexity and bits per byte on held-out text")
+    ppl.add_argument("--run", required=True, help="run directory or checkpoint directory")
+    ppl.add_argument("--source", action="append", help="data source (default: the run's validation sources)")
+    ppl.add_argument("--context", type=int, default=0, help="window of the scoring passes (default: training seq_len)")
+    ppl.add_argument("--max-docs", type=int, default=None)
+    ppl.add_argument("--device", default="")
+    ppl.set_defaults(func=_perplexity)
+
+    mq = esub.add_parser("mqar", help="MQAR accuracy per number of key-value pairs on held-out examples")
+    mq.add_argument("--run", required=True)
+    mq.add_argument("--num-kv-pairs", type=int, nargs="+")
+    mq.add_argument("--seq-len", type=int, default=0)
+    mq.add_argument("--examples", type=int, default=3000)
+    mq.add_argument("--batch", type=int, default=250)
+    mq.add_argument("--seed", type=int, default=7_000_001)
+    mq.add_argument("--device", default="")
+    mq.set_defaults(func=_mqar)
+
+    mem = esub.add_parser("memory", help="prefill/decode latency and memory against context: table, JSON and PNG")
+    from .memory import add_arguments
+    from .memory import run as run_memory
+
+    add_arguments(mem)
+
+    mem.set_defaults(func=run_memory)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint (constant-size BLA state)")
+    g.add_argument("--run", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="")
+    g.set_defaults(func=_generate)

@@ -1,0 +1,143 @@
+"""Evaluation: MQAR data and metric, MQAR training beats chance, generation, perplexity, memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close
+
+from bla.data.synthetic import MQARConfig, TaskLoader, mqar_examples
+from bla.eval.generate import generate
+from bla.eval.tasks import label_accuracy
+from bla.eval.memory import measure, plot
+from bla.eval.perplexity import document_nll
+from bla.model import BLALM, apply_overrides, load_preset
+
+
+def test_mqar_structure():
+    L, K, V = 64, 8, 128
+    x, y = mqar_examples(200, L, MQARConfig(K, V), seed=3)
+    assert x.shape == y.shape == (200, L)
+    for i in range(200):
+        keys, values = x[i, 0 : 2 * K : 2], x[i, 1 : 2 * K : 2]
+        assert ((1 <= keys) & (keys < V // 2)).all() and ((V // 2 <= values) & (values < V)).all()
+        assert len(set(keys.tolist())) == K and len(set(values.tolist())) == K  # without replacement
+        pos = (y[i] != -100).nonzero()[:, 0]
+        assert len(pos) == K and (pos >= 2 * K).all() and ((pos - 2 * K) % 2 == 0).all()
+        lookup = dict(zip(keys.tolist(), values.tolist()))
+        assert all(lookup[int(x[i, p])] == int(y[i, p]) for p in pos)  # the label at a query is its value
+        rest = torch.ones(L, dtype=torch.bool)
+        rest[: 2 * K] = False
+        rest[pos] = False
+        assert (x[i, rest] == 0).all()  # filler
+    gaps = ((y != -100).nonzero()[:, 1] - 2 * K) // 2
+    assert gaps.float().mean() < 0.35 * (L - 2 * K) / 2  # power law, a = 0.01: short gaps dominate
+
+
+def test_mqar_determinism_filler_and_errors():
+    a = mqar_examples(4, 32, MQARConfig(4, 64), seed=1)
+    b = mqar_examples(4, 32, MQARConfig(4, 64), seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    x, _ = mqar_examples(4, 32, MQARConfig(4, 64, random_filler=True), seed=1)
+    assert (x != 0).all()
+    with pytest.raises(ValueError, match="4K <= L < V"):
+        mqar_examples(1, 32, MQARConfig(16, 64), seed=0)
+    loader = TaskLoader(lambda n, s: mqar_examples(n, 32, MQARConfig(4, 64), s), 2, seed=0)
+    first = [b["input_ids"] for _, b in zip(range(4), loader)]
+    resumed = TaskLoader(lambda n, s: mqar_examples(n, 32, MQARConfig(4, 64), s), 2, seed=0)
+    resumed.load_state_dict({"next_batch": 2, "world_size": 1})
+    assert all(torch.equal(u, v) for u, v in zip(first[2:], [b["input_ids"] for _, b in zip(range(2), resumed)]))
+
+
+def test_label_accuracy_on_hand_made_cases():
+    logits = torch.full((2, 4, 5), -1.0)
+    logits[0, 1, 3] = logits[0, 3, 2] = 1.0  # example 0 predicts 3 at t=1, 2 at t=3
+    logits[1, 0, 4] = 1.0
+    labels = torch.tensor([[-100, 3, -100, 1], [4, -100, -100, -100]])
+    assert label_accuracy(logits, labels).tolist() == [0.5, 1.0]
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_easy_mqar(tmp_path):
+    out = tmp_path / "mq"
+    args = ["mqar", f"out_dir={out}", "steps=300", "micro_batch=32", "data.seq_len=64", "data.mqar.num_kv_pairs=4",
+            "data.mqar.vocab_size=128", "model.vocab_size=128", "model.bla.window=64", "model.bla.slots=16",
+            "optim.lr=3e-3", "optim.warmup_steps=20", "eval_every=300", "eval_batches=8", "save_every=300", "progress=false"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-m", "bla.train.cli", *args], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    acc = json.loads((out / "summary.json").read_text())["val_accuracy"]
+    assert acc > 0.15, acc  # chance: 1 / 64 values
+    score = subprocess.run([sys.executable, "-m", "bla.launch.cli", "eval", "mqar", "--run", str(out), "--num-kv-pairs", "4",
+                            "--examples", "200"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert score.returncode == 0 and float(score.stdout.split()[-1]) > 0.15, score.stdout + score.stderr[-2000:]
+
+
+def _tiny(pattern="[bla, attn, swa]"):
+    torch.manual_seed(0)
+    return BLALM(apply_overrides(load_preset("tiny"), [f"layer_pattern={pattern}"])).eval()
+
+
+def test_greedy_generation_equals_full_forward_argmax():
+    model = _tiny()
+    prompt = torch.randint(3, 256, (2, 7))
+    out = generate(model, prompt, max_new_tokens=20)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = _tiny()
+    prompt = torch.randint(3, 256, (1, 5))
+    a = generate(model, prompt, 15, temperature=1.0, top_k=3, seed=1)
+    b = generate(model, prompt, 15, temperature=1.0, top_k=3, seed=1)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompt, 2, top_p=0.0)
+
+
+@pytest.mark.parametrize("pattern", ["[bla]", "[bla, swa]"])
+def test_windowed_scoring_with_carried_state_equals_full_forward(pattern):
+    model = _tiny(pattern)
+    ids = [1, *torch.randint(3, 256, (150,)).tolist(), 2]
+    nll, n = document_nll(model, ids, context=32, device="cpu")
+    x = torch.tensor(ids)[None]
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(model(x[:, :-1]).logits[0], x[0, 1:], reduction="sum")
+    assert n == len(ids) - 1
+    assert_close("nll", torch.tensor(nll), full, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={run}", f"cache_dir={tmp_path / 'c'}"],
+                   check=True, capture_output=True, env=env, timeout=600)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "eval", "perplexity", "--run", str(run), "--max-docs", "3"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    assert result["docs"] == 3 and 1.0 < result["ppl"] < 512  # below the 512-token vocabulary's uniform guess
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / np.log(2) / result["bytes"])
+
+
+def test_memory_benchmark_on_cpu(tmp_path):
+    rows = []
+    for mixer in ("bla", "swa", "attn"):
+        rows += measure("tiny", mixer, [64, 256], decode_steps=3, chunk=64, device=torch.device("cpu"), dtype=torch.float32)
+    cache = {(r["mixer"], r["context"]): r["cache_mb"] for r in rows}
+    assert cache[("bla", 64)] == cache[("bla", 256)]  # constant state
+    assert cache[("swa", 64)] == cache[("swa", 256)]  # window of 16 < 64
+    assert cache[("attn", 256)] == pytest.approx(4 * cache[("attn", 64)], rel=0.05)  # linear in context
+    plot(rows, str(tmp_path / "m.png"), "test")
+    assert (tmp_path / "m.png").stat().st_size > 1000
