@@ -50,6 +50,29 @@ def _mqar(args) -> int:
     return 0
 
 
+def _regbench(args) -> int:
+    from bla.data import regbench
+    from bla.data.regbench import RegBenchConfig
+
+    from .load import load_run
+
+    device = _device(args.device)
+    model, _, cfg = load_run(args.run, device)
+    rcfg = RegBenchConfig(**(cfg["data"].get("regbench") or {}))
+    test = regbench.automaton_pools(rcfg)[1]
+    by_size: dict[int, list] = {}
+    for a in test:
+        by_size.setdefault(len(a), []).append(a)
+    print(f"{'states':>6} {'automata':>8} {'accuracy':>9} {'tvd':>7}")
+    for size in sorted(by_size):
+        x, _, automata = regbench.encode_examples(by_size[size], cfg["data"]["seq_len"], seed=args.seed)
+        with torch.no_grad():
+            logits = torch.cat([model(x[i : i + 32].to(device)).logits.cpu() for i in range(0, len(x), 32)])
+        m = regbench.regbench_metrics(logits, x, automata)
+        print(f"{size:>6} {len(automata):>8} {m['accuracy']:>9.4f} {m['tvd']:>7.4f}")
+    return 0
+
+
 def _generate(args) -> int:
     from .generate import generate
     from .load import load_run
@@ -83,6 +106,12 @@ def add_eval_commands(sub) -> None:
     mq.add_argument("--seed", type=int, default=7_000_001)
     mq.add_argument("--device", default="")
     mq.set_defaults(func=_mqar)
+
+    rb = esub.add_parser("regbench", help="RegBench accuracy and TV distance per automaton size (held-out automata)")
+    rb.add_argument("--run", required=True)
+    rb.add_argument("--seed", type=int, default=11)
+    rb.add_argument("--device", default="")
+    rb.set_defaults(func=_regbench)
 
     mem = esub.add_parser("memory", help="prefill/decode latency and memory against context: table, JSON and PNG")
     from .memory import add_arguments

@@ -15,16 +15,19 @@ from typing import Any
 
 import yaml
 
+from bla.data.regbench import VOCAB as REGBENCH_VOCAB
+from bla.data.regbench import RegBenchConfig
 from bla.data.synthetic import MQARConfig
 from bla.model.config import ModelConfig, load_preset, parse_value
 
-TASKS = ("lm", "mqar")
+TASKS = ("lm", "mqar", "regbench")
 
 
 @dataclass
 class DataConfig:
     task: str = "lm"  # lm (text sources) | mqar (synthetic, see bla.data.synthetic)
     mqar: MQARConfig = field(default_factory=MQARConfig)
+    regbench: RegBenchConfig = field(default_factory=RegBenchConfig)
     sources: list[str] = field(default_factory=lambda: ["stdlib:train"])  # see bla.data.parse_source
     val_sources: list[str] = field(default_factory=lambda: ["stdlib:validation"])
     tokenizer: str = "auto"  # path to tokenizer.json / .model, or "auto": train one and cache it
@@ -105,6 +108,8 @@ class TrainConfig:
             self.data.mqar.check(self.data.seq_len)
             if self.data.mqar.vocab_size > self.model.vocab_size:
                 bad(f"data.mqar.vocab_size={self.data.mqar.vocab_size} exceeds model.vocab_size={self.model.vocab_size}")
+        if self.data.task == "regbench" and self.model.vocab_size < REGBENCH_VOCAB:
+            bad(f"RegBench needs model.vocab_size >= {REGBENCH_VOCAB}, got {self.model.vocab_size}")
         if not self.data.sources:
             bad("data.sources is empty")
         if self.data.tokenizer_kind not in ("bpe", "sentencepiece"):
@@ -156,6 +161,8 @@ class TrainConfig:
                 raw["betas"] = tuple(raw["betas"])
             if isinstance(raw.get("mqar"), dict):
                 raw["mqar"] = MQARConfig(**raw["mqar"])
+            if isinstance(raw.get("regbench"), dict):
+                raw["regbench"] = RegBenchConfig(**raw["regbench"])
             built[name] = klass(**raw)
         return cls(model=ModelConfig.from_dict(model), **built, **d).validate()
 

@@ -22,6 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from bla.data import DataSourceConfig, LoaderConfig, Tokenizer, build_loader, check_vocab, parse_source, prepare, train_tokenizer
+from bla.data import regbench
 from bla.data.sources import load_documents
 from bla.data.synthetic import TaskLoader, mqar_examples
 from bla.eval.tasks import label_accuracy
@@ -124,6 +125,9 @@ def train_loader(cfg: TrainConfig, tok: Tokenizer | None, shards, rank: int, wor
     if d.task == "mqar":
         make = lambda n, seed: mqar_examples(n, d.seq_len, d.mqar, seed)  # noqa: E731
         return TaskLoader(make, cfg.micro_batch, d.seed, rank, world)
+    if d.task == "regbench":
+        make = lambda n, seed: regbench.training_batch(n, d.seq_len, d.regbench, seed)  # noqa: E731
+        return TaskLoader(make, cfg.micro_batch, d.seed, rank, world)
     src = DataSourceConfig([parse_source(s) for s in d.sources], seed=d.seed)
     return build_loader(LoaderConfig(d.seq_len, cfg.micro_batch, d.num_workers, rank, world, loop=True), tok, src, shards)
 
@@ -137,9 +141,30 @@ def eval_loader(cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: int):
     return build_loader(LoaderConfig(d.seq_len, cfg.micro_batch, 0, rank, world, loop=True), tok, source=src)
 
 
+def evaluate_regbench(engine, cfg: TrainConfig, rank: int, world: int, device) -> dict:
+    """Accuracy and TV distance on held-out automata (the test pool), split across ranks."""
+    d = cfg.data
+    test = regbench.cached_pools(d.regbench)[1][rank::world]
+    totals = {"accuracy": 0.0, "tvd": 0.0, "positions": 0.0}
+    engine.eval()
+    with torch.no_grad():
+        for b in range(cfg.eval_batches):
+            chunk = test[b * cfg.micro_batch : (b + 1) * cfg.micro_batch] or test[: cfg.micro_batch]
+            x, _, automata = regbench.encode_examples(chunk, d.seq_len, seed=HELD_OUT_SEED + b)
+            m = regbench.regbench_metrics(engine(x.to(device)).logits, x, automata)
+            for k in ("accuracy", "tvd"):
+                totals[k] += m[k] * m["positions"]
+            totals["positions"] += m["positions"]
+    engine.train()
+    n = max(_all_reduce(totals["positions"]), 1.0)
+    return {"val_accuracy": _all_reduce(totals["accuracy"]) / n, "val_tvd": _all_reduce(totals["tvd"]) / n}
+
+
 def evaluate(engine, cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: int, device) -> dict:
     """Validation loss and perplexity (and accuracy for tasks); every rank runs the same number of
     batches (ZeRO-3 gathers parameters collectively) over its own part of the data."""
+    if cfg.data.task == "regbench":
+        return evaluate_regbench(engine, cfg, rank, world, device)
     total = count = correct = examples = 0.0
     engine.eval()
     with torch.no_grad():
