@@ -73,6 +73,15 @@ def _regbench(args) -> int:
     return 0
 
 
+def _harness(args) -> int:
+    from .harness import run_tasks
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    result = run_tasks(args.run, tasks, args.include_path, args.limit, args.device, args.num_fewshot)
+    print(json.dumps(result["results"], indent=1, default=str))
+    return 0
+
+
 def _generate(args) -> int:
     from .generate import generate
     from .load import load_run
@@ -112,6 +121,15 @@ def add_eval_commands(sub) -> None:
     rb.add_argument("--seed", type=int, default=11)
     rb.add_argument("--device", default="")
     rb.set_defaults(func=_regbench)
+
+    hn = esub.add_parser("harness", help="lm-evaluation-harness tasks (the model class `bla`)")
+    hn.add_argument("--run", required=True)
+    hn.add_argument("--tasks", required=True, help="comma-separated task names (e.g. swde,fda,squad_completion)")
+    hn.add_argument("--include-path", default=None, help="folder of extra task YAML files")
+    hn.add_argument("--limit", type=float, default=None)
+    hn.add_argument("--num-fewshot", type=int, default=None)
+    hn.add_argument("--device", default="")
+    hn.set_defaults(func=_harness)
 
     mem = esub.add_parser("memory", help="prefill/decode latency and memory against context: table, JSON and PNG")
     from .memory import add_arguments

@@ -1,0 +1,88 @@
+"""lm-evaluation-harness: the `bla` model class runs tasks defined on local files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+CONTAINS = '''
+def process_results(doc, results):
+    """EVAL.md's recall scoring: the answer appears (case-insensitive) in the generation."""
+    return {"contains": float(doc["answer"].lower() in results[0].lower())}
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("harness")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={tmp / 'run'}", f"cache_dir={tmp / 'c'}"],
+                   check=True, capture_output=True, env=env, timeout=600)  # fmt: skip
+    return tmp
+
+
+def test_harness_runs_loglikelihood_and_generation_tasks(tiny_run):
+    tasks = tiny_run / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.jsonl").write_text("".join(json.dumps({"question": f"x = {i}\ny =", "choices": [" 1", " zq"], "answer": 0}) + "\n"
+                                            for i in range(6)))  # fmt: skip
+    (tasks / "gen.jsonl").write_text("".join(json.dumps({"prompt": f"def f{i}(", "answer": "self"}) + "\n" for i in range(4)))
+    (tasks / "utils.py").write_text(CONTAINS)
+    (tasks / "mc.yaml").write_text(textwrap.dedent(f"""\
+        task: bla_test_mc
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{test: {tasks / 'mc.jsonl'}}}}}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        metric_list: [{{metric: acc}}]
+        """))
+    (tasks / "gen.yaml").write_text(textwrap.dedent(f"""\
+        task: bla_test_gen
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{test: {tasks / 'gen.jsonl'}}}}}
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{{{prompt}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        generation_kwargs: {{until: ["\\n"], max_gen_toks: 12, do_sample: false}}
+        process_results: !function utils.process_results
+        metric_list: [{{metric: contains, aggregation: mean, higher_is_better: true}}]
+        """))
+    from bla.eval.harness import run_tasks
+
+    results = run_tasks(str(tiny_run / "run"), ["bla_test_mc", "bla_test_gen"], include_path=str(tasks))["results"]
+    assert 0.0 <= results["bla_test_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= results["bla_test_gen"]["contains,none"] <= 1.0
+
+
+def test_loglikelihood_matches_the_model(tiny_run):
+    import torch
+
+    from bla.eval.harness import BLAHarnessLM
+    from bla.eval.load import load_run
+
+    lm = BLAHarnessLM(str(tiny_run / "run"), max_length=1024)  # one window: exactly the full forward
+    model, tok, _ = load_run(tiny_run / "run")
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    context, cont = "import os\nimport sys\nfrom pathlib import Path\n", "def main():"
+    (logp, _), = lm.loglikelihood([Req(context, cont)])
+    ctx = [tok.bos_id, *tok.encode(context)]
+    ids = torch.tensor([ctx + tok.encode(cont)])
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids[:, :-1]).logits[0], -1)
+    expected = float(full[len(ctx) - 1 :].gather(1, ids[0, len(ctx) :, None]).sum())
+    assert logp == pytest.approx(expected, abs=1e-3)
