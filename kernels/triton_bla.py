@@ -106,7 +106,7 @@ def _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M:
     w = tl.where(on_node, tl.where(x == 0, 1.0, 0.0), num / den)
     keep = valid_C[:, None] & mask_M[None, :]
     w = tl.where(keep, w, 0.0)
-    la = tl.where(keep & (x != 0), tl.log(1.0 - w), 0.0)
+    la = tl.log(tl.where(keep & (x != 0), 1.0 - w, 1.0))  # resets, padding: log 1 = 0
     L = tl.cumsum(la, axis=0)
     return w, L, cnt
 
