@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32 for accuracy-sensitive math; float32/64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -14,9 +19,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        xu = upcast(x)
+        y = xu * torch.rsqrt(xu.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * upcast(self.weight)).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -33,10 +38,11 @@ class SwiGLU(nn.Module):
 def apply_rope(x_BTHD: torch.Tensor, positions_BT: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (rotate-half form) at integer positions ``positions_BT``."""
     d = x_BTHD.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x_BTHD.device, dtype=torch.float32) / d)
-    angles = positions_BT.to(torch.float32)[..., None] * inv_freq  # [B, T, d/2]
+    x = upcast(x_BTHD)
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=x.dtype) / d)
+    angles = positions_BT.to(x.dtype)[..., None] * inv_freq  # [B, T, d/2]
     cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
-    x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x_BTHD.dtype)
 

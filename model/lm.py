@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm, SwiGLU, upcast
 from .mixers import BLACache, KVCache, build_mixer, positions_from_cu_seqlens
 
 
@@ -121,6 +121,6 @@ class BLALM(nn.Module):
         logits = self.head(self.norm(x))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return LMOutput(logits, loss, new_cache)
 
