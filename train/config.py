@@ -94,6 +94,9 @@ class TrainConfig:
             bad(f"data.seq_len must be a positive int, got {self.data.seq_len}")
         if not isinstance(self.sequence_parallel_size, int) or self.sequence_parallel_size < 1:
             bad(f"sequence_parallel_size must be a positive int, got {self.sequence_parallel_size!r}")
+        if (self.micro_batch * self.data.seq_len) % self.sequence_parallel_size:
+            bad(f"micro_batch x data.seq_len = {self.micro_batch * self.data.seq_len} tokens must split evenly over "
+                f"sequence_parallel_size={self.sequence_parallel_size} ranks")  # fmt: skip
         if self.zero_stage not in (0, 1, 2, 3):
             bad(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -29,6 +29,7 @@ from bla.eval.tasks import label_accuracy
 from bla.model import BLALM, flops_per_token, param_count
 
 from . import checkpoint as ckpt
+from . import sequence_parallel
 from .config import TrainConfig
 from .schedule import lr_lambda
 
@@ -120,6 +121,27 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def forward_loss(engine, batch: dict, device, sp_ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, logits). Under sequence parallelism each rank scores its slice and
+    returns sp x (its summed NLL) / (the group's label count): DeepSpeed averages gradients over
+    all ranks, which then gives the data-parallel mean of every group's token-mean loss. The
+    value returned for logging is the group's mean (identical on the group's ranks)."""
+    if sp_ctx is None:
+        b = _to(batch, device)
+        out = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), labels=b["labels"], positions=b.get("positions"))
+        return out.loss, out.logits
+    b = _to(sequence_parallel.shard(batch, sp_ctx), device)
+    out = engine(b["input_ids"], cu_seqlens=b["cu_seqlens"], positions=b["positions"])
+    nll = torch.nn.functional.cross_entropy(out.logits[0].float(), b["labels"][0], ignore_index=-100, reduction="sum")
+    count = (b["labels"] != -100).sum().to(nll.dtype)
+    stats = torch.stack([nll.detach(), count])
+    dist.all_reduce(stats, group=sp_ctx.group)
+    loss = nll * sp_ctx.size / stats[1].clamp_min(1.0)
+    # report the group's mean while back-propagating this rank's share
+    report = stats[0] / stats[1].clamp_min(1.0)
+    return loss + (report - loss).detach(), out.logits
+
+
 def train_loader(cfg: TrainConfig, tok: Tokenizer | None, shards, rank: int, world: int):
     d = cfg.data
     if d.task == "mqar":
@@ -160,7 +182,7 @@ def evaluate_regbench(engine, cfg: TrainConfig, rank: int, world: int, device) -
     return {"val_accuracy": _all_reduce(totals["accuracy"]) / n, "val_tvd": _all_reduce(totals["tvd"]) / n}
 
 
-def evaluate(engine, cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: int, device) -> dict:
+def evaluate(engine, cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: int, device, sp_ctx=None) -> dict:
     """Validation loss and perplexity (and accuracy for tasks); every rank runs the same number of
     batches (ZeRO-3 gathers parameters collectively) over its own part of the data."""
     if cfg.data.task == "regbench":
@@ -169,13 +191,13 @@ def evaluate(engine, cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: 
     engine.eval()
     with torch.no_grad():
         for _, batch in zip(range(cfg.eval_batches), eval_loader(cfg, tok, rank, world)):
+            loss, logits = forward_loss(engine, batch, device, sp_ctx)
             b = _to(batch, device)
-            out = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), labels=b["labels"], positions=b.get("positions"))
-            n = float((b["labels"] != -100).sum())
-            total += float(out.loss) * n
+            n = float((b["labels"] != -100).sum())  # the whole row's labels: SP ranks report their group's mean
+            total += float(loss) * n
             count += n
             if cfg.data.task != "lm":
-                acc = label_accuracy(out.logits, b["labels"])
+                acc = label_accuracy(logits, b["labels"])
                 correct += float(acc.nansum())
                 examples += float((~acc.isnan()).sum())
     engine.train()
@@ -191,12 +213,12 @@ def run(cfg: TrainConfig) -> dict:
     import deepspeed
 
     cfg.validate()
-    if cfg.sequence_parallel_size > 1:
-        raise NotImplementedError(
-            "sequence_parallel_size > 1: sequence parallelism is not implemented yet (issue 6); "
-            "launch layouts with it can be checked with `bla launch --dry-run`"
-        )
     rank, world, device = init_distributed()
+    sp_ctx, data_rank, data_world = None, rank, world
+    if cfg.sequence_parallel_size > 1:
+        if cfg.data.task != "lm":
+            raise ValueError("sequence parallelism splits packed text rows: data.task must be lm")
+        sp_ctx, data_rank, data_world = sequence_parallel.new_groups(cfg.sequence_parallel_size)
     log = (lambda msg: print(f"[bla train] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -225,12 +247,14 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = BLALM(cfg.model)
     model.activation_checkpointing = cfg.activation_checkpointing
+    if sp_ctx is not None:
+        sequence_parallel.enable(model, sp_ctx)
     n_params = param_count(cfg.model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=cfg.deepspeed(bf16, universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )  # fmt: skip
-    loader = train_loader(cfg, tok, shards, rank, world)
+    loader = train_loader(cfg, tok, shards, data_rank, data_world)  # an SP group shares its batches
 
     step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
@@ -263,7 +287,7 @@ def run(cfg: TrainConfig) -> dict:
     peak = cfg.peak_flops or next((v for k, v in DATASHEET_PEAK.items() if device.type == "cuda"
                                    and k in torch.cuda.get_device_name(device)), 0.0)  # fmt: skip
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    tokens_per_step = cfg.micro_batch * cfg.data.seq_len * cfg.grad_accum * world
+    tokens_per_step = cfg.micro_batch * cfg.data.seq_len * cfg.grad_accum * data_world
 
     def save(reason: str) -> Path:
         tag_dir = ckpt_dir / ckpt.tag_of(step)
@@ -289,9 +313,7 @@ def run(cfg: TrainConfig) -> dict:
     while step < cfg.steps:
         micro_losses = []
         while len(micro_losses) < cfg.grad_accum:
-            b = _to(next(it), device)
-            out_ = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), labels=b["labels"], positions=b.get("positions"))
-            loss = out_.loss
+            loss, _ = forward_loss(engine, next(it), device, sp_ctx)
             if _all_reduce(float(torch.isfinite(loss.detach()).all()), dist.ReduceOp.MIN) < 1:
                 skipped += 1
                 log(f"non-finite loss at step {step + 1} (micro-batch dropped; {skipped} so far)")
@@ -308,7 +330,7 @@ def run(cfg: TrainConfig) -> dict:
             break
         step += 1
         tokens_seen += tokens_per_step
-        loss_mean = _all_reduce(sum(micro_losses) / len(micro_losses)) / world
+        loss_mean = _all_reduce(sum(micro_losses) / len(micro_losses)) / world  # SP ranks report their group's loss
         history.append({"step": step, "loss": loss_mean})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_mean:.3f}")
@@ -322,12 +344,14 @@ def run(cfg: TrainConfig) -> dict:
                            "train/grad_norm": float(gn) if gn is not None else float("nan"), "train/tokens": tokens_seen}  # fmt: skip
                 if peak:
                     scalars["train/mfu"] = fpt * tps / (peak * world)
+                if sp_ctx is not None:
+                    scalars["train/sp_comm_bytes_per_micro_batch"] = float(sum(sp_ctx.comm_bytes.values()))
                 scalars["train/memory_gb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                                               _rss_bytes()) / 1e9  # fmt: skip
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            last_eval = evaluate(engine, cfg, tok, rank, world, device)
+            last_eval = evaluate(engine, cfg, tok, data_rank, data_world, device, sp_ctx)
             log(f"step {step}: train loss {loss_mean:.4f}, " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if writer:
                 for k, v in last_eval.items():
