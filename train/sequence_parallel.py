@@ -10,8 +10,9 @@ runs every layer on it; layers exchange only what crosses a slice boundary:
   them to get the initial state of its first segment; autograd carries the gradients of those
   states back to the ranks that made them. A slice holding W tokens of its last document has
   Gamma = 0: only the neighbour's state matters.
-* Softmax attention (full or SWA): keys and values are all-gathered (autograd), and local
-  queries attend with the global causal, same-document (and window) mask.
+* Full softmax attention: keys and values are all-gathered (autograd); SWA: only a halo of the
+  last W - 1 keys and values of the previous rank(s). Local queries attend with the global
+  causal, same-document (and window) mask.
 * The short convolution takes the previous rank's last kernel - 1 inputs as its halo.
 
 The model stays single-device: ``enable`` attaches these forwards to a built model's mixers,
@@ -171,12 +172,22 @@ def _softmax_forward(self: SoftmaxMixer, x, positions, cu_seqlens=None, cache=No
     q = apply_rope(self.q_proj(x).view(B, T, H, d), positions, self.cfg.rope_theta).transpose(1, 2)
     k = apply_rope(self.k_proj(x).view(B, T, Hkv, d), positions, self.cfg.rope_theta).transpose(1, 2)
     v = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
-    kv_parts, _ = _gather(torch.cat([k, v], dim=-1), ctx)  # every part feeds the attention below
-    kv_all = torch.cat(kv_parts, dim=2)
-    k_all, v_all = kv_all[..., :d], kv_all[..., d:]
-    _count(ctx, self._sp_name + (".swa" if self.window else ".attn"), k, v)
+    kv = torch.cat([k, v], dim=-1)
     q_idx = ctx.slice_start + torch.arange(T, device=x.device)
-    k_idx = torch.arange(ctx.total_len, device=x.device)
+    if self.window is None:  # full attention: every rank's keys and values
+        kv_parts, _ = _gather(kv, ctx)  # every part feeds the attention below
+        kv_all = torch.cat(kv_parts, dim=2)
+        k_idx = torch.arange(ctx.total_len, device=x.device)
+        _count(ctx, self._sp_name + ".attn", k, v)
+    else:  # SWA: a halo of the last W - 1 keys and values, from as many previous ranks as it spans
+        halo = min(self.window - 1, T)
+        tails, tie = _gather(kv[:, :, T - halo :], ctx)
+        _count(ctx, self._sp_name + ".swa", tails[0])
+        first = max(0, ctx.rank - -(-(self.window - 1) // T))  # ceil((W - 1) / T) ranks back
+        kv_all = torch.cat([*tails[first : ctx.rank], kv + tie], dim=2)
+        k_idx = torch.cat([torch.arange((i + 1) * T - halo, (i + 1) * T, device=x.device) for i in range(first, ctx.rank)]
+                          + [q_idx])  # fmt: skip
+    k_all, v_all = kv_all[..., :d], kv_all[..., d:]
     doc = _document_ids(ctx.global_cu, ctx.total_len, x.device)[0]
     allowed = (k_idx[None, :] <= q_idx[:, None]) & (doc[k_idx][None, :] == doc[q_idx][:, None])
     if self.window is not None:

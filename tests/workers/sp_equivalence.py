@@ -18,7 +18,7 @@ dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 cfg = apply_overrides(load_preset("tiny"), ["n_layers=4", "layer_pattern=[bla, attn, swa, bla]", "bla.rope=true",
-                                            f"bla.window={window}"])  # fmt: skip
+                                            f"bla.window={window}", f"swa_window={window}"])  # fmt: skip
 model = BLALM(cfg).double()
 packer = Packer(seq_len=48, bos_id=1, eos_id=2)
 gen = torch.Generator().manual_seed(1)
