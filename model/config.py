@@ -160,20 +160,29 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    return key, value
+
+
+def set_dotted(d: dict[str, Any], key: str, value: str) -> None:
+    """Set ``a.b.c`` in a nested config dict, refusing keys the config does not have."""
+    node = d
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ValueError(f"override {key!r}: {part!r} is not a config section")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ValueError(f"override {key!r}: unknown key; known here: {sorted(node)}")
+    node[parts[-1]] = parse_value(value)
+
+
 def apply_overrides(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
     """Apply ``key=value`` overrides (dotted keys reach nested sections, e.g. ``bla.slots=32``)."""
     d = cfg.to_dict()
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
-        key, value = item.split("=", 1)
-        node = d
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"override {key!r}: {part!r} is not a config section")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ValueError(f"override {key!r}: unknown key; known here: {sorted(node)}")
-        node[parts[-1]] = parse_value(value)
+        set_dotted(d, *split_override(item))
     return ModelConfig.from_dict(d)

@@ -18,7 +18,7 @@ import yaml
 from bla.data.regbench import VOCAB as REGBENCH_VOCAB
 from bla.data.regbench import RegBenchConfig
 from bla.data.synthetic import MQARConfig
-from bla.model.config import ModelConfig, load_preset, parse_value
+from bla.model.config import ModelConfig, load_preset, set_dotted, split_override
 
 TASKS = ("lm", "mqar", "regbench")
 
@@ -185,19 +185,9 @@ def load_train_config(preset: str = "main", overrides: list[str] | None = None) 
         raise ValueError(f"train config file {path} does not exist")
     d = TrainConfig.from_dict(yaml.safe_load(path.read_text()) or {}).to_dict()
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
-        key, value = item.split("=", 1)
+        key, value = split_override(item)
         if key == "model.preset":  # rebase the model on another preset; later overrides refine it
             d["model"] = load_preset(value).to_dict()
-            continue
-        node = d
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"override {key!r}: {part!r} is not a config section")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ValueError(f"override {key!r}: unknown key; known here: {sorted(node)}")
-        node[parts[-1]] = parse_value(value)
+        else:
+            set_dotted(d, key, value)
     return TrainConfig.from_dict(d)
