@@ -35,7 +35,7 @@ fi
 cmd="${1:-test}"
 shift || true
 case "$cmd" in
-    test) exec "$PY" -m pytest -q -ra "$@" ;;
+    test) exec "$PY" -m pytest -q -ra --durations=10 "$@" ;;
     train) exec "$VENV/bin/bla" train "$@" ;;
     bla) exec "$VENV/bin/bla" "$@" ;;
     *) echo "usage: ./run.sh train [ARGS] | ./run.sh test | ./run.sh bla ARGS..." >&2; exit 2 ;;

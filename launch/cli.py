@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_commands(sub)
     add_eval_commands(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:  # bad input: say what and exit 2, as argparse does
+        print(f"bla {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,12 +31,16 @@ def resolve(args) -> tuple[Layout, object, list[str]]:
     if args.launcher == "slurm" and not slurm:
         raise ValueError("--launcher slurm needs SLURM's variables (SLURM_JOB_NODELIST, SLURM_NNODES, ...): run inside sbatch/srun")
     sp = args.sequence_parallel
+    procs = args.gpus_per_node or slurm.get("procs_per_node") or _local_devices()
+    world = slurm.get("nodes", args.nodes) * procs
+    if sp < 1 or world % sp:  # the layout's own error before the config's
+        raise ValueError(f"launch layout: sequence_parallel_size={sp} does not divide the world size {world}")
     if sp > 1:
         overrides = [*overrides, f"sequence_parallel_size={sp}"]
     cfg = load_train_config(preset, overrides)
     layout = Layout(
         nodes=slurm.get("nodes", args.nodes),
-        procs_per_node=args.gpus_per_node or slurm.get("procs_per_node") or _local_devices(),
+        procs_per_node=procs,
         node_rank=slurm.get("node_rank", args.node_rank),
         master_addr=args.master_addr or slurm.get("master_addr", "127.0.0.1"),
         master_port=args.master_port,

@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_commands(sub)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad config or data: say what, exit 2
+        print(f"bla train: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
