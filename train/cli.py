@@ -15,7 +15,7 @@ def _train(args) -> int:
     if "=" in config:  # `bla train steps=10`: no preset named, only overrides
         config, overrides = "main", [config, *overrides]
     cfg = load_train_config(config, overrides)
-    summary = run(cfg)
+    run(cfg)  # writes summary.json; a bad config raises, an interrupted run returns normally
     return 0
 
 
