@@ -188,3 +188,10 @@ def test_cli_overrides_without_a_preset(monkeypatch):
     monkeypatch.setattr("bla.train.trainer.run", lambda cfg: seen.setdefault("cfg", cfg) and {"status": "finished"})
     assert cli.main(["steps=70", "optim.lr=1e-3"]) == 0
     assert seen["cfg"].steps == 70 and seen["cfg"].optim.lr == 1e-3 and seen["cfg"].model.d_model == 192  # the main preset
+
+
+def test_example_run_configs_load():
+    repo = Path(__file__).resolve().parents[1]
+    for path in sorted((repo / "configs").glob("*.yaml")):
+        cfg = load_train_config(str(path))
+        assert cfg.model.d_model == 1024 and cfg.zero_stage == 2, path  # the 350m preset, as the file says
