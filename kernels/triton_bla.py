@@ -131,6 +131,25 @@ def _chunk_decays(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M
 
 
 @triton.jit
+def _tile_indices(C: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
+                  DV: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
+    """Index vectors and masks of every kernel: tokens of a chunk, slots, key and value columns."""
+    t_C = tl.arange(0, C)
+    j_M = tl.arange(0, BM)
+    dk_D = tl.arange(0, BDK)
+    dv_D = tl.arange(0, BDV)
+    return t_C, j_M, j_M < M, dk_D, dv_D, dk_D < DK, dv_D < DV
+
+
+@triton.jit
+def _state_tile(row, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK: tl.constexpr, DV: tl.constexpr):
+    """Offsets and masks of one (K [m, d_k], V [m, d_v]) state whose first slot row is ``row``."""
+    k_offs = (row + j_M[:, None]) * DK + dk_D[None, :]
+    v_offs = (row + j_M[:, None]) * DV + dv_D[None, :]
+    return k_offs, v_offs, mask_M[:, None] & mask_DK[None, :], mask_M[:, None] & mask_DV[None, :]
+
+
+@triton.jit
 def _mm(a, b, DT: tl.constexpr):
     """a @ b with fp32 accumulation: operands in DT (bf16/fp16 for half inputs), or exact fp32."""
     if DT == tl.float32:
@@ -206,19 +225,9 @@ def _bla_fwd_kernel(
     W = tl.load(window_ptr + g)
     r = W // M
 
-    t_C = tl.arange(0, C)
-    j_M = tl.arange(0, BM)
-    mask_M = j_M < M
-    dk_D = tl.arange(0, BDK)
-    dv_D = tl.arange(0, BDV)
-    mask_DK = dk_D < DK
-    mask_DV = dv_D < DV
+    t_C, j_M, mask_M, dk_D, dv_D, mask_DK, mask_DV = _tile_indices(C, M, BM, DK, BDK, DV, BDV)
     causal = t_C[:, None] >= t_C[None, :]  # [C(t), C(s)]
-    smask_k = mask_M[:, None] & mask_DK[None, :]
-    smask_v = mask_M[:, None] & mask_DV[None, :]
-    state_off = (n * HKV + g) * M
-    sk_offs = (state_off + j_M[:, None]) * DK + dk_D[None, :]
-    sv_offs = (state_off + j_M[:, None]) * DV + dv_D[None, :]
+    sk_offs, sv_offs, smask_k, smask_v = _state_tile((n * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
 
     # The segment's start state: exact from the W tokens before it (every slot resets there),
     # or from the document's start and initial state when that is closer.
@@ -252,9 +261,9 @@ def _bla_fwd_kernel(
         valid_C = (t0 + t_C) < seq_len
         tok_C = bos + t0 + t_C
         if STORE_CHUNKS:
-            cs = ((chunk_base + c) * HKV + g) * M
-            tl.store(kst_ptr + (cs + j_M[:, None]) * DK + dk_D[None, :], b_K, mask=smask_k)
-            tl.store(vst_ptr + (cs + j_M[:, None]) * DV + dv_D[None, :], b_V, mask=smask_v)
+            ck_offs, cv_offs, _, _ = _state_tile(((chunk_base + c) * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
+            tl.store(kst_ptr + ck_offs, b_K, mask=smask_k)
+            tl.store(vst_ptr + cv_offs, b_V, mask=smask_v)
         A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
         b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)  # [C, BDK]
         b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)  # [C, BDV]
@@ -297,19 +306,9 @@ def _bla_bwd_chunk_kernel(
     W = tl.load(window_ptr + g)
     r = W // M
 
-    t_C = tl.arange(0, C)
-    j_M = tl.arange(0, BM)
-    mask_M = j_M < M
-    dk_D = tl.arange(0, BDK)
-    dv_D = tl.arange(0, BDV)
-    mask_DK = dk_D < DK
-    mask_DV = dv_D < DV
+    t_C, j_M, mask_M, dk_D, dv_D, mask_DK, mask_DV = _tile_indices(C, M, BM, DK, BDK, DV, BDV)
     causal = t_C[:, None] >= t_C[None, :]
-    smask_k = mask_M[:, None] & mask_DK[None, :]
-    smask_v = mask_M[:, None] & mask_DV[None, :]
-    cs = (i * HKV + g) * M
-    sk_offs = (cs + j_M[:, None]) * DK + dk_D[None, :]
-    sv_offs = (cs + j_M[:, None]) * DV + dv_D[None, :]
+    sk_offs, sv_offs, smask_k, smask_v = _state_tile((i * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
 
     t0 = c * C
     valid_C = (t0 + t_C) < seq_len
@@ -369,22 +368,14 @@ def _bla_bwd_scan_kernel(
     chunk_base = tl.load(chunk_base_ptr + n)
     W = tl.load(window_ptr + g)
     r = W // M
-    t_C = tl.arange(0, C)
-    j_M = tl.arange(0, BM)
-    mask_M = j_M < M
-    dk_D = tl.arange(0, BDK)
-    dv_D = tl.arange(0, BDV)
-    smask_k = mask_M[:, None] & (dk_D < DK)[None, :]
-    smask_v = mask_M[:, None] & (dv_D < DV)[None, :]
-    so = (n * HKV + g) * M
-    dK = tl.load(dhk_ptr + (so + j_M[:, None]) * DK + dk_D[None, :], mask=smask_k, other=0.0)
-    dV = tl.load(dhv_ptr + (so + j_M[:, None]) * DV + dv_D[None, :], mask=smask_v, other=0.0)
+    t_C, j_M, mask_M, dk_D, dv_D, mask_DK, mask_DV = _tile_indices(C, M, BM, DK, BDK, DV, BDV)
+    sk_offs, sv_offs, smask_k, smask_v = _state_tile((n * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
+    dK = tl.load(dhk_ptr + sk_offs, mask=smask_k, other=0.0)
+    dV = tl.load(dhv_ptr + sv_offs, mask=smask_v, other=0.0)
     n_chunks = tl.cdiv(seq_len, C)
     for ii in range(0, n_chunks):
         c = n_chunks - 1 - ii
-        cs = ((chunk_base + c) * HKV + g) * M
-        k_offs = (cs + j_M[:, None]) * DK + dk_D[None, :]
-        v_offs = (cs + j_M[:, None]) * DV + dv_D[None, :]
+        k_offs, v_offs, _, _ = _state_tile(((chunk_base + c) * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
         own_K = tl.load(dks_ptr + k_offs, mask=smask_k, other=0.0)
         own_V = tl.load(dvs_ptr + v_offs, mask=smask_v, other=0.0)
         tl.store(dks_ptr + k_offs, dK, mask=smask_k)
@@ -392,8 +383,8 @@ def _bla_bwd_scan_kernel(
         _, _, _, g_end, _, _ = _chunk_decays(offset + c * C, t_C, seq_len - c * C, W, r, j_M, mask_M, M, EVEN_M, C)
         dK = g_end[:, None] * dK + own_K
         dV = g_end[:, None] * dV + own_V
-    tl.store(dh0k_ptr + (so + j_M[:, None]) * DK + dk_D[None, :], dK, mask=smask_k)
-    tl.store(dh0v_ptr + (so + j_M[:, None]) * DV + dv_D[None, :], dV, mask=smask_v)
+    tl.store(dh0k_ptr + sk_offs, dK, mask=smask_k)
+    tl.store(dh0v_ptr + sv_offs, dV, mask=smask_v)
 
 
 @triton.jit
@@ -414,19 +405,13 @@ def _bla_bwd_state_kernel(
     offset = tl.load(offset_ptr + n)
     W = tl.load(window_ptr + g)
     r = W // M
-    t_C = tl.arange(0, C)
-    j_M = tl.arange(0, BM)
-    mask_M = j_M < M
-    dk_D = tl.arange(0, BDK)
-    dv_D = tl.arange(0, BDV)
-    mask_DK = dk_D < DK
-    mask_DV = dv_D < DV
+    t_C, j_M, mask_M, dk_D, dv_D, mask_DK, mask_DV = _tile_indices(C, M, BM, DK, BDK, DV, BDV)
     t0 = c * C
     valid_C = (t0 + t_C) < seq_len
     tok_C = bos + t0 + t_C
-    cs = (i * HKV + g) * M
-    dK = tl.load(dks_ptr + (cs + j_M[:, None]) * DK + dk_D[None, :], mask=mask_M[:, None] & mask_DK[None, :], other=0.0)
-    dV = tl.load(dvs_ptr + (cs + j_M[:, None]) * DV + dv_D[None, :], mask=mask_M[:, None] & mask_DV[None, :], other=0.0)
+    sk_offs, sv_offs, smask_k, smask_v = _state_tile((i * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
+    dK = tl.load(dks_ptr + sk_offs, mask=smask_k, other=0.0)
+    dV = tl.load(dvs_ptr + sv_offs, mask=smask_v, other=0.0)
     _, _, _, _, B_end, _ = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
     b_dk = _load_tokens(dk_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK) + _mm(B_end, dK, DT)
     b_dv = _load_tokens(dv_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV) + _mm(B_end, dV, DT)
@@ -450,23 +435,14 @@ def _bla_step_kernel(
     W = tl.load(window_ptr + g)
     r = W // M
     pos = tl.load(pos_ptr + b)
-    j_M = tl.arange(0, BM)
-    mask_M = j_M < M
-    dk_D = tl.arange(0, BDK)
-    dv_D = tl.arange(0, BDV)
-    mask_DK = dk_D < DK
-    mask_DV = dv_D < DV
+    _, j_M, mask_M, dk_D, dv_D, mask_DK, mask_DV = _tile_indices(16, M, BM, DK, BDK, DV, BDV)
     one = tl.arange(0, 1)
     w, L, _ = _chunk_gates(pos, one, 1, W, r, j_M, mask_M, M, EVEN_M)  # [1, BM]
     alpha = tl.where(w == 1.0, 0.0, tl.exp(L))  # one token: L = log(alpha), skipped (0) at a reset
     alpha = tl.reshape(alpha, (BM,))
     w = tl.reshape(w, (BM,))
 
-    state_off = (b * HKV + g) * M
-    sk_offs = (state_off + j_M[:, None]) * DK + dk_D[None, :]
-    sv_offs = (state_off + j_M[:, None]) * DV + dv_D[None, :]
-    smask_k = mask_M[:, None] & mask_DK[None, :]
-    smask_v = mask_M[:, None] & mask_DV[None, :]
+    sk_offs, sv_offs, smask_k, smask_v = _state_tile((b * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
     b_K = tl.load(sk_ptr + sk_offs, mask=smask_k, other=0.0)
     b_V = tl.load(sv_ptr + sv_offs, mask=smask_v, other=0.0)
     b_k = tl.load(k_ptr + (b * HKV + g) * DK + dk_D, mask=mask_DK, other=0.0).to(tl.float32)
