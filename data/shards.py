@@ -9,6 +9,7 @@ Documents are stored without special tokens; the packer adds them, exactly as wh
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -30,6 +31,35 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+class _ShardWriter:
+    """Appends documents to ``shard_NNNNN.bin`` files of about ``shard_tokens`` tokens each,
+    writing each shard's document index when it closes."""
+
+    def __init__(self, out: Path, dtype, shard_tokens: int):
+        self.out, self.dtype, self.shard_tokens = out, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.file = None
+        self.offsets = [0]
+
+    def add(self, ids: list[int]) -> None:
+        if self.file is None:
+            self.file = open(self.out / f"shard_{len(self.shards):05d}.bin", "wb")
+        np.asarray(ids, dtype=self.dtype).tofile(self.file)
+        self.offsets.append(self.offsets[-1] + len(ids))
+        if self.offsets[-1] >= self.shard_tokens:
+            self.close()
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        self.file.close()
+        n = len(self.shards)
+        np.save(self.out / f"shard_{n:05d}.idx.npy", np.asarray(self.offsets, dtype=np.int64))
+        self.shards.append({"bin": f"shard_{n:05d}.bin", "idx": f"shard_{n:05d}.idx.npy",
+                            "docs": len(self.offsets) - 1, "tokens": self.offsets[-1]})  # fmt: skip
+        self.file, self.offsets = None, [0]
+
+
 def prepare(
     source: DataSourceConfig, tokenizer: Tokenizer, out_dir: str | Path, shard_tokens: int = 1 << 27,
     batch_docs: int = 64, max_docs: int | None = None, progress: bool = True,
@@ -38,37 +68,18 @@ def prepare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    shards: list[dict] = []
-    state = {"file": None, "offsets": [0], "tokens": 0}
-
-    def close_shard():
-        if state["file"] is None:
-            return
-        state["file"].close()
-        n = len(shards)
-        np.save(out / f"shard_{n:05d}.idx.npy", np.asarray(state["offsets"], dtype=np.int64))
-        shards.append({"bin": f"shard_{n:05d}.bin", "idx": f"shard_{n:05d}.idx.npy",
-                       "docs": len(state["offsets"]) - 1, "tokens": state["offsets"][-1]})  # fmt: skip
-        state["file"], state["offsets"] = None, [0]
-
+    writer = _ShardWriter(out, dtype, shard_tokens)
     total_docs = total_tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(desc="tokenising", unit="tok", unit_scale=True, disable=not progress)
-    batch: list[str] = []
-    docs = load_documents(source)
-    for i, ex in enumerate(docs):
-        if max_docs is not None and i >= max_docs:
-            break
-        batch.append(ex["text"])
-        if len(batch) < batch_docs:
-            continue
-        total_tokens += _write_batch(tokenizer.encode_batch(batch), out, shards, state, dtype, shard_tokens, close_shard, bar)
+    texts = (ex["text"] for ex in itertools.islice(load_documents(source), max_docs))
+    while batch := list(itertools.islice(texts, batch_docs)):
+        for ids in tokenizer.encode_batch(batch):
+            writer.add(ids)
+            total_tokens += len(ids)
+            bar.update(len(ids))
         total_docs += len(batch)
-        batch = []
-    if batch:
-        total_tokens += _write_batch(tokenizer.encode_batch(batch), out, shards, state, dtype, shard_tokens, close_shard, bar)
-        total_docs += len(batch)
-    close_shard()
+    writer.close()
     bar.close()
     if total_docs == 0:
         raise ValueError("prepare: the source yielded no documents (empty corpus)")
@@ -76,25 +87,11 @@ def prepare(
     tokenizer.save(out)
     manifest = {
         "tokenizer": tokenizer.describe(), "dtype": np.dtype(dtype).name, "docs": total_docs,
-        "tokens": total_tokens, "shards": shards, "source": [s.describe() for s in source.sources],
+        "tokens": total_tokens, "shards": writer.shards, "source": [s.describe() for s in source.sources],
         "seconds": seconds, "tokens_per_second": total_tokens / max(seconds, 1e-9),
     }  # fmt: skip
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
-
-
-def _write_batch(encoded, out, shards, state, dtype, shard_tokens, close_shard, bar) -> int:
-    n = 0
-    for ids in encoded:
-        if state["file"] is None:
-            state["file"] = open(out / f"shard_{len(shards):05d}.bin", "wb")
-        np.asarray(ids, dtype=dtype).tofile(state["file"])
-        state["offsets"].append(state["offsets"][-1] + len(ids))
-        n += len(ids)
-        if state["offsets"][-1] >= shard_tokens:
-            close_shard()
-    bar.update(n)
-    return n
 
 
 class ShardDocuments:

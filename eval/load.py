@@ -29,19 +29,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def fp32_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+def fp32_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Consolidated weights: ZeRO-1/2/3 through DeepSpeed's zero_to_fp32, ZeRO-0 from the module file."""
-    if _zero_stage(tag_dir) > 0:
+    if zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
 
-
-def _zero_stage(tag_dir: Path) -> int:
-    cfg = yaml.safe_load((tag_dir / "config.yaml").read_text()) if (tag_dir / "config.yaml").exists() else {}
-    return int(cfg.get("zero_stage", 0))
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, Tokenizer | None, dict]:
@@ -53,7 +49,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLAL
     train_cfg = yaml.safe_load(cfg_path.read_text())
     model_cfg = ModelConfig.from_dict(train_cfg["model"])
     model = BLALM(model_cfg)
-    state = fp32_state_dict(tag_dir)
+    state = fp32_state_dict(tag_dir, int(train_cfg.get("zero_stage", 0)))
     if model_cfg.tie_embeddings:
         state.pop("head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .api import bla_attention
+from .benchmark_gpu import add_gpu_parser
 
 
 def _time_cpu(fn, repeats: int) -> float:
@@ -71,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu.add_argument("--threads", type=int, default=0)
     cpu.add_argument("--backends", nargs="+", default=["torch"])
     cpu.add_argument("--json", default="bench_cpu.json")
-    if _has_gpu_mode():
-        from .benchmark_gpu import add_gpu_parser
-
-        add_gpu_parser(sub)
+    add_gpu_parser(sub)
     args = parser.parse_args(argv)
     rows = cpu_benchmark(args) if args.mode == "cpu" else args.run(args)
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.node(), processor=platform.processor(),
@@ -82,10 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.json}")
     return 0
-
-
-def _has_gpu_mode() -> bool:
-    return (Path(__file__).parent / "benchmark_gpu.py").exists()
 
 
 if __name__ == "__main__":

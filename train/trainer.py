@@ -75,7 +75,8 @@ def ensure_tokenizer(cfg: TrainConfig, rank: int, log) -> Tokenizer:
         texts = (ex["text"] for ex in load_documents(DataSourceConfig([parse_source(s) for s in d.sources])))
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         train_tokenizer(texts, tmp, kind=d.tokenizer_kind, vocab_size=cfg.model.vocab_size)
-        tmp.replace(cache) if not cache.exists() else None
+        if not cache.exists():  # another run may have cached the same tokenizer meanwhile
+            tmp.replace(cache)
     dist.barrier()
     return Tokenizer(cache / name)
 
@@ -192,12 +193,12 @@ def evaluate(engine, cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: 
     with torch.no_grad():
         for _, batch in zip(range(cfg.eval_batches), eval_loader(cfg, tok, rank, world)):
             loss, logits = forward_loss(engine, batch, device, sp_ctx)
-            b = _to(batch, device)
-            n = float((b["labels"] != -100).sum())  # the whole row's labels: SP ranks report their group's mean
+            labels = batch["labels"]  # the whole row's: SP ranks report their group's mean
+            n = float((labels != -100).sum())
             total += float(loss) * n
             count += n
             if cfg.data.task != "lm":
-                acc = label_accuracy(logits, b["labels"])
+                acc = label_accuracy(logits, labels.to(logits.device))
                 correct += float(acc.nansum())
                 examples += float((~acc.isnan()).sum())
     engine.train()
