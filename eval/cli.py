@@ -14,11 +14,11 @@ def _device(name: str) -> torch.device:
 def _perplexity(args) -> int:
     from bla.data import DataSourceConfig, parse_source
 
-    from .load import load_run
+    from .load import load_model
     from .perplexity import perplexity
 
     device = _device(args.device)
-    model, tok, cfg = load_run(args.run, device)
+    model, tok, cfg = load_model(args.run, device)
     source = DataSourceConfig([parse_source(s) for s in args.source or cfg["data"]["val_sources"]])
     context = args.context or cfg["data"]["seq_len"]
     result = perplexity(model, tok, source, context, args.max_docs, device, progress=True)
@@ -29,11 +29,11 @@ def _perplexity(args) -> int:
 def _mqar(args) -> int:
     from bla.data.synthetic import MQARConfig, mqar_examples
 
-    from .load import load_run
+    from .load import load_model
     from .tasks import label_accuracy
 
     device = _device(args.device)
-    model, _, cfg = load_run(args.run, device)
+    model, _, cfg = load_model(args.run, device)
     d = cfg["data"]
     seq_len = args.seq_len or d["seq_len"]
     base = dict(d.get("mqar") or {})
@@ -54,10 +54,10 @@ def _regbench(args) -> int:
     from bla.data import regbench
     from bla.data.regbench import RegBenchConfig
 
-    from .load import load_run
+    from .load import load_model
 
     device = _device(args.device)
-    model, _, cfg = load_run(args.run, device)
+    model, _, cfg = load_model(args.run, device)
     rcfg = RegBenchConfig(**(cfg["data"].get("regbench") or {}))
     test = regbench.automaton_pools(rcfg)[1]
     by_size: dict[int, list] = {}
@@ -84,10 +84,10 @@ def _harness(args) -> int:
 
 def _generate(args) -> int:
     from .generate import generate
-    from .load import load_run
+    from .load import load_model
 
     device = _device(args.device)
-    model, tok, _ = load_run(args.run, device)
+    model, tok, _ = load_model(args.run, device)
     ids = torch.tensor([[tok.bos_id, *tok.encode(args.prompt)]], device=device)
     out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id, args.seed)
     print(args.prompt + tok.decode(out[0, ids.shape[1] :].tolist()))
@@ -99,7 +99,7 @@ def add_eval_commands(sub) -> None:
     esub = p.add_subparsers(dest="eval_command", required=True)
 
     ppl = esub.add_parser("perplexity", help="token loss, perplexity and bits per byte on held-out text")
-    ppl.add_argument("--run", required=True, help="run directory or checkpoint directory")
+    ppl.add_argument("--run", required=True, help="run, checkpoint or exported (bla export) directory")
     ppl.add_argument("--source", action="append", help="data source (default: the run's validation sources)")
     ppl.add_argument("--context", type=int, default=0, help="window of the scoring passes (default: training seq_len)")
     ppl.add_argument("--max-docs", type=int, default=None)

@@ -18,7 +18,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .generate import generate
-from .load import load_run
+from .load import load_model
 
 
 @register_model("bla")
@@ -26,7 +26,7 @@ class BLAHarnessLM(LM):
     def __init__(self, run: str, device: str = "", max_length: int = 0, **_: object):
         super().__init__()
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.tok, cfg = load_run(run, self._device)
+        self.model, self.tok, cfg = load_model(run, self._device)
         if self.tok is None:
             raise ValueError(f"{run} was trained on a synthetic task and has no tokenizer for text tasks")
         self.context = int(max_length) or cfg["data"]["seq_len"]

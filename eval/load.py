@@ -1,8 +1,10 @@
-"""Load a trained model back from a run directory or one of its checkpoints (any ZeRO stage,
-any number of ranks): the resolved config, the tokenizer and fp32 weights."""
+"""Load a trained model back: from a run directory or one of its checkpoints (any ZeRO stage,
+any number of ranks), or from a directory written by ``bla export`` (safetensors and a Hugging
+Face config). Either way: the model config, the tokenizer and the weights."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -40,6 +42,71 @@ def fp32_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
 
 
 
+def load_weights(model: BLALM, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state`` into ``model``, refusing any missing, unexpected or misshapen weight."""
+    tied = model.cfg.tie_embeddings
+    state = {k: v for k, v in state.items() if not (tied and k == "head.weight")}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state and not (tied and k == "head.weight"))
+    unexpected = sorted(k for k in state if k not in own)
+    misshapen = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or misshapen:
+        raise ValueError(
+            f"{where} does not match its model config: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {misshapen}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, Tokenizer | None, dict]:
+    """A run, a checkpoint or an exported directory: (model in eval mode, tokenizer or None, the
+    resolved train config of the run it came from)."""
+    return load_exported(path, device) if is_export(path) else load_run(path, device)
+
+
+# ---- the export format (written by bla.launch.export) ----
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+EXPORT_INFO = "bla_export.json"  # where it came from, and the training config it was trained with
+EXPORT_MODEL_TYPE = "bla_lm"
+EXPORT_PREFIX = "model."  # the Hugging Face class holds the BLALM as ``.model``
+
+
+def is_export(path: str | Path) -> bool:
+    config = Path(path) / EXPORT_CONFIG
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == EXPORT_MODEL_TYPE
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
+    """(BLALM in eval mode, tokenizer or None, the training config) from a ``bla export``
+    directory; ``dtype`` None keeps the file's dtype."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_export(path):
+        raise ValueError(f"{path} is not a bla export: expected {EXPORT_CONFIG} with model_type {EXPORT_MODEL_TYPE!r}")
+    weights = path / EXPORT_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{path} has no {EXPORT_WEIGHTS}")
+    model_cfg = ModelConfig.from_dict(json.loads((path / EXPORT_CONFIG).read_text())["bla_model"])
+    state = load_file(str(weights))
+    foreign = sorted(k for k in state if not k.startswith(EXPORT_PREFIX))
+    if foreign:
+        raise ValueError(f"{weights}: weights outside {EXPORT_PREFIX!r}: {foreign[:5]}")
+    state = {k[len(EXPORT_PREFIX) :]: v for k, v in state.items()}
+    model = BLALM(model_cfg)
+    if dtype is None:
+        model.to(next(iter(state.values())).dtype)
+    load_weights(model, state, f"export {path}")
+    if dtype is not None:
+        model.to(dtype)
+    has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
+    info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
+    train_cfg = info.get("train_config") or {"model": model_cfg.to_dict()}
+    return model.to(device).eval(), (Tokenizer(path) if has_tokenizer else None), train_cfg
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, Tokenizer | None, dict]:
     """(model in eval mode, tokenizer (None for synthetic-task runs), the run's resolved train config)."""
     tag_dir = resolve_checkpoint(path)
@@ -49,13 +116,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLAL
     train_cfg = yaml.safe_load(cfg_path.read_text())
     model_cfg = ModelConfig.from_dict(train_cfg["model"])
     model = BLALM(model_cfg)
-    state = fp32_state_dict(tag_dir, int(train_cfg.get("zero_stage", 0)))
-    if model_cfg.tie_embeddings:
-        state.pop("head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (model_cfg.tie_embeddings and k == "head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {tag_dir} does not match its config: missing {missing}, unexpected {unexpected}")
+    load_weights(model, fp32_state_dict(tag_dir, int(train_cfg.get("zero_stage", 0))), f"checkpoint {tag_dir}")
     run_dir = tag_dir.parent.parent
     tok_dir = run_dir / "tokenizer"
     if train_cfg.get("data", {}).get("task", "lm") != "lm":

@@ -30,8 +30,12 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # a guarded import: exported models (bla export) run without Triton, on the torch backend
+    import triton
+    import triton.language as tl
+except ImportError as exc:
+    raise ImportError(f"the Triton BLA kernels need triton: {exc}") from exc
 
 from .checks import Problem, State
 from .gates import dirichlet_gates

@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     from bla.data.cli import add_data_commands
     from bla.model.cli import add_model_commands
     from bla.eval.cli import add_eval_commands
+    from bla.launch.export import add_export_command
     from bla.launch.run import add_launch_commands
     from bla.train.cli import add_train_commands
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_commands(sub)
     add_launch_commands(sub)
     add_eval_commands(sub)
+    add_export_command(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -73,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     nan_policy: str = "skip"  # skip (drop the micro-batch) | stop (save and exit)
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | none | a checkpoint dir
+    init_from: str = ""  # start from these weights (a run, checkpoint or bla export) with a fresh optimiser
     peak_flops: float = 0.0  # per device, for MFU; 0 = known GPU's datasheet figure, none on CPU
     progress: bool = True
 

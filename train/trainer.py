@@ -63,6 +63,20 @@ def _cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def initial_weights(cfg: TrainConfig, log):
+    """(model, tokenizer or None) of ``cfg.init_from``, refused unless its architecture is this run's."""
+    from bla.eval.load import load_model
+
+    model, tok, _ = load_model(cfg.init_from)
+    mine, theirs = cfg.model.to_dict(), model.cfg.to_dict()
+    mine["bla"].pop("backend"), theirs["bla"].pop("backend")  # how BLA is computed, not what
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(f"init_from={cfg.init_from}: its model config differs from this run's in {diff}")
+    log(f"initial weights from {cfg.init_from}" + (f" (and its tokenizer {tok.path})" if tok is not None else ""))
+    return model, tok
+
+
 def ensure_tokenizer(cfg: TrainConfig, rank: int, log) -> Tokenizer:
     """The configured tokenizer, or one trained on the training sources and cached."""
     d = cfg.data
@@ -229,8 +243,9 @@ def run(cfg: TrainConfig) -> dict:
 
     task = cfg.data.task
     tok = shards = None
+    init = initial_weights(cfg, log) if cfg.init_from else None
     if task == "lm":
-        tok = ensure_tokenizer(cfg, rank, log)
+        tok = init[1] if init is not None and init[1] is not None and cfg.data.tokenizer == "auto" else ensure_tokenizer(cfg, rank, log)
         check_vocab(tok, cfg.model.vocab_size)
         shards = ensure_shards(cfg, tok, rank, log)
 
@@ -247,6 +262,8 @@ def run(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = BLALM(cfg.model)
+    if init is not None and resume_from is None:
+        model.load_state_dict(init[0].state_dict())
     model.activation_checkpointing = cfg.activation_checkpointing
     if sp_ctx is not None:
         sequence_parallel.enable(model, sp_ctx)

@@ -1,0 +1,211 @@
+"""bla export: a ZeRO-3 2-process checkpoint to safetensors and a Hugging Face model directory,
+loaded by transformers alone (bla hidden), with logits and greedy generation equal to ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bla.eval.generate import generate
+from bla.eval.load import load_exported, load_run
+from bla.launch.cli import main as bla
+from bla.launch.export import export, flatten_imports, write_export
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+PROMPT = "def main():\n    return"
+NEW_TOKENS = 12
+
+# Runs with `bla` made unimportable: the export directory must carry everything the model needs.
+HF_SIDE = textwrap.dedent('''
+    import importlib.abc, json, sys
+    class HideBla(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "bla" or name.startswith("bla."):
+                raise ImportError("bla is hidden from this process")
+    sys.meta_path.insert(0, HideBla())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path, out, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    ids = tok(sys.argv[4], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+        short = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        long = model.generate(ids, max_new_tokens=int(sys.argv[5]), do_sample=False, return_dict_in_generate=True)
+        beam = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, length_penalty=1.0)
+    cache_bytes = [[l.nbytes() for l in g.past_key_values.decode.layers] for g in (short, long)]
+    try:
+        model(torch.cat([ids, ids]), attention_mask=torch.tensor([[0] + [1] * (ids.shape[1] - 1)] * 2))
+        padded_error = ""
+    except ValueError as exc:
+        padded_error = str(exc)
+    torch.save({"ids": ids, "logits": logits, "generated": long.sequences, "cache_bytes": cache_bytes,
+                "kinds": [type(l).__name__ for l in long.past_key_values.decode.layers],
+                "beam": beam.sequences, "beam_score": beam.sequences_scores * 6, "padded_error": padded_error, "bla_loaded": "bla" in sys.modules}, out)
+''')
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("export")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29713",
+           "-m", "bla.train.cli", "tiny", f"out_dir={tmp / 'run'}", f"cache_dir={tmp / 'cache'}", "zero_stage=3",
+           "steps=4", "save_every=4", "eval_every=4", "optim.lr=1e-2", "optim.warmup_steps=1"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return tmp
+
+
+def _hf_side(path: Path, dtype: str = "float32") -> dict:
+    out = path.parent / f"{path.name}_{dtype}_hf.pt"
+    done = subprocess.run([sys.executable, "-c", HF_SIDE, str(path), str(out), dtype, PROMPT, str(NEW_TOKENS)],
+                          capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    return torch.load(out)
+
+
+def test_transformers_matches_the_training_model(zero3_run):
+    run = zero3_run / "run"
+    assert json.loads((run / "summary.json").read_text())["zero_stage"] == 3
+    hf_dir = export(run, zero3_run / "hf")
+    hf = _hf_side(hf_dir)
+    assert not hf["bla_loaded"]
+
+    model, tok, _ = load_run(run)
+    ids = torch.tensor([tok.encode(PROMPT)])
+    assert torch.equal(hf["ids"], ids)  # the Hugging Face tokenizer encodes as ours
+    with torch.no_grad():
+        ours = model(ids).logits
+    torch.testing.assert_close(hf["logits"], ours, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hf["generated"], generate(model, ids, NEW_TOKENS))  # greedy == bla generate
+    # beam search reorders the cache: the best beam's score is its log-likelihood under a full forward
+    beam = hf["beam"]
+    with torch.no_grad():
+        logp = model(beam).logits.log_softmax(-1)[0, ids.shape[1] - 1 : -1].gather(-1, beam[0, ids.shape[1] :, None])
+    torch.testing.assert_close(hf["beam_score"], logp.sum()[None], rtol=1e-5, atol=1e-4)
+
+    # BLA layers keep a constant-size state; attention's cache grows, the sliding window's is bounded
+    short, long = hf["cache_bytes"]
+    assert set(hf["kinds"]) == {"BLACache", "KVCache"}
+    bla_layers = [i for i, kind in enumerate(model.cfg.mixers) if kind == "bla"]
+    assert bla_layers and all(short[i] == long[i] > 0 for i in bla_layers)
+    assert long[model.cfg.mixers.index("attn")] > short[model.cfg.mixers.index("attn")]
+    assert "padded batches" in hf["padded_error"]
+
+
+def test_bf16_export(zero3_run):
+    hf_dir = export(zero3_run / "run", zero3_run / "hf_bf16", dtype="bfloat16")
+    from safetensors import safe_open
+
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((hf_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = _hf_side(hf_dir, "bfloat16")
+    model, _, _ = load_run(zero3_run / "run")
+    with torch.no_grad():
+        ours = model(hf["ids"]).logits
+    assert hf["logits"].dtype == torch.bfloat16
+    assert (hf["logits"].float() - ours).abs().max() < 0.05 * ours.abs().max()
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.name != "bla_export.json"}
+
+
+def test_round_trip_is_identical(zero3_run):
+    first = export(zero3_run / "run", zero3_run / "rt1")
+    model, tok, train_cfg = load_exported(first)
+    second = write_export(model, tok, zero3_run / "rt2", info={"train_config": train_cfg})
+    assert _files(first) == _files(second)
+    assert bla(["export", str(first), str(zero3_run / "rt3")]) == 0  # an export re-exported by the CLI
+    assert _files(first) == _files(zero3_run / "rt3")
+    info = json.loads((zero3_run / "rt3" / "bla_export.json").read_text())
+    assert info["source"]["from"]["checkpoint"].endswith("step_0000004")
+    assert info["train_config"]["zero_stage"] == 3
+
+
+def test_export_continues_training_with_the_same_weights(zero3_run):
+    """init_from an export with learning rate 0: the run's weights are the exported ones."""
+    hf_dir = zero3_run / "hf"
+    if not hf_dir.exists():
+        export(zero3_run / "run", hf_dir)
+    out = zero3_run / "continued"
+    done = subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={out}", f"cache_dir={zero3_run / 'cache'}",
+                           f"init_from={hf_dir}", "steps=1", "optim.lr=0", "optim.warmup_steps=0", "save_every=1"],
+                          capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "initial weights from" in done.stdout + done.stderr
+    continued, _, _ = load_run(out)
+    exported, _, _ = load_exported(hf_dir)
+    for (name, a), b in zip(continued.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_clear_errors(zero3_run, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        export(tmp_path / "nowhere", tmp_path / "x")
+    broken = tmp_path / "run"
+    shutil.copytree(zero3_run / "run", broken)
+    (broken / "checkpoints" / "step_0000004" / "complete.json").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        export(broken / "checkpoints" / "step_0000004", tmp_path / "x")
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        export(broken, tmp_path / "x")
+
+    hf_dir = export(zero3_run / "run", tmp_path / "hf")
+    with pytest.raises(ValueError, match="exists"):
+        export(zero3_run / "run", hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["bla_model"]["n_layers"] = 4
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match its model config: missing .*blocks.3"):
+        load_exported(hf_dir)
+    config["bla_model"]["n_layers"], config["bla_model"]["d_model"] = 3, 128
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="wrong shapes"):
+        load_exported(hf_dir)
+    assert bla(["export", str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_flatten_imports_refuses_what_it_cannot_carry():
+    assert "from .bla_checks import Problem" in flatten_imports("from .checks import Problem\n", "m")
+    assert "from .bla_api import bla_step" in flatten_imports("from bla.kernels import bla_step\n", "m")
+    with pytest.raises(ValueError, match="does not carry"):
+        flatten_imports("from .benchmark import x\n", "m")
+    with pytest.raises(ValueError, match="absolute bla imports"):
+        flatten_imports("from bla.data import Tokenizer\n", "m")
+
+
+def test_sentencepiece_tokenizer_export(tmp_path):
+    from transformers import AutoTokenizer
+
+    from bla.data.sources import stdlib_files
+    from bla.data.tokenizer import train_tokenizer
+    from bla.launch.export import _write_tokenizer
+
+    texts = [Path(f).read_text() for f in stdlib_files("validation")[:40]]
+    ours = train_tokenizer(texts, tmp_path / "sp", kind="sentencepiece", vocab_size=400)
+    _write_tokenizer(ours, tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in texts[:10] + ["def main():\n    return  x\t\ty", "héllo wörld 日本"]:
+        ids = ours.encode(text)
+        assert hf(text, add_special_tokens=False).input_ids == ids
+        assert hf.decode(ids) == text
