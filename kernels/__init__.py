@@ -2,9 +2,11 @@
 
 ``bla_attention`` runs whole sequences (chunked), ``bla_step`` one decode step. Backends sit
 side by side: ``reference`` (the recurrence), ``torch`` (chunked, vectorised) and ``triton``.
+``gsa_chunked`` (beside its reference ``gsa_recurrent``) is GSA with learned gates, a baseline.
 """
 
 from .api import BACKENDS, bla_attention, bla_step, triton_available
 from .gates import dirichlet_gates
+from .gsa import gsa_chunked, gsa_recurrent
 
-__all__ = ["BACKENDS", "bla_attention", "bla_step", "dirichlet_gates", "triton_available"]
+__all__ = ["BACKENDS", "bla_attention", "bla_step", "dirichlet_gates", "gsa_chunked", "gsa_recurrent", "triton_available"]

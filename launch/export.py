@@ -33,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # (package, module) copied into the export as bla_<module>.py: the model and the kernels it calls
 MODEL_SOURCES = [("bla.model", m) for m in ("config", "layers", "mixers", "lm")]
-KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "reference", "triton_bla")]
+KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "gsa", "reference", "triton_bla")]
 HF_FILES = ("configuration_bla.py", "modeling_bla.py")
 _EXPORTED = {m for _, m in MODEL_SOURCES + KERNEL_SOURCES}
 
@@ -50,6 +50,7 @@ def flatten_imports(source: str, name: str) -> str:
     out = re.sub(r"^(\s*)from \.(\w+) import", relative, source, flags=re.M)
     out = re.sub(r"^(\s*)from \. import (\w+)", lambda m: f"{m.group(1)}from . import bla_{m.group(2)} as {m.group(2)}", out, flags=re.M)
     out = re.sub(r"^(\s*)from bla\.kernels import", r"\1from .bla_api import", out, flags=re.M)
+    out = re.sub(r"^(\s*)from bla\.kernels\.(\w+) import", relative, out, flags=re.M)
     leftover = re.findall(r"^\s*(?:from|import) bla\b.*$", out, flags=re.M)
     if leftover:
         raise ValueError(f"{name}: absolute bla imports the export cannot carry: {leftover}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-MIXERS = ("bla", "attn", "swa")
+MIXERS = ("bla", "attn", "swa", "gsa")  # gsa: BLA's layer with GSA's learned decay (a baseline)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ModelConfig:
                 bad(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             bad(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        if self.head_dim % 2 and (self.bla.rope or any(m != "bla" for m in self.mixers)):
+        if self.head_dim % 2 and (self.bla.rope or any(m in ("attn", "swa") for m in self.mixers)):
             bad(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.n_heads % self.kv_heads:
             bad(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")

@@ -81,7 +81,7 @@ class BLALM(nn.Module):
         of that many tokens (BLA and SWA caches are bounded already)."""
 
         def one(block: Block):
-            if block.kind == "bla":
+            if block.kind in ("bla", "gsa"):
                 return BLACache()
             window = block.mixer.window if block.kind == "swa" else max_context
             return KVCache(window=window)

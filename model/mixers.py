@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bla.kernels import bla_attention, bla_step
+from bla.kernels.gsa import gsa_chunked
 
 from .config import ModelConfig
 from .layers import RMSNorm, ShortConv, apply_rope
@@ -73,19 +74,7 @@ class BLAMixer(nn.Module):
             q = apply_rope(q, positions, self.cfg.rope_theta)
             k = apply_rope(k, positions, self.cfg.rope_theta)
 
-        state = cache.state if cache is not None else None
-        if cache is not None and T == 1:
-            o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots)
-            o = o[:, None]
-        else:
-            o, state = bla_attention(
-                q, k, v, self.windows, self.slots,
-                initial_state=state,
-                output_final_state=cache is not None,
-                cu_seqlens=cu_seqlens,
-                offset=_start_positions(positions, cu_seqlens),
-                backend=self.cfg.bla.backend,
-            )  # fmt: skip
+        o, state = self.mix(q, k, v, x, positions, cu_seqlens, cache.state if cache is not None else None, cache is not None)
         if self.out_norm is not None:
             o = self.out_norm(o)
         o = o.reshape(B, T, H * d)
@@ -93,6 +82,44 @@ class BLAMixer(nn.Module):
             o = o * F.silu(self.gate_proj(x))
         new_cache = BLACache(state, conv_buf) if cache is not None else None
         return self.o_proj(o), new_cache
+
+
+    def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool):
+        """BLA over [B, T, heads, d]: one decode step, or whole sequences (chunked)."""
+        if keep_state and q.shape[1] == 1:
+            o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots)
+            return o[:, None], state
+        return bla_attention(
+            q, k, v, self.windows, self.slots,
+            initial_state=state,
+            output_final_state=keep_state,
+            cu_seqlens=cu_seqlens,
+            offset=_start_positions(positions, cu_seqlens),
+            backend=self.cfg.bla.backend,
+        )  # fmt: skip
+
+
+GSA_TAU = 8.0  # GSA's damping of the forget gate: alpha = sigmoid(x W)^(1/tau)
+
+
+class GSAMixer(BLAMixer):
+    """The BLA layer with GSA's learned, data-dependent slot decay in place of the Dirichlet gates
+    (the linear baseline of the state sweeps); same projections, state ``m x 2d`` per kv head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.decay_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.bla.slots, bias=True)
+
+    def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool):
+        B, T = x.shape[:2]
+        g = F.logsigmoid(self.decay_proj(x).float()).view(B, T, self.n_kv_heads, self.slots) / GSA_TAU
+        if cu_seqlens is None:
+            o, state = gsa_chunked(q, k, v, g, initial_state=state)
+            return o, (state if keep_state else None)
+        # packed documents: each from a zero state (a loop over documents; the sweeps do not pack)
+        cu = cu_seqlens.tolist()
+        outs = [gsa_chunked(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b])[0] for a, b in zip(cu[:-1], cu[1:]) if b > a]
+        return torch.cat(outs, dim=1), None
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
@@ -175,4 +202,6 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
         return SoftmaxMixer(cfg, window=None)
     if kind == "swa":
         return SoftmaxMixer(cfg, window=cfg.swa_window)
+    if kind == "gsa":
+        return GSAMixer(cfg)
     raise ValueError(f"unknown mixer {kind!r}")

@@ -12,8 +12,9 @@ from .config import ModelConfig
 def mixer_params(cfg: ModelConfig, kind: str) -> int:
     D, H, Hkv, d = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
     n = 2 * H * d * D + 2 * Hkv * d * D  # q, o, k, v
-    if kind == "bla":
+    if kind in ("bla", "gsa"):
         b = cfg.bla
+        n += (D + 1) * Hkv * b.slots if kind == "gsa" else 0  # the decay projection
         n += H * d * D if b.output_gate else 0
         n += (H + 2 * Hkv) * d * b.short_conv
         n += d if b.output_norm else 0
@@ -35,7 +36,7 @@ def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
 def mixer_flops_per_token(cfg: ModelConfig, kind: str, seq_len: int) -> float:
     """Forward FLOPs per token of one mixer's token mixing (projections excluded: they are in 6N)."""
     H, d = cfg.n_heads, cfg.head_dim
-    if kind == "bla":
+    if kind in ("bla", "gsa"):
         return 4 * H * cfg.bla.slots * (d + d)
     if kind == "attn":
         return 2 * H * d * seq_len  # half of the full square
@@ -54,7 +55,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 
 def layer_state_elements(cfg: ModelConfig, kind: str, seq_len: int) -> int:
     Hkv, d = cfg.kv_heads, cfg.head_dim
-    if kind == "bla":
+    if kind in ("bla", "gsa"):
         return Hkv * cfg.bla.slots * (d + d)
     if kind == "swa":
         return Hkv * min(cfg.swa_window, seq_len) * (d + d)

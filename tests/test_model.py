@@ -30,7 +30,7 @@ def test_tiny_hybrid_overfits_one_batch():
     assert first > 5.0 and loss.item() < 0.2, (first, loss.item())
 
 
-@pytest.mark.parametrize("pattern", ["[bla, attn, swa]", "[bla]", "[swa, bla]"])
+@pytest.mark.parametrize("pattern", ["[bla, attn, swa]", "[bla]", "[swa, bla]", "[gsa, attn]"])
 @pytest.mark.parametrize("prefill", [1, 13])
 def test_generation_logits_equal_parallel(pattern, prefill):
     torch.manual_seed(0)
@@ -59,9 +59,10 @@ def test_bla_decode_cache_is_constant_size():
     assert len(set(sizes)) == 1
 
 
-def test_packed_documents_equal_separate_runs():
+@pytest.mark.parametrize("pattern", ["[bla, attn, swa]", "[gsa, swa]"])
+def test_packed_documents_equal_separate_runs(pattern):
     torch.manual_seed(0)
-    model = BLALM(tiny()).eval()
+    model = BLALM(tiny(layer_pattern=pattern)).eval()
     ids = torch.randint(0, 256, (1, 50))
     cu = torch.tensor([0, 7, 7, 8, 50])  # includes an empty and a 1-token document
     with torch.no_grad():
@@ -113,9 +114,9 @@ def test_unknown_preset():
         load_preset("huge")
 
 
-@pytest.mark.parametrize("name", ["tiny", "125m", "350m", "1.3b"])
+@pytest.mark.parametrize("name", ["tiny", "125m", "350m", "1.3b", "tiny+gsa"])
 def test_param_count_matches_built_model(name):
-    cfg = load_preset(name)
+    cfg = load_preset(name) if name != "tiny+gsa" else tiny(layer_pattern="[gsa, attn]")
     with torch.device("meta"):
         model = BLALM(cfg)
     assert sum(p.numel() for p in model.parameters()) == param_count(cfg)

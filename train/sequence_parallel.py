@@ -198,6 +198,9 @@ def _softmax_forward(self: SoftmaxMixer, x, positions, cu_seqlens=None, cache=No
 
 def enable(model, ctx: SPContext) -> SPContext:
     """Make every mixer of ``model`` sequence-parallel over ``ctx``'s group (in place)."""
+    unsupported = sorted({b.kind for b in model.blocks} - {"bla", "attn", "swa"})
+    if unsupported:
+        raise ValueError(f"sequence parallelism supports bla, attn and swa layers, not {unsupported}")
     for i, block in enumerate(model.blocks):
         mixer = block.mixer
         mixer._sp, mixer._sp_name = ctx, f"layer{i}"
