@@ -1,13 +1,22 @@
-"""Corpora, tokenizers, packing and resumable loaders."""
+"""Corpora, tokenizers, packing and resumable loaders.
 
-from .loader import LoaderConfig, PackedLoader, StreamDocuments, build_loader
-from .packing import Packer, collate
-from .shards import ShardDocuments, prepare
-from .sources import DataSourceConfig, SourceConfig, load_documents, parse_source
-from .tokenizer import Tokenizer, check_vocab, train_tokenizer
+Names load on first use (PEP 562): the synthetic tasks (``bla.data.synthetic``,
+``bla.data.regbench``) need neither ``datasets`` nor ``tokenizers``.
+"""
 
-__all__ = [
-    "DataSourceConfig", "LoaderConfig", "PackedLoader", "Packer", "ShardDocuments", "SourceConfig",
-    "StreamDocuments", "Tokenizer", "build_loader", "check_vocab", "collate", "load_documents",
-    "parse_source", "prepare", "train_tokenizer",
-]  # fmt: skip
+import importlib
+
+_HOME = {
+    "LoaderConfig": "loader", "PackedLoader": "loader", "StreamDocuments": "loader", "build_loader": "loader",
+    "Packer": "packing", "collate": "packing",
+    "ShardDocuments": "shards", "prepare": "shards",
+    "DataSourceConfig": "sources", "SourceConfig": "sources", "load_documents": "sources", "parse_source": "sources",
+    "Tokenizer": "tokenizer", "check_vocab": "tokenizer", "train_tokenizer": "tokenizer",
+}  # fmt: skip
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,27 +7,24 @@ import json
 import platform
 import time
 
-from .loader import LoaderConfig, build_loader
-from .shards import prepare
-from .sources import DataSourceConfig, load_documents, parse_source
-from .tokenizer import Tokenizer, train_tokenizer
+from bla import data  # its modules (datasets, tokenizers) load when a command runs, not with the CLI
 
 
-def _source(args) -> DataSourceConfig:
-    return DataSourceConfig([parse_source(s) for s in (args.source or ["stdlib"])], seed=args.seed)
+def _source(args) -> data.DataSourceConfig:
+    return data.DataSourceConfig([data.parse_source(s) for s in (args.source or ["stdlib"])], seed=args.seed)
 
 
 def _train_tokenizer(args) -> int:
-    docs = (ex["text"] for ex in itertools.islice(load_documents(_source(args)), args.max_docs))
+    docs = (ex["text"] for ex in itertools.islice(data.load_documents(_source(args)), args.max_docs))
     t0 = time.perf_counter()
-    tok = train_tokenizer(docs, args.out, kind=args.kind, vocab_size=args.vocab_size, model_type=args.model_type)
+    tok = data.train_tokenizer(docs, args.out, kind=args.kind, vocab_size=args.vocab_size, model_type=args.model_type)
     print(f"trained a {tok.kind} tokenizer of {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f} s: {tok.path}")
     return 0
 
 
 def _prepare(args) -> int:
-    tok = Tokenizer(args.tokenizer)
-    m = prepare(_source(args), tok, args.out, shard_tokens=args.shard_tokens, max_docs=args.max_docs)
+    tok = data.Tokenizer(args.tokenizer)
+    m = data.prepare(_source(args), tok, args.out, shard_tokens=args.shard_tokens, max_docs=args.max_docs)
     print(f"{m['docs']} documents, {m['tokens']} tokens ({m['dtype']}) in {len(m['shards'])} shard(s) under {args.out}; "
           f"{m['tokens_per_second']:,.0f} tokens/s")  # fmt: skip
     return 0
@@ -35,14 +32,14 @@ def _prepare(args) -> int:
 
 def _bench(args) -> int:
     """Tokenisation throughput and shard-loader throughput, as a table and JSON."""
-    tok = Tokenizer(args.tokenizer)
+    tok = data.Tokenizer(args.tokenizer)
     src = _source(args)
-    texts = [ex["text"] for ex in itertools.islice(load_documents(src), args.max_docs)]
+    texts = [ex["text"] for ex in itertools.islice(data.load_documents(src), args.max_docs)]
     t0 = time.perf_counter()
     n_tok = sum(len(ids) for ids in tok.encode_batch(texts))
     tok_s = n_tok / (time.perf_counter() - t0)
-    cfg = LoaderConfig(seq_len=args.seq_len, batch_size=args.batch_size, loop=True)
-    loader = iter(build_loader(cfg, tok, shards=args.shards))
+    cfg = data.LoaderConfig(seq_len=args.seq_len, batch_size=args.batch_size, loop=True)
+    loader = iter(data.build_loader(cfg, tok, shards=args.shards))
     next(loader)  # open the memory maps
     t0 = time.perf_counter()
     n_batches = 0

@@ -27,10 +27,10 @@ def _perplexity(args) -> int:
 
 
 def _mqar(args) -> int:
-    from bla.data.synthetic import MQARConfig, mqar_examples
+    from bla.data.synthetic import MQARConfig
 
     from .load import load_model
-    from .tasks import label_accuracy
+    from .tasks import mqar_accuracy
 
     device = _device(args.device)
     model, _, cfg = load_model(args.run, device)
@@ -39,37 +39,24 @@ def _mqar(args) -> int:
     base = dict(d.get("mqar") or {})
     print(f"{'K':>4} {'L':>6} {'examples':>9} {'accuracy':>9}")
     for K in args.num_kv_pairs or [base.get("num_kv_pairs", 4)]:
-        mcfg = MQARConfig(**{**base, "num_kv_pairs": K})
-        correct = []
-        for start in range(0, args.examples, args.batch):
-            n = min(args.batch, args.examples - start)
-            x, y = mqar_examples(n, seq_len, mcfg, args.seed + start)  # held out: training uses other seeds
-            with torch.no_grad():
-                correct.append(label_accuracy(model(x.to(device)).logits, y.to(device)).cpu())
-        print(f"{K:>4} {seq_len:>6} {args.examples:>9} {float(torch.cat(correct).mean()):>9.4f}")
+        # held out: training draws from other seeds
+        acc = mqar_accuracy(model, seq_len, MQARConfig(**{**base, "num_kv_pairs": K}), args.examples, args.seed, args.batch, device)
+        print(f"{K:>4} {seq_len:>6} {args.examples:>9} {acc:>9.4f}")
     return 0
 
 
 def _regbench(args) -> int:
-    from bla.data import regbench
     from bla.data.regbench import RegBenchConfig
 
     from .load import load_model
+    from .tasks import regbench_scores
 
     device = _device(args.device)
     model, _, cfg = load_model(args.run, device)
-    rcfg = RegBenchConfig(**(cfg["data"].get("regbench") or {}))
-    test = regbench.automaton_pools(rcfg)[1]
-    by_size: dict[int, list] = {}
-    for a in test:
-        by_size.setdefault(len(a), []).append(a)
+    scores = regbench_scores(model, cfg["data"]["seq_len"], RegBenchConfig(**(cfg["data"].get("regbench") or {})), args.seed, device)
     print(f"{'states':>6} {'automata':>8} {'accuracy':>9} {'tvd':>7}")
-    for size in sorted(by_size):
-        x, _, automata = regbench.encode_examples(by_size[size], cfg["data"]["seq_len"], seed=args.seed)
-        with torch.no_grad():
-            logits = torch.cat([model(x[i : i + 32].to(device)).logits.cpu() for i in range(0, len(x), 32)])
-        m = regbench.regbench_metrics(logits, x, automata)
-        print(f"{size:>6} {len(automata):>8} {m['accuracy']:>9.4f} {m['tvd']:>7.4f}")
+    for size, m in scores.items():
+        print(f"{size:>6} {m.get('automata', ''):>8} {m['accuracy']:>9.4f} {m['tvd']:>7.4f}")
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bla.data import Tokenizer
+from bla import data as lm_data  # the tokenizer module loads only for text models
 from bla.model import BLALM, ModelConfig
 from bla.train import checkpoint as ckpt
 
@@ -59,7 +59,7 @@ def load_weights(model: BLALM, state: dict[str, torch.Tensor], where: str) -> No
     model.load_state_dict(state, strict=False)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, Tokenizer | None, dict]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, lm_data.Tokenizer | None, dict]:
     """A run, a checkpoint or an exported directory: (model in eval mode, tokenizer or None, the
     resolved train config of the run it came from)."""
     return load_exported(path, device) if is_export(path) else load_run(path, device)
@@ -104,10 +104,10 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
     train_cfg = info.get("train_config") or {"model": model_cfg.to_dict()}
-    return model.to(device).eval(), (Tokenizer(path) if has_tokenizer else None), train_cfg
+    return model.to(device).eval(), (lm_data.Tokenizer(path) if has_tokenizer else None), train_cfg
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, Tokenizer | None, dict]:
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, lm_data.Tokenizer | None, dict]:
     """(model in eval mode, tokenizer (None for synthetic-task runs), the run's resolved train config)."""
     tag_dir = resolve_checkpoint(path)
     cfg_path = tag_dir / "config.yaml"
@@ -123,4 +123,4 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLAL
         return model.to(device).eval(), None, train_cfg
     if not tok_dir.exists():
         raise ValueError(f"no tokenizer beside the checkpoint (expected {tok_dir})")
-    return model.to(device).eval(), Tokenizer(tok_dir), train_cfg
+    return model.to(device).eval(), lm_data.Tokenizer(tok_dir), train_cfg

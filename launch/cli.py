@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     from bla.model.cli import add_model_commands
     from bla.eval.cli import add_eval_commands
     from bla.launch.export import add_export_command
+    from bla.launch.sweep import add_sweep_command
     from bla.launch.run import add_launch_commands
     from bla.train.cli import add_train_commands
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_commands(sub)
     add_eval_commands(sub)
     add_export_command(sub)
+    add_sweep_command(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

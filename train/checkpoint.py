@@ -145,7 +145,7 @@ def loader_states_for(tag_dir: Path, old_world: int, rank: int, world: int, num_
     path = tag_dir / f"loader_rank{rank}.json"
     if old_world == world and path.exists():
         state = json.loads(path.read_text())
-        if len(state["states"]) == max(1, num_workers):
+        if "next_batch" in state or len(state["states"]) == max(1, num_workers):  # task loader, or same workers
             return state
     old = [json.loads((tag_dir / f"loader_rank{r}.json").read_text()) for r in range(old_world)]
     if "next_batch" in old[0]:  # a synthetic task loader re-splits its own stream

@@ -21,9 +21,8 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from bla.data import DataSourceConfig, LoaderConfig, Tokenizer, build_loader, check_vocab, parse_source, prepare, train_tokenizer
+from bla import data as lm_data  # loads text-data modules (datasets, tokenizers) on first use only
 from bla.data import regbench
-from bla.data.sources import load_documents
 from bla.data.synthetic import TaskLoader, mqar_examples
 from bla.eval.tasks import label_accuracy
 from bla.model import BLALM, flops_per_token, param_count
@@ -77,25 +76,25 @@ def initial_weights(cfg: TrainConfig, log):
     return model, tok
 
 
-def ensure_tokenizer(cfg: TrainConfig, rank: int, log) -> Tokenizer:
+def ensure_tokenizer(cfg: TrainConfig, rank: int, log) -> lm_data.Tokenizer:
     """The configured tokenizer, or one trained on the training sources and cached."""
     d = cfg.data
     if d.tokenizer != "auto":
-        return Tokenizer(d.tokenizer)
+        return lm_data.Tokenizer(d.tokenizer)
     cache = Path(cfg.cache_dir).expanduser() / "tokenizers" / _cache_key(d.sources, d.tokenizer_kind, cfg.model.vocab_size)
     name = "tokenizer.json" if d.tokenizer_kind == "bpe" else "tokenizer.model"
     if rank == 0 and not (cache / name).exists():
         log(f"training a {d.tokenizer_kind} tokenizer of {cfg.model.vocab_size} tokens on {d.sources} -> {cache}")
-        texts = (ex["text"] for ex in load_documents(DataSourceConfig([parse_source(s) for s in d.sources])))
+        texts = (ex["text"] for ex in lm_data.load_documents(lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources])))
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        train_tokenizer(texts, tmp, kind=d.tokenizer_kind, vocab_size=cfg.model.vocab_size)
+        lm_data.train_tokenizer(texts, tmp, kind=d.tokenizer_kind, vocab_size=cfg.model.vocab_size)
         if not cache.exists():  # another run may have cached the same tokenizer meanwhile
             tmp.replace(cache)
     dist.barrier()
-    return Tokenizer(cache / name)
+    return lm_data.Tokenizer(cache / name)
 
 
-def ensure_shards(cfg: TrainConfig, tok: Tokenizer, rank: int, log) -> Path | None:
+def ensure_shards(cfg: TrainConfig, tok: lm_data.Tokenizer, rank: int, log) -> Path | None:
     d = cfg.data
     if d.shards == "none":
         return None
@@ -104,7 +103,7 @@ def ensure_shards(cfg: TrainConfig, tok: Tokenizer, rank: int, log) -> Path | No
     out = Path(cfg.cache_dir).expanduser() / "shards" / _cache_key(d.sources, tok.sha256)
     if rank == 0 and not (out / "manifest.json").exists():
         log(f"tokenising {d.sources} once into shards at {out}")
-        prepare(DataSourceConfig([parse_source(s) for s in d.sources], seed=d.seed), tok, out, progress=cfg.progress)
+        lm_data.prepare(lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources], seed=d.seed), tok, out, progress=cfg.progress)
     dist.barrier()
     return out
 
@@ -157,7 +156,7 @@ def forward_loss(engine, batch: dict, device, sp_ctx=None) -> tuple[torch.Tensor
     return loss + (report - loss).detach(), out.logits
 
 
-def train_loader(cfg: TrainConfig, tok: Tokenizer | None, shards, rank: int, world: int):
+def train_loader(cfg: TrainConfig, tok: lm_data.Tokenizer | None, shards, rank: int, world: int):
     d = cfg.data
     if d.task == "mqar":
         make = lambda n, seed: mqar_examples(n, d.seq_len, d.mqar, seed)  # noqa: E731
@@ -165,17 +164,17 @@ def train_loader(cfg: TrainConfig, tok: Tokenizer | None, shards, rank: int, wor
     if d.task == "regbench":
         make = lambda n, seed: regbench.training_batch(n, d.seq_len, d.regbench, seed)  # noqa: E731
         return TaskLoader(make, cfg.micro_batch, d.seed, rank, world)
-    src = DataSourceConfig([parse_source(s) for s in d.sources], seed=d.seed)
-    return build_loader(LoaderConfig(d.seq_len, cfg.micro_batch, d.num_workers, rank, world, loop=True), tok, src, shards)
+    src = lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources], seed=d.seed)
+    return lm_data.build_loader(lm_data.LoaderConfig(d.seq_len, cfg.micro_batch, d.num_workers, rank, world, loop=True), tok, src, shards)
 
 
-def eval_loader(cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: int):
+def eval_loader(cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int, world: int):
     d = cfg.data
     if d.task == "mqar":  # held-out examples: another seed stream than training's
         make = lambda n, seed: mqar_examples(n, d.seq_len, d.mqar, seed)  # noqa: E731
         return TaskLoader(make, cfg.micro_batch, d.seed + HELD_OUT_SEED, rank, world)
-    src = DataSourceConfig([parse_source(s) for s in d.val_sources], seed=d.seed)
-    return build_loader(LoaderConfig(d.seq_len, cfg.micro_batch, 0, rank, world, loop=True), tok, source=src)
+    src = lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.val_sources], seed=d.seed)
+    return lm_data.build_loader(lm_data.LoaderConfig(d.seq_len, cfg.micro_batch, 0, rank, world, loop=True), tok, source=src)
 
 
 def evaluate_regbench(engine, cfg: TrainConfig, rank: int, world: int, device) -> dict:
@@ -197,7 +196,7 @@ def evaluate_regbench(engine, cfg: TrainConfig, rank: int, world: int, device) -
     return {"val_accuracy": _all_reduce(totals["accuracy"]) / n, "val_tvd": _all_reduce(totals["tvd"]) / n}
 
 
-def evaluate(engine, cfg: TrainConfig, tok: Tokenizer | None, rank: int, world: int, device, sp_ctx=None) -> dict:
+def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int, world: int, device, sp_ctx=None) -> dict:
     """Validation loss and perplexity (and accuracy for tasks); every rank runs the same number of
     batches (ZeRO-3 gathers parameters collectively) over its own part of the data."""
     if cfg.data.task == "regbench":
@@ -246,7 +245,7 @@ def run(cfg: TrainConfig) -> dict:
     init = initial_weights(cfg, log) if cfg.init_from else None
     if task == "lm":
         tok = init[1] if init is not None and init[1] is not None and cfg.data.tokenizer == "auto" else ensure_tokenizer(cfg, rank, log)
-        check_vocab(tok, cfg.model.vocab_size)
+        lm_data.check_vocab(tok, cfg.model.vocab_size)
         shards = ensure_shards(cfg, tok, rank, log)
 
     resume_from, universal, meta = None, False, {}
@@ -298,9 +297,12 @@ def run(cfg: TrainConfig) -> dict:
             tok.save(out / "tokenizer")
     writer = None
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
+            writer = SummaryWriter(str(out / "tb"))
+        except ImportError as exc:  # a bare machine: the metrics still go to the log and summary.json
+            log(f"TensorBoard is not available ({exc}); logging to stdout and summary.json only")
 
     peak = cfg.peak_flops or next((v for k, v in DATASHEET_PEAK.items() if device.type == "cuda"
                                    and k in torch.cuda.get_device_name(device)), 0.0)  # fmt: skip

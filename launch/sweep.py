@@ -1,0 +1,323 @@
+"""``bla sweep``: grids of training runs over state size, their results table, plots and the
+state-efficiency ratio.
+
+A sweep spec (YAML; named ones live in ``launch/sweeps/``):
+
+    name: mqar_budget
+    preset: mqar                     # the train preset every run starts from
+    overrides: [steps=2000]          # for every run (train config keys, dotted)
+    mixers:                          # per mixer: a grid (key -> values) or a list of override dicts
+      bla: {model.layer_pattern: [[bla]], model.bla.slots: [4, 8, 16], model.bla.window: [256]}
+      swa: {model.layer_pattern: [[swa]], model.swa_window: [16, 32, 64]}
+    grid: {optim.lr: [1.0e-3, 3.0e-3], seed: [0]}   # crossed with every mixer's runs
+    metric: accuracy                 # accuracy (mqar, regbench) or loss (lm; lower is better)
+    eval: {examples: 1000}           # mqar: held-out examples per run
+    targets: [0.5, 0.9]              # state efficiency: state needed to reach these
+    baseline: swa                    # ... relative to this mixer
+
+Runs go one after another (on one device, or ``--nproc N`` processes through torchrun); a run is
+named by its mixer and a hash of its overrides, writes its config, metrics and state size to
+``<sweep>/runs/<name>/result.json`` and is skipped once that file exists, so an interrupted sweep
+resumes where it stopped (a run cut mid-way resumes from its last checkpoint). The report
+(``results.csv``, ``results.json``, ``state_efficiency.json`` and ``<metric>_vs_state.png``) is
+rebuilt from whatever results exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from bla.model.stats import param_count, state_size
+
+METRICS = {"accuracy": True, "loss": False}  # name -> higher is better
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    preset: str
+    mixers: dict[str, list[dict]]  # mixer -> the override dicts of its runs (grids expanded)
+    overrides: list[str] = field(default_factory=list)
+    grid: dict[str, list] = field(default_factory=dict)
+    metric: str = "accuracy"
+    eval: dict = field(default_factory=dict)
+    targets: list[float] = field(default_factory=list)
+    baseline: str = "swa"
+
+    def runs(self) -> list[tuple[str, dict]]:
+        """(mixer, overrides) of every run: each mixer's runs crossed with the shared grid."""
+        shared = expand(self.grid)
+        return [(mixer, {**own, **common}) for mixer, runs in self.mixers.items() for own in runs for common in shared]
+
+
+def expand(grid: dict[str, list] | list[dict]) -> list[dict]:
+    if isinstance(grid, list):
+        return [dict(d) for d in grid]
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"sweep grid: {key!r} needs a non-empty list of values, got {values!r}")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def load_spec(name_or_path: str) -> SweepSpec:
+    """A named sweep (``launch/sweeps/<name>.yaml``) or a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ValueError(f"sweep spec {path} does not exist")
+        data = yaml.safe_load(path.read_text())
+    else:
+        named = resources.files("bla.launch").joinpath("sweeps", f"{name_or_path}.yaml")
+        if not named.is_file():
+            known = sorted(p.name[:-5] for p in resources.files("bla.launch").joinpath("sweeps").iterdir() if p.name.endswith(".yaml"))
+            raise ValueError(f"unknown sweep {name_or_path!r}; named sweeps: {', '.join(known)}")
+        data = yaml.safe_load(named.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"sweep spec {name_or_path}: expected a mapping")
+    unknown = set(data) - {"name", "preset", "overrides", "mixers", "grid", "metric", "eval", "targets", "baseline"}
+    if unknown:
+        raise ValueError(f"sweep spec {name_or_path}: unknown keys {sorted(unknown)}")
+    for key in ("name", "preset", "mixers"):
+        if key not in data:
+            raise ValueError(f"sweep spec {name_or_path}: missing {key!r}")
+    if data.get("metric", "accuracy") not in METRICS:
+        raise ValueError(f"sweep spec {name_or_path}: metric must be one of {sorted(METRICS)}")
+    data["mixers"] = {m: expand(g) for m, g in data["mixers"].items()}
+    spec = SweepSpec(**data)
+    for mixer, overrides in spec.runs():
+        train_config(spec, overrides)  # every run's config is valid before anything trains
+    return spec
+
+
+def _override_args(overrides: dict) -> list[str]:
+    def text(v):
+        return json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)
+
+    return [f"{k}={text(v)}" for k, v in overrides.items()]
+
+
+def train_config(spec: SweepSpec, overrides: dict):
+    from bla.train.config import load_train_config
+
+    return load_train_config(spec.preset, [*spec.overrides, *_override_args(overrides)])
+
+
+def run_name(mixer: str, overrides: dict) -> str:
+    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{mixer}-{digest}"
+
+
+def _train(spec: SweepSpec, overrides: dict, out: Path, cache_dir: str, nproc: int, log_file: Path) -> None:
+    args = [spec.preset, *spec.overrides, *_override_args(overrides), f"out_dir={out}", f"cache_dir={cache_dir}", "progress=false"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "bla.train.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "bla.train.cli", *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    with open(log_file, "a") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        tail = log_file.read_text()[-2000:]
+        raise RuntimeError(f"training run {out.name} failed (exit {done.returncode}); log {log_file}:\n{tail}")
+
+
+def evaluate_run(spec: SweepSpec, run_dir: Path, device) -> dict:
+    """The sweep's metrics of one finished run."""
+    import torch
+
+    from bla.eval.load import load_run
+    from bla.eval.tasks import mqar_accuracy, regbench_scores
+
+    model, _, cfg = load_run(run_dir, device)
+    d = cfg["data"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = {"val_loss": summary.get("val_loss")}
+    with torch.no_grad():
+        if d["task"] == "mqar":
+            from bla.data.synthetic import MQARConfig
+
+            ev = spec.eval
+            metrics["accuracy"] = mqar_accuracy(model, d["seq_len"], MQARConfig(**d["mqar"]), int(ev.get("examples", 1000)),
+                                                int(ev.get("seed", 7_000_001)), int(ev.get("batch", 250)), device)  # fmt: skip
+        elif d["task"] == "regbench":
+            from bla.data.regbench import RegBenchConfig
+
+            scores = regbench_scores(model, d["seq_len"], RegBenchConfig(**d["regbench"]), int(spec.eval.get("seed", 11)), device)
+            metrics.update(accuracy=scores["all"]["accuracy"], tvd=scores["all"]["tvd"])
+        metrics["loss"] = summary.get("val_loss")
+    return metrics
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, device: str = "", cache_dir: str = "~/.cache/bla",
+              progress: bool = True) -> dict:  # fmt: skip
+    import torch
+    from tqdm import tqdm
+
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.__dict__, sort_keys=False))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    runs = spec.runs()
+    todo = [(m, o) for m, o in runs if not (out / "runs" / run_name(m, o) / "result.json").exists()]
+    print(f"[bla sweep] {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already done -> {out}", flush=True)
+    for mixer, overrides in tqdm(todo, desc=spec.name, disable=not progress):
+        run_dir = out / "runs" / run_name(mixer, overrides)
+        run_dir.mkdir(exist_ok=True)
+        cfg = train_config(spec, overrides)
+        (run_dir / "sweep_run.json").write_text(json.dumps({"mixer": mixer, "overrides": overrides}, indent=1))
+        start = time.time()
+        _train(spec, overrides, run_dir, cache_dir, nproc, run_dir / "train.log")
+        seconds = time.time() - start
+        metrics = evaluate_run(spec, run_dir, dev)
+        state = state_size(cfg.model, cfg.data.seq_len)
+        result = {"run": run_dir.name, "mixer": mixer, "overrides": overrides, "train_seconds": seconds,
+                  "state_elements": state["elements"], "state_bytes": state["bytes"], "params": param_count(cfg.model),
+                  "config": cfg.to_dict(), **metrics}  # fmt: skip
+        tmp = run_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, run_dir / "result.json")  # last: its presence marks the run done
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"[bla sweep] {run_dir.name} {overrides} state={state['elements']:,} {shown} ({seconds:.0f} s)", flush=True)
+    return report(spec, out)
+
+
+# ---- the report ----
+def _results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+
+
+def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
+    """Per configuration (everything but the learning rate), its best run."""
+    higher = METRICS[spec.metric]
+    best: dict[str, dict] = {}
+    for r in results:
+        if r.get(spec.metric) is None or not math.isfinite(r[spec.metric]):
+            continue
+        key = json.dumps({"mixer": r["mixer"], **{k: v for k, v in r["overrides"].items() if k != "optim.lr"}}, sort_keys=True)
+        if key not in best or (r[spec.metric] > best[key][spec.metric]) == higher:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (r["mixer"], r["state_elements"]))
+
+
+def state_efficiency(spec: SweepSpec, points: list[dict]) -> dict:
+    """For each target: the least state with which each mixer reaches it, and the baseline's
+    state divided by that (how many times less state than the baseline the mixer needs)."""
+    higher = METRICS[spec.metric]
+    table = {}
+    for target in spec.targets:
+        need = {}
+        for r in points:
+            reached = r[spec.metric] >= target if higher else r[spec.metric] <= target
+            if reached and (r["mixer"] not in need or r["state_elements"] < need[r["mixer"]]):
+                need[r["mixer"]] = r["state_elements"]
+        base = need.get(spec.baseline)
+        table[str(target)] = {
+            m: {"state_elements": need.get(m), "times_less_than_" + spec.baseline: (base / need[m] if base and m in need else None)}
+            for m in sorted(spec.mixers)
+        }  # fmt: skip
+    return table
+
+
+def report(spec: SweepSpec, out: str | Path) -> dict:
+    out = Path(out)
+    results = _results(out)
+    columns = ["run", "mixer", "state_elements", "state_bytes", "params", spec.metric, "val_loss", "tvd", "train_seconds"]
+    keys = sorted({k for r in results for k in r["overrides"]})
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns + keys)
+        for r in results:
+            w.writerow([r.get(c) for c in columns] + [json.dumps(r["overrides"].get(k)) for k in keys])
+    points = best_over_lr(spec, results)
+    efficiency = state_efficiency(spec, points)
+    summary = {"name": spec.name, "metric": spec.metric, "runs": len(results), "expected_runs": len(spec.runs()),
+               "best_over_lr": [{k: r.get(k) for k in columns} | {"overrides": r["overrides"]} for r in points],
+               "state_efficiency": efficiency}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "state_efficiency.json").write_text(json.dumps(efficiency, indent=1))
+    if points:
+        try:
+            plot(spec, points, out / f"{spec.metric}_vs_state.png")
+        except ImportError as exc:  # a bare GPU machine: `bla sweep --report` elsewhere draws it
+            print(f"[bla sweep] no plot: {exc}")
+    print(f"{'mixer':>6} {'state':>11} {spec.metric:>9}  overrides (best over optim.lr)")
+    for r in points:
+        shown = {k: v for k, v in r["overrides"].items() if k != "model.layer_pattern"}
+        print(f"{r['mixer']:>6} {r['state_elements']:>11,} {r[spec.metric]:>9.4f}  {shown}")
+    for target, row in efficiency.items():
+        cells = ", ".join(f"{m}: {v['state_elements'] or 'not reached'}" for m, v in row.items())
+        print(f"state to reach {spec.metric} {target}: {cells}")
+    return summary
+
+
+def plot(spec: SweepSpec, points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    higher = METRICS[spec.metric]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for mixer in spec.mixers:
+        mine = [r for r in points if r["mixer"] == mixer]
+        if not mine:
+            continue
+        ax.scatter([r["state_elements"] for r in mine], [r[spec.metric] for r in mine], alpha=0.35, s=18)
+        frontier: dict[int, float] = {}  # best point per state size: the curve
+        for r in mine:
+            s, v = r["state_elements"], r[spec.metric]
+            frontier[s] = max(frontier.get(s, v), v) if higher else min(frontier.get(s, v), v)
+        xs = sorted(frontier)
+        ax.plot(xs, [frontier[x] for x in xs], marker="o", label=mixer, color=ax.collections[-1].get_facecolor()[0][:3])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("state size (elements per sequence, all layers)")
+    ax.set_ylabel(spec.metric + (" (best over learning rates)" if "optim.lr" in spec.grid else ""))
+    ax.set_title(spec.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def add_sweep_command(sub) -> None:
+    p = sub.add_parser("sweep", help="grids of runs over state size: results table, plots, state efficiency")
+    p.add_argument("spec", help="a named sweep (launch/sweeps/) or a sweep YAML file")
+    p.add_argument("--out", default="", help="sweep directory (default sweeps/<name>)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
+    p.add_argument("--device", default="", help="device for evaluation (default cuda if available)")
+    p.add_argument("--cache-dir", default="~/.cache/bla")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state sizes, train nothing")
+    p.add_argument("--report", action="store_true", help="rebuild the table and plots from finished runs only")
+
+    def run(args) -> int:
+        spec = load_spec(args.spec)
+        out = Path(args.out or f"sweeps/{spec.name}")
+        if args.dry_run:
+            for mixer, overrides in spec.runs():
+                cfg = train_config(spec, overrides)
+                done = (out / "runs" / run_name(mixer, overrides) / "result.json").exists()
+                print(f"{run_name(mixer, overrides)} state={state_size(cfg.model, cfg.data.seq_len)['elements']:>9,} "
+                      f"{'done' if done else 'todo'} {overrides}")  # fmt: skip
+            return 0
+        if args.report:
+            report(spec, out)
+            return 0
+        run_sweep(spec, out, args.nproc, args.device, args.cache_dir)
+        return 0
+
+    p.set_defaults(func=run)

@@ -1,0 +1,95 @@
+"""bla sweep: a tiny MQAR sweep (2 mixers x 2 state sizes) trains, evaluates, reports and resumes;
+the report's best-over-learning-rate and state-efficiency arithmetic on hand-made results."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bla.launch.sweep import best_over_lr, load_spec, report, run_name, run_sweep, state_efficiency
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
+    spec = load_spec("tiny")
+    out = tmp_path / "sweep"
+    summary = run_sweep(spec, out, cache_dir=str(tmp_path / "cache"), progress=False)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and summary["runs"] == 4
+    state = {(r["mixer"], json.loads(r["model.bla.slots"] or "null"), json.loads(r["model.swa_window"] or "null")): int(r["state_elements"])
+             for r in rows}  # fmt: skip
+    # tiny MQAR model: 2 layers x 2 kv heads x (d_k + d_v = 32) per slot or per window position
+    assert state == {("bla", 4, None): 512, ("bla", 8, None): 1024, ("swa", None, 4): 512, ("swa", None, 8): 1024}
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["train_seconds"]) > 0
+    assert (out / "accuracy_vs_state.png").stat().st_size > 10_000
+    assert set(json.loads((out / "state_efficiency.json").read_text())["0.05"]) == {"bla", "swa"}
+    result = json.loads(next((out / "runs").glob("bla-*/result.json")).read_text())
+    assert result["config"]["model"]["layer_pattern"] == ["bla"] and result["params"] > 0
+
+    # resumable: finished runs are skipped; a run without its result is redone (from its checkpoint)
+    redo = out / "runs" / run_name("swa", spec.runs()[-1][1]) / "result.json"
+    redo.unlink()
+    kept = {p: p.stat().st_mtime for p in (out / "runs").glob("*/result.json")}
+    run_sweep(spec, out, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert redo.exists() and all(p.stat().st_mtime == t for p, t in kept.items())
+
+
+def _fake(out: Path, mixer: str, state: int, lr: float, acc: float) -> None:
+    overrides = {"size": state, "optim.lr": lr}
+    d = out / "runs" / run_name(mixer, overrides)
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"run": d.name, "mixer": mixer, "overrides": overrides, "state_elements": state,
+                                               "state_bytes": 2 * state, "params": 1, "accuracy": acc, "val_loss": 1.0}))  # fmt: skip
+
+
+def test_best_over_lr_and_state_efficiency(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "fake", "preset": "mqar", "mixers": {"bla": [{}], "swa": [{}], "gsa": [{}]},
+                                    "targets": [0.5, 0.9], "baseline": "swa"}))  # fmt: skip
+    spec = load_spec(str(path))
+    for state, accs in {64: (0.2, 0.6), 128: (0.7, 0.95)}.items():
+        for lr, acc in zip((1e-3, 3e-3), accs):
+            _fake(tmp_path, "bla", state, lr, acc)
+    for state, acc in {128: 0.3, 512: 0.55, 1024: 0.92}.items():
+        _fake(tmp_path, "swa", state, 1e-3, acc)
+    _fake(tmp_path, "gsa", 1024, 1e-3, 0.4)
+    points = best_over_lr(spec, [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")])
+    assert [(p["mixer"], p["state_elements"], p["accuracy"]) for p in points if p["mixer"] == "bla"] == [("bla", 64, 0.6), ("bla", 128, 0.95)]
+    eff = state_efficiency(spec, points)
+    assert eff["0.5"]["bla"] == {"state_elements": 64, "times_less_than_swa": 8.0}
+    assert eff["0.9"]["bla"] == {"state_elements": 128, "times_less_than_swa": 8.0}
+    assert eff["0.9"]["swa"]["times_less_than_swa"] == 1.0
+    assert eff["0.5"]["gsa"] == {"state_elements": None, "times_less_than_swa": None}
+    summary = report(spec, tmp_path)
+    assert summary["runs"] == 8 and (tmp_path / "accuracy_vs_state.png").exists()
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("name: x\npreset: mqar\nmixers: {bla: [{}]}\nbogus: 1\n", "unknown keys"),
+        ("name: x\npreset: mqar\n", "missing 'mixers'"),
+        ("name: x\npreset: mqar\nmixers: {bla: {model.bla.slots: 5}}\n", "bla.slots=5 must divide"),
+        ("name: x\npreset: mqar\nmixers: {bla: {optim.lr: []}}\n", "non-empty list"),
+        ("name: x\npreset: mqar\nmixers: {bla: [{}]}\nmetric: f1\n", "metric must be one of"),
+    ],
+)
+def test_bad_specs_are_refused(tmp_path, text, match):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_spec(str(path))
+
+
+def test_named_sweeps_load_and_are_valid():
+    with pytest.raises(ValueError, match="named sweeps: .*mqar_budget"):
+        load_spec("nope")
+    for name in ("tiny", "mqar_budget", "mqar_paper", "regbench_budget", "regbench_paper"):
+        spec = load_spec(name)
+        assert {"bla", "swa"} <= set(spec.mixers) and spec.runs()
