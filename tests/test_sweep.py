@@ -75,7 +75,7 @@ def test_best_over_lr_and_state_efficiency(tmp_path):
     [
         ("name: x\npreset: mqar\nmixers: {bla: [{}]}\nbogus: 1\n", "unknown keys"),
         ("name: x\npreset: mqar\n", "missing 'mixers'"),
-        ("name: x\npreset: mqar\nmixers: {bla: {model.bla.slots: 5}}\n", "bla.slots=5 must divide"),
+        ("name: x\npreset: mqar\nmixers: {bla: {model.bla.slots: [5]}}\n", "bla.slots=5 must divide"),
         ("name: x\npreset: mqar\nmixers: {bla: {optim.lr: []}}\n", "non-empty list"),
         ("name: x\npreset: mqar\nmixers: {bla: [{}]}\nmetric: f1\n", "metric must be one of"),
     ],
