@@ -196,8 +196,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, device: str = ""
 
 
 # ---- the report ----
-def _results(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+def _results(spec: SweepSpec, out: Path) -> list[dict]:
+    """Finished runs of this spec (runs of an edited spec's old grid stay out of the report)."""
+    names = {run_name(m, o) for m, o in spec.runs()}
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json")) if p.parent.name in names]
 
 
 def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
@@ -234,7 +236,7 @@ def state_efficiency(spec: SweepSpec, points: list[dict]) -> dict:
 
 def report(spec: SweepSpec, out: str | Path) -> dict:
     out = Path(out)
-    results = _results(out)
+    results = _results(spec, out)
     columns = ["run", "mixer", "state_elements", "state_bytes", "params", spec.metric, "val_loss", "tvd", "train_seconds"]
     keys = sorted({k for r in results for k in r["overrides"]})
     with open(out / "results.csv", "w", newline="") as f:

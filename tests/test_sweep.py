@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from bla.launch.sweep import best_over_lr, load_spec, report, run_name, run_sweep, state_efficiency
+from bla.launch.sweep import SweepSpec, best_over_lr, load_spec, report, run_name, run_sweep, state_efficiency
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +48,18 @@ def _fake(out: Path, mixer: str, state: int, lr: float, acc: float) -> None:
 
 
 def test_best_over_lr_and_state_efficiency(tmp_path):
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({"name": "fake", "preset": "mqar", "mixers": {"bla": [{}], "swa": [{}], "gsa": [{}]},
-                                    "targets": [0.5, 0.9], "baseline": "swa"}))  # fmt: skip
-    spec = load_spec(str(path))
+    bla = [{"size": s, "optim.lr": lr} for s in (64, 128) for lr in (1e-3, 3e-3)]
+    swa = [{"size": s, "optim.lr": 1e-3} for s in (128, 512, 1024)]
+    spec = SweepSpec("fake", "mqar", {"bla": bla, "swa": swa, "gsa": [{"size": 1024, "optim.lr": 1e-3}]}, targets=[0.5, 0.9])
     for state, accs in {64: (0.2, 0.6), 128: (0.7, 0.95)}.items():
         for lr, acc in zip((1e-3, 3e-3), accs):
             _fake(tmp_path, "bla", state, lr, acc)
     for state, acc in {128: 0.3, 512: 0.55, 1024: 0.92}.items():
         _fake(tmp_path, "swa", state, 1e-3, acc)
     _fake(tmp_path, "gsa", 1024, 1e-3, 0.4)
-    points = best_over_lr(spec, [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")])
+    _fake(tmp_path, "swa", 2048, 1e-3, 0.99)  # not in the spec: left out of the report
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")]
+    points = best_over_lr(spec, [r for r in results if r["state_elements"] != 2048])
     assert [(p["mixer"], p["state_elements"], p["accuracy"]) for p in points if p["mixer"] == "bla"] == [("bla", 64, 0.6), ("bla", 128, 0.95)]
     eff = state_efficiency(spec, points)
     assert eff["0.5"]["bla"] == {"state_elements": 64, "times_less_than_swa": 8.0}
