@@ -11,6 +11,16 @@ import re
 from dataclasses import dataclass
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def fresh_process_env(**extra: str) -> dict[str, str]:
+    """This process's environment without a launcher's rank variables (plus ``extra``): a child
+    started with it is a world of its own, not a rank of ours."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return {**env, **extra}
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """SLURM's compressed host lists: ``gpu[01-03,07],login1`` -> gpu01 gpu02 gpu03 gpu07 login1."""
     hosts = []

@@ -42,6 +42,8 @@ import yaml
 
 from bla.model.stats import param_count, state_size
 
+from .layout import fresh_process_env
+
 METRICS = {"accuracy": True, "loss": False}  # name -> higher is better
 
 
@@ -127,38 +129,33 @@ def _train(spec: SweepSpec, overrides: dict, out: Path, cache_dir: str, nproc: i
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "bla.train.cli", *args]
     else:
         cmd = [sys.executable, "-m", "bla.train.cli", *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     with open(log_file, "a") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=fresh_process_env())
     if done.returncode != 0:
         tail = log_file.read_text()[-2000:]
         raise RuntimeError(f"training run {out.name} failed (exit {done.returncode}); log {log_file}:\n{tail}")
 
 
 def evaluate_run(spec: SweepSpec, run_dir: Path, device) -> dict:
-    """The sweep's metrics of one finished run."""
-    import torch
-
+    """The sweep's metrics of one finished run: ``loss`` (the trainer's last validation loss), and
+    ``accuracy`` (plus ``tvd`` for RegBench) on held-out examples."""
     from bla.eval.load import load_run
     from bla.eval.tasks import mqar_accuracy, regbench_scores
 
     model, _, cfg = load_run(run_dir, device)
     d = cfg["data"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = {"val_loss": summary.get("val_loss")}
-    with torch.no_grad():
-        if d["task"] == "mqar":
-            from bla.data.synthetic import MQARConfig
+    metrics = {"loss": json.loads((run_dir / "summary.json").read_text()).get("val_loss")}
+    if d["task"] == "mqar":
+        from bla.data.synthetic import MQARConfig
 
-            ev = spec.eval
-            metrics["accuracy"] = mqar_accuracy(model, d["seq_len"], MQARConfig(**d["mqar"]), int(ev.get("examples", 1000)),
-                                                int(ev.get("seed", 7_000_001)), int(ev.get("batch", 250)), device)  # fmt: skip
-        elif d["task"] == "regbench":
-            from bla.data.regbench import RegBenchConfig
+        ev = spec.eval
+        metrics["accuracy"] = mqar_accuracy(model, d["seq_len"], MQARConfig(**d["mqar"]), int(ev.get("examples", 1000)),
+                                            int(ev.get("seed", 7_000_001)), int(ev.get("batch", 250)), device)  # fmt: skip
+    elif d["task"] == "regbench":
+        from bla.data.regbench import RegBenchConfig
 
-            scores = regbench_scores(model, d["seq_len"], RegBenchConfig(**d["regbench"]), int(spec.eval.get("seed", 11)), device)
-            metrics.update(accuracy=scores["all"]["accuracy"], tvd=scores["all"]["tvd"])
-        metrics["loss"] = summary.get("val_loss")
+        scores = regbench_scores(model, d["seq_len"], RegBenchConfig(**d["regbench"]), int(spec.eval.get("seed", 11)), device)
+        metrics.update(accuracy=scores["all"]["accuracy"], tvd=scores["all"]["tvd"])
     return metrics
 
 
@@ -237,7 +234,7 @@ def state_efficiency(spec: SweepSpec, points: list[dict]) -> dict:
 def report(spec: SweepSpec, out: str | Path) -> dict:
     out = Path(out)
     results = _results(spec, out)
-    columns = ["run", "mixer", "state_elements", "state_bytes", "params", spec.metric, "val_loss", "tvd", "train_seconds"]
+    columns = ["run", "mixer", "state_elements", "state_bytes", "params", "accuracy", "loss", "tvd", "train_seconds"]
     keys = sorted({k for r in results for k in r["overrides"]})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

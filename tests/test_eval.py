@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from helpers import assert_close
 
+from bla.launch.layout import fresh_process_env
 from bla.data.synthetic import MQARConfig, TaskLoader, mqar_examples
 from bla.eval.generate import generate
 from bla.eval.tasks import label_accuracy
@@ -69,7 +69,7 @@ def test_tiny_model_learns_easy_mqar(tmp_path):
     args = ["mqar", f"out_dir={out}", "steps=300", "micro_batch=32", "data.seq_len=64", "data.mqar.num_kv_pairs=4",
             "data.mqar.vocab_size=128", "model.vocab_size=128", "model.bla.window=64", "model.bla.slots=16",
             "optim.lr=3e-3", "optim.warmup_steps=20", "eval_every=300", "eval_batches=8", "save_every=300", "progress=false"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = fresh_process_env()
     done = subprocess.run([sys.executable, "-m", "bla.train.cli", *args], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     acc = json.loads((out / "summary.json").read_text())["val_accuracy"]
@@ -119,7 +119,7 @@ def test_windowed_scoring_with_carried_state_equals_full_forward(pattern):
 
 @pytest.mark.slow
 def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = fresh_process_env()
     run = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={run}", f"cache_dir={tmp_path / 'c'}"],
                    check=True, capture_output=True, env=env, timeout=600)  # fmt: skip

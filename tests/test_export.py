@@ -4,7 +4,6 @@ loaded by transformers alone (bla hidden), with logits and greedy generation equ
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bla.launch.layout import fresh_process_env
 from bla.eval.generate import generate
 from bla.eval.load import load_exported, load_run
 from bla.launch.cli import main as bla
@@ -58,8 +58,7 @@ HF_SIDE = textwrap.dedent('''
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return fresh_process_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")

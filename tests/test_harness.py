@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from bla.launch.layout import fresh_process_env
 
 pytest.importorskip("lm_eval")
 
@@ -22,7 +23,7 @@ def process_results(doc, results):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("harness")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = fresh_process_env()
     subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={tmp / 'run'}", f"cache_dir={tmp / 'c'}"],
                    check=True, capture_output=True, env=env, timeout=600)  # fmt: skip
     return tmp

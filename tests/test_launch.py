@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bla.launch.layout import expand_nodelist
+from bla.launch.layout import expand_nodelist, fresh_process_env
 
 REPO = Path(__file__).resolve().parents[1]
 BLA = f"{sys.executable} -m bla.launch.cli"
@@ -19,8 +18,7 @@ SLURM_4x8 = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_JO
 
 
 def _env(tmp_path: Path, **extra) -> dict:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    env = {k: v for k, v in fresh_process_env().items() if not k.startswith("SLURM_")}
     path = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return {**env, "PATH": path, "OMP_NUM_THREADS": "1", "BLA": BLA, **extra}
 

@@ -4,12 +4,13 @@ the whole sequence on one rank, in float64."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bla.launch.layout import fresh_process_env
 
 WORKER = Path(__file__).parent / "workers" / "sp_equivalence.py"
 
@@ -21,7 +22,7 @@ WORKER = Path(__file__).parent / "workers" / "sp_equivalence.py"
     [(16, "packed"), (64, "packed"), (64, "one")],  # W <= slice (Gamma = 0) and W > slice; packed or one document
 )
 def test_sequence_parallel_equals_one_rank(ranks, window, layout):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = fresh_process_env()
     port = 29800 + ranks * 10 + window % 7 + (layout == "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
            str(WORKER), str(window), layout]  # fmt: skip
@@ -33,7 +34,7 @@ def test_sequence_parallel_equals_one_rank(ranks, window, layout):
 def _train(tmp_path, name: str, nproc: int, port: int, *overrides: str) -> list[float]:
     import json
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = fresh_process_env()
     out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            "-m", "bla.train.cli", "tiny", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "steps=6", "save_every=3",

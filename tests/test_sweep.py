@@ -44,7 +44,7 @@ def _fake(out: Path, mixer: str, state: int, lr: float, acc: float) -> None:
     d = out / "runs" / run_name(mixer, overrides)
     d.mkdir(parents=True)
     (d / "result.json").write_text(json.dumps({"run": d.name, "mixer": mixer, "overrides": overrides, "state_elements": state,
-                                               "state_bytes": 2 * state, "params": 1, "accuracy": acc, "val_loss": 1.0}))  # fmt: skip
+                                               "state_bytes": 2 * state, "params": 1, "accuracy": acc, "loss": 1.0}))  # fmt: skip
 
 
 def test_best_over_lr_and_state_efficiency(tmp_path):

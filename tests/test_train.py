@@ -4,7 +4,6 @@ process count, damaged checkpoints, NaN policy, signals, config errors, schedule
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bla.launch.layout import fresh_process_env
 from bla.train import checkpoint as ckpt
 from bla.train.config import load_train_config
 from bla.train.schedule import lr_lambda
@@ -23,8 +23,7 @@ BASE = ["steps=8", "save_every=4", "eval_every=4", "log_every=1", "optim.lr=1e-2
 
 
 def _env(cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return fresh_process_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def train(tmp: Path, name: str, nproc: int, *overrides: str, check=True) -> dict:
