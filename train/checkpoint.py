@@ -142,14 +142,15 @@ def ensure_universal(tag_dir: Path) -> Path:
 def loader_states_for(tag_dir: Path, old_world: int, rank: int, world: int, num_workers: int) -> dict | None:
     """Loader state for ``rank``: exact on the same layout, else restarted at the earliest
     unfinished document of any old rank (nothing skipped)."""
+    first = json.loads((tag_dir / "loader_rank0.json").read_text())
+    if "next_batch" in first:  # a synthetic task loader: ranks move in lockstep and re-split the stream
+        return first
     path = tag_dir / f"loader_rank{rank}.json"
     if old_world == world and path.exists():
         state = json.loads(path.read_text())
-        if "next_batch" in state or len(state["states"]) == max(1, num_workers):  # task loader, or same workers
+        if len(state["states"]) == max(1, num_workers):
             return state
     old = [json.loads((tag_dir / f"loader_rank{r}.json").read_text()) for r in range(old_world)]
-    if "next_batch" in old[0]:  # a synthetic task loader re-splits its own stream
-        return old[0]
     # each old shard had consumed its documents below next_doc, the last one possibly only in part
     epoch, last_doc = min((s["epoch"], s["next_doc"] - 1) for o in old for s in o["states"])
     restart = {"epoch": epoch, "next_doc": max(0, last_doc), "packer": {"tokens": [], "positions": []}}
