@@ -95,12 +95,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     if foreign:
         raise ValueError(f"{weights}: weights outside {EXPORT_PREFIX!r}: {foreign[:5]}")
     state = {k[len(EXPORT_PREFIX) :]: v for k, v in state.items()}
-    model = BLALM(model_cfg)
-    if dtype is None:
-        model.to(next(iter(state.values())).dtype)
-    load_weights(model, state, f"export {path}")
-    if dtype is not None:
-        model.to(dtype)
+    model = BLALM(model_cfg).to(dtype or next(iter(state.values())).dtype)
+    load_weights(model, state, f"export {path}")  # copies into the model's dtype
     has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
     train_cfg = info.get("train_config") or {"model": model_cfg.to_dict()}

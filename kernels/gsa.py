@@ -68,7 +68,7 @@ def gsa_chunked(q, k, v, log_decay, scale=None, initial_state=None, chunk: int =
     """Same result as ``gsa_recurrent``, C tokens at a time (autograd gives the backward)."""
     _check(q, k, v, log_decay)
     B, T, H, dk = q.shape
-    Hkv, m, dv = k.shape[2], log_decay.shape[-1], v.shape[-1]
+    Hkv, dv = k.shape[2], v.shape[-1]
     G = H // Hkv
     scale = dk**-0.5 if scale is None else scale
     K, V = _initial(q, k, v, log_decay, initial_state)
@@ -76,8 +76,8 @@ def gsa_chunked(q, k, v, log_decay, scale=None, initial_state=None, chunk: int =
     pad = -T % chunk
     N = (T + pad) // chunk
 
-    def blocks(x, fill=0.0):  # [B, T, Hkv, ...] -> [B, Hkv, N, C, ...]
-        x = F.pad(x.to(dtype), (0, 0) * (x.dim() - 2) + (0, pad), value=fill)
+    def blocks(x):  # [B, T, Hkv, ...] -> [B, Hkv, N, C, ...], zero-padded to whole chunks
+        x = F.pad(x.to(dtype), (0, 0) * (x.dim() - 2) + (0, pad))
         return x.unflatten(1, (N, chunk)).movedim(3, 1)
 
     # padded tokens keep the state (decay 0 in log space, write 0)

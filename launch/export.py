@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bla.data import Tokenizer
-from bla.data.tokenizer import SPECIALS
+from bla.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS
 from bla.eval import load as loading
 from bla.model import BLALM
 
@@ -35,6 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODEL_SOURCES = [("bla.model", m) for m in ("config", "layers", "mixers", "lm")]
 KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "gsa", "reference", "triton_bla")]
 HF_FILES = ("configuration_bla.py", "modeling_bla.py")
+SPECIAL_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
 _EXPORTED = {m for _, m in MODEL_SOURCES + KERNEL_SOURCES}
 
 
@@ -79,9 +80,7 @@ def hf_config(model: BLALM, dtype: str) -> dict:
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        **SPECIAL_IDS,
         "dtype": dtype,
     }
 
@@ -123,8 +122,7 @@ def write_export(model: BLALM, tokenizer: Tokenizer | None, out: str | Path, dty
     save_file(tensors, str(tmp / loading.EXPORT_WEIGHTS), metadata={"format": "pt"})
     (tmp / loading.EXPORT_WEIGHTS).chmod(0o644)  # safetensors writes it private; an export is for sharing
     (tmp / loading.EXPORT_CONFIG).write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")
-    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (tmp / "generation_config.json").write_text(json.dumps(SPECIAL_IDS, indent=2) + "\n")
     if tokenizer is not None:
         _write_tokenizer(tokenizer, tmp)
     for name, text in _code_files().items():

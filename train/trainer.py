@@ -242,9 +242,10 @@ def run(cfg: TrainConfig) -> dict:
 
     task = cfg.data.task
     tok = shards = None
-    init = initial_weights(cfg, log) if cfg.init_from else None
+    # read even when resuming: a run started from init_from keeps that model's tokenizer
+    init_model, init_tok = initial_weights(cfg, log) if cfg.init_from else (None, None)
     if task == "lm":
-        tok = init[1] if init is not None and init[1] is not None and cfg.data.tokenizer == "auto" else ensure_tokenizer(cfg, rank, log)
+        tok = init_tok if init_tok is not None and cfg.data.tokenizer == "auto" else ensure_tokenizer(cfg, rank, log)
         lm_data.check_vocab(tok, cfg.model.vocab_size)
         shards = ensure_shards(cfg, tok, rank, log)
 
@@ -261,8 +262,8 @@ def run(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = BLALM(cfg.model)
-    if init is not None and resume_from is None:
-        model.load_state_dict(init[0].state_dict())
+    if init_model is not None and resume_from is None:
+        model.load_state_dict(init_model.state_dict())
     model.activation_checkpointing = cfg.activation_checkpointing
     if sp_ctx is not None:
         sequence_parallel.enable(model, sp_ctx)
