@@ -96,6 +96,8 @@ def load_spec(name_or_path: str) -> SweepSpec:
     for key in ("name", "preset", "mixers"):
         if key not in data:
             raise ValueError(f"sweep spec {name_or_path}: missing {key!r}")
+    if data.get("targets") and data.get("baseline", "swa") not in data["mixers"]:
+        raise ValueError(f"sweep spec {name_or_path}: baseline {data.get('baseline', 'swa')!r} is not one of its mixers")
     if data.get("metric", "accuracy") not in METRICS:
         raise ValueError(f"sweep spec {name_or_path}: metric must be one of {sorted(METRICS)}")
     data["mixers"] = {m: expand(g) for m, g in data["mixers"].items()}
@@ -105,26 +107,30 @@ def load_spec(name_or_path: str) -> SweepSpec:
     return spec
 
 
-def _override_args(overrides: dict) -> list[str]:
+def run_args(spec: SweepSpec, overrides: dict) -> list[str]:
+    """The train-config overrides of one run: the sweep's, then the run's own."""
+
     def text(v):
         return json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)
 
-    return [f"{k}={text(v)}" for k, v in overrides.items()]
+    return [*spec.overrides, *(f"{k}={text(v)}" for k, v in overrides.items())]
 
 
 def train_config(spec: SweepSpec, overrides: dict):
     from bla.train.config import load_train_config
 
-    return load_train_config(spec.preset, [*spec.overrides, *_override_args(overrides)])
+    return load_train_config(spec.preset, run_args(spec, overrides))
 
 
-def run_name(mixer: str, overrides: dict) -> str:
-    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+def run_name(spec: SweepSpec, mixer: str, overrides: dict) -> str:
+    """The mixer and a hash of everything that sets the run up: editing the sweep's shared
+    overrides makes new runs, while adding grid points keeps the finished ones."""
+    digest = hashlib.sha1(json.dumps([spec.preset, run_args(spec, overrides)]).encode()).hexdigest()[:8]
     return f"{mixer}-{digest}"
 
 
 def _train(spec: SweepSpec, overrides: dict, out: Path, cache_dir: str, nproc: int, log_file: Path) -> None:
-    args = [spec.preset, *spec.overrides, *_override_args(overrides), f"out_dir={out}", f"cache_dir={cache_dir}", "progress=false"]
+    args = [spec.preset, *run_args(spec, overrides), f"out_dir={out}", f"cache_dir={cache_dir}", "progress=false"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "bla.train.cli", *args]
     else:
@@ -169,10 +175,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, device: str = ""
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.__dict__, sort_keys=False))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     runs = spec.runs()
-    todo = [(m, o) for m, o in runs if not (out / "runs" / run_name(m, o) / "result.json").exists()]
+    todo = [(m, o) for m, o in runs if not (out / "runs" / run_name(spec, m, o) / "result.json").exists()]
     print(f"[bla sweep] {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already done -> {out}", flush=True)
     for mixer, overrides in tqdm(todo, desc=spec.name, disable=not progress):
-        run_dir = out / "runs" / run_name(mixer, overrides)
+        run_dir = out / "runs" / run_name(spec, mixer, overrides)
         run_dir.mkdir(exist_ok=True)
         cfg = train_config(spec, overrides)
         (run_dir / "sweep_run.json").write_text(json.dumps({"mixer": mixer, "overrides": overrides}, indent=1))
@@ -195,7 +201,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, device: str = ""
 # ---- the report ----
 def _results(spec: SweepSpec, out: Path) -> list[dict]:
     """Finished runs of this spec (runs of an edited spec's old grid stay out of the report)."""
-    names = {run_name(m, o) for m, o in spec.runs()}
+    names = {run_name(spec, m, o) for m, o in spec.runs()}
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json")) if p.parent.name in names]
 
 
@@ -309,8 +315,8 @@ def add_sweep_command(sub) -> None:
         if args.dry_run:
             for mixer, overrides in spec.runs():
                 cfg = train_config(spec, overrides)
-                done = (out / "runs" / run_name(mixer, overrides) / "result.json").exists()
-                print(f"{run_name(mixer, overrides)} state={state_size(cfg.model, cfg.data.seq_len)['elements']:>9,} "
+                done = (out / "runs" / run_name(spec, mixer, overrides) / "result.json").exists()
+                print(f"{run_name(spec, mixer, overrides)} state={state_size(cfg.model, cfg.data.seq_len)['elements']:>9,} "
                       f"{'done' if done else 'todo'} {overrides}")  # fmt: skip
             return 0
         if args.report:

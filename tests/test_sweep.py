@@ -32,16 +32,16 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     assert result["config"]["model"]["layer_pattern"] == ["bla"] and result["params"] > 0
 
     # resumable: finished runs are skipped; a run without its result is redone (from its checkpoint)
-    redo = out / "runs" / run_name("swa", spec.runs()[-1][1]) / "result.json"
+    redo = out / "runs" / run_name(spec, "swa", spec.runs()[-1][1]) / "result.json"
     redo.unlink()
     kept = {p: p.stat().st_mtime for p in (out / "runs").glob("*/result.json")}
     run_sweep(spec, out, cache_dir=str(tmp_path / "cache"), progress=False)
     assert redo.exists() and all(p.stat().st_mtime == t for p, t in kept.items())
 
 
-def _fake(out: Path, mixer: str, state: int, lr: float, acc: float) -> None:
+def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float) -> None:
     overrides = {"size": state, "optim.lr": lr}
-    d = out / "runs" / run_name(mixer, overrides)
+    d = out / "runs" / run_name(spec, mixer, overrides)
     d.mkdir(parents=True)
     (d / "result.json").write_text(json.dumps({"run": d.name, "mixer": mixer, "overrides": overrides, "state_elements": state,
                                                "state_bytes": 2 * state, "params": 1, "accuracy": acc, "loss": 1.0}))  # fmt: skip
@@ -53,11 +53,11 @@ def test_best_over_lr_and_state_efficiency(tmp_path):
     spec = SweepSpec("fake", "mqar", {"bla": bla, "swa": swa, "gsa": [{"size": 1024, "optim.lr": 1e-3}]}, targets=[0.5, 0.9])
     for state, accs in {64: (0.2, 0.6), 128: (0.7, 0.95)}.items():
         for lr, acc in zip((1e-3, 3e-3), accs):
-            _fake(tmp_path, "bla", state, lr, acc)
+            _fake(spec, tmp_path, "bla", state, lr, acc)
     for state, acc in {128: 0.3, 512: 0.55, 1024: 0.92}.items():
-        _fake(tmp_path, "swa", state, 1e-3, acc)
-    _fake(tmp_path, "gsa", 1024, 1e-3, 0.4)
-    _fake(tmp_path, "swa", 2048, 1e-3, 0.99)  # not in the spec: left out of the report
+        _fake(spec, tmp_path, "swa", state, 1e-3, acc)
+    _fake(spec, tmp_path, "gsa", 1024, 1e-3, 0.4)
+    _fake(spec, tmp_path, "swa", 2048, 1e-3, 0.99)  # not in the spec: left out of the report
     results = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")]
     points = best_over_lr(spec, [r for r in results if r["state_elements"] != 2048])
     assert [(p["mixer"], p["state_elements"], p["accuracy"]) for p in points if p["mixer"] == "bla"] == [("bla", 64, 0.6), ("bla", 128, 0.95)]
@@ -67,6 +67,8 @@ def test_best_over_lr_and_state_efficiency(tmp_path):
     assert eff["0.9"]["swa"]["times_less_than_swa"] == 1.0
     assert eff["0.5"]["gsa"] == {"state_elements": None, "times_less_than_swa": None}
     summary = report(spec, tmp_path)
+    edited = SweepSpec("fake", "mqar", spec.mixers, overrides=["steps=7"])  # shared settings changed: new runs
+    assert run_name(edited, "bla", bla[0]) != run_name(spec, "bla", bla[0])
     assert summary["runs"] == 8 and (tmp_path / "accuracy_vs_state.png").exists()
 
 
@@ -78,6 +80,7 @@ def test_best_over_lr_and_state_efficiency(tmp_path):
         ("name: x\npreset: mqar\nmixers: {bla: {model.bla.slots: [5]}}\n", "bla.slots=5 must divide"),
         ("name: x\npreset: mqar\nmixers: {bla: {optim.lr: []}}\n", "non-empty list"),
         ("name: x\npreset: mqar\nmixers: {bla: [{}]}\nmetric: f1\n", "metric must be one of"),
+        ("name: x\npreset: mqar\nmixers: {bla: [{}]}\ntargets: [0.5]\n", "baseline 'swa' is not one of its mixers"),
     ],
 )
 def test_bad_specs_are_refused(tmp_path, text, match):
