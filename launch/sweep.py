@@ -15,12 +15,13 @@ A sweep spec (YAML; named ones live in ``launch/sweeps/``):
     targets: [0.5, 0.9]              # state efficiency: state needed to reach these
     baseline: swa                    # ... relative to this mixer
 
-Runs go one after another (on one device, or ``--nproc N`` processes through torchrun); a run is
-named by its mixer and a hash of its overrides, writes its config, metrics and state size to
-``<sweep>/runs/<name>/result.json`` and is skipped once that file exists, so an interrupted sweep
-resumes where it stopped (a run cut mid-way resumes from its last checkpoint). The report
-(``results.csv``, ``results.json``, ``state_efficiency.json`` and ``<metric>_vs_state.png``) is
-rebuilt from whatever results exist.
+Runs go one after another, or ``--jobs J`` at a time (each job on its own GPUs when there are
+enough, otherwise sharing them: small models leave a GPU mostly idle), each on one device or
+over ``--nproc N`` processes through torchrun. A run is named by its mixer and a hash of its
+overrides, writes its config, metrics and state size to ``<sweep>/runs/<name>/result.json`` and
+is skipped once that file exists, so an interrupted sweep resumes where it stopped (a run cut
+mid-way resumes from its last checkpoint). The report (``results.csv``, ``results.json``,
+``state_efficiency.json`` and ``<metric>_vs_state.png``) is rebuilt from whatever results exist.
 """
 
 from __future__ import annotations
@@ -129,14 +130,14 @@ def run_name(spec: SweepSpec, mixer: str, overrides: dict) -> str:
     return f"{mixer}-{digest}"
 
 
-def _train(spec: SweepSpec, overrides: dict, out: Path, cache_dir: str, nproc: int, log_file: Path) -> None:
+def _train(spec: SweepSpec, overrides: dict, out: Path, cache_dir: str, nproc: int, log_file: Path, env: dict) -> None:
     args = [spec.preset, *run_args(spec, overrides), f"out_dir={out}", f"cache_dir={cache_dir}", "progress=false"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "bla.train.cli", *args]
     else:
         cmd = [sys.executable, "-m", "bla.train.cli", *args]
     with open(log_file, "a") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=fresh_process_env())
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         tail = log_file.read_text()[-2000:]
         raise RuntimeError(f"training run {out.name} failed (exit {done.returncode}); log {log_file}:\n{tail}")
@@ -165,36 +166,79 @@ def evaluate_run(spec: SweepSpec, run_dir: Path, device) -> dict:
     return metrics
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, device: str = "", cache_dir: str = "~/.cache/bla",
+def _one_run(spec: SweepSpec, out: Path, mixer: str, overrides: dict, nproc: int, cache_dir: str, slot_gpus: list[int] | None) -> str:
+    """Train and evaluate one run, on ``slot_gpus`` when the sweep gives each job its own GPUs."""
+    import torch
+
+    run_dir = out / "runs" / run_name(spec, mixer, overrides)
+    run_dir.mkdir(exist_ok=True)
+    cfg = train_config(spec, overrides)
+    (run_dir / "sweep_run.json").write_text(json.dumps({"mixer": mixer, "overrides": overrides}, indent=1))
+    env = fresh_process_env()
+    if slot_gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot_gpus))
+    start = time.time()
+    _train(spec, overrides, run_dir, cache_dir, nproc, run_dir / "train.log", env)
+    seconds = time.time() - start
+    device = torch.device("cuda", slot_gpus[0]) if slot_gpus else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.time()
+    metrics = evaluate_run(spec, run_dir, device)
+    state = state_size(cfg.model, cfg.data.seq_len)
+    result = {"run": run_dir.name, "mixer": mixer, "overrides": overrides, "train_seconds": seconds,
+              "eval_seconds": time.time() - start, "state_elements": state["elements"], "state_bytes": state["bytes"],
+              "params": param_count(cfg.model), "config": cfg.to_dict(), **metrics}  # fmt: skip
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, run_dir / "result.json")  # last: its presence marks the run done
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    return f"[bla sweep] {run_dir.name} {overrides} state={state['elements']:,} {shown} ({seconds:.0f} s)"
+
+
+def job_gpus(jobs: int, nproc: int, gpus: int) -> list[list[int] | None]:
+    """Each concurrent job's GPUs: its own ``nproc`` of them when there are enough for all jobs,
+    otherwise ``None`` (the jobs share every device; right for small models that leave a GPU idle)."""
+    if gpus >= jobs * nproc > nproc:
+        return [list(range(j * nproc, (j + 1) * nproc)) for j in range(jobs)]
+    return [None] * jobs
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, jobs: int = 1, cache_dir: str = "~/.cache/bla",
               progress: bool = True) -> dict:  # fmt: skip
+    """Train and evaluate every run not done yet, ``jobs`` at a time, then write the report."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     import torch
     from tqdm import tqdm
 
+    if jobs < 1 or nproc < 1:
+        raise ValueError(f"bla sweep: --jobs and --nproc must be >= 1, got jobs={jobs}, nproc={nproc}")
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.__dict__, sort_keys=False))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     runs = spec.runs()
     todo = [(m, o) for m, o in runs if not (out / "runs" / run_name(spec, m, o) / "result.json").exists()]
-    print(f"[bla sweep] {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already done -> {out}", flush=True)
-    for mixer, overrides in tqdm(todo, desc=spec.name, disable=not progress):
-        run_dir = out / "runs" / run_name(spec, mixer, overrides)
-        run_dir.mkdir(exist_ok=True)
-        cfg = train_config(spec, overrides)
-        (run_dir / "sweep_run.json").write_text(json.dumps({"mixer": mixer, "overrides": overrides}, indent=1))
-        start = time.time()
-        _train(spec, overrides, run_dir, cache_dir, nproc, run_dir / "train.log")
-        seconds = time.time() - start
-        metrics = evaluate_run(spec, run_dir, dev)
-        state = state_size(cfg.model, cfg.data.seq_len)
-        result = {"run": run_dir.name, "mixer": mixer, "overrides": overrides, "train_seconds": seconds,
-                  "state_elements": state["elements"], "state_bytes": state["bytes"], "params": param_count(cfg.model),
-                  "config": cfg.to_dict(), **metrics}  # fmt: skip
-        tmp = run_dir / "result.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, run_dir / "result.json")  # last: its presence marks the run done
-        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-        print(f"[bla sweep] {run_dir.name} {overrides} state={state['elements']:,} {shown} ({seconds:.0f} s)", flush=True)
+    print(f"[bla sweep] {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already done, {jobs} at a time -> {out}", flush=True)
+    slots: queue.Queue = queue.Queue()
+    for gpus in job_gpus(jobs, nproc, torch.cuda.device_count()):
+        slots.put(gpus)
+
+    def in_a_slot(mixer: str, overrides: dict) -> str:
+        gpus = slots.get()
+        try:
+            return _one_run(spec, out, mixer, overrides, nproc, cache_dir, gpus)
+        finally:
+            slots.put(gpus)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc=spec.name, disable=not progress) as bar:
+        futures = [pool.submit(in_a_slot, m, o) for m, o in todo]
+        try:
+            for done in as_completed(futures):
+                print(done.result(), flush=True)
+                bar.update()
+        except BaseException:  # a failed run stops the sweep: running runs finish, queued ones never start
+            pool.shutdown(cancel_futures=True)
+            raise
     return report(spec, out)
 
 
@@ -304,7 +348,8 @@ def add_sweep_command(sub) -> None:
     p.add_argument("spec", help="a named sweep (launch/sweeps/) or a sweep YAML file")
     p.add_argument("--out", default="", help="sweep directory (default sweeps/<name>)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
-    p.add_argument("--device", default="", help="device for evaluation (default cuda if available)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets its own GPUs when there are enough, "
+                   "otherwise they share the devices: small models leave a GPU mostly idle)")
     p.add_argument("--cache-dir", default="~/.cache/bla")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state sizes, train nothing")
     p.add_argument("--report", action="store_true", help="rebuild the table and plots from finished runs only")
@@ -322,7 +367,7 @@ def add_sweep_command(sub) -> None:
         if args.report:
             report(spec, out)
             return 0
-        run_sweep(spec, out, args.nproc, args.device, args.cache_dir)
+        run_sweep(spec, out, args.nproc, args.jobs, args.cache_dir)
         return 0
 
     p.set_defaults(func=run)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bla.launch.sweep import SweepSpec, best_over_lr, load_spec, report, run_name, run_sweep, state_efficiency
+from bla.launch.sweep import SweepSpec, best_over_lr, job_gpus, load_spec, report, run_name, run_sweep, state_efficiency
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     spec = load_spec("tiny")
     out = tmp_path / "sweep"
-    summary = run_sweep(spec, out, cache_dir=str(tmp_path / "cache"), progress=False)
+    summary = run_sweep(spec, out, jobs=2, cache_dir=str(tmp_path / "cache"), progress=False)  # two runs at a time
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and summary["runs"] == 4
     state = {(r["mixer"], json.loads(r["model.bla.slots"] or "null"), json.loads(r["model.swa_window"] or "null")): int(r["state_elements"])
@@ -96,3 +96,16 @@ def test_named_sweeps_load_and_are_valid():
     for name in ("tiny", "mqar_budget", "mqar_paper", "regbench_budget", "regbench_paper"):
         spec = load_spec(name)
         assert {"bla", "swa"} <= set(spec.mixers) and spec.runs()
+
+
+def test_jobs_get_their_own_gpus_when_there_are_enough():
+    assert job_gpus(4, 2, 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert job_gpus(3, 1, 8) == [[0], [1], [2]]
+    assert job_gpus(4, 1, 1) == [None] * 4  # one GPU: the jobs share it
+    assert job_gpus(2, 1, 0) == [None, None]  # CPU
+    assert job_gpus(1, 1, 8) == [None]  # one job: torch's default device, as without --jobs
+
+
+def test_bad_jobs_refused(tmp_path):
+    with pytest.raises(ValueError, match="--jobs and --nproc must be >= 1"):
+        run_sweep(load_spec("tiny"), tmp_path, jobs=0)

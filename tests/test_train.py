@@ -194,3 +194,18 @@ def test_example_run_configs_load():
     configs = {path.name: load_train_config(str(path)) for path in sorted((repo / "configs").glob("*.yaml"))}  # validates
     example = configs["350m_fineweb_zero2.yaml"]
     assert example.model.d_model == 1024 and example.zero_stage == 2  # the 350m preset, as the file says
+
+
+def test_cache_entries_built_concurrently_are_published_once(tmp_path):
+    """Concurrent runs (``bla sweep --jobs``) may build the same tokenizer or shard cache entry:
+    the first finished copy is published whole and the later ones are dropped."""
+    from bla.train.trainer import _publish
+
+    final = tmp_path / "shards"
+    for pid, text in ((1, "first"), (2, "second")):
+        tmp = tmp_path / f"shards.tmp{pid}"
+        tmp.mkdir()
+        (tmp / "manifest.json").write_text(text)
+        _publish(tmp, final)
+        assert not tmp.exists()
+    assert (final / "manifest.json").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["shards"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import time
@@ -58,6 +59,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a cache entry built under a private name into place. Concurrent runs (``bla sweep
+    --jobs``) may build the same entry; the first rename wins and the others drop their copy."""
+    try:
+        tmp.rename(final)
+    except OSError:  # ``final`` exists and is not empty
+        shutil.rmtree(tmp)
+
+
 def _cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -88,8 +98,7 @@ def ensure_tokenizer(cfg: TrainConfig, rank: int, log) -> lm_data.Tokenizer:
         texts = (ex["text"] for ex in lm_data.load_documents(lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources])))
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         lm_data.train_tokenizer(texts, tmp, kind=d.tokenizer_kind, vocab_size=cfg.model.vocab_size)
-        if not cache.exists():  # another run may have cached the same tokenizer meanwhile
-            tmp.replace(cache)
+        _publish(tmp, cache)
     dist.barrier()
     return lm_data.Tokenizer(cache / name)
 
@@ -103,7 +112,11 @@ def ensure_shards(cfg: TrainConfig, tok: lm_data.Tokenizer, rank: int, log) -> P
     out = Path(cfg.cache_dir).expanduser() / "shards" / _cache_key(d.sources, tok.sha256)
     if rank == 0 and not (out / "manifest.json").exists():
         log(f"tokenising {d.sources} once into shards at {out}")
-        lm_data.prepare(lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources], seed=d.seed), tok, out, progress=cfg.progress)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        lm_data.prepare(lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources], seed=d.seed), tok, tmp, progress=cfg.progress)
+        if out.exists() and not (out / "manifest.json").exists():
+            shutil.rmtree(out)  # a partial directory left by an interrupted run of an older version
+        _publish(tmp, out)
     dist.barrier()
     return out
 
