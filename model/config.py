@@ -41,6 +41,7 @@ class ModelConfig:
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = mlp_ratio * d_model, rounded up to mlp_multiple
     mlp_multiple: int = 64
     swa_window: int = 512
+    attn_short_conv: int = 0  # bla.short_conv for the attn and swa layers (like-for-like recall baselines); 0 = off
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
@@ -98,8 +99,9 @@ class ModelConfig:
         for w in windows:
             if not isinstance(w, int) or w < slots or w % slots:
                 bad(f"bla.slots={slots} must divide every bla.window and be at most it, got window {w!r}")
-        if self.bla.short_conv < 0:
-            bad(f"bla.short_conv must be >= 0, got {self.bla.short_conv}")
+        for name, kernel in (("bla.short_conv", self.bla.short_conv), ("attn_short_conv", self.attn_short_conv)):
+            if not isinstance(kernel, int) or kernel < 0:
+                bad(f"{name} must be an int >= 0, got {kernel!r}")
         if self.bla.backend not in ("auto", "triton", "torch", "reference"):
             bad(f"bla.backend must be auto, triton, torch or reference, got {self.bla.backend!r}")
         return self

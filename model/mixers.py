@@ -37,9 +37,26 @@ class KVCache:
     k: torch.Tensor | None = None  # [B, H_kv, L, d] (after RoPE)
     v: torch.Tensor | None = None
     window: int | None = None  # keep at most window - 1 past tokens (swa)
+    conv: torch.Tensor | None = None  # with attn_short_conv: the last (kernel - 1) q/k/v projections
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.conv) if t is not None)
+
+
+def project_qkv(mixer: nn.Module, x, positions, cu_seqlens, conv_past):
+    """q [B, T, H, d], k and v [B, T, H_kv, d] through the mixer's short convolution if it has one,
+    and the convolution's decode buffer (None without one)."""
+    B, T, _ = x.shape
+    H, Hkv, d = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
+    qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
+    conv_buf = None
+    if mixer.conv is not None:
+        # the convolution reads back only inside a segment: a packed row's previous segment
+        # is another document, or another part of the stream, even where positions continue
+        conv_pos = positions if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens, T)
+        qkv, conv_buf = mixer.conv(qkv, conv_pos, conv_past)
+    q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
+    return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d), conv_buf
 
 
 class BLAMixer(nn.Module):
@@ -61,15 +78,7 @@ class BLAMixer(nn.Module):
     def forward(self, x, positions, cu_seqlens=None, cache: BLACache | None = None):
         B, T, _ = x.shape
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        conv_buf = None
-        if self.conv is not None:
-            # the convolution reads back only inside a segment: a packed row's previous segment
-            # is another document, or another part of the stream, even where positions continue
-            conv_pos = positions if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens, T)
-            qkv, conv_buf = self.conv(qkv, conv_pos, cache.conv if cache is not None else None)
-        q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
-        q, k, v = q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
+        q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
             k = apply_rope(k, positions, self.cfg.rope_theta)
@@ -158,14 +167,16 @@ class SoftmaxMixer(nn.Module):
         self.q_proj = nn.Linear(D, H * d, bias=False)
         self.k_proj = nn.Linear(D, Hkv * d, bias=False)
         self.v_proj = nn.Linear(D, Hkv * d, bias=False)
+        self.conv = ShortConv((H + 2 * Hkv) * d, cfg.attn_short_conv) if cfg.attn_short_conv else None
         self.o_proj = nn.Linear(H * d, D, bias=False)
 
     def forward(self, x, positions, cu_seqlens=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rope(self.q_proj(x).view(B, T, H, d), positions, self.cfg.rope_theta).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(B, T, Hkv, d), positions, self.cfg.rope_theta).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
+        q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
+        q = apply_rope(q, positions, self.cfg.rope_theta).transpose(1, 2)
+        k = apply_rope(k, positions, self.cfg.rope_theta).transpose(1, 2)
+        v = v.transpose(1, 2)
 
         k_pos, q_pos = positions, positions
         new_cache = None
@@ -177,7 +188,7 @@ class SoftmaxMixer(nn.Module):
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
                 k_pos = torch.cat([positions[:, :1] - past + torch.arange(past, device=x.device), positions], dim=1)
             keep = k.shape[2] if window is None else min(k.shape[2], window - 1)
-            new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], window)
+            new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], window, conv_buf)
 
         if cu_seqlens is None and cache is None and window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)

@@ -18,6 +18,8 @@ def mixer_params(cfg: ModelConfig, kind: str) -> int:
         n += H * d * D if b.output_gate else 0
         n += (H + 2 * Hkv) * d * b.short_conv
         n += d if b.output_norm else 0
+    else:
+        n += (H + 2 * Hkv) * d * cfg.attn_short_conv
     return n
 
 

@@ -104,12 +104,11 @@ def _count(ctx: SPContext, name: str, *tensors: torch.Tensor) -> None:
     ctx.comm_bytes[name] = ctx.comm_bytes.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors) * ctx.size
 
 
-def _bla_forward(self: BLAMixer, x, positions, cu_seqlens=None, cache=None):
-    ctx: SPContext = self._sp
-    if cache is not None:
-        raise ValueError("sequence parallelism is for training and scoring, not decoding with a cache")
+def _project_qkv(self: BLAMixer | SoftmaxMixer, x, ctx: SPContext):
+    """q, k, v [B, T, heads, d] of this rank's slice; a short convolution takes the previous
+    rank's last kernel - 1 inputs as its halo."""
     B, T, _ = x.shape
-    H, Hkv, d, m = self.n_heads, self.n_kv_heads, self.head_dim, self.slots
+    H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
     qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
     if self.conv is not None:
         K = self.conv.kernel
@@ -118,7 +117,16 @@ def _bla_forward(self: BLAMixer, x, positions, cu_seqlens=None, cache=None):
         halo = tails[ctx.rank - 1] if ctx.rank > 0 else torch.zeros_like(tails[0])
         qkv, _ = self.conv(qkv + tie, ctx.segment_positions.to(x.device), halo)
     q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
-    q, k, v = q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
+    return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
+
+
+def _bla_forward(self: BLAMixer, x, positions, cu_seqlens=None, cache=None):
+    ctx: SPContext = self._sp
+    if cache is not None:
+        raise ValueError("sequence parallelism is for training and scoring, not decoding with a cache")
+    B, T, _ = x.shape
+    H, Hkv, d, m = self.n_heads, self.n_kv_heads, self.head_dim, self.slots
+    q, k, v = _project_qkv(self, x, ctx)
     if self.cfg.bla.rope:
         q, k = apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta)
 
@@ -169,9 +177,10 @@ def _softmax_forward(self: SoftmaxMixer, x, positions, cu_seqlens=None, cache=No
         raise ValueError("sequence parallelism is for training and scoring, not decoding with a cache")
     B, T, _ = x.shape
     H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-    q = apply_rope(self.q_proj(x).view(B, T, H, d), positions, self.cfg.rope_theta).transpose(1, 2)
-    k = apply_rope(self.k_proj(x).view(B, T, Hkv, d), positions, self.cfg.rope_theta).transpose(1, 2)
-    v = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
+    q, k, v = _project_qkv(self, x, ctx)
+    q = apply_rope(q, positions, self.cfg.rope_theta).transpose(1, 2)
+    k = apply_rope(k, positions, self.cfg.rope_theta).transpose(1, 2)
+    v = v.transpose(1, 2)
     kv = torch.cat([k, v], dim=-1)
     q_idx = ctx.slice_start + torch.arange(T, device=x.device)
     if self.window is None:  # full attention: every rank's keys and values
