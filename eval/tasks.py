@@ -32,7 +32,7 @@ def regbench_scores(model, seq_len: int, regbench_cfg, seed: int, device, batch:
     from bla.data import regbench
 
     by_size: dict[int, list] = {}
-    for a in regbench.automaton_pools(regbench_cfg)[1]:
+    for a in regbench.cached_pools(regbench_cfg)[1]:  # one generation per process: a sweep evaluates many runs
         by_size.setdefault(len(a), []).append(a)
     scores, total = {}, {"accuracy": 0.0, "tvd": 0.0, "positions": 0.0}
     for size in sorted(by_size):

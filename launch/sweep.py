@@ -249,17 +249,33 @@ def _results(spec: SweepSpec, out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json")) if p.parent.name in names]
 
 
+AVERAGED = ("accuracy", "loss", "tvd", "train_seconds")  # what a point reports as its mean over seeds
+
+
 def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
-    """Per configuration (everything but the learning rate), its best run."""
-    higher = METRICS[spec.metric]
-    best: dict[str, dict] = {}
+    """Per configuration (everything but the learning rate and the seed): the learning rate whose
+    mean over seeds is best. Each point carries that mean, ``seeds`` (how many runs) and the
+    metric's range over them (``<metric>_min``, ``<metric>_max``)."""
+    m, higher = spec.metric, METRICS[spec.metric]
+    groups: dict[str, dict[str, list[dict]]] = {}  # configuration -> learning rate -> runs (seeds)
     for r in results:
-        if r.get(spec.metric) is None or not math.isfinite(r[spec.metric]):
+        if r.get(m) is None or not math.isfinite(r[m]):
             continue
-        key = json.dumps({"mixer": r["mixer"], **{k: v for k, v in r["overrides"].items() if k != "optim.lr"}}, sort_keys=True)
-        if key not in best or (r[spec.metric] > best[key][spec.metric]) == higher:
-            best[key] = r
-    return sorted(best.values(), key=lambda r: (r["mixer"], r["state_elements"]))
+        config = {"mixer": r["mixer"], **{k: v for k, v in r["overrides"].items() if k not in ("optim.lr", "seed")}}
+        lr = json.dumps(r["overrides"].get("optim.lr"))
+        groups.setdefault(json.dumps(config, sort_keys=True), {}).setdefault(lr, []).append(r)
+    points = []
+    for by_lr in groups.values():
+        candidates = []
+        for runs in by_lr.values():
+            point = {**runs[0], "overrides": {k: v for k, v in runs[0]["overrides"].items() if k != "seed"}, "seeds": len(runs)}
+            for key in AVERAGED:
+                values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+                point[key] = sum(values) / len(values) if len(values) == len(runs) else None
+            point[m + "_min"], point[m + "_max"] = min(r[m] for r in runs), max(r[m] for r in runs)
+            candidates.append(point)
+        points.append(max(candidates, key=lambda p: p[m] if higher else -p[m]))
+    return sorted(points, key=lambda r: (r["mixer"], r["state_elements"]))
 
 
 def state_efficiency(spec: SweepSpec, points: list[dict]) -> dict:
@@ -293,8 +309,9 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
             w.writerow([r.get(c) for c in columns] + [json.dumps(r["overrides"].get(k)) for k in keys])
     points = best_over_lr(spec, results)
     efficiency = state_efficiency(spec, points)
+    spread = ["seeds", spec.metric + "_min", spec.metric + "_max"]
     summary = {"name": spec.name, "metric": spec.metric, "runs": len(results), "expected_runs": len(spec.runs()),
-               "best_over_lr": [{k: r.get(k) for k in columns} | {"overrides": r["overrides"]} for r in points],
+               "best_over_lr": [{k: r.get(k) for k in columns + spread} | {"overrides": r["overrides"]} for r in points],
                "state_efficiency": efficiency}  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "state_efficiency.json").write_text(json.dumps(efficiency, indent=1))
@@ -303,10 +320,11 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
             plot(spec, points, out / f"{spec.metric}_vs_state.png")
         except ImportError as exc:  # a bare GPU machine: `bla sweep --report` elsewhere draws it
             print(f"[bla sweep] no plot: {exc}")
-    print(f"{'mixer':>6} {'state':>11} {spec.metric:>9}  overrides (best over optim.lr)")
+    print(f"{'mixer':>6} {'state':>11} {spec.metric:>9} {'seeds':>5} {'range':>15}  overrides (best over optim.lr)")
     for r in points:
         shown = {k: v for k, v in r["overrides"].items() if k != "model.layer_pattern"}
-        print(f"{r['mixer']:>6} {r['state_elements']:>11,} {r[spec.metric]:>9.4f}  {shown}")
+        span = f"{r[spec.metric + '_min']:.4f}-{r[spec.metric + '_max']:.4f}"
+        print(f"{r['mixer']:>6} {r['state_elements']:>11,} {r[spec.metric]:>9.4f} {r['seeds']:>5} {span:>15}  {shown}")
     for target, row in efficiency.items():
         cells = ", ".join(f"{m}: {v['state_elements'] or 'not reached'}" for m, v in row.items())
         print(f"state to reach {spec.metric} {target}: {cells}")
@@ -326,15 +344,21 @@ def plot(spec: SweepSpec, points: list[dict], path: Path) -> None:
         if not mine:
             continue
         ax.scatter([r["state_elements"] for r in mine], [r[spec.metric] for r in mine], alpha=0.35, s=18)
-        frontier: dict[int, float] = {}  # best point per state size: the curve
+        color = ax.collections[-1].get_facecolor()[0][:3]
+        frontier: dict[int, dict] = {}  # best point per state size: the curve
         for r in mine:
             s, v = r["state_elements"], r[spec.metric]
-            frontier[s] = max(frontier.get(s, v), v) if higher else min(frontier.get(s, v), v)
+            if s not in frontier or (v > frontier[s][spec.metric]) == higher:
+                frontier[s] = r
         xs = sorted(frontier)
-        ax.plot(xs, [frontier[x] for x in xs], marker="o", label=mixer, color=ax.collections[-1].get_facecolor()[0][:3])
+        ax.plot(xs, [frontier[x][spec.metric] for x in xs], marker="o", label=mixer, color=color)
+        for x in xs:  # the range over seeds
+            if frontier[x]["seeds"] > 1:
+                ax.vlines(x, frontier[x][spec.metric + "_min"], frontier[x][spec.metric + "_max"], color=color, alpha=0.6)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("state size (elements per sequence, all layers)")
-    ax.set_ylabel(spec.metric + (" (best over learning rates)" if "optim.lr" in spec.grid else ""))
+    ax.set_ylabel(spec.metric + (" (best over learning rates)" if "optim.lr" in spec.grid else "")
+                  + (", mean and range over seeds" if any(p["seeds"] > 1 for p in points) else ""))
     ax.set_title(spec.name)
     ax.grid(alpha=0.3)
     ax.legend()

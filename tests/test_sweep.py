@@ -39,8 +39,8 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     assert redo.exists() and all(p.stat().st_mtime == t for p, t in kept.items())
 
 
-def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float) -> None:
-    overrides = {"size": state, "optim.lr": lr}
+def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float, seed: int | None = None) -> None:
+    overrides = {"size": state, "optim.lr": lr} | ({"seed": seed} if seed is not None else {})
     d = out / "runs" / run_name(spec, mixer, overrides)
     d.mkdir(parents=True)
     (d / "result.json").write_text(json.dumps({"run": d.name, "mixer": mixer, "overrides": overrides, "state_elements": state,
@@ -70,6 +70,18 @@ def test_best_over_lr_and_state_efficiency(tmp_path):
     edited = SweepSpec("fake", "mqar", spec.mixers, overrides=["steps=7"])  # shared settings changed: new runs
     assert run_name(edited, "bla", bla[0]) != run_name(spec, "bla", bla[0])
     assert summary["runs"] == 8 and (tmp_path / "accuracy_vs_state.png").exists()
+
+
+def test_seeds_are_averaged_before_the_best_learning_rate_is_taken(tmp_path):
+    spec = SweepSpec("fake", "mqar", {"bla": [{"size": 64}]}, grid={"optim.lr": [1e-3, 3e-3], "seed": [0, 1]})
+    for lr, accs in {1e-3: (0.9, 0.1), 3e-3: (0.6, 0.7)}.items():  # 1e-3 has the best single run, 3e-3 the best mean
+        for seed, acc in enumerate(accs):
+            _fake(spec, tmp_path, "bla", 64, lr, acc, seed)
+    (point,) = best_over_lr(spec, [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")])
+    assert point["overrides"] == {"size": 64, "optim.lr": 3e-3} and point["seeds"] == 2
+    assert point["accuracy"] == pytest.approx(0.65) and (point["accuracy_min"], point["accuracy_max"]) == (0.6, 0.7)
+    summary = report(spec, tmp_path)
+    assert summary["best_over_lr"][0]["seeds"] == 2 and (tmp_path / "accuracy_vs_state.png").exists()
 
 
 @pytest.mark.parametrize(
