@@ -13,6 +13,7 @@ automaton: 10-19 strings of length 1-49 sampled from it, joined by separators.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,8 +115,18 @@ def sample_sequence(a: Automaton, rng: np.random.Generator) -> list[int]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
+_POOLS_LOCK = threading.Lock()
+
+
 def cached_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton]]:
+    """``automaton_pools`` once per process, also when threads ask at once (``bla sweep --jobs``
+    evaluates its finished runs in threads)."""
+    with _POOLS_LOCK:
+        return _cached_pools(cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton]]:
     return automaton_pools(cfg)
 
 
@@ -158,20 +169,18 @@ def regbench_metrics(logits: torch.Tensor, inputs: torch.Tensor, automata: list[
     """Accuracy: share of positions (inside the sequences) whose argmax keeps the string valid.
     TVD: total variation between the model's next-letter distribution (letters only,
     renormalised) and the automaton's (uniform over the state's edges), averaged over positions."""
+    hits = tvd = count = 0.0
     probs = logits.float().softmax(-1)
-    allowed = torch.zeros(probs.shape, dtype=torch.bool)  # [N, T, V]: the valid next tokens
-    rows, cols, toks = [], [], []
     for i, a in enumerate(automata):
-        for t, ok in enumerate(valid_next(a, [int(x) for x in inputs[i] if x != PAD])):  # padding trails
-            rows += [i] * len(ok)
-            cols += [t] * len(ok)
-            toks += ok
-    allowed[rows, cols, toks] = True
-    inside = allowed.any(-1)  # every position of a sequence allows at least the separator
-    count = max(int(inside.sum()), 1)
-    hits = allowed.gather(-1, probs.argmax(-1, keepdim=True).cpu())[..., 0]
-    letters = probs[..., FIRST_LETTER:].cpu()
-    letters = letters / letters.sum(-1, keepdim=True)
-    edges = allowed[..., FIRST_LETTER:].double()
-    tvd = 0.5 * (letters.double() - edges / edges.sum(-1, keepdim=True).clamp(min=1)).abs().sum(-1)
-    return {"accuracy": int(hits.sum()) / count, "tvd": float(tvd[inside].sum()) / count, "positions": int(inside.sum())}
+        toks = [int(t) for t in inputs[i] if t != PAD]
+        allowed = valid_next(a, toks)
+        for t, ok in enumerate(allowed):
+            hits += int(probs[i, t].argmax()) in ok
+            letters = probs[i, t, FIRST_LETTER:]
+            letters = letters / letters.sum()
+            true = torch.zeros_like(letters)
+            edges = [s for s in ok if s != SEP]
+            true[[s - FIRST_LETTER for s in edges]] = 1.0 / len(edges)
+            tvd += 0.5 * float((letters - true).abs().sum())
+            count += 1
+    return {"accuracy": hits / max(count, 1), "tvd": tvd / max(count, 1), "positions": int(count)}

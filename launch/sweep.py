@@ -353,15 +353,18 @@ def plot(spec: SweepSpec, points: list[dict], path: Path) -> None:
         xs = sorted(frontier)
         ax.plot(xs, [frontier[x][spec.metric] for x in xs], marker="o", label=mixer, color=color)
         for x in xs:  # the range over seeds
-            if frontier[x]["seeds"] > 1:
-                ax.vlines(x, frontier[x][spec.metric + "_min"], frontier[x][spec.metric + "_max"], color=color, alpha=0.6)
+            f = frontier[x]
+            if f["seeds"] > 1:
+                below, above = f[spec.metric] - f[spec.metric + "_min"], f[spec.metric + "_max"] - f[spec.metric]
+                ax.errorbar([x], [f[spec.metric]], yerr=[[below], [above]], color=color, capsize=4, alpha=0.7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("state size (elements per sequence, all layers)")
-    ax.set_ylabel(spec.metric + (" (best over learning rates)" if "optim.lr" in spec.grid else "")
-                  + (", mean and range over seeds" if any(p["seeds"] > 1 for p in points) else ""))
-    ax.set_title(spec.name)
+    ax.set_ylabel(spec.metric + (" (best over learning rates)" if len(spec.grid.get("optim.lr", [])) > 1 else ""))
+    seeds = max(p["seeds"] for p in points)
+    ax.set_title(spec.name + (f": mean and range over {seeds} seeds" if seeds > 1 else ""))
+    ax.margins(x=0.08)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
