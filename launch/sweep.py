@@ -176,7 +176,7 @@ def _one_run(spec: SweepSpec, out: Path, mixer: str, overrides: dict, nproc: int
     (run_dir / "sweep_run.json").write_text(json.dumps({"mixer": mixer, "overrides": overrides}, indent=1))
     env = fresh_process_env()
     if slot_gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot_gpus))
+        env["CUDA_VISIBLE_DEVICES"] = child_visible_devices(slot_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     start = time.time()
     _train(spec, overrides, run_dir, cache_dir, nproc, run_dir / "train.log", env)
     seconds = time.time() - start
@@ -200,6 +200,13 @@ def job_gpus(jobs: int, nproc: int, gpus: int) -> list[list[int] | None]:
     if gpus >= jobs * nproc > nproc:
         return [list(range(j * nproc, (j + 1) * nproc)) for j in range(jobs)]
     return [None] * jobs
+
+
+def child_visible_devices(gpus: list[int], parent_visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES of a job given ``gpus`` in the sweep's numbering, which is relative to
+    the sweep's own CUDA_VISIBLE_DEVICES when that is set."""
+    ids = parent_visible.split(",") if parent_visible else None
+    return ",".join(ids[g].strip() if ids else str(g) for g in gpus)
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, jobs: int = 1, cache_dir: str = "~/.cache/bla",

@@ -77,7 +77,7 @@ class BLAMixer(nn.Module):
 
     def forward(self, x, positions, cu_seqlens=None, cache: BLACache | None = None):
         B, T, _ = x.shape
-        H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        H, d = self.n_heads, self.head_dim
         q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)

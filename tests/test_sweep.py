@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bla.launch.sweep import SweepSpec, best_over_lr, job_gpus, load_spec, report, run_name, run_sweep, state_efficiency
+from bla.launch.sweep import (
+    SweepSpec, best_over_lr, child_visible_devices, job_gpus, load_spec, report, run_name, run_sweep, state_efficiency,
+)  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +41,7 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     assert redo.exists() and all(p.stat().st_mtime == t for p, t in kept.items())
 
 
-def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float, seed: int | None = None) -> None:
+def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float, seed: int | None = None):
     overrides = {"size": state, "optim.lr": lr} | ({"seed": seed} if seed is not None else {})
     d = out / "runs" / run_name(spec, mixer, overrides)
     d.mkdir(parents=True)
@@ -116,6 +118,8 @@ def test_jobs_get_their_own_gpus_when_there_are_enough():
     assert job_gpus(4, 1, 1) == [None] * 4  # one GPU: the jobs share it
     assert job_gpus(2, 1, 0) == [None, None]  # CPU
     assert job_gpus(1, 1, 8) == [None]  # one job: torch's default device, as without --jobs
+    assert child_visible_devices([2, 3], None) == "2,3"
+    assert child_visible_devices([0, 1], "4,5,6,7") == "4,5"  # relative to what the sweep itself sees
 
 
 def test_bad_jobs_refused(tmp_path):

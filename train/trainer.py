@@ -113,7 +113,8 @@ def ensure_shards(cfg: TrainConfig, tok: lm_data.Tokenizer, rank: int, log) -> P
     if rank == 0 and not (out / "manifest.json").exists():
         log(f"tokenising {d.sources} once into shards at {out}")
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        lm_data.prepare(lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources], seed=d.seed), tok, tmp, progress=cfg.progress)
+        source = lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources], seed=d.seed)
+        lm_data.prepare(source, tok, tmp, progress=cfg.progress)
         if out.exists() and not (out / "manifest.json").exists():
             shutil.rmtree(out)  # a partial directory left by an interrupted run of an older version
         _publish(tmp, out)
