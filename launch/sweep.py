@@ -275,7 +275,8 @@ def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
     for by_lr in groups.values():
         candidates = []
         for runs in by_lr.values():
-            point = {**runs[0], "overrides": {k: v for k, v in runs[0]["overrides"].items() if k != "seed"}, "seeds": len(runs)}
+            point = {**runs[0], "run": ",".join(r["run"] for r in runs), "seeds": len(runs),
+                     "overrides": {k: v for k, v in runs[0]["overrides"].items() if k != "seed"}}  # fmt: skip
             for key in AVERAGED:
                 values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
                 point[key] = sum(values) / len(values) if len(values) == len(runs) else None

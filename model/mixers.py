@@ -48,14 +48,16 @@ def project_qkv(mixer: nn.Module, x, positions, cu_seqlens, conv_past):
     and the convolution's decode buffer (None without one)."""
     B, T, _ = x.shape
     H, Hkv, d = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
-    qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
     conv_buf = None
-    if mixer.conv is not None:
+    if mixer.conv is None:  # no concatenation to pay for
+        q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
+    else:
         # the convolution reads back only inside a segment: a packed row's previous segment
         # is another document, or another part of the stream, even where positions continue
         conv_pos = positions if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens, T)
+        qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
         qkv, conv_buf = mixer.conv(qkv, conv_pos, conv_past)
-    q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
+        q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
     return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d), conv_buf
 
 

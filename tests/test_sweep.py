@@ -80,7 +80,7 @@ def test_seeds_are_averaged_before_the_best_learning_rate_is_taken(tmp_path):
         for seed, acc in enumerate(accs):
             _fake(spec, tmp_path, "bla", 64, lr, acc, seed)
     (point,) = best_over_lr(spec, [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")])
-    assert point["overrides"] == {"size": 64, "optim.lr": 3e-3} and point["seeds"] == 2
+    assert point["overrides"] == {"size": 64, "optim.lr": 3e-3} and point["seeds"] == 2 and len(point["run"].split(",")) == 2
     assert point["accuracy"] == pytest.approx(0.65) and (point["accuracy_min"], point["accuracy_max"]) == (0.6, 0.7)
     summary = report(spec, tmp_path)
     assert summary["best_over_lr"][0]["seeds"] == 2 and (tmp_path / "accuracy_vs_state.png").exists()

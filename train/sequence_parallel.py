@@ -109,14 +109,16 @@ def _project_qkv(self: BLAMixer | SoftmaxMixer, x, ctx: SPContext):
     rank's last kernel - 1 inputs as its halo."""
     B, T, _ = x.shape
     H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-    qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-    if self.conv is not None:
+    if self.conv is None:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    else:
         K = self.conv.kernel
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         tails, tie = _gather(qkv[:, T - (K - 1) :], ctx)  # everyone's last K-1 inputs: the halos
         _count(ctx, self._sp_name + ".conv", tails[0])
         halo = tails[ctx.rank - 1] if ctx.rank > 0 else torch.zeros_like(tails[0])
         qkv, _ = self.conv(qkv + tie, ctx.segment_positions.to(x.device), halo)
-    q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
+        q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
     return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
 
 
