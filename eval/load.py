@@ -89,7 +89,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     weights = path / EXPORT_WEIGHTS
     if not weights.is_file():
         raise ValueError(f"{path} has no {EXPORT_WEIGHTS}")
-    model_cfg = ModelConfig.from_dict(json.loads((path / EXPORT_CONFIG).read_text())["bla_model"])
+    model_cfg = ModelConfig.from_saved(json.loads((path / EXPORT_CONFIG).read_text())["bla_model"])
     state = load_file(str(weights))
     foreign = sorted(k for k in state if not k.startswith(EXPORT_PREFIX))
     if foreign:
@@ -99,7 +99,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     load_weights(model, state, f"export {path}")  # copies into the model's dtype
     has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
-    train_cfg = info.get("train_config") or {"model": model_cfg.to_dict()}
+    train_cfg = {**(info.get("train_config") or {}), "model": model_cfg.to_dict()}  # gates resolved
     return model.to(device).eval(), (lm_data.Tokenizer(path) if has_tokenizer else None), train_cfg
 
 
@@ -110,7 +110,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLAL
     if not cfg_path.exists():
         raise ValueError(f"checkpoint {tag_dir} has no config.yaml")
     train_cfg = yaml.safe_load(cfg_path.read_text())
-    model_cfg = ModelConfig.from_dict(train_cfg["model"])
+    model_cfg = ModelConfig.from_saved(train_cfg["model"])
+    train_cfg["model"] = model_cfg.to_dict()  # what the model computes: a legacy config's gates resolved
     model = BLALM(model_cfg)
     load_weights(model, fp32_state_dict(tag_dir, int(train_cfg.get("zero_stage", 0))), f"checkpoint {tag_dir}")
     run_dir = tag_dir.parent.parent

@@ -6,7 +6,7 @@ side by side: ``reference`` (the recurrence), ``torch`` (chunked, vectorised) an
 """
 
 from .api import BACKENDS, bla_attention, bla_step, triton_available
-from .gates import dirichlet_gates
+from .gates import DEFAULT_GATES, GATES, LEGACY_GATES, dirichlet_gates
 from .gsa import gsa_chunked, gsa_recurrent
 
-__all__ = ["BACKENDS", "bla_attention", "bla_step", "dirichlet_gates", "gsa_chunked", "gsa_recurrent", "triton_available"]
+__all__ = ["BACKENDS", "DEFAULT_GATES", "GATES", "LEGACY_GATES", "bla_attention", "bla_step", "dirichlet_gates", "gsa_chunked", "gsa_recurrent", "triton_available"]

@@ -12,6 +12,7 @@ import torch
 
 from .checks import State, check_problem, check_step
 from .chunked import bla_chunked
+from .gates import DEFAULT_GATES
 from .reference import bla_reference, step_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -62,6 +63,7 @@ def bla_attention(
     cu_seqlens: torch.Tensor | None = None,
     offset: int | torch.Tensor = 0,
     backend: str = "auto",
+    gates: str = DEFAULT_GATES,
 ) -> tuple[torch.Tensor, State | None]:
     """Blurry Window Attention over whole sequences.
 
@@ -77,6 +79,9 @@ def bla_attention(
             document starts from its own initial state (zeros by default) at phase ``offset``.
         offset: tokens already consumed (int or [N] tensor): the phase continues from there.
         backend: "auto" (Triton on CUDA, torch otherwise), "triton", "torch" or "reference".
+        gates: the slot write and decay (spec section 1): "dirichlet" (s = d, alpha = 1 - d^2,
+            the default), "fejer" (s = d^2, alpha = 1 - d^2) or "dirichlet_v1" (s = d,
+            alpha = 1 - d; earlier checkpoints; it grows by about 1.22^(W/m)).
 
     Returns:
         o [B, T, H, d_v] in q's dtype, and the final state (float32, or float64 for float64
@@ -88,7 +93,7 @@ def bla_attention(
         >>> o.shape, K.shape
         (torch.Size([1, 16, 2, 8]), torch.Size([1, 2, 4, 8]))
     """
-    problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset)
+    problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset, gates)
     chosen = _resolve_backend(backend, q.device)
     if chosen == "reference":
         o, state = bla_reference(q, k, v, problem, initial_state)
@@ -117,14 +122,16 @@ def bla_step(
     window: int | Sequence[int],
     slots: int,
     scale: float | None = None,
+    gates: str = DEFAULT_GATES,
 ) -> tuple[torch.Tensor, State]:
     """One decode step: q [B, H, d_k], k [B, H_kv, d_k], v [B, H_kv, d_v], position [B] (the
     token's position in its document, offset included). ``state`` None starts from zeros.
+    ``gates`` must be those of the prefill that made ``state``.
 
     Returns o [B, H, d_v] in q's dtype and the new state, in the same format as
     ``bla_attention``'s final state, so a prefill's state feeds decoding directly.
     """
-    problem = check_step(q, k, v, state, position, window, slots, scale)
+    problem = check_step(q, k, v, state, position, window, slots, scale, gates)
     sdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if state is None:
         B, G, m = problem.batch, problem.num_kv_heads, problem.slots
@@ -138,6 +145,6 @@ def bla_step(
 
             return bla_step_triton(q, k, v, state, problem)
     o, new_state = step_reference(
-        q, k, v, state, problem.offset, problem.window_tensor(q.device), problem.slots, problem.scale
+        q, k, v, state, problem.offset, problem.window_tensor(q.device), problem.slots, problem.scale, gates=problem.gates
     )
     return o.to(q.dtype), new_state

@@ -19,6 +19,7 @@ import tempfile
 import torch
 
 from .api import bla_attention
+from .gates import GATES
 
 
 def _inputs(B, T, H, d, dtype, grad=False, seed=0):
@@ -40,8 +41,8 @@ def _bench(fn, grad_of=None):
     return fwd, do_bench(fwd_bwd, warmup=10, rep=50)
 
 
-def _bla_fn(q, k, v, W, m):
-    return lambda: bla_attention(q, k, v, W, m, backend="triton")[0]
+def _bla_fn(q, k, v, W, m, gates):
+    return lambda: bla_attention(q, k, v, W, m, backend="triton", gates=gates)[0]
 
 
 def _sdpa_fn(q, k, v):
@@ -103,8 +104,8 @@ def gpu_benchmark(args) -> list[dict]:
                 B = max(1, args.tokens // T)
                 q, k, v = _inputs(B, T, H, d, dtype, grad=True)
                 do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
-                row = dict(B=B, T=T, H=H, d=d, m=m, W=W)
-                row["bla_fwd_ms"], row["bla_fwdbwd_ms"] = _bench(_bla_fn(q, k, v, W, m), do)
+                row = dict(B=B, T=T, H=H, d=d, m=m, W=W, gates=args.gates)
+                row["bla_fwd_ms"], row["bla_fwdbwd_ms"] = _bench(_bla_fn(q, k, v, W, m, args.gates), do)
                 if m == args.slots[0]:  # the softmax baselines do not depend on m
                     row["sdpa_fwd_ms"], row["sdpa_fwdbwd_ms"] = _bench(_sdpa_fn(q, k, v), do)
                     if not args.no_flex:
@@ -136,23 +137,22 @@ def accuracy(args) -> list[dict]:
     """bf16 Triton against fp32 torch: relative errors of o, final state and gradients."""
     rows = []
     B, T, H, W = 4, args.acc_seq_len, 16, args.window
-    for d in args.head_dims:
-        for m in args.slots:
-            q, k, v = _inputs(B, T, H, d, torch.bfloat16, grad=True, seed=1)
-            do = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
-            o, (K, V) = bla_attention(q, k, v, W, m, output_final_state=True, backend="triton")
-            grads = torch.autograd.grad(o, (q, k, v), do)
-            ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-            o_r, (K_r, V_r) = bla_attention(*ref_in, W, m, output_final_state=True, backend="torch")
-            ref_grads = torch.autograd.grad(o_r, ref_in, do.float())
-            rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
-            row = dict(B=B, T=T, H=H, d=d, m=m, W=W, o=rel(o, o_r), K=rel(K, K_r), V=rel(V, V_r),
-                       dq=rel(grads[0], ref_grads[0]), dk=rel(grads[1], ref_grads[1]), dv=rel(grads[2], ref_grads[2]),
-                       nan=bool(any(torch.isnan(x).any() for x in (o, K, V, *grads))))  # fmt: skip
-            print(" ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-            rows.append(row)
-            del q, k, v, do, o, grads, ref_in, o_r, ref_grads
-            torch.cuda.empty_cache()
+    for d, m, gates in ((d, m, g) for d in args.head_dims for m in args.slots for g in args.all_gates):
+        q, k, v = _inputs(B, T, H, d, torch.bfloat16, grad=True, seed=1)
+        do = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
+        o, (K, V) = bla_attention(q, k, v, W, m, output_final_state=True, backend="triton", gates=gates)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        o_r, (K_r, V_r) = bla_attention(*ref_in, W, m, output_final_state=True, backend="torch", gates=gates)
+        ref_grads = torch.autograd.grad(o_r, ref_in, do.float())
+        rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+        row = dict(B=B, T=T, H=H, d=d, m=m, W=W, gates=gates, o=rel(o, o_r), K=rel(K, K_r), V=rel(V, V_r),
+                   dq=rel(grads[0], ref_grads[0]), dk=rel(grads[1], ref_grads[1]), dv=rel(grads[2], ref_grads[2]),
+                   nan=bool(any(torch.isnan(x).any() for x in (o, K, V, *grads))))  # fmt: skip
+        print(" ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        rows.append(row)
+        del q, k, v, do, o, grads, ref_in, o_r, ref_grads
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -168,6 +168,8 @@ def add_gpu_parser(sub) -> None:
         p.add_argument("--acc-seq-len", type=int, default=8192)
         p.add_argument("--first-call", action="store_true")
         p.add_argument("--no-flex", action="store_true")
+        p.add_argument("--gates", default="dirichlet", choices=GATES, help="BLA's gates (gpu mode)")
+        p.add_argument("--all-gates", nargs="+", default=list(GATES), choices=GATES, help="gates compared (accuracy mode)")
         p.add_argument("--json", default=f"bench_{mode}.json")
         p.set_defaults(run=fn)
 

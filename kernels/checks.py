@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from .gates import DEFAULT_GATES, check_gates
+
 State = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -30,6 +32,7 @@ class Problem:
     num_seqs: int  # N: B, or the number of documents with cu_seqlens
     cu_seqlens: torch.Tensor | None  # int64 [N + 1] on q's device
     offset: torch.Tensor  # int64 [N] on q's device
+    gates: str = DEFAULT_GATES  # "dirichlet", "fejer" or "dirichlet_v1" (spec section 1)
 
     @property
     def group_size(self) -> int:
@@ -126,7 +129,9 @@ def check_problem(
     initial_state: State | None,
     cu_seqlens: torch.Tensor | None,
     offset: int | torch.Tensor,
+    gates: str = DEFAULT_GATES,
 ) -> Problem:
+    check_gates(gates)
     _check_qkv(q, k, v, step=False)
     B, T, H, dk = q.shape
     Hkv, dv = v.shape[2], v.shape[3]
@@ -166,10 +171,11 @@ def check_problem(
     if initial_state is not None:
         check_state(initial_state, num_seqs, Hkv, slots, dk, dv, "initial_state")
 
-    return Problem(B, T, H, Hkv, dk, dv, slots, windows, float(scale), num_seqs, cu, off)
+    return Problem(B, T, H, Hkv, dk, dv, slots, windows, float(scale), num_seqs, cu, off, gates)
 
 
-def check_step(q, k, v, state, position, window, slots, scale) -> Problem:
+def check_step(q, k, v, state, position, window, slots, scale, gates: str = DEFAULT_GATES) -> Problem:
+    check_gates(gates)
     _check_qkv(q, k, v, step=True)
     B, H, dk = q.shape
     Hkv, dv = v.shape[1], v.shape[2]
@@ -183,4 +189,4 @@ def check_step(q, k, v, state, position, window, slots, scale) -> Problem:
     if scale is None:
         scale = dk**-0.5
     pos = position.to(device=q.device, dtype=torch.int64).expand(B)
-    return Problem(B, 1, H, Hkv, dk, dv, slots, windows, float(scale), B, None, pos)
+    return Problem(B, 1, H, Hkv, dk, dv, slots, windows, float(scale), B, None, pos, gates)

@@ -1,7 +1,7 @@
 """Chunked, vectorised BLA in pure torch: the CPU training path (autograd differentiates it).
 
-Each slot j follows a scalar-gated linear recurrence, K_t[j] = alpha_t[j] K_{t-1}[j] + w_t[j] k_t,
-so inside a chunk of C tokens
+Each slot j follows a scalar-gated linear recurrence, K_t[j] = alpha_t[j] K_{t-1}[j] + w_t[j] k_t
+(w is the write ``s`` of the chosen ``gates``), so inside a chunk of C tokens
 
     K_t[j] = g_t[j] K_start[j] + sum_{s <= t} M[t, s, j] k_s,     M[t, s, j] = w_s[j] prod_{s < u <= t} alpha_u[j]
 
@@ -33,7 +33,7 @@ DEFAULT_CHUNK = 64
 
 
 def chunk_tables(
-    positions_KC: torch.Tensor, valid_KC: torch.Tensor, windows: torch.Tensor, slots: int
+    positions_KC: torch.Tensor, valid_KC: torch.Tensor, windows: torch.Tensor, slots: int, gates: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Position-only tables for K chunks of C tokens each, float64.
 
@@ -41,7 +41,7 @@ def chunk_tables(
     state up to token t, inclusive; g[..., -1, :] decays the start state over the whole chunk).
     """
     C = positions_KC.shape[1]
-    w, alpha, reset = (x.transpose(1, 2) for x in dirichlet_gates(positions_KC, windows, slots, valid_KC))
+    w, alpha, reset = (x.transpose(1, 2) for x in dirichlet_gates(positions_KC, windows, slots, valid_KC, gates))
     log_alpha = torch.where(reset, torch.zeros_like(alpha), torch.log(alpha))
     cum_log = log_alpha.cumsum(dim=2)  # sum over u <= t, resets skipped
     cum_rst = reset.to(torch.int32).cumsum(dim=2)  # number of resets at u <= t
@@ -57,16 +57,23 @@ def chunk_tables(
 
 
 @functools.lru_cache(maxsize=16)
-def _table_bank(keys: tuple[tuple[int, int], ...], windows: tuple[int, ...], slots: int, chunk: int, device: str, dtype):
+def _table_bank(keys: tuple[tuple[int, int], ...], windows: tuple[int, ...], slots: int, gates: str, chunk: int, device: str, dtype):
     """Tables for distinct chunks, each given as (start position mod period, valid tokens)."""
     k = torch.tensor(keys, dtype=torch.int64, device=device)
     t = torch.arange(chunk, device=device)
-    M, g = chunk_tables(k[:, :1] + t, t[None, :] < k[:, 1:], torch.tensor(windows, device=device), slots)
+    M, g = chunk_tables(k[:, :1] + t, t[None, :] < k[:, 1:], torch.tensor(windows, device=device), slots, gates)
     return M.to(dtype), g.to(dtype)
 
 
 def tables_for_rows(
-    offsets_R: torch.Tensor, lengths_R: torch.Tensor, num_chunks: int, windows: tuple[int, ...], slots: int, chunk: int, dtype
+    offsets_R: torch.Tensor,
+    lengths_R: torch.Tensor,
+    num_chunks: int,
+    windows: tuple[int, ...],
+    slots: int,
+    gates: str,
+    chunk: int,
+    dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M [R, NC, Hw, C, C, m] and g [R, NC, Hw, C, m] for rows starting at ``offsets_R``.
 
@@ -80,7 +87,7 @@ def tables_for_rows(
     keys_RN = torch.stack([start, n_valid], dim=-1).reshape(-1, 2)
     unique, inverse = torch.unique(keys_RN, dim=0, return_inverse=True)
     keys = tuple(map(tuple, unique.tolist()))
-    M, g = _table_bank(keys, windows, slots, chunk, str(offsets_R.device), dtype)
+    M, g = _table_bank(keys, windows, slots, gates, chunk, str(offsets_R.device), dtype)
     R = offsets_R.shape[0]
     return M[inverse].unflatten(0, (R, num_chunks)), g[inverse].unflatten(0, (R, num_chunks))
 
@@ -128,7 +135,7 @@ def bla_chunked(
     shared_rows = p.cu_seqlens is None and bool((p.offset == p.offset[0]).all())
     offsets, lens = (p.offset[:1], lengths[:1]) if shared_rows else (p.offset, lengths)
     windows = p.windows[:1] if len(set(p.windows)) == 1 else p.windows  # one table serves every head
-    M, g = tables_for_rows(offsets, lens, NC, windows, p.slots, C, cdtype)
+    M, g = tables_for_rows(offsets, lens, NC, windows, p.slots, p.gates, C, cdtype)
     g_last = g[..., -1, :]
     # M [Rg, NC, Hw, C, C, m]; g [Rg, NC, Hw, C, m]; g_last [Rg, NC, Hw, m]
 

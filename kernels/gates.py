@@ -1,13 +1,20 @@
-"""Dirichlet write weights and decays of BLA, computed from token positions.
+"""BLA's slot writes and decays, computed from token positions (spec section 1, v2).
 
 Slot j of a head with window W and m slots sits at phase theta_j = j * W / m. A token at phase
-p writes w[j] = D(p - theta_j) into slot j and the slot decays by alpha[j] = 1 - w[j], where D is
-the periodic Dirichlet kernel with m nodes on period W (spec section 1).
+p has the interpolation vector d[j] = D(p - theta_j), D the periodic Dirichlet kernel with m
+nodes on period W. The ``gates`` option turns d into the GSA write ``s`` and decay ``alpha``:
+
+    "dirichlet" (default)   s = d      alpha = 1 - d^2    (the diagonal of the exact overwrite I - d d^T)
+    "fejer"                 s = d^2    alpha = 1 - d^2    (convex: s = 1 - alpha, as GSA ties them)
+    "dirichlet_v1"          s = d      alpha = 1 - d      (spec v1: alpha reaches 1.22 on D's side lobes)
+
+With the v2 rules 0 <= alpha <= 1 for every W and m, so the state never grows. "dirichlet_v1"
+stays so that checkpoints trained with it compute what they were trained with.
 
 The gates depend only on positions, never on data, so every backend computes them from integer
-phases. Values at the nodes are set exactly (1 at its own node, 0 at the others) instead of
+phases. Values at the nodes are set exactly (d = 1 at its own node, 0 at the others) instead of
 being left to sin() rounding: this is what makes m = W equal sliding-window attention exactly
-and what lets the chunked algorithm find resets (alpha = 0) by integer tests.
+and what lets the chunked algorithms find resets (alpha = 0) by integer tests.
 """
 
 from __future__ import annotations
@@ -15,6 +22,17 @@ from __future__ import annotations
 import math
 
 import torch
+
+GATES = ("dirichlet", "fejer", "dirichlet_v1")
+DEFAULT_GATES = "dirichlet"
+LEGACY_GATES = "dirichlet_v1"  # what a saved config without a ``gates`` key was trained with
+GATE_CODES = {name: i for i, name in enumerate(GATES)}  # how kernels receive the option
+
+
+def check_gates(gates: str) -> str:
+    if gates not in GATES:
+        raise ValueError(f"gates must be one of {GATES}, got {gates!r}")
+    return gates
 
 
 def dirichlet_kernel(x: torch.Tensor, window: torch.Tensor, slots: int) -> torch.Tensor:
@@ -32,18 +50,35 @@ def dirichlet_kernel(x: torch.Tensor, window: torch.Tensor, slots: int) -> torch
     return num / den
 
 
+def gates_from_d(d: torch.Tensor, gates: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, alpha) of interpolation weights ``d`` under the rule ``gates``."""
+    if gates == "dirichlet":
+        return d, 1.0 - d * d
+    if gates == "fejer":
+        return d * d, 1.0 - d * d
+    if gates == "dirichlet_v1":
+        return d, 1.0 - d
+    raise ValueError(f"gates must be one of {GATES}, got {gates!r}")
+
+
 def dirichlet_gates(
-    positions: torch.Tensor, window: torch.Tensor, slots: int, valid: torch.Tensor | None = None
+    positions: torch.Tensor,
+    window: torch.Tensor,
+    slots: int,
+    valid: torch.Tensor | None = None,
+    gates: str = DEFAULT_GATES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Write weights, decays and reset flags for every position, head and slot.
+    """Writes, decays and reset flags for every position, head and slot.
 
     positions: integer tensor [...] (phase position: tokens consumed in the document, offset included)
     window:    integer tensor [Hw] (one window per head that owns a slot state)
-    valid:     optional bool tensor [...]; invalid (padding) tokens get w = 0, alpha = 1
+    valid:     optional bool tensor [...]; invalid (padding) tokens get s = 0, alpha = 1
+    gates:     "dirichlet" (default), "fejer" or "dirichlet_v1"
 
-    Returns ``w``, ``alpha`` (float64, [..., Hw, m]) and ``reset`` (bool, [..., Hw, m]), where
+    Returns ``s``, ``alpha`` (float64, [..., Hw, m]) and ``reset`` (bool, [..., Hw, m]), where
     reset marks alpha == 0 exactly (the token sits on the slot's own node).
     """
+    check_gates(gates)
     window = window.to(device=positions.device, dtype=torch.int64)
     stride = window // slots  # [Hw]
     theta = torch.arange(slots, device=positions.device, dtype=torch.int64)[None, :] * stride[:, None]
@@ -52,11 +87,19 @@ def dirichlet_gates(
     reset = (x == 0) | (slots == 1)
     other_node = (torch.remainder(x, stride[:, None]) == 0) & ~reset
     d = dirichlet_kernel(x, window[:, None], slots)
-    w = torch.where(reset, torch.ones_like(d), torch.where(other_node, torch.zeros_like(d), d))
+    d = torch.where(reset, torch.ones_like(d), torch.where(other_node, torch.zeros_like(d), d))
+    s, alpha = gates_from_d(d, gates)
     if valid is not None:
         keep = valid[..., None, None]
-        w = torch.where(keep, w, torch.zeros_like(w))
+        s = torch.where(keep, s, torch.zeros_like(s))
+        alpha = torch.where(keep, alpha, torch.ones_like(alpha))
         reset = reset & keep
-    alpha = 1.0 - w
     alpha = torch.where(reset, torch.zeros_like(alpha), alpha)
-    return w, alpha, reset
+    return s, alpha, reset
+
+
+def state_norm_bound(window: int, slots: int, gates: str = DEFAULT_GATES) -> float:
+    """``max_j sum_t |s_t[j]|`` over one period: with v2 gates a slot's norm never exceeds the
+    largest key norm times this (spec section 2, bounded state)."""
+    s, _, _ = dirichlet_gates(torch.arange(window), torch.tensor([window]), slots, gates=gates)
+    return float(s[:, 0].abs().sum(0).max())

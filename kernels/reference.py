@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .checks import Problem, State
-from .gates import dirichlet_gates
+from .gates import DEFAULT_GATES, dirichlet_gates
 
 
 def step_reference(
@@ -22,10 +22,11 @@ def step_reference(
     slots: int,
     scale: float,
     valid_B: torch.Tensor | None = None,
+    gates: str = DEFAULT_GATES,
 ) -> tuple[torch.Tensor, State]:
     """One recurrent step for a batch of sequences; G = kv heads. Returns o [B, H, d_v] and the new state."""
     K_BGMK, V_BGMV = state
-    w, alpha, _ = dirichlet_gates(position_B, windows, slots, valid_B)  # [B, G, m]
+    w, alpha, _ = dirichlet_gates(position_B, windows, slots, valid_B, gates)  # [B, G, m]
     w, alpha = w.to(K_BGMK.dtype), alpha.to(K_BGMK.dtype)
     K_BGMK = alpha[..., None] * K_BGMK + w[..., None] * k_BGK[:, :, None, :].to(K_BGMK.dtype)
     V_BGMV = alpha[..., None] * V_BGMV + w[..., None] * v_BGV[:, :, None, :].to(V_BGMV.dtype)
@@ -38,11 +39,11 @@ def step_reference(
     return o, (K_BGMK, V_BGMV)
 
 
-def _run_sequences(q, k, v, state, offset_N, windows, slots, scale) -> tuple[torch.Tensor, State]:
+def _run_sequences(q, k, v, state, offset_N, windows, slots, scale, gates) -> tuple[torch.Tensor, State]:
     """Sequences of one length T side by side: q [N, T, H, d]."""
     outs = []
     for t in range(q.shape[1]):
-        o, state = step_reference(q[:, t], k[:, t], v[:, t], state, offset_N + t, windows, slots, scale)
+        o, state = step_reference(q[:, t], k[:, t], v[:, t], state, offset_N + t, windows, slots, scale, gates=gates)
         outs.append(o)
     o = torch.stack(outs, dim=1) if outs else q.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])
     return o, state
@@ -58,14 +59,14 @@ def bla_reference(q, k, v, problem: Problem, initial_state: State | None) -> tup
     else:
         K0, V0 = (s.to(state_dtype) for s in initial_state)
     if p.cu_seqlens is None:
-        o, state = _run_sequences(q, k, v, (K0, V0), p.offset, windows, p.slots, p.scale)
+        o, state = _run_sequences(q, k, v, (K0, V0), p.offset, windows, p.slots, p.scale, p.gates)
         return o.to(q.dtype), state
     outs, Ks, Vs = [], [], []
     bounds = p.cu_seqlens.tolist()
     for n in range(p.num_seqs):
         a, b = bounds[n], bounds[n + 1]
         o, (Kn, Vn) = _run_sequences(
-            q[:, a:b], k[:, a:b], v[:, a:b], (K0[n : n + 1], V0[n : n + 1]), p.offset[n : n + 1], windows, p.slots, p.scale
+            q[:, a:b], k[:, a:b], v[:, a:b], (K0[n : n + 1], V0[n : n + 1]), p.offset[n : n + 1], windows, p.slots, p.scale, p.gates
         )
         outs.append(o)
         Ks.append(Kn)

@@ -38,7 +38,7 @@ except ImportError as exc:
     raise ImportError(f"the Triton BLA kernels need triton: {exc}") from exc
 
 from .checks import Problem, State
-from .gates import dirichlet_gates
+from .gates import GATE_CODES, dirichlet_gates
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 LOG_RANGE_LIMIT = 50.0  # |cumulative log-decay| allowed inside a chunk (exp(50) ~ 5e21 in fp32)
@@ -49,10 +49,10 @@ CHUNK_CHOICES = (32, 16)  # 32 measured faster than 64 on H100 (docs/benchmarks.
 
 
 @functools.lru_cache(maxsize=64)
-def max_log_range(window: int, slots: int, chunk: int) -> float:
+def max_log_range(window: int, slots: int, chunk: int, gates: str) -> float:
     """Largest |cumulative log-decay| (resets skipped) over any chunk start phase and slot."""
     pos = torch.arange(window + chunk)
-    _, alpha, reset = dirichlet_gates(pos, torch.tensor([window]), slots)
+    _, alpha, reset = dirichlet_gates(pos, torch.tensor([window]), slots, gates=gates)
     la = torch.where(reset, torch.zeros_like(alpha), torch.log(alpha))[:, 0]  # [W + C, m]
     prefix = torch.cat([torch.zeros(1, slots, dtype=la.dtype), la.cumsum(0)])  # prefix[i] = sum la[:i]
     windows = prefix[1:].unfold(0, chunk, 1)[:window]  # [W, m, C]: sum la[:p0 + t + 1]
@@ -60,22 +60,23 @@ def max_log_range(window: int, slots: int, chunk: int) -> float:
     return float(rel.abs().max())
 
 
-def plan_chunk(windows: tuple[int, ...], slots: int) -> tuple[int | None, str]:
+def plan_chunk(windows: tuple[int, ...], slots: int, gates: str) -> tuple[int | None, str]:
     """The largest chunk size safe for every window, or None and the reason."""
     for chunk in CHUNK_CHOICES:
-        worst = max(max_log_range(w, slots, chunk) for w in set(windows))
+        worst = max(max_log_range(w, slots, chunk, gates) for w in set(windows))
         if worst <= LOG_RANGE_LIMIT:
             return chunk, f"chunk {chunk} (max |log decay| {worst:.1f})"
     return None, (
         f"stride W/m = {max(windows) // slots} is too coarse for the factorised Triton kernel: the "
-        f"log-decay inside a 16-token chunk reaches {worst:.0f} > {LOG_RANGE_LIMIT:.0f} (fp32 exp range)"
+        f"log-decay of gates={gates!r} inside a 16-token chunk reaches {worst:.0f} > {LOG_RANGE_LIMIT:.0f} "
+        "(fp32 exp range of the factorised decays)"
     )
 
 
 def supports(problem: Problem) -> tuple[bool, str]:
     if problem.slots == 1:
         return False, "one slot resets at every token (a degenerate BLA); the torch backend computes it"
-    chunk, why = plan_chunk(problem.windows, problem.slots)
+    chunk, why = plan_chunk(problem.windows, problem.slots, problem.gates)
     return chunk is not None, why
 
 
@@ -87,12 +88,13 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
-def _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M: tl.constexpr):
+def _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M: tl.constexpr, GATES: tl.constexpr):
     """Gates of one chunk whose first token sits at position pos0 and has n_valid tokens.
 
-    Returns w [C, BM], L [C, BM] (cumulative log-decay, resets skipped) and cnt [C, BM] (resets
-    of slot j among tokens 0..t: the epoch). Tokens past the end and padded slots get w = 0 and
-    log alpha = 0, and do not advance the epoch.
+    Returns s [C, BM] (writes), L [C, BM] (cumulative log-decay, resets skipped) and cnt [C, BM]
+    (resets of slot j among tokens 0..t: the epoch). Tokens past the end and padded slots get
+    s = 0 and log alpha = 0, and do not advance the epoch. GATES: 0 dirichlet (s = d,
+    alpha = 1 - d^2), 1 fejer (s = d^2, alpha = 1 - d^2), 2 dirichlet_v1 (s = d, alpha = 1 - d).
     """
     valid_C = t_C < n_valid
     x0 = (pos0 % W - j_M * r + W) % W  # [BM] phase distance of token 0 from each node (% truncates in C)
@@ -107,23 +109,32 @@ def _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M:
         den = M * tl.sin(ang) / tl.cos(ang)
     else:
         den = M * tl.sin(ang)
-    w = tl.where(on_node, tl.where(x == 0, 1.0, 0.0), num / den)
+    d = tl.where(on_node, tl.where(x == 0, 1.0, 0.0), num / den)
     keep = valid_C[:, None] & mask_M[None, :]
-    w = tl.where(keep, w, 0.0)
-    la = tl.log(tl.where(keep & (x != 0), 1.0 - w, 1.0))  # resets, padding: log 1 = 0
+    d = tl.where(keep, d, 0.0)
+    if GATES == 2:
+        alpha = 1.0 - d
+    else:
+        alpha = 1.0 - d * d
+    if GATES == 1:
+        s = d * d
+    else:
+        s = d
+    la = tl.log(tl.where(keep & (x != 0), alpha, 1.0))  # resets, padding: log 1 = 0
     L = tl.cumsum(la, axis=0)
-    return w, L, cnt
+    return s, L, cnt
 
 
 @triton.jit
-def _chunk_decays(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M: tl.constexpr, C: tl.constexpr):
+def _chunk_decays(pos0, t_C, n_valid, W, r, j_M, mask_M, M: tl.constexpr, EVEN_M: tl.constexpr, C: tl.constexpr,
+                  GATES: tl.constexpr):
     """The factorised decays of one chunk.
 
     A [C, BM], B [C, BM]: prod_{s<u<=t} alpha_u[j] w_s[j] = A[t, j] B[s, j] within an epoch;
     g_start [C, BM]: decay of the chunk's start state up to t; g_end [BM]: over the whole chunk;
     B_end [C, BM]: weight of token s in the chunk's end state; cnt [C, BM]: epochs.
     """
-    w, L, cnt = _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M, EVEN_M)
+    w, L, cnt = _chunk_gates(pos0, t_C, n_valid, W, r, j_M, mask_M, M, EVEN_M, GATES)
     A = tl.exp(L)
     B = w * tl.exp(-L)
     g_start = tl.where(cnt == 0, A, 0.0)
@@ -214,7 +225,7 @@ def _bla_fwd_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr, GATES: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr,
     USE_H0: tl.constexpr, STORE_CHUNKS: tl.constexpr,
 ):  # fmt: skip
     item = tl.program_id(0)
@@ -253,7 +264,7 @@ def _bla_fwd_kernel(
         t0 = c * C
         tok_C = bos + t0 + t_C
         valid_C = (t0 + t_C) < seq_len
-        _, _, _, g_end, B_end, _ = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+        _, _, _, g_end, B_end, _ = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C, GATES)
         b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
         b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)
         b_K = g_end[:, None] * b_K + _mm(tl.trans(B_end), b_k, DT)
@@ -268,7 +279,7 @@ def _bla_fwd_kernel(
             ck_offs, cv_offs, _, _ = _state_tile(((chunk_base + c) * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
             tl.store(kst_ptr + ck_offs, b_K, mask=smask_k)
             tl.store(vst_ptr + cv_offs, b_V, mask=smask_v)
-        A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+        A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C, GATES)
         b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)  # [C, BDK]
         b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)  # [C, BDV]
         for hh in tl.static_range(HPG):
@@ -296,7 +307,7 @@ def _bla_bwd_chunk_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, E: tl.constexpr, EVEN_M: tl.constexpr, GATES: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Step A: dq, intra-chunk dk/dv (fp32) and the chunk's gradient w.r.t. its start state."""
     i = tl.program_id(0)
@@ -319,7 +330,7 @@ def _bla_bwd_chunk_kernel(
     tok_C = bos + t0 + t_C
     b_K = tl.load(kst_ptr + sk_offs, mask=smask_k, other=0.0)
     b_V = tl.load(vst_ptr + sv_offs, mask=smask_v, other=0.0)
-    A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+    A, B, g_start, g_end, B_end, cnt = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C, GATES)
     b_k = _load_tokens(k_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
     b_v = _load_tokens(v_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV)
 
@@ -358,7 +369,7 @@ def _bla_bwd_scan_kernel(
     seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr,
     HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, EVEN_M: tl.constexpr,
+    C: tl.constexpr, EVEN_M: tl.constexpr, GATES: tl.constexpr,
 ):  # fmt: skip
     """Step B: state gradients at every chunk's end, in place of the chunks' own share.
 
@@ -384,7 +395,7 @@ def _bla_bwd_scan_kernel(
         own_V = tl.load(dvs_ptr + v_offs, mask=smask_v, other=0.0)
         tl.store(dks_ptr + k_offs, dK, mask=smask_k)
         tl.store(dvs_ptr + v_offs, dV, mask=smask_v)
-        _, _, _, g_end, _, _ = _chunk_decays(offset + c * C, t_C, seq_len - c * C, W, r, j_M, mask_M, M, EVEN_M, C)
+        _, _, _, g_end, _, _ = _chunk_decays(offset + c * C, t_C, seq_len - c * C, W, r, j_M, mask_M, M, EVEN_M, C, GATES)
         dK = g_end[:, None] * dK + own_K
         dV = g_end[:, None] * dV + own_V
     tl.store(dh0k_ptr + sk_offs, dK, mask=smask_k)
@@ -397,7 +408,7 @@ def _bla_bwd_state_kernel(
     seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, chunk_seq_ptr, chunk_idx_ptr,
     HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, EVEN_M: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, EVEN_M: tl.constexpr, GATES: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Step C: dk, dv += B_end dS_end (the tokens' share of the chunk's end state)."""
     i = tl.program_id(0)
@@ -416,7 +427,7 @@ def _bla_bwd_state_kernel(
     sk_offs, sv_offs, smask_k, smask_v = _state_tile((i * HKV + g) * M, j_M, dk_D, dv_D, mask_M, mask_DK, mask_DV, DK, DV)
     dK = tl.load(dks_ptr + sk_offs, mask=smask_k, other=0.0)
     dV = tl.load(dvs_ptr + sv_offs, mask=smask_v, other=0.0)
-    _, _, _, _, B_end, _ = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C)
+    _, _, _, _, B_end, _ = _chunk_decays(offset + t0, t_C, seq_len - t0, W, r, j_M, mask_M, M, EVEN_M, C, GATES)
     b_dk = _load_tokens(dk_ptr, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK) + _mm(B_end, dK, DT)
     b_dv = _load_tokens(dv_ptr, tok_C, valid_C, g, dv_D, mask_DV, HKV, DV) + _mm(B_end, dV, DT)
     _store_tokens(dk_ptr, b_dk, tok_C, valid_C, g, dk_D, mask_DK, HKV, DK)
@@ -431,6 +442,7 @@ def _bla_step_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr, sv_ptr, pos_ptr, window_ptr, scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, EVEN_M: tl.constexpr,
+    GATES: tl.constexpr,
 ):  # fmt: skip
     """One token per sequence; updates the state in place."""
     b = tl.program_id(0)
@@ -441,7 +453,7 @@ def _bla_step_kernel(
     pos = tl.load(pos_ptr + b)
     _, j_M, mask_M, dk_D, dv_D, mask_DK, mask_DV = _tile_indices(16, M, BM, DK, BDK, DV, BDV)
     one = tl.arange(0, 1)
-    w, L, _ = _chunk_gates(pos, one, 1, W, r, j_M, mask_M, M, EVEN_M)  # [1, BM]
+    w, L, _ = _chunk_gates(pos, one, 1, W, r, j_M, mask_M, M, EVEN_M, GATES)  # [1, BM]
     alpha = tl.where(w == 1.0, 0.0, tl.exp(L))  # one token: L = log(alpha), skipped (0) at a reset
     alpha = tl.reshape(alpha, (BM,))
     w = tl.reshape(w, (BM,))
@@ -506,7 +518,7 @@ def _constants(problem: Problem, chunk: int, dtype: torch.dtype) -> dict:
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_pow2(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
-        C=chunk, E=(chunk - 1) // min(p.windows) + 2, EVEN_M=p.slots % 2 == 0,
+        C=chunk, E=(chunk - 1) // min(p.windows) + 2, EVEN_M=p.slots % 2 == 0, GATES=GATE_CODES[p.gates],
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
 
@@ -580,12 +592,12 @@ class _BLATriton(torch.autograd.Function):
         _bla_bwd_scan_kernel[(p.num_seqs, p.num_kv_heads)](
             dks, dvs, dhk.contiguous().float(), dhv.contiguous().float(), dh0k, dh0v,
             lay.lengths, lay.offsets, lay.chunk_base, lay.windows,
-            **_pick(consts, "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "EVEN_M"), **opts,
+            **_pick(consts, "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "EVEN_M", "GATES"), **opts,
         )  # fmt: skip
         if lay.total_chunks:
             _bla_bwd_state_kernel[grid_chunks](
                 dk, dv, dks, dvs, lay.starts, lay.lengths, lay.offsets, lay.windows, lay.chunk_seq, lay.chunk_idx,
-                **_pick(consts, "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "EVEN_M", "DT"), **opts,
+                **_pick(consts, "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "EVEN_M", "GATES", "DT"), **opts,
             )  # fmt: skip
         if not ctx.use_h0:
             dh0k = dh0v = None
@@ -596,7 +608,7 @@ def bla_triton(q, k, v, problem: Problem, initial_state: State | None) -> tuple[
     ok, why = supports(problem)
     if not ok:
         raise ValueError(f"backend='triton' cannot run this configuration: {why}")
-    chunk = int(os.environ.get("BLA_TRITON_CHUNK", 0)) or plan_chunk(problem.windows, problem.slots)[0]
+    chunk = int(os.environ.get("BLA_TRITON_CHUNK", 0)) or plan_chunk(problem.windows, problem.slots, problem.gates)[0]
     h0k, h0v = initial_state if initial_state is not None else (None, None)
     dtype = q.dtype
     if _INTERPRETING and dtype == torch.bfloat16:
@@ -611,7 +623,7 @@ def bla_step_triton(q, k, v, state: State, problem: Problem) -> tuple[torch.Tens
     p = problem
     sk, sv = (s.float().contiguous().clone() for s in state)
     o = torch.empty(p.batch, p.num_heads, p.head_dim_v, device=q.device, dtype=q.dtype)
-    consts = _pick(_constants(p, 16, q.dtype), "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "EVEN_M")
+    consts = _pick(_constants(p, 16, q.dtype), "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "EVEN_M", "GATES")
     _bla_step_kernel[(p.batch, p.num_kv_heads)](
         q.contiguous(), k.contiguous(), v.contiguous(), o, sk, sv, p.offset.to(torch.int32).contiguous(),
         p.window_tensor(q.device).to(torch.int32), p.scale, **consts,

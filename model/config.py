@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from bla.kernels.gates import DEFAULT_GATES, GATES, LEGACY_GATES
+
 MIXERS = ("bla", "attn", "swa", "gsa")  # gsa: BLA's layer with GSA's learned decay (a baseline)
 
 
@@ -28,6 +30,7 @@ class BLAConfig:
     output_norm: bool = True  # per-head RMSNorm of the mixer output
     output_gate: bool = True  # SiLU gate x W_g on the output
     backend: str = "auto"  # bla_attention backend
+    gates: str = DEFAULT_GATES  # slot write/decay rule (spec section 1); a saved config without it is dirichlet_v1
 
 
 @dataclass
@@ -102,6 +105,8 @@ class ModelConfig:
         for name, kernel in (("bla.short_conv", self.bla.short_conv), ("attn_short_conv", self.attn_short_conv)):
             if not isinstance(kernel, int) or kernel < 0:
                 bad(f"{name} must be an int >= 0, got {kernel!r}")
+        if self.bla.gates not in GATES:
+            bad(f"bla.gates must be one of {GATES}, got {self.bla.gates!r}")
         if self.bla.backend not in ("auto", "triton", "torch", "reference"):
             bad(f"bla.backend must be auto, triton, torch or reference, got {self.bla.backend!r}")
         return self
@@ -123,6 +128,14 @@ class ModelConfig:
         if isinstance(d.get("layer_pattern"), str):
             d["layer_pattern"] = [s.strip() for s in d["layer_pattern"].split(",")]
         return cls(**d, bla=BLAConfig(**bla)).validate()
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> "ModelConfig":
+        """A config a checkpoint or export saved. Those written before ``bla.gates`` existed were
+        trained with spec v1's gates, so a missing key means ``dirichlet_v1``, not the default."""
+        d = dict(d)
+        d["bla"] = {"gates": LEGACY_GATES, **(d.get("bla") or {})}
+        return cls.from_dict(d)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -98,7 +98,7 @@ class BLAMixer(nn.Module):
     def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool):
         """BLA over [B, T, heads, d]: one decode step, or whole sequences (chunked)."""
         if keep_state and q.shape[1] == 1:
-            o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots)
+            o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots, gates=self.cfg.bla.gates)
             return o[:, None], state
         return bla_attention(
             q, k, v, self.windows, self.slots,
@@ -107,6 +107,7 @@ class BLAMixer(nn.Module):
             cu_seqlens=cu_seqlens,
             offset=_start_positions(positions, cu_seqlens),
             backend=self.cfg.bla.backend,
+            gates=self.cfg.bla.gates,
         )  # fmt: skip
 
 

@@ -48,6 +48,22 @@ def test_generation_logits_equal_parallel(pattern, prefill):
     assert_close("logits", torch.cat(logits, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("gates", ["fejer", "dirichlet_v1"])  # the default is covered above
+def test_generation_logits_equal_parallel_for_every_gate_rule(gates):
+    torch.manual_seed(0)
+    model = BLALM(tiny(layer_pattern="[bla]", **{"bla.gates": gates})).eval()
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :5], cache=model.new_cache())
+        logits, cache = [out.logits], out.cache
+        for t in range(5, ids.shape[1]):
+            out = model(ids[:, t : t + 1], cache=cache)
+            logits.append(out.logits)
+            cache = out.cache
+    assert_close("logits", torch.cat(logits, 1), full, atol=1e-5)
+
+
 def test_bla_decode_cache_is_constant_size():
     model = BLALM(tiny(layer_pattern="[bla]")).eval()
     cache = model.new_cache()
@@ -137,3 +153,47 @@ def test_state_size_and_flops():
     assert state_size(bla_only, 10) == state_size(bla_only, 10**6)  # constant in context
     n = param_count(bla_only)
     assert flops_per_token(bla_only, 10) == 6 * n + 3 * 3 * 4 * 4 * 4 * 32
+
+
+# ---------------------------------------------------------------- gates and saved configs
+
+
+def deterministic_weights(model: BLALM) -> BLALM:
+    """Weights that depend on nothing but their names' order and shapes (no RNG, any torch)."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            n = torch.arange(p.numel(), dtype=torch.float64)
+            is_norm = ".weight" in name and "norm" in name
+            p.copy_((0.05 * torch.sin(0.37 * n + i)).view_as(p) + (1.0 if is_norm else 0.0))
+    return model
+
+
+def legacy_loss(cfg: ModelConfig) -> float:
+    model = deterministic_weights(BLALM(cfg).double())
+    ids = (torch.arange(200) * 37 % 253 + 3)[None]
+    with torch.no_grad():
+        return model(ids[:, :-1], labels=ids[:, 1:]).loss.item()
+
+
+def test_a_saved_config_without_gates_computes_what_it_was_trained_with():
+    """tests/data/legacy_v1_loss.json was computed by the code before bla.gates existed (spec v1);
+    its saved config (no gates key) loads as dirichlet_v1 and gives that loss again."""
+    import json
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parent / "data" / "legacy_v1_loss.json").read_text())
+    assert "gates" not in golden["config"]["bla"]
+    cfg = ModelConfig.from_saved(golden["config"])
+    assert cfg.bla.gates == "dirichlet_v1"
+    assert legacy_loss(cfg) == pytest.approx(golden["loss"], rel=1e-12)
+    v2 = legacy_loss(ModelConfig.from_dict(golden["config"]))  # a new config: the v2 default
+    assert ModelConfig.from_dict(golden["config"]).bla.gates == "dirichlet"
+    assert abs(v2 - golden["loss"]) > 1e-4
+
+
+def test_gates_in_config_validation_and_round_trip():
+    cfg = tiny(**{"bla.gates": "fejer"})
+    assert cfg.bla.gates == "fejer"
+    assert ModelConfig.from_saved(cfg.to_dict()).bla.gates == "fejer"  # a saved key is kept
+    with pytest.raises(ValueError, match=r"bla.gates must be one of \('dirichlet', 'fejer', 'dirichlet_v1'\)"):
+        tiny(**{"bla.gates": "sinc"})

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import assert_close, random_qkv, random_state
 
-from bla.kernels import bla_attention, bla_step, dirichlet_gates
+from bla.kernels import GATES, bla_attention, bla_step, dirichlet_gates
+from bla.kernels.gates import state_norm_bound
 
 F64 = torch.float64
 BACKENDS = ["reference", "torch"]
@@ -66,46 +67,75 @@ def test_dirichlet_matches_formula():
     assert_close("even-m Dirichlet", w[:, 0, 0], formula, atol=1e-14)
 
 
+@pytest.mark.parametrize("W,m", [(16, 4), (12, 3), (30, 5), (8, 8), (4096, 4), (1024, 1)])
+def test_gate_rules(W, m):
+    """s and alpha of every rule from d (spec section 1); v2 decays lie in [0, 1] at any stride."""
+    pos = torch.arange(W)
+    d, _, reset = dirichlet_gates(pos, torch.tensor([W]), m, gates="dirichlet_v1")
+    rules = {"dirichlet": (d, 1 - d**2), "fejer": (d**2, 1 - d**2), "dirichlet_v1": (d, 1 - d)}
+    for gates, (s_want, a_want) in rules.items():
+        s, alpha, r = dirichlet_gates(pos, torch.tensor([W]), m, gates=gates)
+        assert torch.equal(r, reset) and torch.equal(reset, alpha == 0), gates
+        assert_close(f"s {gates}", s, s_want, atol=1e-15)
+        assert_close(f"alpha {gates}", alpha, a_want, atol=1e-15)
+    _, alpha, _ = dirichlet_gates(pos, torch.tensor([W]), m, gates="dirichlet")
+    assert alpha.min() >= 0 and alpha.max() <= 1
+    if m >= 3 and W > m:  # D's negative side lobes: v1 decays exceed 1
+        _, alpha_v1, _ = dirichlet_gates(pos, torch.tensor([W]), m, gates="dirichlet_v1")
+        assert alpha_v1.max() > 1.1
+
+
+def test_unknown_gates_is_a_value_error():
+    q, k, v = random_qkv(1, 8, 2, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"gates must be one of \('dirichlet', 'fejer', 'dirichlet_v1'\)"):
+        bla_attention(q, k, v, 8, 4, gates="dirichlet2")
+    with pytest.raises(ValueError, match="gates must be one of"):
+        bla_step(q[:, 0], k[:, 0], v[:, 0], None, torch.zeros(1, dtype=torch.long), 8, 4, gates="v2")
+
+
 # ---------------------------------------------------------------- spec properties
 
 
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("W,H,Hkv", [(5, 2, 2), (8, 4, 2), ([3, 8], 2, 2)])
-def test_swa_limit(backend, W, H, Hkv):
+def test_swa_limit(backend, W, H, Hkv, gates):
     q, k, v = random_qkv(2, 21, H, Hkv, 6, 5)
     windows = W if isinstance(W, int) else W
     # m = W per head only works for one m; per-head windows use the SWA limit head by head
     if isinstance(W, list):
         for h, w in enumerate(W):
-            o, _ = bla_attention(q[:, :, h : h + 1], k[:, :, h : h + 1], v[:, :, h : h + 1], w, w, backend=backend)
+            o, _ = bla_attention(q[:, :, h : h + 1], k[:, :, h : h + 1], v[:, :, h : h + 1], w, w, backend=backend, gates=gates)
             ref = sliding_window_attention(q[:, :, h : h + 1], k[:, :, h : h + 1], v[:, :, h : h + 1], w)
             assert_close(f"o head {h}", o, ref, atol=1e-10)
         return
-    o, _ = bla_attention(q, k, v, windows, windows, backend=backend)
+    o, _ = bla_attention(q, k, v, windows, windows, backend=backend, gates=gates)
     assert_close("o", o, sliding_window_attention(q, k, v, windows), atol=1e-10)
 
 
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("W,m", [(12, 4), (10, 5), (16, 16)])
-def test_finite_window(backend, W, m):
+def test_finite_window(backend, W, m, gates):
     T, s = 70, 23
     q, k, v = random_qkv(1, T, 2, 2, 4, 4)
-    o, _ = bla_attention(q, k, v, W, m, backend=backend)
+    o, _ = bla_attention(q, k, v, W, m, backend=backend, gates=gates)
     k2, v2 = k.clone(), v.clone()
     k2[:, s] += 3.0
     v2[:, s] -= 2.0
-    o2, _ = bla_attention(q, k2, v2, W, m, backend=backend)
+    o2, _ = bla_attention(q, k2, v2, W, m, backend=backend, gates=gates)
     changed = (o2 - o).abs().amax(dim=(0, 2, 3))
     assert changed[s] > 0
     assert torch.all(changed[s + W :] == 0), f"token {s} reached outputs after {s + W - 1}"
 
 
-def test_gsa_special_case():
+@pytest.mark.parametrize("gates", GATES)
+def test_gsa_special_case(gates):
     """An independent gated-slot recurrence fed s = w and g = log(alpha) (a finite stand-in at
     resets) gives BLA."""
     W, m = 12, 4
     q, k, v = random_qkv(1, 40, 2, 2, 4, 3)
-    w, alpha, reset = dirichlet_gates(torch.arange(40), torch.tensor([W, W]), m)
+    w, alpha, reset = dirichlet_gates(torch.arange(40), torch.tensor([W, W]), m, gates=gates)
     g = torch.where(reset, torch.full_like(alpha, -1e4), torch.log(alpha.clamp_min(1e-300)))
     K = torch.zeros(2, m, 4, dtype=F64)
     V = torch.zeros(2, m, 3, dtype=F64)
@@ -115,7 +145,7 @@ def test_gsa_special_case():
         V = torch.exp(g[t])[..., None] * V + w[t][..., None] * v[0, t][:, None, :]
         p = torch.softmax(0.5 * torch.einsum("hd,hmd->hm", q[0, t], K), dim=-1)
         outs.append(torch.einsum("hm,hmd->hd", p, V))
-    o, _ = bla_attention(q, k, v, W, m, backend="torch")
+    o, _ = bla_attention(q, k, v, W, m, backend="torch", gates=gates)
     assert_close("o", o[0], torch.stack(outs), atol=1e-10)
 
 
@@ -132,47 +162,51 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_torch_equals_reference(case):
+def test_torch_equals_reference(case, gates):
     B, T, H, Hkv, dk, dv, W, m = case
     q, k, v = random_qkv(B, T, H, Hkv, dk, dv)
     s0 = random_state(B, Hkv, m, dk, dv)
     for kwargs in ({}, {"initial_state": s0, "offset": 5}, {"offset": torch.arange(B) * 7 + 3}):
-        o_r, s_r = bla_attention(q, k, v, W, m, output_final_state=True, backend="reference", **kwargs)
-        o_t, s_t = bla_attention(q, k, v, W, m, output_final_state=True, backend="torch", **kwargs)
+        o_r, s_r = bla_attention(q, k, v, W, m, output_final_state=True, backend="reference", gates=gates, **kwargs)
+        o_t, s_t = bla_attention(q, k, v, W, m, output_final_state=True, backend="torch", gates=gates, **kwargs)
         assert_close(f"o {list(kwargs)}", o_t, o_r, atol=1e-10)
         assert_close(f"K {list(kwargs)}", s_t[0], s_r[0], atol=1e-10)
         assert_close(f"V {list(kwargs)}", s_t[1], s_r[1], atol=1e-10)
 
 
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("W,m,Hkv", [(6, 3, 1), (8, 4, 2), (4, 4, 2)])
-def test_torch_gradcheck(W, m, Hkv):
+def test_torch_gradcheck(W, m, Hkv, gates):
     q, k, v = random_qkv(1, 11, 2, Hkv, 3, 2, requires_grad=True)
     K0, V0 = random_state(1, Hkv, m, 3, 2, requires_grad=True)
 
     def f(q, k, v, K0, V0):
-        o, (K, V) = bla_attention(q, k, v, W, m, initial_state=(K0, V0), output_final_state=True, offset=2, backend="torch")
+        o, (K, V) = bla_attention(q, k, v, W, m, initial_state=(K0, V0), output_final_state=True, offset=2, backend="torch",
+                                    gates=gates)
         return o, K, V
 
     assert torch.autograd.gradcheck(f, (q, k, v, K0, V0), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_state_carry(backend):
+def test_state_carry(backend, gates):
     W, m, T, cut = 10, 5, 53, 22
     q, k, v = random_qkv(2, T, 2, 2, 4, 4)
-    o, s = bla_attention(q, k, v, W, m, output_final_state=True, backend=backend)
-    o1, s1 = bla_attention(q[:, :cut], k[:, :cut], v[:, :cut], W, m, output_final_state=True, backend=backend)
-    o2, s2 = bla_attention(
-        q[:, cut:], k[:, cut:], v[:, cut:], W, m, initial_state=s1, offset=cut, output_final_state=True, backend=backend
-    )
+    kw = dict(output_final_state=True, backend=backend, gates=gates)
+    o, s = bla_attention(q, k, v, W, m, **kw)
+    o1, s1 = bla_attention(q[:, :cut], k[:, :cut], v[:, :cut], W, m, **kw)
+    o2, s2 = bla_attention(q[:, cut:], k[:, cut:], v[:, cut:], W, m, initial_state=s1, offset=cut, **kw)
     assert_close("o", torch.cat([o1, o2], 1), o, atol=1e-10)
     assert_close("K", s2[0], s[0], atol=1e-10)
     assert_close("V", s2[1], s[1], atol=1e-10)
 
 
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_varlen_equals_loop(backend):
+def test_varlen_equals_loop(backend, gates):
     lengths = [0, 1, 17, 0, 70, 2]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
     T = int(cu[-1])
@@ -182,13 +216,14 @@ def test_varlen_equals_loop(backend):
     s0 = random_state(N, 2, m, 4, 3)
     off = torch.tensor([0, 3, 0, 5, 11, 1])
     o, (K, V) = bla_attention(
-        q, k, v, W, m, cu_seqlens=cu, initial_state=s0, offset=off, output_final_state=True, backend=backend
+        q, k, v, W, m, cu_seqlens=cu, initial_state=s0, offset=off, output_final_state=True, backend=backend, gates=gates
     )
     for n in range(N):
         a, b = int(cu[n]), int(cu[n + 1])
         init = (s0[0][n : n + 1], s0[1][n : n + 1])
         o_n, (K_n, V_n) = bla_attention(
-            q[:, a:b], k[:, a:b], v[:, a:b], W, m, initial_state=init, offset=int(off[n]), output_final_state=True, backend="reference"
+            q[:, a:b], k[:, a:b], v[:, a:b], W, m, initial_state=init, offset=int(off[n]), output_final_state=True,
+            backend="reference", gates=gates,
         )
         assert_close(f"o doc {n}", o[:, a:b], o_n, atol=1e-10)
         assert_close(f"K doc {n}", K[n : n + 1], K_n, atol=1e-10)
@@ -203,17 +238,58 @@ def test_empty_document_keeps_initial_state():
     assert torch.equal(K[0], s0[0][0]) and torch.equal(V[0], s0[1][0])
 
 
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("W,m", [(8, 4), (9, 3), ([8, 16], 4)])
-def test_step_decoding_equals_parallel(W, m):
+def test_step_decoding_equals_parallel(W, m, gates):
     T = 30
     q, k, v = random_qkv(2, T, 4, 2, 4, 3)
-    o_par, s_par = bla_attention(q, k, v, W, m, output_final_state=True, backend="torch")
+    o_par, s_par = bla_attention(q, k, v, W, m, output_final_state=True, backend="torch", gates=gates)
     state = None
     for t in range(T):
-        o_t, state = bla_step(q[:, t], k[:, t], v[:, t], state, torch.full((2,), t), W, m)
+        o_t, state = bla_step(q[:, t], k[:, t], v[:, t], state, torch.full((2,), t), W, m, gates=gates)
         assert_close(f"o step {t}", o_t, o_par[:, t], atol=1e-10)
     assert_close("K", state[0], s_par[0], atol=1e-10)
     assert_close("V", state[1], s_par[1], atol=1e-10)
+
+
+def _max_slot_norm_ratio(W, m, gates, T, seed=0):
+    """The float64 recurrence with random unit keys: max over time and slots of |K_t[j]| / |k|."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.nn.functional.normalize(torch.randn(T, 8, generator=gen, dtype=F64), dim=-1)
+    s, alpha, _ = dirichlet_gates(torch.arange(T), torch.tensor([W]), m, gates=gates)
+    K, worst = torch.zeros(m, 8, dtype=F64), 0.0
+    for t in range(T):
+        K = alpha[t, 0, :, None] * K + s[t, 0, :, None] * keys[t]
+        worst = max(worst, float(K.norm(dim=-1).max()))
+    return worst
+
+
+@pytest.mark.parametrize("gates", ["dirichlet", "fejer"])
+@pytest.mark.parametrize("stride", [64, 256, 1024])
+def test_v2_state_is_bounded_at_any_stride(gates, stride):
+    """Spec section 2: v2 slot norms never exceed the largest key norm times max_j sum |s_t[j]|
+    over one period, and the chunked backend equals the float64 recurrence with finite outputs."""
+    m = 4
+    W = m * stride
+    T = W + W // 2 + 3
+    ratio = _max_slot_norm_ratio(W, m, gates, T)
+    assert ratio <= state_norm_bound(W, m, gates) + 1e-9
+    q, k, v = random_qkv(1, T, 1, 1, 8, 8, seed=stride)
+    o_r, s_r = bla_attention(q, k, v, W, m, output_final_state=True, backend="reference", gates=gates)
+    o_t, s_t = bla_attention(q, k, v, W, m, output_final_state=True, backend="torch", gates=gates)
+    assert_close("o", o_t, o_r, atol=1e-9)
+    assert_close("K", s_t[0], s_r[0], atol=1e-9)
+    o32, _ = bla_attention(q.float(), k.float(), v.float(), W, m, backend="torch", gates=gates)
+    assert_close("o fp32", o32, o_r, atol=1e-3)
+
+
+def test_v1_state_grows_past_the_bound():
+    """Why v1 is not the default: at W/m = 256 a slot amplifies what it holds by ~1.22^256."""
+    m, stride = 4, 256
+    W = m * stride
+    ratio = _max_slot_norm_ratio(W, m, "dirichlet_v1", W + 3)
+    bound = state_norm_bound(W, m, "dirichlet_v1")
+    assert ratio > 1e6 * bound, (ratio, bound)
 
 
 def test_low_precision_inputs_accumulate_in_float32():

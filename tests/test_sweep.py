@@ -125,3 +125,18 @@ def test_jobs_get_their_own_gpus_when_there_are_enough():
 def test_bad_jobs_refused(tmp_path):
     with pytest.raises(ValueError, match="--jobs and --nproc must be >= 1"):
         run_sweep(load_spec("tiny"), tmp_path, jobs=0)
+
+
+def test_gates_are_a_grid_key(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\npreset: mqar\nmixers: {bla: {model.layer_pattern: [[bla]], model.bla.gates: [dirichlet, fejer, "
+                    "dirichlet_v1]}}\ngrid: {optim.lr: [1.0e-3]}\n")  # fmt: skip
+    spec = load_spec(str(path))
+    runs = spec.runs()
+    from bla.launch.sweep import train_config
+
+    assert [train_config(spec, o).model.bla.gates for _, o in runs] == ["dirichlet", "fejer", "dirichlet_v1"]
+    assert len({run_name(spec, m, o) for m, o in runs}) == 3
+    path.write_text("name: g\npreset: mqar\nmixers: {bla: {model.bla.gates: [v3]}}\n")
+    with pytest.raises(ValueError, match="bla.gates must be one of"):
+        load_spec(str(path))

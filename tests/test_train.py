@@ -209,3 +209,38 @@ def test_cache_entries_built_concurrently_are_published_once(tmp_path):
         _publish(tmp, final)
         assert not tmp.exists()
     assert (final / "manifest.json").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def _strip_gates(run: Path) -> None:
+    """Make a run's checkpoints look like those written before bla.gates existed."""
+    import yaml
+
+    for tag in ckpt.list_checkpoints(run / "checkpoints"):
+        cfg = yaml.safe_load((tag / "config.yaml").read_text())
+        del cfg["model"]["bla"]["gates"]
+        (tag / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        meta = {k: v for k, v in ckpt.read_meta(tag).items() if k != "files"}
+        ckpt.write_manifest(tag, meta)
+
+
+def test_a_checkpoint_without_gates_evaluates_and_resumes_as_dirichlet_v1(tmp_path):
+    import torch
+
+    from bla.eval.load import load_run
+
+    train(tmp_path, "v1", 1, "model.bla.gates=dirichlet_v1", "stop_at=4")
+    ids = torch.arange(3, 67)[None]
+
+    def loss_of(run: Path) -> tuple[float, str]:
+        model, _, cfg = load_run(run)
+        with torch.no_grad():
+            return model(ids[:, :-1], labels=ids[:, 1:]).loss.item(), cfg["model"]["bla"]["gates"]
+
+    before = loss_of(tmp_path / "v1")
+    _strip_gates(tmp_path / "v1")
+    assert loss_of(tmp_path / "v1") == before == (before[0], "dirichlet_v1")
+    (tmp_path / "v1" / "summary.json").unlink()  # so that train() hands back the failed process
+    refused = train(tmp_path, "v1", 1, check=False)["proc"]  # the new default would change the operator
+    assert refused.returncode != 0 and "differs from this run's in ['bla.gates']" in refused.stderr
+    resumed = train(tmp_path, "v1", 1, "model.bla.gates=dirichlet_v1")
+    assert resumed["status"] == "finished" and [h["step"] for h in resumed["losses"]] == [5, 6, 7, 8]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import assert_close, random_qkv, random_state
 
-from bla.kernels import bla_attention, bla_step, triton_available
+from bla.kernels import GATES, bla_attention, bla_step, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_available(torch.device(DEVICE))[0], reason="Triton cannot run here")
@@ -31,12 +31,12 @@ def _run(backend, q, k, v, W, m, **kw):
     return o, K, V
 
 
-def _compare(case, dtype=torch.float32, atol=2e-4, **kw_builder):
+def _compare(case, gates, dtype=torch.float32, atol=2e-4):
     B, T, H, Hkv, dk, dv, W, m = case
     q, k, v = random_qkv(B, T, H, Hkv, dk, dv, dtype=dtype, device=DEVICE, requires_grad=True)
     N = B
     K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(N, Hkv, m, dk, dv, dtype=torch.float32))
-    kw = dict(initial_state=(K0, V0), offset=torch.arange(N, device=DEVICE) * 5 + 3)
+    kw = dict(initial_state=(K0, V0), offset=torch.arange(N, device=DEVICE) * 5 + 3, gates=gates)
     outs = _run("triton", q, k, v, W, m, **kw)
     leaves = (q, k, v, K0, V0)
     gens = [torch.Generator(device="cpu").manual_seed(i) for i in range(3)]
@@ -45,7 +45,7 @@ def _compare(case, dtype=torch.float32, atol=2e-4, **kw_builder):
 
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     qr, kr, vr, K0r, V0r = ref_leaves
-    ref = _run("torch", qr, kr, vr, W, m, initial_state=(K0r, V0r), offset=kw["offset"])
+    ref = _run("torch", qr, kr, vr, W, m, initial_state=(K0r, V0r), offset=kw["offset"], gates=gates)
     ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
     for name, a, b in zip(["o", "K", "V"], outs, ref):
         assert_close(name, a, b, atol=atol, rtol=atol)
@@ -53,24 +53,26 @@ def _compare(case, dtype=torch.float32, atol=2e-4, **kw_builder):
         assert_close(name, a, b, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_triton_equals_torch(case):
-    _compare(case)
+def test_triton_equals_torch(case, gates):
+    _compare(case, gates)
 
 
-def test_triton_varlen_with_empty_and_single_token_documents():
+@pytest.mark.parametrize("gates", GATES)
+def test_triton_varlen_with_empty_and_single_token_documents(gates):
     lengths = [0, 1, 17, 0, 70, 2]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
     T, N, W, m = int(cu[-1]), len(lengths), 12, 4
     q, k, v = random_qkv(1, T, 4, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
     K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(N, 2, m, 8, 8, dtype=torch.float32))
     off = torch.tensor([0, 3, 0, 5, 11, 1], device=DEVICE)
-    kw = dict(cu_seqlens=cu, initial_state=(K0, V0), offset=off)
+    kw = dict(cu_seqlens=cu, initial_state=(K0, V0), offset=off, gates=gates)
     outs = _run("triton", q, k, v, W, m, **kw)
     loss = sum((x.double() * (i + 1)).sin().sum() for i, x in enumerate(outs))
     grads = torch.autograd.grad(loss, (q, k, v, K0, V0))
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v, K0, V0)]
-    ref = _run("torch", *leaves[:3], W, m, cu_seqlens=cu, initial_state=tuple(leaves[3:]), offset=off)
+    ref = _run("torch", *leaves[:3], W, m, cu_seqlens=cu, initial_state=tuple(leaves[3:]), offset=off, gates=gates)
     ref_loss = sum((x * (i + 1)).sin().sum() for i, x in enumerate(ref))
     ref_grads = torch.autograd.grad(ref_loss, leaves)
     for name, a, b in zip(["o", "K", "V"], outs, ref):
@@ -105,11 +107,12 @@ def test_triton_refuses_degenerate_configs_with_a_reason():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton decode kernel runs on CUDA")
-def test_triton_step_equals_parallel():
+@pytest.mark.parametrize("gates", GATES)
+def test_triton_step_equals_parallel(gates):
     q, k, v = random_qkv(2, 20, 4, 2, 16, 16, dtype=torch.float32, device=DEVICE)
-    o_par, s_par = bla_attention(q, k, v, 16, 4, output_final_state=True, backend="torch")
+    o_par, s_par = bla_attention(q, k, v, 16, 4, output_final_state=True, backend="torch", gates=gates)
     state = None
     for t in range(20):
-        o_t, state = bla_step(q[:, t], k[:, t], v[:, t], state, torch.full((2,), t, device=DEVICE), 16, 4)
+        o_t, state = bla_step(q[:, t], k[:, t], v[:, t], state, torch.full((2,), t, device=DEVICE), 16, 4, gates=gates)
         assert_close(f"o step {t}", o_t, o_par[:, t], atol=1e-4)
     assert_close("K", state[0], s_par[0], atol=1e-4)

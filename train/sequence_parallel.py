@@ -137,9 +137,9 @@ def _bla_forward(self: BLAMixer, x, positions, cu_seqlens=None, cache=None):
     # Lambda: the last segment's final state from zero; Gamma: its decay (positions only)
     _, (lam_k, lam_v) = bla_attention(
         q[:, last:], k[:, last:], v[:, last:], self.windows, m, output_final_state=True,
-        offset=int(positions[0, last]), backend=self.cfg.bla.backend,
+        offset=int(positions[0, last]), backend=self.cfg.bla.backend, gates=self.cfg.bla.gates,
     )  # fmt: skip
-    _, alpha, _ = dirichlet_gates(positions[0, last:], torch.tensor(self.windows, device=x.device), m)
+    _, alpha, _ = dirichlet_gates(positions[0, last:], torch.tensor(self.windows, device=x.device), m, gates=self.cfg.bla.gates)
     gamma = alpha.prod(dim=0).to(lam_k.dtype)  # [Hkv, m]; exactly 0 where a slot reset
     single = len(cu) == 2
     flags = torch.tensor([float(ctx.continues), float(single)], device=x.device)
@@ -163,7 +163,8 @@ def _bla_forward(self: BLAMixer, x, positions, cu_seqlens=None, cache=None):
         init_k = torch.cat([S[0], init_k[1:]])
         init_v = torch.cat([S[1], init_v[1:]])
     o, _ = bla_attention(q, k, v, self.windows, m, initial_state=(init_k, init_v), cu_seqlens=cu_seqlens,
-                         offset=_start_positions(positions, cu_seqlens), backend=self.cfg.bla.backend)  # fmt: skip
+                         offset=_start_positions(positions, cu_seqlens), backend=self.cfg.bla.backend,
+                         gates=self.cfg.bla.gates)  # fmt: skip
     o = o + tie
     if self.out_norm is not None:
         o = self.out_norm(o)

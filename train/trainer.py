@@ -26,10 +26,11 @@ from bla import data as lm_data  # loads text-data modules (datasets, tokenizers
 from bla.data import regbench
 from bla.data.synthetic import TaskLoader, mqar_examples
 from bla.eval.tasks import label_accuracy
-from bla.model import BLALM, flops_per_token, param_count
+from bla.model import BLALM, ModelConfig, flops_per_token, param_count
 
 from . import checkpoint as ckpt
 from . import sequence_parallel
+
 from .config import TrainConfig
 from .schedule import lr_lambda
 
@@ -72,15 +73,22 @@ def _cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def architecture_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The model config keys (``bla.*`` dotted) on which two models compute differently; the
+    BLA backend says how BLA is computed, not what, and is left out."""
+    flat = lambda c: {**{k: v for k, v in c.to_dict().items() if k != "bla"},  # noqa: E731
+                      **{f"bla.{k}": v for k, v in c.to_dict()["bla"].items() if k != "backend"}}  # fmt: skip
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
 def initial_weights(cfg: TrainConfig, log):
     """(model, tokenizer or None) of ``cfg.init_from``, refused unless its architecture is this run's."""
     from bla.eval.load import load_model
 
     model, tok, _ = load_model(cfg.init_from)
-    mine, theirs = cfg.model.to_dict(), model.cfg.to_dict()
-    mine["bla"].pop("backend"), theirs["bla"].pop("backend")  # how BLA is computed, not what
-    if mine != theirs:
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    diff = architecture_diff(cfg.model, model.cfg)
+    if diff:
         raise ValueError(f"init_from={cfg.init_from}: its model config differs from this run's in {diff}")
     log(f"initial weights from {cfg.init_from}" + (f" (and its tokenizer {tok.path})" if tok is not None else ""))
     return model, tok
@@ -271,6 +279,13 @@ def run(cfg: TrainConfig) -> dict:
             if problem:
                 raise ValueError(f"cannot resume from {resume_from}: {problem}")
             meta = ckpt.read_meta(resume_from)
+            saved = yaml.safe_load((resume_from / "config.yaml").read_text())["model"]
+            diff = architecture_diff(cfg.model, ModelConfig.from_saved(saved))
+            if diff:  # e.g. a run trained before bla.gates existed (dirichlet_v1), resumed with the new default
+                raise ValueError(
+                    f"cannot resume from {resume_from}: its model config differs from this run's in {diff}; "
+                    f"set them as the checkpoint has them (its config.yaml), e.g. model.bla.gates=dirichlet_v1"
+                )
             universal = meta["world_size"] != world
     dist.barrier()
 

@@ -85,7 +85,7 @@ class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: BLALMConfig):
         super().__init__(config)
-        self.model = BLALM(ModelConfig.from_dict(config.bla_model))
+        self.model = BLALM(ModelConfig.from_saved(config.bla_model))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

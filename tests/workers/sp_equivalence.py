@@ -1,6 +1,6 @@
 """torchrun worker: a sequence-parallel forward/backward equals the whole sequence on one rank.
 
-argv: BLA window, then "packed" or "one" (one long document across all slices).
+argv: BLA window, "packed" or "one" (one long document across all slices), and the BLA gates.
 """
 
 import sys
@@ -13,12 +13,12 @@ from bla.data.packing import Packer, collate
 from bla.model import BLALM, apply_overrides, load_preset
 from bla.train import sequence_parallel as sp
 
-window, layout = int(sys.argv[1]), sys.argv[2]
+window, layout, gates = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 cfg = apply_overrides(load_preset("tiny"), ["n_layers=4", "layer_pattern=[bla, attn, swa, bla]", "bla.rope=true",
-                                            f"bla.window={window}", f"swa_window={window}"])  # fmt: skip
+                                            f"bla.window={window}", f"swa_window={window}", f"bla.gates={gates}"])  # fmt: skip
 model = BLALM(cfg).double()
 packer = Packer(seq_len=48, bos_id=1, eos_id=2)
 gen = torch.Generator().manual_seed(1)
