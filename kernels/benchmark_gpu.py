@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from .api import bla_attention
-from .gates import GATES
+from .gates import GATES, dirichlet_gates
 
 
 def _inputs(B, T, H, d, dtype, grad=False, seed=0):
@@ -60,12 +60,14 @@ def _flex_swa_fn(q, k, v, W):
     return lambda: flex(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
 
 
-def _fla_gsa_fn(q, k, v, m):
+def _fla_gsa_fn(q, k, v, W, m, gates):
+    """fla's chunk_gsa fed BLA's own writes and log-decays (floored at resets): the same operator."""
     from fla.ops.gsa import chunk_gsa
 
     B, T, H, d = q.shape
-    s = torch.randn(B, T, H, m, device="cuda", dtype=q.dtype)
-    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, m, device="cuda", dtype=torch.float32))
+    s, alpha, _ = dirichlet_gates(torch.arange(T, device="cuda"), torch.tensor([W] * H, device="cuda"), m, gates=gates)
+    s = s.to(q.dtype)[None].expand(B, T, H, m).contiguous()
+    g = torch.log(alpha.clamp_min(1e-13)).float()[None].expand(B, T, H, m).contiguous()
     return lambda: chunk_gsa(q, k, v, s, g)[0]
 
 
@@ -97,29 +99,29 @@ def gpu_benchmark(args) -> list[dict]:
     rows = []
     have_fla = importlib.util.find_spec("fla") is not None
     dtype = torch.bfloat16
-    H, W = args.heads, args.window
-    for d in args.head_dims:
-        for m in args.slots:
-            for T in args.seq_lens:
-                B = max(1, args.tokens // T)
-                q, k, v = _inputs(B, T, H, d, dtype, grad=True)
-                do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
-                row = dict(B=B, T=T, H=H, d=d, m=m, W=W, gates=args.gates)
-                row["bla_fwd_ms"], row["bla_fwdbwd_ms"] = _bench(_bla_fn(q, k, v, W, m, args.gates), do)
-                if m == args.slots[0]:  # the softmax baselines do not depend on m
-                    row["sdpa_fwd_ms"], row["sdpa_fwdbwd_ms"] = _bench(_sdpa_fn(q, k, v), do)
-                    if not args.no_flex:
-                        row["flex_swa_fwd_ms"], row["flex_swa_fwdbwd_ms"] = _bench(_flex_swa_fn(q, k, v, W), do)
-                if have_fla:
-                    row["fla_gsa_fwd_ms"], row["fla_gsa_fwdbwd_ms"] = _bench(_fla_gsa_fn(q, k, v, m), do)
-                io_bytes = 4 * B * T * H * d * 2  # q, k, v, o in bf16
-                row["bla_fwd_tflops"] = bla_flops(B, T, H, d, m, False) / row["bla_fwd_ms"] / 1e9
-                row["bla_fwd_gbps"] = io_bytes / row["bla_fwd_ms"] / 1e6
-                rows.append(row)
-                print(_fmt(row), flush=True)
-                del q, k, v, do
-                torch.cuda.empty_cache()
+    H = args.heads
+    for W, d, m in ((W, d, m) for W in args.window for d in args.head_dims for m in args.slots):
+        for T in args.seq_lens:
+            B = max(1, args.tokens // T)
+            q, k, v = _inputs(B, T, H, d, dtype, grad=True)
+            do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
+            row = dict(B=B, T=T, H=H, d=d, m=m, W=W, gates=args.gates)
+            row["bla_fwd_ms"], row["bla_fwdbwd_ms"] = _bench(_bla_fn(q, k, v, W, m, args.gates), do)
+            if m == args.slots[0]:  # the softmax baselines do not depend on m
+                row["sdpa_fwd_ms"], row["sdpa_fwdbwd_ms"] = _bench(_sdpa_fn(q, k, v), do)
+                if not args.no_flex:
+                    row["flex_swa_fwd_ms"], row["flex_swa_fwdbwd_ms"] = _bench(_flex_swa_fn(q, k, v, W), do)
+            if have_fla:
+                row["fla_gsa_fwd_ms"], row["fla_gsa_fwdbwd_ms"] = _bench(_fla_gsa_fn(q, k, v, W, m, args.gates), do)
+            io_bytes = 4 * B * T * H * d * 2  # q, k, v, o in bf16
+            row["bla_fwd_tflops"] = bla_flops(B, T, H, d, m, False) / row["bla_fwd_ms"] / 1e9
+            row["bla_fwd_gbps"] = io_bytes / row["bla_fwd_ms"] / 1e6
+            rows.append(row)
+            print(_fmt(row), flush=True)
+            del q, k, v, do
+            torch.cuda.empty_cache()
     if args.first_call:
+        W = args.window[0]
         fc = dict(B=4, T=8192, H=H, d=64, m=64, W=W, **first_call_seconds(4, 8192, H, 64, 64, W))
         print(f"first call at a new shape (empty Triton cache): forward {fc['first_fwd_s']:.2f} s, "
               f"backward {fc['first_bwd_s']:.2f} s")  # fmt: skip
@@ -136,8 +138,8 @@ def _fmt(r: dict) -> str:
 def accuracy(args) -> list[dict]:
     """bf16 Triton against fp32 torch: relative errors of o, final state and gradients."""
     rows = []
-    B, T, H, W = 4, args.acc_seq_len, 16, args.window
-    for d, m, gates in ((d, m, g) for d in args.head_dims for m in args.slots for g in args.all_gates):
+    B, T, H = 4, args.acc_seq_len, 16
+    for W, d, m, gates in ((W, d, m, g) for W in args.window for d in args.head_dims for m in args.slots for g in args.all_gates):
         q, k, v = _inputs(B, T, H, d, torch.bfloat16, grad=True, seed=1)
         do = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
         o, (K, V) = bla_attention(q, k, v, W, m, output_final_state=True, backend="triton", gates=gates)
@@ -160,7 +162,7 @@ def add_gpu_parser(sub) -> None:
     for mode, fn in (("gpu", gpu_benchmark), ("accuracy", accuracy)):
         p = sub.add_parser(mode, help=(fn.__doc__ or "").strip().splitlines()[0])
         p.add_argument("--heads", type=int, default=16)
-        p.add_argument("--window", type=int, default=512)
+        p.add_argument("--window", type=int, nargs="+", default=[512])
         p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
         p.add_argument("--slots", type=int, nargs="+", default=[32, 64, 128, 256])
         p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])

@@ -98,12 +98,31 @@ def test_triton_half_inputs(dtype):
     assert_close("K", K, Kr, atol=2e-2, rtol=2e-2)
 
 
-def test_triton_refuses_degenerate_configs_with_a_reason():
-    q, k, v = random_qkv(1, 8, 1, 1, 4, 4, dtype=torch.float32, device=DEVICE)
-    with pytest.raises(ValueError, match="one slot resets at every token"):
-        bla_attention(q, k, v, 8, 1, backend="triton")
-    with pytest.raises(ValueError, match="too coarse"):
-        bla_attention(q, k, v, 4096, 8, backend="triton")
+STRIDES = [
+    # B, T, H, Hkv, dk, dv, window, m: W/m from 1 to 256, one slot, odd and even m, W below and
+    # above the 64-token chunk, T not a multiple of it
+    (1, 70, 2, 2, 8, 8, 16, 16),  # W/m = 1 (SWA)
+    (1, 70, 2, 2, 8, 8, 40, 1),  # one slot: every token resets it
+    (1, 90, 2, 2, 8, 8, 99, 3),  # odd m, W/m = 33
+    (1, 130, 2, 1, 8, 8, 256, 4),  # W/m = 64, GQA
+    (1, 300, 2, 2, 8, 8, 512, 2),  # W/m = 256: the v1 kernel refused this
+]
+
+
+@pytest.mark.parametrize("gates", GATES)
+@pytest.mark.parametrize("case", STRIDES, ids=str)
+def test_triton_takes_every_stride(case, gates):
+    W, m = case[-2], case[-1]
+    # v1 amplifies a slot by up to ~1.22^(W/m) (spec section 1): fp32 rounding grows with it
+    tol = 5e-3 if gates == "dirichlet_v1" and W // m >= 32 else 2e-4
+    _compare(case, gates, atol=tol)
+
+
+@pytest.mark.parametrize("gates", ["dirichlet", "dirichlet_v1"])
+def test_triton_segments_carry_the_state(monkeypatch, gates):
+    """Forward segments shorter than the sequence and the window (state handed over by the scan)."""
+    monkeypatch.setenv("BLA_TRITON_SEGMENT", "64")
+    _compare((2, 200, 2, 2, 8, 8, 96, 6), gates)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton decode kernel runs on CUDA")
