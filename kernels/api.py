@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
-import warnings
 from typing import Sequence
 
 import torch
@@ -31,11 +29,6 @@ def triton_available(device: torch.device) -> tuple[bool, str]:
             return True, "TRITON_INTERPRET=1: Triton's interpreter on the CPU"
         return False, f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to interpret them"
     return True, "CUDA device"
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -102,14 +95,9 @@ def bla_attention(
     elif chosen == "torch":
         o, state = bla_chunked(q, k, v, problem, initial_state)
     else:
-        from .triton_bla import bla_triton, supports
+        from .triton_bla import bla_triton
 
-        ok, why = supports(problem)
-        if not ok and backend == "auto":
-            _warn_once(f"bla_attention: using the torch backend: {why}")
-            o, state = bla_chunked(q, k, v, problem, initial_state)
-        else:
-            o, state = bla_triton(q, k, v, problem, initial_state)
+        o, state = bla_triton(q, k, v, problem, initial_state)
     return o, (state if output_final_state else None)
 
 

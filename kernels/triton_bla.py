@@ -5,24 +5,29 @@ the write ``s`` and the log-decay ``log alpha`` of every phase of the period (fl
 ``LOG_FLOOR`` where alpha = 0: products across a reset are then below 1e-13, zero in every
 output). Kernels gather their rows by phase; no gate tensor per token exists.
 
-Work is split in sub-chunks of SUB = 16 tokens, the unit of every matrix product. Inside one,
-with l the cumulative log-decay from the sub-chunk's start and T its total:
+Work runs in sub-chunks of S = 64, 32 or 16 tokens, the unit of every matrix product. Inside
+one, with l the cumulative log-decay from the sub-chunk's start and T its total:
 
-    z[t, j] = scale (e^{l_t,j} q_t . K[j] + sum_{s<=t} (q_t . k_s) s_s,j e^{l_t,j - l_s,j})
-    o_t     = sum_j p[t, j] e^{l_t,j} V[j] + sum_{s<=t} (sum_j p[t, j] s_s,j e^{l_t,j - l_s,j}) v_s,  p = softmax_j z
+    z[t, j] = scale (e^{l_t,j} q_t . K[j] + sum_{u<=t} (q_t . k_u) s_u,j e^{l_t,j - l_u,j})
+    o_t     = sum_j p[t, j] e^{l_t,j} V[j] + sum_{u<=t} (sum_j p[t, j] s_u,j e^{l_t,j - l_u,j}) v_u,  p = softmax_j z
     K'      = e^{T} K + (s e^{T - l})^T k
 
-Every exponent above is <= 0 (v2 gates: alpha <= 1), so no stride is too coarse. The state
-terms are tensor-core products; the in-sub-chunk pairs (s <= t) are one [16, 16, m] tile of
-decays, shared by both passes, so the [16, m] scores and probabilities never leave the chip.
+With v2 gates (alpha <= 1) the state terms' exponents are <= 0 at any stride. The pairs u <= t
+are factorised, e^{l_t - l_u} = e^{l_t - c} e^{c - l_u} with c each slot's mid log-decay, so
+they are tensor-core products too; both factors stay within e^{+-80} because S is the largest
+sub-chunk whose decays' spread is below 160 (a host-side check over all phases). Strides too
+coarse even for 16 tokens (W/m of about a thousand) take an elementwise [16, 16, m] tile of
+decays instead. The [S, m] scores and probabilities never leave the chip.
 
 Parallelism. Forward: (1) each segment of chunks computes its own end state from zero and its
 decay (parallel over segments and kv heads); (2) a short scan over segments gives every
 segment's start state; (3) each segment runs its chunks with the state in registers and writes
-the outputs (and each chunk's start state, when gradients are needed). The backward is
-chunk-parallel: (A) per chunk, dq and the in-chunk parts of dk, dv and of the gradient of its
-start state (the sub-chunks' states are recomputed from the chunk's start state); (B) a reverse
-scan of state gradients over chunks; (C) per chunk, the state path's share of dk, dv.
+the outputs (and each 64-token chunk's start state, when gradients are needed). The backward
+is chunk-parallel: (A) per chunk, dq and the in-chunk parts of dk, dv and of the gradient of
+its start state (sub-chunk states recomputed from the chunk's start); (B) a reverse scan of
+state gradients over chunks; (C) per chunk, the state path's share of dk, dv.
+Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_WARPS,
+BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (forward segment tokens), BLA_TRITON_PAIRS=elementwise.
 """
 
 from __future__ import annotations
@@ -43,14 +48,8 @@ from .gates import dirichlet_gates
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 LOG_FLOOR = -30.0  # log alpha where alpha = 0 (a reset): e^-30 ~ 1e-13
-SUB = 16  # tokens per sub-chunk: the M/N/K of the matrix products
-SUBS_PER_CHUNK = 4  # chunk = 64 tokens: the granularity of stored states (backward)
+CHUNK = 64  # tokens: the granularity of stored states (backward); sub-chunks of 64, 32 or 16 inside
 SEGMENT_TOKENS = 512  # forward work item: tokens run with the state in registers
-
-
-def supports(problem: Problem) -> tuple[bool, str]:
-    """Every configuration the API accepts (kept for callers that ask)."""
-    return True, "every stride (chunked with 16-token sub-chunks)"
 
 
 def _pow2(n: int) -> int:
@@ -74,6 +73,38 @@ def _gate_table_cpu(windows: tuple[int, ...], slots: int, gates: str, bm: int):
         first += w
     table = torch.cat(rows, dim=1).float()
     return table[0].contiguous(), table[1].contiguous(), [starts[w] for w in windows]
+
+
+FACTOR_LOG_RANGE = 160.0  # the factorised pairs stay within e^(+-80): fp32 and bf16 hold e^88
+
+
+@functools.lru_cache(maxsize=64)
+def diag_log_range(windows: tuple[int, ...], slots: int, gates: str, sub: int) -> float:
+    """Largest spread of the cumulative log-decay (resets at LOG_FLOOR) inside any sub-chunk of
+    ``sub`` tokens, over every phase, slot and window: whether its pairs can be factorised."""
+    worst = 0.0
+    for w in set(windows):
+        _, la, _ = _gate_table_cpu((w,), slots, gates, _pow2(slots))
+        la = la[torch.arange(w + sub) % w].double()  # [W + sub, BM]
+        cum = torch.cat([torch.zeros(1, la.shape[1], dtype=la.dtype), la.cumsum(0)])
+        win = cum[1:].unfold(0, sub, 1)[:w] - cum[:w, :, None]  # l of a sub-chunk starting at each phase
+        worst = max(worst, float((win.amax(-1) - win.amin(-1)).max()))
+    return worst
+
+
+def sub_chunking(problem: Problem) -> tuple[int, bool]:
+    """(sub-chunk size, factorised pairs): the largest sub-chunk (64, 32 or 16 tokens; at most
+    8192 slot-token entries per tile, for registers) whose decays' range allows factorised,
+    tensor-core pairs; else 16 tokens, elementwise (W/m of about a thousand).
+    BLA_TRITON_PAIRS=elementwise forces the elementwise form (tests)."""
+    p = problem
+    largest = int(os.environ.get("BLA_TRITON_SUB", 64))
+    if os.environ.get("BLA_TRITON_PAIRS") != "elementwise":
+        for sub in (s for s in (64, 32, 16) if s <= largest):
+            fits = sub * _pow2(p.slots) <= 8192 and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE
+            if fits:
+                return sub, True
+    return 16, False
 
 
 _DEVICE_TABLES: dict = {}
@@ -104,10 +135,47 @@ def _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM: tl.constexp
 
 @triton.jit
 def _pair_decays(s, l, t_S):
-    """E[t, u, j] = s_u,j e^{l_t,j - l_u,j} for u <= t, else 0: [SUB, SUB, BM]."""
+    """E[t, u, j] = s_u,j e^{l_t,j - l_u,j} for u <= t, else 0: [SUB, SUB, BM] (the elementwise form)."""
     causal = (t_S[:, None] >= t_S[None, :])[:, :, None]
     diff = tl.where(causal, l[:, None, :] - l[None, :, :], 0.0)
     return tl.where(causal, tl.exp(diff), 0.0) * s[None, :, :]
+
+
+@triton.jit
+def _diag_factors(s, l):
+    """A [SUB, BM], B [SUB, BM] with A_t B_u = s_u e^{l_t - l_u}: centred on each slot's mid log-decay,
+    so both stay within e^(range / 2) (the host checks the range)."""
+    mid = (tl.max(l, axis=0) + tl.min(l, axis=0)) * 0.5
+    return tl.exp(l - mid[None, :]), s * tl.exp(mid[None, :] - l)
+
+
+@triton.jit
+def _through(X, A, B, E, causal, FACTOR: tl.constexpr, DT: tl.constexpr):
+    """sum_{u<=t} X[t, u] s_u,j e^{l_t,j - l_u,j}: [SUB, SUB] -> [SUB, BM]."""
+    if FACTOR:
+        return A * _mm(tl.where(causal, X, 0.0), B, DT)
+    return tl.sum(X[:, :, None] * E, axis=1)
+
+
+@triton.jit
+def _pairs(Y, A, B, E, causal, FACTOR: tl.constexpr, DT: tl.constexpr):
+    """sum_j Y[t, j] s_u,j e^{l_t,j - l_u,j} for u <= t: [SUB, BM] -> [SUB, SUB]."""
+    if FACTOR:
+        return tl.where(causal, _mm(Y * A, tl.trans(B), DT), 0.0)
+    return tl.sum(Y[:, None, :] * E, axis=2)
+
+
+@triton.jit
+def _sub_tiles(s, l, t_S, FACTOR: tl.constexpr):
+    """What the in-sub-chunk pairs need: (A, B) factors, or the elementwise decay tile E."""
+    if FACTOR:
+        A, B = _diag_factors(s, l)
+        E = A  # unused
+    else:
+        E = _pair_decays(s, l, t_S)
+        A = E
+        B = E
+    return A, B, E
 
 
 @triton.jit
@@ -143,10 +211,9 @@ def _write_state(X, s, l, T, x, DT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, K, el, E, scale, mask_M, DT: tl.constexpr):
+def _scores(q, k, K, el, A, B, E, causal, scale, mask_M, FACTOR: tl.constexpr, DT: tl.constexpr):
     """scale * z of a sub-chunk's queries, -inf at padded slots: [SUB, BM]."""
-    S = _mm(q, tl.trans(k), DT)  # [SUB, SUB]; E masks the pairs u > t
-    z = el * _mm(q, tl.trans(K), DT) + tl.sum(S[:, :, None] * E, axis=1)
+    z = el * _mm(q, tl.trans(K), DT) + _through(_mm(q, tl.trans(k), DT), A, B, E, causal, FACTOR, DT)
     return tl.where(mask_M[None, :], scale * z, float("-inf"))
 
 
@@ -171,14 +238,14 @@ def _fwd_local_kernel(
     k_ptr, v_ptr, lk_ptr, lv_ptr, dec_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, item_seq_ptr, item_chunk_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """(1) A segment's end state from a zero start, and its decay (per slot)."""
     i = tl.program_id(0)
     g = tl.program_id(1)
     n, c_first, bos, seq_len, offset, W, toff = _item(item_seq_ptr, item_chunk_ptr, seq_start_ptr, seq_len_ptr,
                                                       offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    t_S = tl.arange(0, 16)
+    t_S = tl.arange(0, S)
     j_M = tl.arange(0, BM)
     dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
     K = tl.zeros([BM, BDK], dtype=tl.float32)
@@ -187,7 +254,7 @@ def _fwd_local_kernel(
     c_stop = tl.minimum(c_first + SEG_CHUNKS, tl.cdiv(seq_len, C))
     for c in range(c_first, c_stop):
         for a in tl.static_range(NS):
-            t0 = c * C + a * 16
+            t0 = c * C + a * S
             valid = (t0 + t_S) < seq_len
             s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
             k = _load_tokens(k_ptr, bos + t0 + t_S, valid, g, dk_D, dk_D < DK, HKV, DK)
@@ -244,6 +311,7 @@ def _scan_kernel(
     tl.store(out_v_ptr + sv, V)
 
 
+
 @triton.jit
 def _fwd_out_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr, sv_ptr, ck_ptr, cv_ptr, gs_ptr, gl_ptr,
@@ -251,7 +319,8 @@ def _fwd_out_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+    FACTOR: tl.constexpr,
 ):  # fmt: skip
     """(3) Outputs of a segment, its start state from the scan; each chunk's start state saved
     for the backward when STORE_CHUNKS."""
@@ -261,7 +330,8 @@ def _fwd_out_kernel(
     n, c_first, bos, seq_len, offset, W, toff = _item(item_seq_ptr, item_chunk_ptr, seq_start_ptr, seq_len_ptr,
                                                       offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     chunk_base = tl.load(chunk_base_ptr + n)
-    t_S = tl.arange(0, 16)
+    t_S = tl.arange(0, S)
+    causal = t_S[:, None] >= t_S[None, :]
     j_M = tl.arange(0, BM)
     mask_M = j_M < M
     dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
@@ -275,20 +345,19 @@ def _fwd_out_kernel(
             tl.store(ck_ptr + _state_offsets(crow, j_M, dk_D, BDK), K)
             tl.store(cv_ptr + _state_offsets(crow, j_M, dv_D, BDV), V)
         for a in tl.static_range(NS):
-            t0 = c * C + a * 16
+            t0 = c * C + a * S
             valid = (t0 + t_S) < seq_len
             tok = bos + t0 + t_S
             s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
             el = tl.exp(l)
-            E = _pair_decays(s, l, t_S)
+            A, B, E = _sub_tiles(s, l, t_S, FACTOR)
             k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
             v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
             for hh in tl.static_range(HPG):
                 h = g * HPG + hh
                 q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
-                p = _softmax(_scores(q, k, K, el, E, scale, mask_M, DT))
-                P = tl.sum(p[:, None, :] * E, axis=2)  # [SUB(t), SUB(u)]
-                o = _mm(p * el, V, DT) + _mm(P, v, DT)
+                p = _softmax(_scores(q, k, K, el, A, B, E, causal, scale, mask_M, FACTOR, DT))
+                o = _mm(p * el, V, DT) + _mm(_pairs(p, A, B, E, causal, FACTOR, DT), v, DT)
                 _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
             K = _write_state(K, s, l, T, k, DT)
             V = _write_state(V, s, l, T, v, DT)
@@ -304,7 +373,7 @@ def _bwd_chunk_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr,
 ):  # fmt: skip
     """(A) dq, the in-chunk parts of dk and dv (fp32), and the gradient of the chunk's start state
     from the chunk's own outputs. Sub-chunks run in reverse, their states recomputed."""
@@ -313,7 +382,8 @@ def _bwd_chunk_kernel(
     HPG: tl.constexpr = H // HKV
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
                                                 offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    t_S = tl.arange(0, 16)
+    t_S = tl.arange(0, S)
+    causal = t_S[:, None] >= t_S[None, :]
     j_M = tl.arange(0, BM)
     mask_M = j_M < M
     dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
@@ -329,17 +399,17 @@ def _bwd_chunk_kernel(
         K = K0
         V = V0
         for b in tl.static_range(a):  # the state before sub-chunk a
-            tb = c * C + b * 16
+            tb = c * C + b * S
             vb = (tb + t_S) < seq_len
             sb, lb, Tb = _sub_gates(gs_ptr, gl_ptr, toff, offset + tb, t_S, seq_len - tb, W, j_M, BM)
             K = _write_state(K, sb, lb, Tb, _load_tokens(k_ptr, bos + tb + t_S, vb, g, dk_D, mask_DK, HKV, DK), DT)
             V = _write_state(V, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
-        t0 = c * C + a * 16
+        t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
         tok = bos + t0 + t_S
         s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
         el = tl.exp(l)
-        E = _pair_decays(s, l, t_S)
+        A, B, E = _sub_tiles(s, l, t_S, FACTOR)
         B_end = s * tl.exp(T[None, :] - l)  # weight of token u in the sub-chunk's end state
         k = _load_tokens(k_ptr, tok, valid, g, dk_D, mask_DK, HKV, DK)
         v = _load_tokens(v_ptr, tok, valid, g, dv_D, mask_DV, HKV, DV)
@@ -351,12 +421,11 @@ def _bwd_chunk_kernel(
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
             do = _load_tokens(do_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
-            p = _softmax(_scores(q, k, K, el, E, scale, mask_M, DT))
-            dOv = _mm(do, tl.trans(v), DT)
-            dp = el * _mm(do, tl.trans(V), DT) + tl.sum(dOv[:, :, None] * E, axis=1)
+            p = _softmax(_scores(q, k, K, el, A, B, E, causal, scale, mask_M, FACTOR, DT))
+            dp = el * _mm(do, tl.trans(V), DT) + _through(_mm(do, tl.trans(v), DT), A, B, E, causal, FACTOR, DT)
             Y = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])  # d(scale z)/dz times dz
-            P = tl.sum(p[:, None, :] * E, axis=2)
-            Pz = tl.sum(Y[:, None, :] * E, axis=2)
+            P = _pairs(p, A, B, E, causal, FACTOR, DT)
+            Pz = _pairs(Y, A, B, E, causal, FACTOR, DT)
             dq = _mm(Y * el, K, DT) + _mm(Pz, k, DT)
             _store_tokens(dq_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
             b_dk += _mm(tl.trans(Pz), q, DT)
@@ -372,7 +441,7 @@ def _bwd_chunk_kernel(
 @triton.jit
 def _chunk_decay_kernel(
     dec_ptr, gs_ptr, gl_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
-    HKV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, NS: tl.constexpr,
+    HKV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     """Each chunk's decay e^{sum log alpha} per slot (what the backward scan multiplies by)."""
     i = tl.program_id(0)
@@ -383,11 +452,11 @@ def _chunk_decay_kernel(
     offset = tl.load(offset_ptr + n)
     W = tl.load(window_ptr + g)
     toff = tl.load(toff_ptr + g)
-    t_S = tl.arange(0, 16)
+    t_S = tl.arange(0, S)
     j_M = tl.arange(0, BM)
     log_dec = tl.zeros([BM], dtype=tl.float32)
     for a in tl.static_range(NS):
-        t0 = c * C + a * 16
+        t0 = c * C + a * S
         _, _, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
         log_dec += T
     tl.store(dec_ptr + (i * HKV + g) * BM + j_M, tl.exp(log_dec))
@@ -398,21 +467,21 @@ def _bwd_tokens_kernel(
     dk_ptr, dv_ptr, dks_ptr, dvs_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """(C) dk, dv += the tokens' share of the chunk's end-state gradient."""
     i = tl.program_id(0)
     g = tl.program_id(1)
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
                                                 offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    t_S = tl.arange(0, 16)
+    t_S = tl.arange(0, S)
     j_M = tl.arange(0, BM)
     dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
     row = (i * HKV + g) * BM
     dK = tl.load(dks_ptr + _state_offsets(row, j_M, dk_D, BDK))
     dV = tl.load(dvs_ptr + _state_offsets(row, j_M, dv_D, BDV))
     for a in tl.static_range(NS - 1, -1, -1):
-        t0 = c * C + a * 16
+        t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
         tok = bos + t0 + t_S
         s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
@@ -473,7 +542,9 @@ def _bla_step_kernel(
 
 # ----------------------------------------------------------------------------- Python side
 
-_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Matmul operands for half inputs: bf16 for fp16 too, since the factorised pair decays reach
+# e^80, far beyond fp16's 65504, while bf16 has fp32's exponent range.
+_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.bfloat16}
 
 
 def _as32(x: torch.Tensor, device) -> torch.Tensor:
@@ -512,10 +583,11 @@ class _Layout:
 
 def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     p = problem
+    sub, factor = sub_chunking(p)
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_pow2(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
-        C=SUB * SUBS_PER_CHUNK, NS=SUBS_PER_CHUNK,
+        C=CHUNK, S=sub, NS=CHUNK // sub, FACTOR=factor,
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
 
@@ -525,8 +597,8 @@ def _pick(consts: dict, *names: str) -> dict:
 
 
 def _launch_opts(problem: Problem) -> dict:
-    """Warps by slot count (the [16, 16, m] decay tile dominates registers); BLA_TRITON_WARPS /
-    BLA_TRITON_STAGES override them for tuning experiments."""
+    """4 warps up to 64 slots (measured faster than 8 at S = 64, 32 and 16 on H100, m = 64:
+    docs/benchmarks.md), 8 above; BLA_TRITON_WARPS / BLA_TRITON_STAGES override them."""
     warps = int(os.environ.get("BLA_TRITON_WARPS", 4 if problem.slots <= 64 else 8))
     return dict(num_warps=warps, num_stages=int(os.environ.get("BLA_TRITON_STAGES", 1)))
 
@@ -541,6 +613,19 @@ def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, de
     if x is not None:
         out[:, :, : x.shape[2], : x.shape[3]] = x
     return out
+
+
+def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the scan over [items, H_kv, BM, BD] buffers; returns the last carries [N, H_kv, BM, BD]."""
+    n, hkv, bm = count.numel(), xk.shape[1], xk.shape[2]
+    out_k = torch.empty(n, hkv, bm, xk.shape[3], device=xk.device, dtype=torch.float32)
+    out_v = torch.empty(n, hkv, bm, xv.shape[3], device=xk.device, dtype=torch.float32)
+    use_h = hk is not None
+    _scan_kernel[(n, hkv)](
+        xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count,
+        HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], USE_H=use_h, REVERSE=reverse,
+    )  # fmt: skip
+    return out_k, out_v
 
 
 class _BLATriton(torch.autograd.Function):
@@ -565,17 +650,12 @@ class _BLATriton(torch.autograd.Function):
         seg_dec = torch.empty(items, HKV, BM, device=dev, dtype=torch.float32)
         _fwd_local_kernel[(items, HKV)](
             k, v, seg_k, seg_v, seg_dec, *common, lay.item_seq, lay.item_chunk,
-            SEG_CHUNKS=seg_chunks, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "NS", "DT"), **opts,
+            SEG_CHUNKS=seg_chunks, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"), **opts,
         )  # fmt: skip
         use_h0 = h0k is not None
-        h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev)
-        h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev)
-        hk = torch.empty_like(h0k_p)
-        hv = torch.empty_like(h0v_p)
-        _scan_kernel[(p.num_seqs, HKV)](
-            seg_k, seg_v, seg_dec, h0k_p, h0v_p, hk, hv, lay.item_base, lay.item_count,
-            HKV=HKV, BM=BM, BDK=BDK, BDV=BDV, USE_H=use_h0, REVERSE=False,
-        )  # fmt: skip
+        h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
+        h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
+        hk, hv = _scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay.item_base, lay.item_count, reverse=False)
 
         # (3) outputs, and each chunk's start state when the backward will need it
         o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
@@ -611,24 +691,20 @@ class _BLATriton(torch.autograd.Function):
         if lay.total_chunks:
             _bwd_chunk_kernel[grid](
                 q, k, v, do.contiguous(), dq, dk, dv, ck, cv, dks, dvs, *common, p.scale,
-                **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "NS", "DT"), **opts,
+                **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR"), **opts,
             )  # fmt: skip
             _chunk_decay_kernel[grid](
                 chunk_dec, gs, gl, lay.lengths, lay.offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx,
-                HKV=HKV, BM=BM, C=consts["C"], NS=consts["NS"],
+                HKV=HKV, BM=BM, C=consts["C"], S=consts["S"], NS=consts["NS"],
             )  # fmt: skip
         # autograd materialises the gradients of unused outputs as zeros
         dhk_p = _padded_state(dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
         dhv_p = _padded_state(dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
-        dh0k, dh0v = torch.empty_like(dhk_p), torch.empty_like(dhv_p)
-        _scan_kernel[(p.num_seqs, HKV)](
-            dks, dvs, chunk_dec, dhk_p, dhv_p, dh0k, dh0v, lay.chunk_base, lay.chunk_count,
-            HKV=HKV, BM=BM, BDK=BDK, BDV=BDV, USE_H=True, REVERSE=True,
-        )  # fmt: skip
+        dh0k, dh0v = _scan(dks, dvs, chunk_dec, dhk_p, dhv_p, lay.chunk_base, lay.chunk_count, reverse=True)
         if lay.total_chunks:
             _bwd_tokens_kernel[grid](
                 dk, dv, dks, dvs, gs, gl, lay.starts, lay.lengths, lay.offsets, lay.windows, toff,
-                lay.chunk_seq, lay.chunk_idx, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "NS", "DT"),
+                lay.chunk_seq, lay.chunk_idx, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"),
                 **opts,
             )  # fmt: skip
         if not ctx.use_h0:
