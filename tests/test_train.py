@@ -242,5 +242,6 @@ def test_a_checkpoint_without_gates_evaluates_and_resumes_as_dirichlet_v1(tmp_pa
     (tmp_path / "v1" / "summary.json").unlink()  # so that train() hands back the failed process
     refused = train(tmp_path, "v1", 1, check=False)["proc"]  # the new default would change the operator
     assert refused.returncode != 0 and "differs from this run's in ['bla.gates']" in refused.stderr
+    assert 'model.bla.gates="dirichlet_v1"' in refused.stderr  # the override that resumes it
     resumed = train(tmp_path, "v1", 1, "model.bla.gates=dirichlet_v1")
     assert resumed["status"] == "finished" and [h["step"] for h in resumed["losses"]] == [5, 6, 7, 8]

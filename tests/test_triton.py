@@ -145,3 +145,21 @@ def test_triton_step_equals_parallel(gates):
         o_t, state = bla_step(q[:, t], k[:, t], v[:, t], state, torch.full((2,), t, device=DEVICE), 16, 4, gates=gates)
         assert_close(f"o step {t}", o_t, o_par[:, t], atol=1e-4)
     assert_close("K", state[0], s_par[0], atol=1e-4)
+
+
+def test_sub_chunks_follow_the_decays_range():
+    """The host picks the largest sub-chunk whose pairs factorise (docs/bla.md), and builds the gate
+    table of a configuration once."""
+    from bla.kernels.checks import check_problem
+    from bla.kernels.triton_bla import gate_tables, sub_chunking
+
+    def problem(W, m, gates="dirichlet"):
+        q = torch.zeros(1, 1, 1, 64)
+        return check_problem(q, q, q, W, m, None, None, None, 0, gates)
+
+    assert sub_chunking(problem(512, 64)) == (64, True)
+    assert sub_chunking(problem(4096, 64)) == (32, True)
+    assert sub_chunking(problem(4096, 4)) == (16, False)  # W/m = 1024: elementwise pairs
+    assert sub_chunking(problem(40, 1)) == (16, False)  # one slot: a reset at every token
+    p = problem(512, 64, "fejer")
+    assert gate_tables(p, torch.device("cpu"))[0] is gate_tables(p, torch.device("cpu"))[0]

@@ -73,12 +73,16 @@ def _cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _architecture(c: ModelConfig) -> dict:
+    """A model config flattened (``bla.*`` dotted), without the BLA backend: how BLA is computed,
+    not what."""
+    d = c.to_dict()
+    return {**{k: v for k, v in d.items() if k != "bla"}, **{f"bla.{k}": v for k, v in d["bla"].items() if k != "backend"}}
+
+
 def architecture_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
-    """The model config keys (``bla.*`` dotted) on which two models compute differently; the
-    BLA backend says how BLA is computed, not what, and is left out."""
-    flat = lambda c: {**{k: v for k, v in c.to_dict().items() if k != "bla"},  # noqa: E731
-                      **{f"bla.{k}": v for k, v in c.to_dict()["bla"].items() if k != "backend"}}  # fmt: skip
-    fa, fb = flat(a), flat(b)
+    """The model config keys on which two models compute differently."""
+    fa, fb = _architecture(a), _architecture(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
@@ -279,12 +283,14 @@ def run(cfg: TrainConfig) -> dict:
             if problem:
                 raise ValueError(f"cannot resume from {resume_from}: {problem}")
             meta = ckpt.read_meta(resume_from)
-            saved = yaml.safe_load((resume_from / "config.yaml").read_text())["model"]
-            diff = architecture_diff(cfg.model, ModelConfig.from_saved(saved))
+            saved = ModelConfig.from_saved(yaml.safe_load((resume_from / "config.yaml").read_text())["model"])
+            diff = architecture_diff(cfg.model, saved)
             if diff:  # e.g. a run trained before bla.gates existed (dirichlet_v1), resumed with the new default
+                theirs = _architecture(saved)
+                fix = " ".join(f"model.{k}={json.dumps(theirs.get(k))}" for k in diff)
                 raise ValueError(
                     f"cannot resume from {resume_from}: its model config differs from this run's in {diff}; "
-                    f"set them as the checkpoint has them (its config.yaml), e.g. model.bla.gates=dirichlet_v1"
+                    f"resume with the checkpoint's settings: {fix}"
                 )
             universal = meta["world_size"] != world
     dist.barrier()
