@@ -464,12 +464,13 @@ def _chunk_decay_kernel(
 
 @triton.jit
 def _bwd_tokens_kernel(
-    dk_ptr, dv_ptr, dks_ptr, dvs_ptr, gs_ptr, gl_ptr,
+    dk_ptr, dv_ptr, dk_out_ptr, dv_out_ptr, dks_ptr, dvs_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
-    """(C) dk, dv += the tokens' share of the chunk's end-state gradient."""
+    """(C) dk, dv (fp32 partials) + the tokens' share of the chunk's end-state gradient, written in
+    the inputs' dtype."""
     i = tl.program_id(0)
     g = tl.program_id(1)
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
@@ -488,8 +489,8 @@ def _bwd_tokens_kernel(
         B_end = s * tl.exp(T[None, :] - l)
         b_dk = _load_tokens(dk_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK) + _mm(B_end, dK, DT)
         b_dv = _load_tokens(dv_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV) + _mm(B_end, dV, DT)
-        _store_tokens(dk_ptr, b_dk, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
-        _store_tokens(dv_ptr, b_dv, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
+        _store_tokens(dk_out_ptr, b_dk, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
+        _store_tokens(dv_out_ptr, b_dv, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
         dK = tl.exp(T)[:, None] * dK
         dV = tl.exp(T)[:, None] * dV
 
@@ -552,16 +553,10 @@ def _as32(x: torch.Tensor, device) -> torch.Tensor:
 
 
 class _Layout:
-    """Sequences, chunks and forward segments of one call, as int32 device tensors."""
+    """Sequences, chunks and forward segments of one call, as int32 device tensors (positions
+    only: the offsets come with each call)."""
 
-    def __init__(self, problem: Problem, device, chunk: int, seg_chunks: int):
-        p = problem
-        if p.cu_seqlens is None:
-            starts = torch.arange(p.batch, dtype=torch.int64) * p.seq_len
-            lengths = torch.full((p.batch,), p.seq_len, dtype=torch.int64)
-        else:
-            cu = p.cu_seqlens.cpu()
-            starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    def __init__(self, starts, lengths, windows: tuple[int, ...], device, chunk: int, seg_chunks: int):
         seq_ids = torch.arange(len(lengths))
         n_chunks = (lengths + chunk - 1) // chunk
         self.total_chunks = int(n_chunks.sum())
@@ -573,12 +568,27 @@ class _Layout:
         item_seq = torch.repeat_interleave(seq_ids, n_items)
         self.total_items = int(n_items.sum())
         item_chunk = (torch.arange(self.total_items) - item_base[item_seq]) * seg_chunks
-        self.starts, self.lengths, self.offsets = _as32(starts, device), _as32(lengths, device), _as32(p.offset, device)
+        self.starts, self.lengths = _as32(starts, device), _as32(lengths, device)
         self.chunk_base, self.chunk_count = _as32(chunk_base, device), _as32(n_chunks, device)
         self.chunk_seq, self.chunk_idx = _as32(chunk_seq, device), _as32(chunk_idx, device)
         self.item_base, self.item_count = _as32(item_base, device), _as32(n_items, device)
         self.item_seq, self.item_chunk = _as32(item_seq, device), _as32(item_chunk, device)
-        self.windows = _as32(p.window_tensor(device), device)
+        self.windows = _as32(torch.tensor(windows), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_layout(batch: int, seq_len: int, windows: tuple[int, ...], device: str, chunk: int, seg_chunks: int) -> _Layout:
+    """The layout of B equal sequences, built once per shape: no host-to-device copies per call."""
+    starts = torch.arange(batch, dtype=torch.int64) * seq_len
+    return _Layout(starts, torch.full((batch,), seq_len, dtype=torch.int64), windows, device, chunk, seg_chunks)
+
+
+def _layout(problem: Problem, device, chunk: int, seg_chunks: int) -> _Layout:
+    p = problem
+    if p.cu_seqlens is None:
+        return _dense_layout(p.batch, p.seq_len, p.windows, str(device), chunk, seg_chunks)
+    cu = p.cu_seqlens.cpu()
+    return _Layout(cu[:-1], cu[1:] - cu[:-1], p.windows, device, chunk, seg_chunks)
 
 
 def _constants(problem: Problem, dtype: torch.dtype) -> dict:
@@ -637,11 +647,12 @@ class _BLATriton(torch.autograd.Function):
         consts = _constants(p, q.dtype)
         C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
         seg_chunks = _segment_chunks(p, C)
-        lay = _Layout(p, dev, C, seg_chunks)
+        lay = _layout(p, dev, C, seg_chunks)
+        offsets = p.offset.to(device=dev, dtype=torch.int32)
         gs, gl, toff = gate_tables(p, dev)
         opts = _launch_opts(p)
         needs_grad = any(ctx.needs_input_grad[:5])
-        common = (gs, gl, lay.starts, lay.lengths, lay.offsets, lay.windows, toff)
+        common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
         # (1) each segment's own end state and decay; (2) the scan turns them into start states
         items = lay.total_items
@@ -663,19 +674,19 @@ class _BLATriton(torch.autograd.Function):
         ck = torch.empty(n_st, HKV, BM, BDK, device=dev, dtype=torch.float32)
         cv = torch.empty(n_st, HKV, BM, BDV, device=dev, dtype=torch.float32)
         _fwd_out_kernel[(items, HKV)](
-            q, k, v, o, seg_k, seg_v, ck, cv, gs, gl, lay.starts, lay.lengths, lay.offsets, lay.chunk_base,
+            q, k, v, o, seg_k, seg_v, ck, cv, gs, gl, lay.starts, lay.lengths, offsets, lay.chunk_base,
             lay.windows, toff, lay.item_seq, lay.item_chunk, p.scale,
             SEG_CHUNKS=seg_chunks, STORE_CHUNKS=needs_grad, **consts, **opts,
         )  # fmt: skip
         if needs_grad:
             ctx.save_for_backward(q, k, v, ck, cv)
-        ctx.problem, ctx.use_h0, ctx.layout = p, use_h0, lay
+        ctx.problem, ctx.use_h0, ctx.layout, ctx.offsets = p, use_h0, lay, offsets
         return o, hk[:, :, : p.slots, : p.head_dim_k], hv[:, :, : p.slots, : p.head_dim_v]
 
     @staticmethod
     def backward(ctx, do, dhk, dhv):
         q, k, v, ck, cv = ctx.saved_tensors
-        p, lay = ctx.problem, ctx.layout
+        p, lay, offsets = ctx.problem, ctx.layout, ctx.offsets
         dev = q.device
         consts = _constants(p, q.dtype)
         BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
@@ -686,7 +697,7 @@ class _BLATriton(torch.autograd.Function):
         dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
         dks, dvs = torch.empty_like(ck), torch.empty_like(cv)  # each chunk's own share, then dS_end
         chunk_dec = torch.empty(lay.total_chunks, HKV, BM, device=dev, dtype=torch.float32)
-        common = (gs, gl, lay.starts, lay.lengths, lay.offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
+        common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
         grid = (lay.total_chunks, HKV)
         if lay.total_chunks:
             _bwd_chunk_kernel[grid](
@@ -694,7 +705,7 @@ class _BLATriton(torch.autograd.Function):
                 **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR"), **opts,
             )  # fmt: skip
             _chunk_decay_kernel[grid](
-                chunk_dec, gs, gl, lay.lengths, lay.offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx,
+                chunk_dec, gs, gl, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx,
                 HKV=HKV, BM=BM, C=consts["C"], S=consts["S"], NS=consts["NS"],
             )  # fmt: skip
         # autograd materialises the gradients of unused outputs as zeros
@@ -702,24 +713,28 @@ class _BLATriton(torch.autograd.Function):
         dhv_p = _padded_state(dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
         dh0k, dh0v = _scan(dks, dvs, chunk_dec, dhk_p, dhv_p, lay.chunk_base, lay.chunk_count, reverse=True)
         if lay.total_chunks:
+            dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
+            dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)
             _bwd_tokens_kernel[grid](
-                dk, dv, dks, dvs, gs, gl, lay.starts, lay.lengths, lay.offsets, lay.windows, toff,
+                dk, dv, dk_out, dv_out, dks, dvs, gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
                 lay.chunk_seq, lay.chunk_idx, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"),
                 **opts,
             )  # fmt: skip
+        else:
+            dk_out, dv_out = dk.to(k.dtype), dv.to(v.dtype)  # no tokens: empty tensors
         if not ctx.use_h0:
             dh0k = dh0v = None
         else:
             dh0k, dh0v = dh0k[:, :, : p.slots, : p.head_dim_k], dh0v[:, :, : p.slots, : p.head_dim_v]
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dh0k, dh0v, None
+        return dq, dk_out, dv_out, dh0k, dh0v, None
 
 
 def bla_triton(q, k, v, problem: Problem, initial_state: State | None) -> tuple[torch.Tensor, State]:
     h0k, h0v = initial_state if initial_state is not None else (None, None)
     dtype = q.dtype
-    if _INTERPRETING and dtype in (torch.bfloat16, torch.float16):
-        # Triton's CPU interpreter multiplies half matrices wrongly; there, run the fp32 kernel
-        # on upcast inputs (autograd casts the gradients back). GPUs run them natively.
+    if _INTERPRETING and dtype == torch.bfloat16:
+        # Triton's CPU interpreter handles bf16 wrongly; there, run the fp32 kernel on upcast
+        # inputs (autograd casts the gradients back). GPUs run it natively; fp16 runs as is.
         q, k, v = q.float(), k.float(), v.float()
     o, hk, hv = _BLATriton.apply(q, k, v, h0k, h0v, problem)
     return o.to(dtype), (hk, hv)

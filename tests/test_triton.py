@@ -90,12 +90,18 @@ def test_triton_without_initial_state_or_grad():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_inputs(dtype):
-    q, k, v = random_qkv(1, 64, 2, 2, 16, 16, dtype=dtype, device=DEVICE)
+    q, k, v = random_qkv(1, 150, 2, 2, 16, 16, dtype=dtype, device=DEVICE, requires_grad=True)
     o, (K, V) = bla_attention(q, k, v, 32, 8, output_final_state=True, backend="triton")
     assert o.dtype == dtype and K.dtype == torch.float32
-    ref, (Kr, _) = bla_attention(q.double(), k.double(), v.double(), 32, 8, output_final_state=True, backend="torch")
+    grads = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    assert all(g.dtype == dtype for g in grads)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, (Kr, _) = bla_attention(*leaves, 32, 8, output_final_state=True, backend="torch")
+    ref_grads = torch.autograd.grad(ref, leaves, torch.ones_like(ref))
     assert_close("o", o, ref, atol=2e-2, rtol=2e-2)
     assert_close("K", K, Kr, atol=2e-2, rtol=2e-2)
+    for name, a, b in zip(["dq", "dk", "dv"], grads, ref_grads):
+        assert_close(name, a, b, atol=5e-2, rtol=5e-2)
 
 
 STRIDES = [
