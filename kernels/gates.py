@@ -26,7 +26,6 @@ import torch
 GATES = ("dirichlet", "fejer", "dirichlet_v1")
 DEFAULT_GATES = "dirichlet"
 LEGACY_GATES = "dirichlet_v1"  # what a saved config without a ``gates`` key was trained with
-GATE_CODES = {name: i for i, name in enumerate(GATES)}  # how kernels receive the option
 
 
 def check_gates(gates: str) -> str:
@@ -50,15 +49,11 @@ def dirichlet_kernel(x: torch.Tensor, window: torch.Tensor, slots: int) -> torch
     return num / den
 
 
-def gates_from_d(d: torch.Tensor, gates: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, alpha) of interpolation weights ``d`` under the rule ``gates``."""
-    if gates == "dirichlet":
-        return d, 1.0 - d * d
-    if gates == "fejer":
-        return d * d, 1.0 - d * d
-    if gates == "dirichlet_v1":
-        return d, 1.0 - d
-    raise ValueError(f"gates must be one of {GATES}, got {gates!r}")
+_RULES = {  # gates -> (s, alpha) of the interpolation weights d
+    "dirichlet": lambda d: (d, 1.0 - d * d),
+    "fejer": lambda d: (d * d, 1.0 - d * d),
+    "dirichlet_v1": lambda d: (d, 1.0 - d),
+}
 
 
 def dirichlet_gates(
@@ -78,7 +73,7 @@ def dirichlet_gates(
     Returns ``s``, ``alpha`` (float64, [..., Hw, m]) and ``reset`` (bool, [..., Hw, m]), where
     reset marks alpha == 0 exactly (the token sits on the slot's own node).
     """
-    check_gates(gates)
+    rule = _RULES[check_gates(gates)]
     window = window.to(device=positions.device, dtype=torch.int64)
     stride = window // slots  # [Hw]
     theta = torch.arange(slots, device=positions.device, dtype=torch.int64)[None, :] * stride[:, None]
@@ -88,7 +83,7 @@ def dirichlet_gates(
     other_node = (torch.remainder(x, stride[:, None]) == 0) & ~reset
     d = dirichlet_kernel(x, window[:, None], slots)
     d = torch.where(reset, torch.ones_like(d), torch.where(other_node, torch.zeros_like(d), d))
-    s, alpha = gates_from_d(d, gates)
+    s, alpha = rule(d)
     if valid is not None:
         keep = valid[..., None, None]
         s = torch.where(keep, s, torch.zeros_like(s))

@@ -107,16 +107,15 @@ def sub_chunking(problem: Problem) -> tuple[int, bool]:
     return 16, False
 
 
-_DEVICE_TABLES: dict = {}
+@functools.lru_cache(maxsize=32)
+def _gate_table_on(windows: tuple[int, ...], slots: int, gates: str, device: str):
+    s, la, starts = _gate_table_cpu(windows, slots, gates, _pow2(slots))
+    return s.to(device), la.to(device), torch.tensor(starts, dtype=torch.int32, device=device)
 
 
 def gate_tables(problem: Problem, device: torch.device):
     """The gate tables of a problem on ``device``, built once per (windows, m, gates, device)."""
-    key = (problem.windows, problem.slots, problem.gates, _pow2(problem.slots), str(device))
-    if key not in _DEVICE_TABLES:
-        s, la, starts = _gate_table_cpu(*key[:4])
-        _DEVICE_TABLES[key] = (s.to(device), la.to(device), torch.tensor(starts, dtype=torch.int32, device=device))
-    return _DEVICE_TABLES[key]
+    return _gate_table_on(problem.windows, problem.slots, problem.gates, str(device))
 
 
 # ----------------------------------------------------------------------------- shared device code
@@ -224,6 +223,12 @@ def _softmax(z):
 
 
 @triton.jit
+def _ranges(S: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """Index vectors of every kernel: tokens of a sub-chunk, slots, key and value columns."""
+    return tl.arange(0, S), tl.arange(0, BM), tl.arange(0, BDK), tl.arange(0, BDV)
+
+
+@triton.jit
 def _item(seq_ptr, idx_ptr, start_ptr, len_ptr, off_ptr, win_ptr, toff_ptr, i, g):
     n = tl.load(seq_ptr + i)
     return (n, tl.load(idx_ptr + i), tl.load(start_ptr + n), tl.load(len_ptr + n), tl.load(off_ptr + n),
@@ -245,9 +250,7 @@ def _fwd_local_kernel(
     g = tl.program_id(1)
     n, c_first, bos, seq_len, offset, W, toff = _item(item_seq_ptr, item_chunk_ptr, seq_start_ptr, seq_len_ptr,
                                                       offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    t_S = tl.arange(0, S)
-    j_M = tl.arange(0, BM)
-    dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
+    t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
     K = tl.zeros([BM, BDK], dtype=tl.float32)
     V = tl.zeros([BM, BDV], dtype=tl.float32)
     log_dec = tl.zeros([BM], dtype=tl.float32)
@@ -330,11 +333,9 @@ def _fwd_out_kernel(
     n, c_first, bos, seq_len, offset, W, toff = _item(item_seq_ptr, item_chunk_ptr, seq_start_ptr, seq_len_ptr,
                                                       offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     chunk_base = tl.load(chunk_base_ptr + n)
-    t_S = tl.arange(0, S)
+    t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
     causal = t_S[:, None] >= t_S[None, :]
-    j_M = tl.arange(0, BM)
     mask_M = j_M < M
-    dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
     row = (i * HKV + g) * BM
     K = tl.load(sk_ptr + _state_offsets(row, j_M, dk_D, BDK))
     V = tl.load(sv_ptr + _state_offsets(row, j_M, dv_D, BDV))
@@ -382,11 +383,9 @@ def _bwd_chunk_kernel(
     HPG: tl.constexpr = H // HKV
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
                                                 offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    t_S = tl.arange(0, S)
+    t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
     causal = t_S[:, None] >= t_S[None, :]
-    j_M = tl.arange(0, BM)
     mask_M = j_M < M
-    dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
     mask_DK, mask_DV = dk_D < DK, dv_D < DV
     row = (i * HKV + g) * BM
     sk = _state_offsets(row, j_M, dk_D, BDK)
@@ -440,18 +439,14 @@ def _bwd_chunk_kernel(
 
 @triton.jit
 def _chunk_decay_kernel(
-    dec_ptr, gs_ptr, gl_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
+    dec_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     """Each chunk's decay e^{sum log alpha} per slot (what the backward scan multiplies by)."""
     i = tl.program_id(0)
     g = tl.program_id(1)
-    n = tl.load(chunk_seq_ptr + i)
-    c = tl.load(chunk_idx_ptr + i)
-    seq_len = tl.load(seq_len_ptr + n)
-    offset = tl.load(offset_ptr + n)
-    W = tl.load(window_ptr + g)
-    toff = tl.load(toff_ptr + g)
+    n, c, _, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
+                                              offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     t_S = tl.arange(0, S)
     j_M = tl.arange(0, BM)
     log_dec = tl.zeros([BM], dtype=tl.float32)
@@ -475,9 +470,7 @@ def _bwd_tokens_kernel(
     g = tl.program_id(1)
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
                                                 offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    t_S = tl.arange(0, S)
-    j_M = tl.arange(0, BM)
-    dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
+    t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
     row = (i * HKV + g) * BM
     dK = tl.load(dks_ptr + _state_offsets(row, j_M, dk_D, BDK))
     dV = tl.load(dvs_ptr + _state_offsets(row, j_M, dv_D, BDV))
@@ -705,7 +698,7 @@ class _BLATriton(torch.autograd.Function):
                 **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR"), **opts,
             )  # fmt: skip
             _chunk_decay_kernel[grid](
-                chunk_dec, gs, gl, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx,
+                chunk_dec, gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx,
                 HKV=HKV, BM=BM, C=consts["C"], S=consts["S"], NS=consts["NS"],
             )  # fmt: skip
         # autograd materialises the gradients of unused outputs as zeros

@@ -30,7 +30,6 @@ from bla.model import BLALM, ModelConfig, flops_per_token, param_count
 
 from . import checkpoint as ckpt
 from . import sequence_parallel
-
 from .config import TrainConfig
 from .schedule import lr_lambda
 
