@@ -156,11 +156,13 @@ def check_problem(
         if offset.is_floating_point() or offset.dim() > 1 or (offset.dim() == 1 and offset.numel() != num_seqs):
             raise ValueError(f"offset must be an int or an integer tensor [N={num_seqs}], got {tuple(offset.shape)} {offset.dtype}")
         off = offset.to(device=q.device, dtype=torch.int64).expand(num_seqs).clone()
+        negative = bool((off < 0).any())  # a device-to-host sync, only where offsets are a tensor
     elif isinstance(offset, int) and not isinstance(offset, bool):
         off = torch.full((num_seqs,), offset, dtype=torch.int64, device=q.device)
+        negative = offset < 0
     else:
         raise ValueError(f"offset must be an int or an integer tensor, got {offset!r}")
-    if bool((off < 0).any()):
+    if negative:
         raise ValueError("offset must be non-negative (tokens already consumed)")
 
     if scale is None:

@@ -22,12 +22,16 @@ decays instead. The [S, m] scores and probabilities never leave the chip.
 Parallelism. Forward: (1) each segment of chunks computes its own end state from zero and its
 decay (parallel over segments and kv heads); (2) a short scan over segments gives every
 segment's start state; (3) each segment runs its chunks with the state in registers and writes
-the outputs (and each 64-token chunk's start state, when gradients are needed). The backward
-is chunk-parallel: (A) per chunk, dq and the in-chunk parts of dk, dv and of the gradient of
-its start state (sub-chunk states recomputed from the chunk's start); (B) a reverse scan of
-state gradients over chunks; (C) per chunk, the state path's share of dk, dv.
+the outputs (and each 64-token chunk's start state, in the operands' dtype, when gradients are
+needed). The backward is chunk-parallel: (A) per chunk, dq and the in-chunk parts of dk, dv and
+of the gradient of its start state (sub-chunk states recomputed from the stored start); (B)
+reverse scans of the state gradients, two levels deep so that no dependent chain is longer than
+a segment's chunks or a sequence's segments: the chunks of every segment from a zero carry,
+then the segments; (C) per chunk, the state path's share of dk, dv. (One program walking a
+segment's chunks in reverse, the state gradient in registers, avoids (B)'s first level but
+spilled 354 registers and took 1.5 ms against (A) + (B)'s 1.1 ms on an H100: docs/benchmarks.md.)
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_WARPS,
-BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (forward segment tokens), BLA_TRITON_PAIRS=elementwise.
+BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from .gates import dirichlet_gates
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 LOG_FLOOR = -30.0  # log alpha where alpha = 0 (a reset): e^-30 ~ 1e-13
 CHUNK = 64  # tokens: the granularity of stored states (backward); sub-chunks of 64, 32 or 16 inside
-SEGMENT_TOKENS = 512  # forward work item: tokens run with the state in registers
+SEGMENT_TOKENS = 512  # work item of (1), (3), (A): tokens run with the state (gradient) in registers
 
 
 def _pow2(n: int) -> int:
@@ -273,14 +277,16 @@ def _fwd_local_kernel(
 
 @triton.jit
 def _scan_kernel(
-    xk_ptr, xv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr,
+    xk_ptr, xv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr, after_ptr, total_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    USE_H: tl.constexpr, REVERSE: tl.constexpr,
+    USE_H: tl.constexpr, REVERSE: tl.constexpr, DECAYS: tl.constexpr,
 ):  # fmt: skip
-    """(2)/(B) Carry a state through the items of one sequence, in place: item x is replaced by the
-    carried state before it, and the carry becomes dec(x) * carry + x. Forward: x = an item's own
-    end state, carry = its start state; REVERSE: x = an item's own start-state gradient, carry =
-    the gradient of its end state. hk/hv: the initial carry (zeros unless USE_H); out: the last."""
+    """(2)/(B) Carry a state through the items of one group (a sequence, or a segment's chunks), in
+    place: item x is replaced by the carried state before it, and the carry becomes
+    dec(x) * carry + x. Forward: x = an item's own end state, carry = its start state; REVERSE:
+    x = an item's own start-state gradient, carry = the gradient of its end state. hk/hv: the
+    initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
+    the decays of the items carried before it (``after``), and the group's whole product (``total``)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     first = tl.load(first_ptr + n)
@@ -295,6 +301,7 @@ def _scan_kernel(
     else:
         K = tl.zeros([BM, BDK], dtype=tl.float32)
         V = tl.zeros([BM, BDV], dtype=tl.float32)
+    carried = tl.full([BM], 1.0, dtype=tl.float32)
     for ii in range(0, count):
         if REVERSE:
             x = first + count - 1 - ii
@@ -305,14 +312,18 @@ def _scan_kernel(
         ov = _state_offsets(row, j_M, dv_D, BDV)
         own_k = tl.load(xk_ptr + ok)
         own_v = tl.load(xv_ptr + ov)
+        dec = tl.load(dec_ptr + row + j_M)
         tl.store(xk_ptr + ok, K)
         tl.store(xv_ptr + ov, V)
-        dec = tl.load(dec_ptr + row + j_M)[:, None]
-        K = dec * K + own_k
-        V = dec * V + own_v
+        if DECAYS:
+            tl.store(after_ptr + row + j_M, carried)
+            carried = carried * dec
+        K = dec[:, None] * K + own_k
+        V = dec[:, None] * V + own_v
     tl.store(out_k_ptr + sk, K)
     tl.store(out_v_ptr + sv, V)
-
+    if DECAYS:
+        tl.store(total_ptr + (n * HKV + g) * BM + j_M, carried)
 
 
 @triton.jit
@@ -343,8 +354,8 @@ def _fwd_out_kernel(
     for c in range(c_first, c_stop):
         if STORE_CHUNKS:
             crow = ((chunk_base + c) * HKV + g) * BM
-            tl.store(ck_ptr + _state_offsets(crow, j_M, dk_D, BDK), K)
-            tl.store(cv_ptr + _state_offsets(crow, j_M, dv_D, BDV), V)
+            tl.store(ck_ptr + _state_offsets(crow, j_M, dk_D, BDK), K.to(ck_ptr.dtype.element_ty))
+            tl.store(cv_ptr + _state_offsets(crow, j_M, dv_D, BDV), V.to(cv_ptr.dtype.element_ty))
         for a in tl.static_range(NS):
             t0 = c * C + a * S
             valid = (t0 + t_S) < seq_len
@@ -390,8 +401,8 @@ def _bwd_chunk_kernel(
     row = (i * HKV + g) * BM
     sk = _state_offsets(row, j_M, dk_D, BDK)
     sv = _state_offsets(row, j_M, dv_D, BDV)
-    K0 = tl.load(ck_ptr + sk)
-    V0 = tl.load(cv_ptr + sv)
+    K0 = tl.load(ck_ptr + sk).to(tl.float32)
+    V0 = tl.load(cv_ptr + sv).to(tl.float32)
     dK = tl.zeros([BM, BDK], dtype=tl.float32)  # gradient of the state after the current sub-chunk
     dV = tl.zeros([BM, BDV], dtype=tl.float32)
     for a in tl.static_range(NS - 1, -1, -1):
@@ -459,21 +470,24 @@ def _chunk_decay_kernel(
 
 @triton.jit
 def _bwd_tokens_kernel(
-    dk_ptr, dv_ptr, dk_out_ptr, dv_out_ptr, dks_ptr, dvs_ptr, gs_ptr, gl_ptr,
-    seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
+    dk_ptr, dv_ptr, dk_out_ptr, dv_out_ptr, dks_ptr, dvs_ptr, segk_ptr, segv_ptr, after_ptr, chunk_item_ptr,
+    gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """(C) dk, dv (fp32 partials) + the tokens' share of the chunk's end-state gradient, written in
-    the inputs' dtype."""
+    the inputs' dtype. That gradient: the part from the later chunks of its segment (dks, dvs)
+    plus the decayed gradient of the segment's end state (seg k, v)."""
     i = tl.program_id(0)
     g = tl.program_id(1)
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
                                                 offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
     row = (i * HKV + g) * BM
-    dK = tl.load(dks_ptr + _state_offsets(row, j_M, dk_D, BDK))
-    dV = tl.load(dvs_ptr + _state_offsets(row, j_M, dv_D, BDV))
+    seg_row = (tl.load(chunk_item_ptr + i) * HKV + g) * BM
+    after = tl.load(after_ptr + row + j_M)[:, None]
+    dK = tl.load(dks_ptr + _state_offsets(row, j_M, dk_D, BDK)) + after * tl.load(segk_ptr + _state_offsets(seg_row, j_M, dk_D, BDK))
+    dV = tl.load(dvs_ptr + _state_offsets(row, j_M, dv_D, BDV)) + after * tl.load(segv_ptr + _state_offsets(seg_row, j_M, dv_D, BDV))
     for a in tl.static_range(NS - 1, -1, -1):
         t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
@@ -562,10 +576,14 @@ class _Layout:
         self.total_items = int(n_items.sum())
         item_chunk = (torch.arange(self.total_items) - item_base[item_seq]) * seg_chunks
         self.starts, self.lengths = _as32(starts, device), _as32(lengths, device)
-        self.chunk_base, self.chunk_count = _as32(chunk_base, device), _as32(n_chunks, device)
+        self.chunk_base = _as32(chunk_base, device)
         self.chunk_seq, self.chunk_idx = _as32(chunk_seq, device), _as32(chunk_idx, device)
         self.item_base, self.item_count = _as32(item_base, device), _as32(n_items, device)
         self.item_seq, self.item_chunk = _as32(item_seq, device), _as32(item_chunk, device)
+        # each segment's chunks (the backward scans them, then the segments), and each chunk's segment
+        self.item_chunk_first = _as32(chunk_base[item_seq] + item_chunk, device)
+        self.item_chunk_count = _as32((n_chunks[item_seq] - item_chunk).clamp(0, seg_chunks), device)
+        self.chunk_item = _as32(item_base[chunk_seq] + chunk_idx // seg_chunks, device)
         self.windows = _as32(torch.tensor(windows), device)
 
 
@@ -599,15 +617,34 @@ def _pick(consts: dict, *names: str) -> dict:
     return {k: consts[k] for k in names}
 
 
-def _launch_opts(problem: Problem) -> dict:
+def _launch_opts(problem: Problem, kernel: str) -> dict:
     """4 warps up to 64 slots (measured faster than 8 at S = 64, 32 and 16 on H100, m = 64:
-    docs/benchmarks.md), 8 above; BLA_TRITON_WARPS / BLA_TRITON_STAGES override them."""
-    warps = int(os.environ.get("BLA_TRITON_WARPS", 4 if problem.slots <= 64 else 8))
-    return dict(num_warps=warps, num_stages=int(os.environ.get("BLA_TRITON_STAGES", 1)))
+    docs/benchmarks.md), 8 above. BLA_TRITON_WARPS / BLA_TRITON_STAGES override them: a number
+    for every kernel, or per kernel as ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
+
+    def knob(name: str, default: int) -> int:
+        value = os.environ.get(name, "")
+        if "=" not in value:
+            return int(value or default)
+        table = dict(item.split("=") for item in value.split(","))
+        return int(table.get(kernel, default))
+
+    return dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 64 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
+
+
+MIN_PROGRAMS = 512  # segments x kv heads below which segments shrink (about 4 per SM of an H100)
 
 
 def _segment_chunks(problem: Problem, chunk: int) -> int:
-    return int(os.environ.get("BLA_TRITON_SEGMENT", SEGMENT_TOKENS)) // chunk or 1
+    """Chunks per segment: SEGMENT_TOKENS, halved (down to one chunk) while the call would have
+    fewer than MIN_PROGRAMS segments x kv heads, so short or few sequences still fill the GPU."""
+    if "BLA_TRITON_SEGMENT" in os.environ:
+        return int(os.environ["BLA_TRITON_SEGMENT"]) // chunk or 1
+    p = problem
+    seg = SEGMENT_TOKENS // chunk
+    while seg > 1 and p.num_kv_heads * (p.num_seqs + p.batch * p.seq_len // (seg * chunk)) < MIN_PROGRAMS:
+        seg //= 2
+    return seg
 
 
 def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, device) -> torch.Tensor:
@@ -618,17 +655,21 @@ def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, de
     return out
 
 
-def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the scan over [items, H_kv, BM, BD] buffers; returns the last carries [N, H_kv, BM, BD]."""
+def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool, decays: bool = False):
+    """Launch the scan over [items, H_kv, BM, BD] buffers; returns the last carries [N, H_kv, BM, BD]
+    and, with ``decays``, each item's product of the decays carried before it and each group's
+    whole product."""
     n, hkv, bm = count.numel(), xk.shape[1], xk.shape[2]
     out_k = torch.empty(n, hkv, bm, xk.shape[3], device=xk.device, dtype=torch.float32)
     out_v = torch.empty(n, hkv, bm, xv.shape[3], device=xk.device, dtype=torch.float32)
+    after = torch.empty_like(dec) if decays else dec
+    total = torch.empty(n, hkv, bm, device=xk.device, dtype=torch.float32) if decays else dec
     use_h = hk is not None
     _scan_kernel[(n, hkv)](
-        xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count,
-        HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], USE_H=use_h, REVERSE=reverse,
+        xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after, total,
+        HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], USE_H=use_h, REVERSE=reverse, DECAYS=decays,
     )  # fmt: skip
-    return out_k, out_v
+    return (out_k, out_v, after, total) if decays else (out_k, out_v)
 
 
 class _BLATriton(torch.autograd.Function):
@@ -643,7 +684,6 @@ class _BLATriton(torch.autograd.Function):
         lay = _layout(p, dev, C, seg_chunks)
         offsets = p.offset.to(device=dev, dtype=torch.int32)
         gs, gl, toff = gate_tables(p, dev)
-        opts = _launch_opts(p)
         needs_grad = any(ctx.needs_input_grad[:5])
         common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
@@ -654,7 +694,8 @@ class _BLATriton(torch.autograd.Function):
         seg_dec = torch.empty(items, HKV, BM, device=dev, dtype=torch.float32)
         _fwd_local_kernel[(items, HKV)](
             k, v, seg_k, seg_v, seg_dec, *common, lay.item_seq, lay.item_chunk,
-            SEG_CHUNKS=seg_chunks, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"), **opts,
+            SEG_CHUNKS=seg_chunks, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"),
+            **_launch_opts(p, "fwd_local"),
         )  # fmt: skip
         use_h0 = h0k is not None
         h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
@@ -664,12 +705,14 @@ class _BLATriton(torch.autograd.Function):
         # (3) outputs, and each chunk's start state when the backward will need it
         o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
         n_st = lay.total_chunks if needs_grad else 0
-        ck = torch.empty(n_st, HKV, BM, BDK, device=dev, dtype=torch.float32)
-        cv = torch.empty(n_st, HKV, BM, BDV, device=dev, dtype=torch.float32)
+        # stored in the matrix products' operand dtype: the backward reads them as operands
+        st_dtype = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
+        ck = torch.empty(n_st, HKV, BM, BDK, device=dev, dtype=st_dtype)
+        cv = torch.empty(n_st, HKV, BM, BDV, device=dev, dtype=st_dtype)
         _fwd_out_kernel[(items, HKV)](
             q, k, v, o, seg_k, seg_v, ck, cv, gs, gl, lay.starts, lay.lengths, offsets, lay.chunk_base,
             lay.windows, toff, lay.item_seq, lay.item_chunk, p.scale,
-            SEG_CHUNKS=seg_chunks, STORE_CHUNKS=needs_grad, **consts, **opts,
+            SEG_CHUNKS=seg_chunks, STORE_CHUNKS=needs_grad, **consts, **_launch_opts(p, "fwd_out"),
         )  # fmt: skip
         if needs_grad:
             ctx.save_for_backward(q, k, v, ck, cv)
@@ -684,18 +727,19 @@ class _BLATriton(torch.autograd.Function):
         consts = _constants(p, q.dtype)
         BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
         gs, gl, toff = gate_tables(p, dev)
-        opts = _launch_opts(p)
         dq = torch.empty_like(q)
         dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
         dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
-        dks, dvs = torch.empty_like(ck), torch.empty_like(cv)  # each chunk's own share, then dS_end
+        dks = torch.empty(ck.shape, device=dev, dtype=torch.float32)  # each chunk's own share, then dS_end
+        dvs = torch.empty(cv.shape, device=dev, dtype=torch.float32)
         chunk_dec = torch.empty(lay.total_chunks, HKV, BM, device=dev, dtype=torch.float32)
         common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
         grid = (lay.total_chunks, HKV)
         if lay.total_chunks:
             _bwd_chunk_kernel[grid](
                 q, k, v, do.contiguous(), dq, dk, dv, ck, cv, dks, dvs, *common, p.scale,
-                **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR"), **opts,
+                **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR"),
+                **_launch_opts(p, "bwd_chunk"),
             )  # fmt: skip
             _chunk_decay_kernel[grid](
                 chunk_dec, gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx,
@@ -704,14 +748,19 @@ class _BLATriton(torch.autograd.Function):
         # autograd materialises the gradients of unused outputs as zeros
         dhk_p = _padded_state(dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
         dhv_p = _padded_state(dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
-        dh0k, dh0v = _scan(dks, dvs, chunk_dec, dhk_p, dhv_p, lay.chunk_base, lay.chunk_count, reverse=True)
+        # (B) two short scans instead of one over every chunk of a sequence (latency-bound): the
+        # chunks of each forward segment from a zero carry, then the segments
+        seg_k, seg_v, after, seg_dec = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
+                                             reverse=True, decays=True)  # fmt: skip
+        dh0k, dh0v = _scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay.item_base, lay.item_count, reverse=True)
         if lay.total_chunks:
             dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
             dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)
             _bwd_tokens_kernel[grid](
-                dk, dv, dk_out, dv_out, dks, dvs, gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
+                dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item,
+                gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
                 lay.chunk_seq, lay.chunk_idx, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"),
-                **opts,
+                **_launch_opts(p, "bwd_tokens"),
             )  # fmt: skip
         else:
             dk_out, dv_out = dk.to(k.dtype), dv.to(v.dtype)  # no tokens: empty tensors

@@ -134,11 +134,30 @@ def test_triton_elementwise_pairs_equal_torch(monkeypatch, gates):
     _compare((1, 90, 4, 2, 8, 8, 24, 6), gates)
 
 
+@pytest.mark.parametrize("segment", [64, 128])
 @pytest.mark.parametrize("gates", ["dirichlet", "dirichlet_v1"])
-def test_triton_segments_carry_the_state(monkeypatch, gates):
-    """Forward segments shorter than the sequence and the window (state handed over by the scan)."""
-    monkeypatch.setenv("BLA_TRITON_SEGMENT", "64")
-    _compare((2, 200, 2, 2, 8, 8, 96, 6), gates)
+def test_triton_segments_carry_the_state(monkeypatch, gates, segment):
+    """Forward segments shorter than the sequence and the window (state handed over by the scan);
+    the backward scans the chunks of each segment (2, 2, 1 of them at 128 tokens), then the segments."""
+    monkeypatch.setenv("BLA_TRITON_SEGMENT", str(segment))
+    _compare((2, 300, 2, 2, 8, 8, 96, 6), gates)
+
+
+def test_triton_varlen_segments(monkeypatch):
+    """Segments of several chunks inside documents of several segments, and empty documents."""
+    monkeypatch.setenv("BLA_TRITON_SEGMENT", "128")
+    lengths = [0, 300, 1, 140, 0]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
+    q, k, v = random_qkv(1, int(cu[-1]), 2, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(len(lengths), 2, 4, 8, 8, dtype=torch.float32))
+    outs = _run("triton", q, k, v, 40, 4, cu_seqlens=cu, initial_state=(K0, V0))
+    cot = [torch.randn_like(x) for x in outs]
+    grads = torch.autograd.grad(outs, (q, k, v, K0, V0), cot)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, K0, V0)]
+    ref = _run("torch", *leaves[:3], 40, 4, cu_seqlens=cu, initial_state=tuple(leaves[3:]))
+    ref_grads = torch.autograd.grad(ref, leaves, [c.double() for c in cot])
+    for name, a, b in zip(["o", "K", "V", "dq", "dk", "dv", "dK0", "dV0"], [*outs, *grads], [*ref, *ref_grads]):
+        assert_close(name, a, b, atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton decode kernel runs on CUDA")
