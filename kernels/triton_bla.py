@@ -53,11 +53,19 @@ from .gates import dirichlet_gates
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 LOG_FLOOR = -30.0  # log alpha where alpha = 0 (a reset): e^-30 ~ 1e-13
 CHUNK = 64  # tokens: the granularity of stored states (backward); sub-chunks of 64, 32 or 16 inside
-SEGMENT_TOKENS = 512  # work item of (1), (3), (A): tokens run with the state (gradient) in registers
+SEGMENT_TOKENS = 1024  # work item of (1), (3), (A): tokens run with the state (gradient) in registers
 
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _slot_block(slots: int) -> int:
+    """Slots padded to a power of two, skipping 32: with 32-slot tiles Triton 3.6 compiled the
+    backward chunk kernel into out-of-range shared-memory accesses on an H100 (compute-sanitizer,
+    2026-11-24, B=4, T=8192, d=64, any warps), so 17-32 slots run as 64 (padded slots are masked)."""
+    block = _pow2(slots)
+    return 64 if block == 32 else block
 
 
 # ----------------------------------------------------------------------------- gate tables
@@ -88,7 +96,7 @@ def diag_log_range(windows: tuple[int, ...], slots: int, gates: str, sub: int) -
     ``sub`` tokens, over every phase, slot and window: whether its pairs can be factorised."""
     worst = 0.0
     for w in set(windows):
-        _, la, _ = _gate_table_cpu((w,), slots, gates, _pow2(slots))
+        _, la, _ = _gate_table_cpu((w,), slots, gates, _slot_block(slots))
         la = la[torch.arange(w + sub) % w].double()  # [W + sub, BM]
         cum = torch.cat([torch.zeros(1, la.shape[1], dtype=la.dtype), la.cumsum(0)])
         win = cum[1:].unfold(0, sub, 1)[:w] - cum[:w, :, None]  # l of a sub-chunk starting at each phase
@@ -105,7 +113,7 @@ def sub_chunking(problem: Problem) -> tuple[int, bool]:
     largest = int(os.environ.get("BLA_TRITON_SUB", 64))
     if os.environ.get("BLA_TRITON_PAIRS") != "elementwise":
         for sub in (s for s in (64, 32, 16) if s <= largest):
-            fits = sub * _pow2(p.slots) <= 8192 and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE
+            fits = sub * _slot_block(p.slots) <= 8192 and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE
             if fits:
                 return sub, True
     return 16, False
@@ -113,7 +121,7 @@ def sub_chunking(problem: Problem) -> tuple[int, bool]:
 
 @functools.lru_cache(maxsize=32)
 def _gate_table_on(windows: tuple[int, ...], slots: int, gates: str, device: str):
-    s, la, starts = _gate_table_cpu(windows, slots, gates, _pow2(slots))
+    s, la, starts = _gate_table_cpu(windows, slots, gates, _slot_block(slots))
     return s.to(device), la.to(device), torch.tensor(starts, dtype=torch.int32, device=device)
 
 
@@ -606,7 +614,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     p = problem
     sub, factor = sub_chunking(p)
     return dict(
-        H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_pow2(p.slots),
+        H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_slot_block(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
         C=CHUNK, S=sub, NS=CHUNK // sub, FACTOR=factor,
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),

@@ -112,6 +112,7 @@ STRIDES = [
     (1, 90, 2, 2, 8, 8, 99, 3),  # odd m, W/m = 33
     (1, 130, 2, 1, 8, 8, 256, 4),  # W/m = 64, GQA
     (1, 300, 2, 2, 8, 8, 512, 2),  # W/m = 256: the v1 kernel refused this
+    (1, 100, 2, 2, 8, 8, 96, 24),  # 24 slots run in a 64-slot tile (32-slot tiles miscompile on GPU)
 ]
 
 

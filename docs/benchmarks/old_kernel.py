@@ -1,5 +1,7 @@
 """The kernel replaced in issue 17, timed like kernel_sweep.py. Extract it first:
-git show af065ed:kernels/triton_bla.py | sed 's/^from \\.checks/from bla.kernels.checks/; s/^from \\.gates/from bla.kernels.gates/' > .whl/triton_bla_old.py
+git show af065ed:kernels/triton_bla.py | sed 's/^from \\.checks/from bla.kernels.checks/;
+  s/^from \\.gates import GATE_CODES, dirichlet_gates/from bla.kernels.gates import GATES, dirichlet_gates\
+GATE_CODES = {name: i for i, name in enumerate(GATES)}/' > .whl/triton_bla_old.py
 """
 import sys, torch
 sys.path.insert(0, ".whl")
