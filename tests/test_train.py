@@ -245,3 +245,44 @@ def test_a_checkpoint_without_gates_evaluates_and_resumes_as_dirichlet_v1(tmp_pa
     assert 'model.bla.gates="dirichlet_v1"' in refused.stderr  # the override that resumes it
     resumed = train(tmp_path, "v1", 1, "model.bla.gates=dirichlet_v1")
     assert resumed["status"] == "finished" and [h["step"] for h in resumed["losses"]] == [5, 6, 7, 8]
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a checkpoint from a stranger could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_files_that_would_run_code_are_refused(runs, tmp_path):
+    """Resume, eval and export read checkpoints with tensors-and-plain-data loads only: a pickled
+    payload in the rng or model file is refused by name and never runs."""
+    import torch
+
+    from bla.eval.load import load_model
+
+    tmp, *_ = runs
+    marker = tmp_path / "payload_ran"
+    good = tmp / "full" / "checkpoints" / ckpt.tag_of(8)
+    ckpt.verify_safe(good)  # a real ZeRO-2 checkpoint (two ranks, optimiser shards) passes
+    rng = ckpt.load_rng_state(good / "rng_rank0.pt")
+    assert isinstance(rng["numpy"], dict) and isinstance(rng["python"], dict)  # plain data, no pickled objects
+
+    for victim in ("rng_rank0.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        run = tmp_path / victim / "run"
+        shutil.copytree(tmp / "full", run)
+        tag = run / "checkpoints" / ckpt.tag_of(8)
+        torch.save({"module": _Payload(marker)}, tag / victim)
+        manifest = json.loads((tag / ckpt.MANIFEST).read_text())
+        ckpt.write_manifest(tag, {k: v for k, v in manifest.items() if k != "files"})  # sizes match again
+        (run / "summary.json").unlink()
+        with pytest.raises(ValueError, match=f"refusing to load .*{victim}.*GLOBAL posix.system"):
+            load_model(run)
+        resumed = train(tmp_path / victim, "run", 2, "zero_stage=2", "steps=12", f"resume={tag}", check=False)
+        assert resumed["proc"].returncode != 0 and "refusing to load" in resumed["proc"].stderr
+        assert not marker.exists()

@@ -9,12 +9,16 @@ truncated file later) never makes a half checkpoint the one resumed from: the pr
 Resuming on another number of processes goes through DeepSpeed's universal checkpoint
 (converted once, beside the original); the data loaders then restart every shard at the
 earliest document any old rank had not finished (documents may repeat, none is skipped).
+
+Checkpoints are files people exchange: every ``.pt`` file is read with ``safe_load`` (tensors and
+plain data only, ``verify_safe``) before DeepSpeed, which unpickles freely, opens any of them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -39,7 +43,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state, in types that ``torch.load(weights_only=True)`` reads back
+    (tensors, numbers, strings, lists): no pickled objects in a checkpoint."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -47,16 +60,67 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy, py = state["numpy"], state["python"]
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
+    np.random.set_state(npy)
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["internal"]), py["gauss_next"])
+    random.setstate(py)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# Files written before rng states were plain data hold numpy's state as an array: reading them
+# allows numpy's array reconstruction, and still nothing that can run code.
+try:  # numpy 2 moved the array reconstruction function
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
+_LEGACY_NUMPY = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _deepspeed_plain_types() -> list:
+    """The classes DeepSpeed pickles into ZeRO checkpoints: an enum, the loss scalers and fragment
+    addresses, which hold numbers only (restored by setting attributes, never by calling code of the file's choice)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def safe_load(path: Path, legacy_numpy: bool = False, deepspeed_types: bool = False, **kwargs):
+    """``torch.load`` that only reads tensors and plain data: a checkpoint file from elsewhere
+    cannot run code. Anything else is a ValueError naming the file."""
+    allowed = (_LEGACY_NUMPY if legacy_numpy else []) + (_deepspeed_plain_types() if deepspeed_types else [])
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        why = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), type(exc).__name__)
+        raise ValueError(
+            f"refusing to load {path}: it holds objects other than tensors and plain data, which could run "
+            f"code ({why}); load only checkpoints from sources you trust"
+        ) from None
+
+
+def load_rng_state(path: Path) -> dict:
+    return safe_load(path, legacy_numpy=True)
+
+
+def verify_safe(tag_dir: Path) -> None:
+    """Read every ``.pt`` file of a checkpoint with safe_load before DeepSpeed (which unpickles
+    without restrictions) touches it. Tensors are memory-mapped, not read, where the format allows."""
+    for f in sorted(Path(tag_dir).rglob("*.pt")):
+        safe_load(f, legacy_numpy=f.name.startswith("rng_rank"), deepspeed_types=True, map_location="cpu", mmap=True)
 
 
 def write_rank_files(tag_dir: Path, rank: int, loader_state: dict) -> None:
     tag_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(tag_dir / f"loader_rank{rank}.json", json.dumps(loader_state).encode())
-    tmp = tag_dir / f"rng_rank{rank}.pt.tmp"
+    tmp = tag_dir / f"rng_rank{rank}.pt.tmp"  # rng_state() is plain data: safe_load reads it
     torch.save(rng_state(), tmp)
     os.replace(tmp, tag_dir / f"rng_rank{rank}.pt")
 

@@ -311,6 +311,7 @@ def run(cfg: TrainConfig) -> dict:
     step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
         load_dir = resume_from
+        ckpt.verify_safe(resume_from)  # before DeepSpeed unpickles anything of it
         if universal:
             if rank == 0:
                 log(f"resuming a {meta['world_size']}-process checkpoint on {world}: converting to a universal checkpoint")
@@ -323,7 +324,7 @@ def run(cfg: TrainConfig) -> dict:
         step, tokens_seen, skipped = client["step"], client["tokens_seen"], client.get("skipped", 0)
         loader.load_state_dict(ckpt.loader_states_for(resume_from, meta["world_size"], rank, world, cfg.data.num_workers))
         if not universal:
-            ckpt.set_rng_state(torch.load(resume_from / f"rng_rank{rank}.pt", weights_only=False))
+            ckpt.set_rng_state(ckpt.load_rng_state(resume_from / f"rng_rank{rank}.pt"))
         log(f"resumed from {resume_from} at step {step}")
 
     if rank == 0:
