@@ -33,13 +33,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def fp32_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Consolidated weights: ZeRO-1/2/3 through DeepSpeed's zero_to_fp32, ZeRO-0 from the module file.
-    Every file is read safely first (tensors and plain data only: no pickled code runs)."""
-    ckpt.verify_safe(tag_dir)
+    Every file is read safely (tensors and plain data only: no pickled code runs), the ZeRO files
+    before DeepSpeed unpickles them."""
     if zero_stage > 0:
+        ckpt.verify_safe(tag_dir)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    states = ckpt.safe_load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
+    states = ckpt.safe_load(tag_dir / "mp_rank_00_model_states.pt", deepspeed_types=True, map_location="cpu")
     return {k: v.float() for k, v in states["module"].items()}
 
 

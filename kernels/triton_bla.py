@@ -285,7 +285,7 @@ def _fwd_local_kernel(
 
 @triton.jit
 def _scan_kernel(
-    xk_ptr, xv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr, after_ptr, total_ptr,
+    xk_ptr, xv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr, after_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     USE_H: tl.constexpr, REVERSE: tl.constexpr, DECAYS: tl.constexpr,
 ):  # fmt: skip
@@ -294,7 +294,7 @@ def _scan_kernel(
     dec(x) * carry + x. Forward: x = an item's own end state, carry = its start state; REVERSE:
     x = an item's own start-state gradient, carry = the gradient of its end state. hk/hv: the
     initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
-    the decays of the items carried before it (``after``), and the group's whole product (``total``)."""
+    the decays of the items carried before it (``after``)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     first = tl.load(first_ptr + n)
@@ -330,8 +330,6 @@ def _scan_kernel(
         V = dec[:, None] * V + own_v
     tl.store(out_k_ptr + sk, K)
     tl.store(out_v_ptr + sv, V)
-    if DECAYS:
-        tl.store(total_ptr + (n * HKV + g) * BM + j_M, carried)
 
 
 @triton.jit
@@ -665,19 +663,17 @@ def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, de
 
 def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool, decays: bool = False):
     """Launch the scan over [items, H_kv, BM, BD] buffers; returns the last carries [N, H_kv, BM, BD]
-    and, with ``decays``, each item's product of the decays carried before it and each group's
-    whole product."""
+    and, with ``decays``, each item's product of the decays carried before it."""
     n, hkv, bm = count.numel(), xk.shape[1], xk.shape[2]
     out_k = torch.empty(n, hkv, bm, xk.shape[3], device=xk.device, dtype=torch.float32)
     out_v = torch.empty(n, hkv, bm, xv.shape[3], device=xk.device, dtype=torch.float32)
     after = torch.empty_like(dec) if decays else dec
-    total = torch.empty(n, hkv, bm, device=xk.device, dtype=torch.float32) if decays else dec
     use_h = hk is not None
     _scan_kernel[(n, hkv)](
-        xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after, total,
+        xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after,
         HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], USE_H=use_h, REVERSE=reverse, DECAYS=decays,
     )  # fmt: skip
-    return (out_k, out_v, after, total) if decays else (out_k, out_v)
+    return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
 class _BLATriton(torch.autograd.Function):
@@ -723,13 +719,13 @@ class _BLATriton(torch.autograd.Function):
             SEG_CHUNKS=seg_chunks, STORE_CHUNKS=needs_grad, **consts, **_launch_opts(p, "fwd_out"),
         )  # fmt: skip
         if needs_grad:
-            ctx.save_for_backward(q, k, v, ck, cv)
+            ctx.save_for_backward(q, k, v, ck, cv, seg_dec)  # seg_dec: the backward's segment scan too
         ctx.problem, ctx.use_h0, ctx.layout, ctx.offsets = p, use_h0, lay, offsets
         return o, hk[:, :, : p.slots, : p.head_dim_k], hv[:, :, : p.slots, : p.head_dim_v]
 
     @staticmethod
     def backward(ctx, do, dhk, dhv):
-        q, k, v, ck, cv = ctx.saved_tensors
+        q, k, v, ck, cv, seg_dec = ctx.saved_tensors
         p, lay, offsets = ctx.problem, ctx.layout, ctx.offsets
         dev = q.device
         consts = _constants(p, q.dtype)
@@ -757,9 +753,9 @@ class _BLATriton(torch.autograd.Function):
         dhk_p = _padded_state(dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
         dhv_p = _padded_state(dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
         # (B) two short scans instead of one over every chunk of a sequence (latency-bound): the
-        # chunks of each forward segment from a zero carry, then the segments
-        seg_k, seg_v, after, seg_dec = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
-                                             reverse=True, decays=True)  # fmt: skip
+        # chunks of each forward segment from a zero carry, then the segments (by the forward's decays)
+        seg_k, seg_v, after = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
+                                    reverse=True, decays=True)  # fmt: skip
         dh0k, dh0v = _scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay.item_base, lay.item_count, reverse=True)
         if lay.total_chunks:
             dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
