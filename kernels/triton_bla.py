@@ -19,18 +19,21 @@ sub-chunk whose decays' spread is below 160 (a host-side check over all phases).
 coarse even for 16 tokens (W/m of about a thousand) take an elementwise [16, 16, m] tile of
 decays instead. The [S, m] scores and probabilities never leave the chip.
 
-Parallelism. Forward: (1) each segment of chunks computes its own end state from zero and its
-decay (parallel over segments and kv heads); (2) a short scan over segments gives every
-segment's start state; (3) each segment runs its chunks with the state in registers and writes
-the outputs (and each 64-token chunk's start state, in the operands' dtype, when gradients are
-needed). The backward is chunk-parallel: (A) per chunk, dq and the in-chunk parts of dk, dv and
-of the gradient of its start state (sub-chunk states recomputed from the stored start); (B)
-reverse scans of the state gradients, two levels deep so that no dependent chain is longer than
-a segment's chunks or a sequence's segments: the chunks of every segment from a zero carry,
-then the segments; (C) per chunk, the state path's share of dk, dv. (One program walking a
-segment's chunks in reverse, the state gradient in registers, avoids (B)'s first level but
-spilled 354 registers and took 1.5 ms against (A) + (B)'s 1.1 ms on an H100: docs/benchmarks.md.)
-Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_WARPS,
+Parallelism. A chunk is one sub-chunk (BLA_TRITON_CHUNK groups several): the unit of parallel
+work and of stored states. Forward: (1) each segment of chunks computes its own end state from
+zero and its decay (parallel over segments and kv heads), storing on the way each chunk's start
+state from the segment's zero start (in the operands' dtype) and the decay before it; (2) a short
+scan over segments gives every segment's start state; (3) every chunk, in parallel, forms its
+start state (its own plus its segment's, decayed) and writes its outputs: no state is carried from
+chunk to chunk there, so the GPU is full at B=1 and the state costs few registers. The backward
+is chunk-parallel too: (A) per chunk, dq and the in-chunk parts of dk, dv and of the gradient of
+its start state; (B) reverse scans of the state gradients, two levels deep so that no dependent
+chain is longer than a segment's chunks or a sequence's segments: the chunks of every segment
+from a zero carry, then the segments; (C) per chunk, the state path's share of dk, dv. (One
+program walking a segment's chunks in reverse, the state gradient in registers, avoids (B)'s
+first level but spilled 354 registers and took 1.5 ms against (A) + (B)'s 1.1 ms on an H100, as
+a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchmarks.md.)
+Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise.
 """
 
@@ -52,8 +55,7 @@ from .gates import dirichlet_gates
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 LOG_FLOOR = -30.0  # log alpha where alpha = 0 (a reset): e^-30 ~ 1e-13
-CHUNK = 64  # tokens: the granularity of stored states (backward); sub-chunks of 64, 32 or 16 inside
-SEGMENT_TOKENS = 1024  # work item of (1), (3), (A): tokens run with the state (gradient) in registers
+SEGMENT_TOKENS = 1024  # work item of (1) and of (B)'s first level: tokens run with a state in registers
 
 
 def _pow2(n: int) -> int:
@@ -252,35 +254,55 @@ def _item(seq_ptr, idx_ptr, start_ptr, len_ptr, off_ptr, win_ptr, toff_ptr, i, g
 
 @triton.jit
 def _fwd_local_kernel(
-    k_ptr, v_ptr, lk_ptr, lv_ptr, dec_ptr, gs_ptr, gl_ptr,
-    seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, item_seq_ptr, item_chunk_ptr,
-    HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    x_ptr, local_ptr, chunk_ptr, dec_ptr, before_ptr, cdec_ptr, gs_ptr, gl_ptr,
+    seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr, toff_ptr, item_seq_ptr, item_chunk_ptr,
+    HKV: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr,
+    DECAYS: tl.constexpr,
 ):  # fmt: skip
-    """(1) A segment's end state from a zero start, and its decay (per slot)."""
+    """(1) A segment's end state (of keys or of values: one launch each, for registers) from a zero
+    start; on the way, every chunk's start state from the segment's zero start, in the operands'
+    dtype. DECAYS: also the segment's decay, each chunk's own and that of the segment's chunks
+    before it (``before``)."""
     i = tl.program_id(0)
     g = tl.program_id(1)
     n, c_first, bos, seq_len, offset, W, toff = _item(item_seq_ptr, item_chunk_ptr, seq_start_ptr, seq_len_ptr,
                                                       offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
-    K = tl.zeros([BM, BDK], dtype=tl.float32)
-    V = tl.zeros([BM, BDV], dtype=tl.float32)
+    chunk_base = tl.load(chunk_base_ptr + n)
+    t_S, j_M, d_D, _ = _ranges(S, BM, BD, BD)
+    X = tl.zeros([BM, BD], dtype=tl.float32)
     log_dec = tl.zeros([BM], dtype=tl.float32)
     c_stop = tl.minimum(c_first + SEG_CHUNKS, tl.cdiv(seq_len, C))
     for c in range(c_first, c_stop):
+        crow = ((chunk_base + c) * HKV + g) * BM
+        tl.store(chunk_ptr + _state_offsets(crow, j_M, d_D, BD), X.to(chunk_ptr.dtype.element_ty))
+        chunk_log_dec = tl.zeros([BM], dtype=tl.float32)
         for a in tl.static_range(NS):
             t0 = c * C + a * S
             valid = (t0 + t_S) < seq_len
             s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
-            k = _load_tokens(k_ptr, bos + t0 + t_S, valid, g, dk_D, dk_D < DK, HKV, DK)
-            v = _load_tokens(v_ptr, bos + t0 + t_S, valid, g, dv_D, dv_D < DV, HKV, DV)
-            K = _write_state(K, s, l, T, k, DT)
-            V = _write_state(V, s, l, T, v, DT)
-            log_dec += T
+            X = _write_state(X, s, l, T, _load_tokens(x_ptr, bos + t0 + t_S, valid, g, d_D, d_D < D, HKV, D), DT)
+            chunk_log_dec += T
+        if DECAYS:
+            tl.store(before_ptr + crow + j_M, tl.exp(log_dec))
+            tl.store(cdec_ptr + crow + j_M, tl.exp(chunk_log_dec))
+        log_dec += chunk_log_dec
     row = (i * HKV + g) * BM
-    tl.store(lk_ptr + _state_offsets(row, j_M, dk_D, BDK), K)
-    tl.store(lv_ptr + _state_offsets(row, j_M, dv_D, BDV), V)
-    tl.store(dec_ptr + (i * HKV + g) * BM + j_M, tl.exp(log_dec))
+    tl.store(local_ptr + _state_offsets(row, j_M, d_D, BD), X)
+    if DECAYS:
+        tl.store(dec_ptr + row + j_M, tl.exp(log_dec))
+
+
+@triton.jit
+def _chunk_state(local_ptr, seg_ptr, before_ptr, chunk_item_ptr, i, g, j_M, d_D,
+                 HKV: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    """A chunk's state (fp32 [BM, BD]) from its segment's: local + before * segment's. Forward:
+    start states (local from a zero segment start); backward: end-state gradients."""
+    row = (i * HKV + g) * BM
+    seg_row = (tl.load(chunk_item_ptr + i) * HKV + g) * BM
+    before = tl.load(before_ptr + row + j_M)[:, None]
+    local = tl.load(local_ptr + _state_offsets(row, j_M, d_D, BD)).to(tl.float32)
+    return local + before * tl.load(seg_ptr + _state_offsets(seg_row, j_M, d_D, BD))
 
 
 @triton.jit
@@ -318,11 +340,11 @@ def _scan_kernel(
         row = (x * HKV + g) * BM
         ok = _state_offsets(row, j_M, dk_D, BDK)
         ov = _state_offsets(row, j_M, dv_D, BDV)
-        own_k = tl.load(xk_ptr + ok)
-        own_v = tl.load(xv_ptr + ov)
+        own_k = tl.load(xk_ptr + ok).to(tl.float32)
+        own_v = tl.load(xv_ptr + ov).to(tl.float32)
         dec = tl.load(dec_ptr + row + j_M)
-        tl.store(xk_ptr + ok, K)
-        tl.store(xv_ptr + ov, V)
+        tl.store(xk_ptr + ok, K.to(xk_ptr.dtype.element_ty))
+        tl.store(xv_ptr + ov, V.to(xv_ptr.dtype.element_ty))
         if DECAYS:
             tl.store(after_ptr + row + j_M, carried)
             carried = carried * dec
@@ -334,49 +356,42 @@ def _scan_kernel(
 
 @triton.jit
 def _fwd_out_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr, sv_ptr, ck_ptr, cv_ptr, gs_ptr, gl_ptr,
-    seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr, toff_ptr, item_seq_ptr, item_chunk_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, gs_ptr, gl_ptr,
+    seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr,
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
-    FACTOR: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr,
 ):  # fmt: skip
-    """(3) Outputs of a segment, its start state from the scan; each chunk's start state saved
-    for the backward when STORE_CHUNKS."""
+    """(3) Outputs of a chunk, from its start state (its local one plus the decayed start state of
+    its segment): no state is carried from chunk to chunk, so every chunk runs in parallel."""
     i = tl.program_id(0)
     g = tl.program_id(1)
     HPG: tl.constexpr = H // HKV
-    n, c_first, bos, seq_len, offset, W, toff = _item(item_seq_ptr, item_chunk_ptr, seq_start_ptr, seq_len_ptr,
-                                                      offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    chunk_base = tl.load(chunk_base_ptr + n)
+    n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
+                                                offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
     causal = t_S[:, None] >= t_S[None, :]
     mask_M = j_M < M
-    row = (i * HKV + g) * BM
-    K = tl.load(sk_ptr + _state_offsets(row, j_M, dk_D, BDK))
-    V = tl.load(sv_ptr + _state_offsets(row, j_M, dv_D, BDV))
-    c_stop = tl.minimum(c_first + SEG_CHUNKS, tl.cdiv(seq_len, C))
-    for c in range(c_first, c_stop):
-        if STORE_CHUNKS:
-            crow = ((chunk_base + c) * HKV + g) * BM
-            tl.store(ck_ptr + _state_offsets(crow, j_M, dk_D, BDK), K.to(ck_ptr.dtype.element_ty))
-            tl.store(cv_ptr + _state_offsets(crow, j_M, dv_D, BDV), V.to(cv_ptr.dtype.element_ty))
-        for a in tl.static_range(NS):
-            t0 = c * C + a * S
-            valid = (t0 + t_S) < seq_len
-            tok = bos + t0 + t_S
-            s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
-            el = tl.exp(l)
-            A, B, E = _sub_tiles(s, l, t_S, FACTOR)
-            k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
-            v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
-            for hh in tl.static_range(HPG):
-                h = g * HPG + hh
-                q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
-                p = _softmax(_scores(q, k, K, el, A, B, E, causal, scale, mask_M, FACTOR, DT))
-                o = _mm(p * el, V, DT) + _mm(_pairs(p, A, B, E, causal, FACTOR, DT), v, DT)
-                _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
+    # rounded as the backward reads it (and fewer registers): the operands' dtype
+    K = _chunk_state(ck_ptr, sk_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dk_D, HKV, BM, BDK).to(ck_ptr.dtype.element_ty)
+    V = _chunk_state(cv_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dv_D, HKV, BM, BDV).to(cv_ptr.dtype.element_ty)
+    for a in tl.static_range(NS):
+        t0 = c * C + a * S
+        valid = (t0 + t_S) < seq_len
+        tok = bos + t0 + t_S
+        s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
+        el = tl.exp(l)
+        A, B, E = _sub_tiles(s, l, t_S, FACTOR)
+        k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
+        v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
+        for hh in tl.static_range(HPG):
+            h = g * HPG + hh
+            q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
+            p = _softmax(_scores(q, k, K, el, A, B, E, causal, scale, mask_M, FACTOR, DT))
+            o = _mm(p * el, V, DT) + _mm(_pairs(p, A, B, E, causal, FACTOR, DT), v, DT)
+            _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
+        if a < NS - 1:
             K = _write_state(K, s, l, T, k, DT)
             V = _write_state(V, s, l, T, v, DT)
 
@@ -386,9 +401,9 @@ def _fwd_out_kernel(
 
 @triton.jit
 def _bwd_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, ck_ptr, cv_ptr, dks_ptr, dvs_ptr, gs_ptr, gl_ptr,
-    seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
-    scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, dks_ptr, dvs_ptr,
+    gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
+    chunk_item_ptr, scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr,
@@ -407,8 +422,8 @@ def _bwd_chunk_kernel(
     row = (i * HKV + g) * BM
     sk = _state_offsets(row, j_M, dk_D, BDK)
     sv = _state_offsets(row, j_M, dv_D, BDV)
-    K0 = tl.load(ck_ptr + sk).to(tl.float32)
-    V0 = tl.load(cv_ptr + sv).to(tl.float32)
+    K0 = _chunk_state(ck_ptr, sk_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dk_D, HKV, BM, BDK).to(ck_ptr.dtype.element_ty)
+    V0 = _chunk_state(cv_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dv_D, HKV, BM, BDV).to(cv_ptr.dtype.element_ty)
     dK = tl.zeros([BM, BDK], dtype=tl.float32)  # gradient of the state after the current sub-chunk
     dV = tl.zeros([BM, BDV], dtype=tl.float32)
     for a in tl.static_range(NS - 1, -1, -1):
@@ -426,13 +441,17 @@ def _bwd_chunk_kernel(
         s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
         el = tl.exp(l)
         A, B, E = _sub_tiles(s, l, t_S, FACTOR)
-        B_end = s * tl.exp(T[None, :] - l)  # weight of token u in the sub-chunk's end state
         k = _load_tokens(k_ptr, tok, valid, g, dk_D, mask_DK, HKV, DK)
         v = _load_tokens(v_ptr, tok, valid, g, dv_D, mask_DV, HKV, DV)
-        b_dk = _mm(B_end, dK, DT)  # the state path to later sub-chunks of this chunk
-        b_dv = _mm(B_end, dV, DT)
-        dK = tl.exp(T)[:, None] * dK
-        dV = tl.exp(T)[:, None] * dV
+        if a == NS - 1:  # the chunk's last sub-chunk: no later one to reach through the state
+            b_dk = tl.zeros([S, BDK], dtype=tl.float32)
+            b_dv = tl.zeros([S, BDV], dtype=tl.float32)
+        else:
+            B_end = s * tl.exp(T[None, :] - l)  # weight of token u in the sub-chunk's end state
+            b_dk = _mm(B_end, dK, DT)  # the state path to later sub-chunks of this chunk
+            b_dv = _mm(B_end, dV, DT)
+            dK = tl.exp(T)[:, None] * dK
+            dV = tl.exp(T)[:, None] * dV
         for hh in tl.static_range(HPG):
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
@@ -450,28 +469,8 @@ def _bwd_chunk_kernel(
             dV += _mm(tl.trans(p * el), do, DT)
         _store_tokens(dk_ptr, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
         _store_tokens(dv_ptr, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
-    tl.store(dks_ptr + sk, dK)
-    tl.store(dvs_ptr + sv, dV)
-
-
-@triton.jit
-def _chunk_decay_kernel(
-    dec_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
-    HKV: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr,
-):  # fmt: skip
-    """Each chunk's decay e^{sum log alpha} per slot (what the backward scan multiplies by)."""
-    i = tl.program_id(0)
-    g = tl.program_id(1)
-    n, c, _, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
-                                              offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
-    t_S = tl.arange(0, S)
-    j_M = tl.arange(0, BM)
-    log_dec = tl.zeros([BM], dtype=tl.float32)
-    for a in tl.static_range(NS):
-        t0 = c * C + a * S
-        _, _, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
-        log_dec += T
-    tl.store(dec_ptr + (i * HKV + g) * BM + j_M, tl.exp(log_dec))
+    tl.store(dks_ptr + sk, dK.to(dks_ptr.dtype.element_ty))
+    tl.store(dvs_ptr + sv, dV.to(dvs_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -489,11 +488,8 @@ def _bwd_tokens_kernel(
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
                                                 offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
-    row = (i * HKV + g) * BM
-    seg_row = (tl.load(chunk_item_ptr + i) * HKV + g) * BM
-    after = tl.load(after_ptr + row + j_M)[:, None]
-    dK = tl.load(dks_ptr + _state_offsets(row, j_M, dk_D, BDK)) + after * tl.load(segk_ptr + _state_offsets(seg_row, j_M, dk_D, BDK))
-    dV = tl.load(dvs_ptr + _state_offsets(row, j_M, dv_D, BDV)) + after * tl.load(segv_ptr + _state_offsets(seg_row, j_M, dv_D, BDV))
+    dK = _chunk_state(dks_ptr, segk_ptr, after_ptr, chunk_item_ptr, i, g, j_M, dk_D, HKV, BM, BDK)
+    dV = _chunk_state(dvs_ptr, segv_ptr, after_ptr, chunk_item_ptr, i, g, j_M, dv_D, HKV, BM, BDV)
     for a in tl.static_range(NS - 1, -1, -1):
         t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
@@ -611,10 +607,14 @@ def _layout(problem: Problem, device, chunk: int, seg_chunks: int) -> _Layout:
 def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     p = problem
     sub, factor = sub_chunking(p)
+    # a chunk (the unit of parallel work and of stored states) is one sub-chunk: no state is
+    # updated inside (3) or recomputed inside (A). BLA_TRITON_CHUNK=64 keeps 64-token chunks of
+    # smaller sub-chunks (half the stored states; measured slower: docs/benchmarks.md)
+    chunk = max(sub, int(os.environ.get("BLA_TRITON_CHUNK", sub)))
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_slot_block(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
-        C=CHUNK, S=sub, NS=CHUNK // sub, FACTOR=factor,
+        C=chunk, S=sub, NS=chunk // sub, FACTOR=factor,
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
 
@@ -688,44 +688,46 @@ class _BLATriton(torch.autograd.Function):
         lay = _layout(p, dev, C, seg_chunks)
         offsets = p.offset.to(device=dev, dtype=torch.int32)
         gs, gl, toff = gate_tables(p, dev)
-        needs_grad = any(ctx.needs_input_grad[:5])
         common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
-        # (1) each segment's own end state and decay; (2) the scan turns them into start states
-        items = lay.total_items
+        # (1) each segment's own end state and decay, and each chunk's start state from the
+        # segment's zero start; (2) the scan turns the segments' end states into start states
+        items, chunks = lay.total_items, lay.total_chunks
         seg_k = torch.empty(items, HKV, BM, BDK, device=dev, dtype=torch.float32)
         seg_v = torch.empty(items, HKV, BM, BDV, device=dev, dtype=torch.float32)
         seg_dec = torch.empty(items, HKV, BM, device=dev, dtype=torch.float32)
-        _fwd_local_kernel[(items, HKV)](
-            k, v, seg_k, seg_v, seg_dec, *common, lay.item_seq, lay.item_chunk,
-            SEG_CHUNKS=seg_chunks, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"),
-            **_launch_opts(p, "fwd_local"),
-        )  # fmt: skip
+        # stored in the matrix products' operand dtype: (3) and the backward read them as operands
+        st_dtype = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
+        ck = torch.empty(chunks, HKV, BM, BDK, device=dev, dtype=st_dtype)
+        cv = torch.empty(chunks, HKV, BM, BDV, device=dev, dtype=st_dtype)
+        before = torch.empty(chunks, HKV, BM, device=dev, dtype=torch.float32)
+        chunk_dec = torch.empty(chunks, HKV, BM, device=dev, dtype=torch.float32)
+        for x, local, chunk_states, D, BD in ((k, seg_k, ck, p.head_dim_k, BDK), (v, seg_v, cv, p.head_dim_v, BDV)):
+            _fwd_local_kernel[(items, HKV)](
+                x, local, chunk_states, seg_dec, before, chunk_dec, *common[:5], lay.chunk_base, *common[5:],
+                lay.item_seq, lay.item_chunk, D=D, BD=BD, SEG_CHUNKS=seg_chunks, DECAYS=x is k,
+                **_pick(consts, "HKV", "BM", "C", "S", "NS", "DT"), **_launch_opts(p, "fwd_local"),
+            )  # fmt: skip
         use_h0 = h0k is not None
         h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
         h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
         hk, hv = _scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay.item_base, lay.item_count, reverse=False)
 
-        # (3) outputs, and each chunk's start state when the backward will need it
+        # (3) outputs, every chunk in parallel from its start state
         o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
-        n_st = lay.total_chunks if needs_grad else 0
-        # stored in the matrix products' operand dtype: the backward reads them as operands
-        st_dtype = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
-        ck = torch.empty(n_st, HKV, BM, BDK, device=dev, dtype=st_dtype)
-        cv = torch.empty(n_st, HKV, BM, BDV, device=dev, dtype=st_dtype)
-        _fwd_out_kernel[(items, HKV)](
-            q, k, v, o, seg_k, seg_v, ck, cv, gs, gl, lay.starts, lay.lengths, offsets, lay.chunk_base,
-            lay.windows, toff, lay.item_seq, lay.item_chunk, p.scale,
-            SEG_CHUNKS=seg_chunks, STORE_CHUNKS=needs_grad, **consts, **_launch_opts(p, "fwd_out"),
-        )  # fmt: skip
-        if needs_grad:
-            ctx.save_for_backward(q, k, v, ck, cv, seg_dec)  # seg_dec: the backward's segment scan too
+        if chunks:
+            _fwd_out_kernel[(chunks, HKV)](
+                q, k, v, o, ck, cv, before, seg_k, seg_v, *common, lay.chunk_seq, lay.chunk_idx, lay.chunk_item,
+                p.scale, **consts, **_launch_opts(p, "fwd_out"),
+            )  # fmt: skip
+        if any(ctx.needs_input_grad[:5]):
+            ctx.save_for_backward(q, k, v, ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec)
         ctx.problem, ctx.use_h0, ctx.layout, ctx.offsets = p, use_h0, lay, offsets
         return o, hk[:, :, : p.slots, : p.head_dim_k], hv[:, :, : p.slots, : p.head_dim_v]
 
     @staticmethod
     def backward(ctx, do, dhk, dhv):
-        q, k, v, ck, cv, seg_dec = ctx.saved_tensors
+        q, k, v, ck, cv, before, chunk_dec, seg_start_k, seg_start_v, seg_dec = ctx.saved_tensors
         p, lay, offsets = ctx.problem, ctx.layout, ctx.offsets
         dev = q.device
         consts = _constants(p, q.dtype)
@@ -734,20 +736,18 @@ class _BLATriton(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
         dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
-        dks = torch.empty(ck.shape, device=dev, dtype=torch.float32)  # each chunk's own share, then dS_end
-        dvs = torch.empty(cv.shape, device=dev, dtype=torch.float32)
-        chunk_dec = torch.empty(lay.total_chunks, HKV, BM, device=dev, dtype=torch.float32)
+        # each chunk's own share of its start-state gradient, then (after the scan) the gradient of
+        # its end state from later chunks of its segment; in the operands' dtype, as (C) reads them
+        dks = torch.empty_like(ck)
+        dvs = torch.empty_like(cv)
         common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
         grid = (lay.total_chunks, HKV)
         if lay.total_chunks:
             _bwd_chunk_kernel[grid](
-                q, k, v, do.contiguous(), dq, dk, dv, ck, cv, dks, dvs, *common, p.scale,
+                q, k, v, do.contiguous(), dq, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs, *common,
+                lay.chunk_item, p.scale,
                 **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR"),
                 **_launch_opts(p, "bwd_chunk"),
-            )  # fmt: skip
-            _chunk_decay_kernel[grid](
-                chunk_dec, gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx,
-                HKV=HKV, BM=BM, C=consts["C"], S=consts["S"], NS=consts["NS"],
             )  # fmt: skip
         # autograd materialises the gradients of unused outputs as zeros
         dhk_p = _padded_state(dhk.float(), p.num_seqs, HKV, BM, BDK, dev)

@@ -135,6 +135,17 @@ def test_triton_elementwise_pairs_equal_torch(monkeypatch, gates):
     _compare((1, 90, 4, 2, 8, 8, 24, 6), gates)
 
 
+@pytest.mark.parametrize("pairs", ["factorised", "elementwise"])
+def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs):
+    """Chunks of several sub-chunks (BLA_TRITON_CHUNK): the state is updated inside the output
+    kernel (3) and recomputed inside the backward's (A)."""
+    monkeypatch.setenv("BLA_TRITON_CHUNK", "64")
+    monkeypatch.setenv("BLA_TRITON_SUB", "16")
+    if pairs == "elementwise":
+        monkeypatch.setenv("BLA_TRITON_PAIRS", "elementwise")
+    _compare((1, 150, 4, 2, 8, 8, 24, 6), "dirichlet")
+
+
 @pytest.mark.parametrize("segment", [64, 128])
 @pytest.mark.parametrize("gates", ["dirichlet", "dirichlet_v1"])
 def test_triton_segments_carry_the_state(monkeypatch, gates, segment):
