@@ -254,43 +254,46 @@ def _item(seq_ptr, idx_ptr, start_ptr, len_ptr, off_ptr, win_ptr, toff_ptr, i, g
 
 @triton.jit
 def _fwd_local_kernel(
-    x_ptr, local_ptr, chunk_ptr, dec_ptr, before_ptr, cdec_ptr, gs_ptr, gl_ptr,
+    k_ptr, v_ptr, lk_ptr, lv_ptr, dec_ptr, ck_ptr, cv_ptr, before_ptr, cdec_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr, toff_ptr, item_seq_ptr, item_chunk_ptr,
-    HKV: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr,
-    DECAYS: tl.constexpr,
 ):  # fmt: skip
-    """(1) A segment's end state (of keys or of values: one launch each, for registers) from a zero
-    start; on the way, every chunk's start state from the segment's zero start, in the operands'
-    dtype. DECAYS: also the segment's decay, each chunk's own and that of the segment's chunks
-    before it (``before``)."""
+    """(1) A segment's end state from a zero start, and its decay (per slot); on the way, every
+    chunk's start state from the segment's zero start (in the operands' dtype), the decay of the
+    segment's chunks before it (``before``), and its own decay. (Keys and values in one program:
+    in two launches, one state each, it took 0.29 ms against 0.17 on an H100.)"""
     i = tl.program_id(0)
     g = tl.program_id(1)
     n, c_first, bos, seq_len, offset, W, toff = _item(item_seq_ptr, item_chunk_ptr, seq_start_ptr, seq_len_ptr,
                                                       offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     chunk_base = tl.load(chunk_base_ptr + n)
-    t_S, j_M, d_D, _ = _ranges(S, BM, BD, BD)
-    X = tl.zeros([BM, BD], dtype=tl.float32)
+    t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
+    K = tl.zeros([BM, BDK], dtype=tl.float32)
+    V = tl.zeros([BM, BDV], dtype=tl.float32)
     log_dec = tl.zeros([BM], dtype=tl.float32)
     c_stop = tl.minimum(c_first + SEG_CHUNKS, tl.cdiv(seq_len, C))
     for c in range(c_first, c_stop):
         crow = ((chunk_base + c) * HKV + g) * BM
-        tl.store(chunk_ptr + _state_offsets(crow, j_M, d_D, BD), X.to(chunk_ptr.dtype.element_ty))
+        tl.store(ck_ptr + _state_offsets(crow, j_M, dk_D, BDK), K.to(ck_ptr.dtype.element_ty))
+        tl.store(cv_ptr + _state_offsets(crow, j_M, dv_D, BDV), V.to(cv_ptr.dtype.element_ty))
+        tl.store(before_ptr + crow + j_M, tl.exp(log_dec))
         chunk_log_dec = tl.zeros([BM], dtype=tl.float32)
         for a in tl.static_range(NS):
             t0 = c * C + a * S
             valid = (t0 + t_S) < seq_len
             s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
-            X = _write_state(X, s, l, T, _load_tokens(x_ptr, bos + t0 + t_S, valid, g, d_D, d_D < D, HKV, D), DT)
+            k = _load_tokens(k_ptr, bos + t0 + t_S, valid, g, dk_D, dk_D < DK, HKV, DK)
+            v = _load_tokens(v_ptr, bos + t0 + t_S, valid, g, dv_D, dv_D < DV, HKV, DV)
+            K = _write_state(K, s, l, T, k, DT)
+            V = _write_state(V, s, l, T, v, DT)
             chunk_log_dec += T
-        if DECAYS:
-            tl.store(before_ptr + crow + j_M, tl.exp(log_dec))
-            tl.store(cdec_ptr + crow + j_M, tl.exp(chunk_log_dec))
+        tl.store(cdec_ptr + crow + j_M, tl.exp(chunk_log_dec))
         log_dec += chunk_log_dec
     row = (i * HKV + g) * BM
-    tl.store(local_ptr + _state_offsets(row, j_M, d_D, BD), X)
-    if DECAYS:
-        tl.store(dec_ptr + row + j_M, tl.exp(log_dec))
+    tl.store(lk_ptr + _state_offsets(row, j_M, dk_D, BDK), K)
+    tl.store(lv_ptr + _state_offsets(row, j_M, dv_D, BDV), V)
+    tl.store(dec_ptr + row + j_M, tl.exp(log_dec))
 
 
 @triton.jit
@@ -702,12 +705,11 @@ class _BLATriton(torch.autograd.Function):
         cv = torch.empty(chunks, HKV, BM, BDV, device=dev, dtype=st_dtype)
         before = torch.empty(chunks, HKV, BM, device=dev, dtype=torch.float32)
         chunk_dec = torch.empty(chunks, HKV, BM, device=dev, dtype=torch.float32)
-        for x, local, chunk_states, D, BD in ((k, seg_k, ck, p.head_dim_k, BDK), (v, seg_v, cv, p.head_dim_v, BDV)):
-            _fwd_local_kernel[(items, HKV)](
-                x, local, chunk_states, seg_dec, before, chunk_dec, *common[:5], lay.chunk_base, *common[5:],
-                lay.item_seq, lay.item_chunk, D=D, BD=BD, SEG_CHUNKS=seg_chunks, DECAYS=x is k,
-                **_pick(consts, "HKV", "BM", "C", "S", "NS", "DT"), **_launch_opts(p, "fwd_local"),
-            )  # fmt: skip
+        _fwd_local_kernel[(items, HKV)](
+            k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, *common[:5], lay.chunk_base, *common[5:],
+            lay.item_seq, lay.item_chunk, SEG_CHUNKS=seg_chunks,
+            **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"), **_launch_opts(p, "fwd_local"),
+        )  # fmt: skip
         use_h0 = h0k is not None
         h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
         h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
