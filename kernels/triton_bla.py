@@ -92,18 +92,45 @@ def _gate_table_cpu(windows: tuple[int, ...], slots: int, gates: str, bm: int):
 FACTOR_LOG_RANGE = 160.0  # the factorised pairs stay within e^(+-80): fp32 and bf16 hold e^88
 
 
+def _phase_cumsums(w: int, slots: int, gates: str, sub: int) -> torch.Tensor:
+    """float64 [W, sub, BM]: the cumulative log-decay l (resets at LOG_FLOOR) of a sub-chunk of
+    ``sub`` tokens starting at each phase of the period."""
+    _, la, _ = _gate_table_cpu((w,), slots, gates, _slot_block(slots))
+    la = la[torch.arange(w + sub) % w].double()  # [W + sub, BM]
+    cum = torch.cat([torch.zeros(1, la.shape[1], dtype=la.dtype), la.cumsum(0)])
+    return (cum[1:].unfold(0, sub, 1)[:w] - cum[:w, :, None]).transpose(1, 2)
+
+
 @functools.lru_cache(maxsize=64)
 def diag_log_range(windows: tuple[int, ...], slots: int, gates: str, sub: int) -> float:
-    """Largest spread of the cumulative log-decay (resets at LOG_FLOOR) inside any sub-chunk of
-    ``sub`` tokens, over every phase, slot and window: whether its pairs can be factorised."""
+    """Largest spread of the cumulative log-decay inside any sub-chunk of ``sub`` tokens, over
+    every phase, slot and window: whether its pairs can be factorised."""
     worst = 0.0
     for w in set(windows):
-        _, la, _ = _gate_table_cpu((w,), slots, gates, _slot_block(slots))
-        la = la[torch.arange(w + sub) % w].double()  # [W + sub, BM]
-        cum = torch.cat([torch.zeros(1, la.shape[1], dtype=la.dtype), la.cumsum(0)])
-        win = cum[1:].unfold(0, sub, 1)[:w] - cum[:w, :, None]  # l of a sub-chunk starting at each phase
-        worst = max(worst, float((win.amax(-1) - win.amin(-1)).max()))
+        win = _phase_cumsums(w, slots, gates, sub)
+        worst = max(worst, float((win.amax(1) - win.amin(1)).max()))
     return worst
+
+
+CUM_TABLE_BYTES = 64 << 20  # above this the kernels sum the log-decays themselves (W x S x m entries)
+
+
+def cum_table_fits(problem: Problem, sub: int) -> bool:
+    return sum(set(problem.windows)) * sub * _slot_block(problem.slots) * 4 <= CUM_TABLE_BYTES
+
+
+@functools.lru_cache(maxsize=16)
+def _cum_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, device: str) -> torch.Tensor:
+    """float32 [sum of distinct W, sub, BM], rows in the order of the gate table's."""
+    rows = [_phase_cumsums(w, slots, gates, sub) for w in sorted(set(windows))]
+    return torch.cat(rows).float().contiguous().to(device)
+
+
+def cum_table(problem: Problem, sub: int, device: torch.device) -> torch.Tensor:
+    """The cumulative log-decay of a sub-chunk starting at every phase (what (3) and (A) would
+    otherwise sum per program: 29% of (3)'s time at W=512 on an H100), built once per (windows,
+    m, gates, S, device)."""
+    return _cum_table_on(problem.windows, problem.slots, problem.gates, sub, str(device))
 
 
 def sub_chunking(problem: Problem) -> tuple[int, bool]:
@@ -144,6 +171,20 @@ def _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM: tl.constexp
     s = tl.load(gs_ptr + offs, mask=valid[:, None], other=0.0)
     la = tl.load(gl_ptr + offs, mask=valid[:, None], other=0.0)
     return s, tl.cumsum(la, axis=0), tl.sum(la, axis=0)
+
+
+@triton.jit
+def _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, pos0, t_S, n_valid, W, j_M, S: tl.constexpr, BM: tl.constexpr,
+               CUM: tl.constexpr):  # fmt: skip
+    """s, l, T of a sub-chunk as _sub_gates, for callers whose inputs past the sequence's end are
+    zero (so those tokens' gates do not matter): read from the per-phase table of cumulative
+    log-decays when CUM (no cumulative sum, no masks), else summed here."""
+    if CUM:
+        row = (toff + pos0 % W) * S
+        s = tl.load(gs_ptr + (toff + (pos0 + t_S) % W)[:, None] * BM + j_M[None, :])
+        l = tl.load(cum_ptr + (row + t_S)[:, None] * BM + j_M[None, :])
+        return s, l, tl.load(cum_ptr + (row + S - 1) * BM + j_M)
+    return _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
 
 
 @triton.jit
@@ -224,9 +265,28 @@ def _write_state(X, s, l, T, x, DT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, K, el, A, B, E, causal, scale, mask_M, FACTOR: tl.constexpr, DT: tl.constexpr):
-    """scale * z of a sub-chunk's queries, -inf at padded slots: [SUB, BM]."""
-    z = el * _mm(q, tl.trans(K), DT) + _through(_mm(q, tl.trans(k), DT), A, B, E, causal, FACTOR, DT)
+def _from_state(x, Xl, Xs, before, DT: tl.constexpr, SPLIT: tl.constexpr):
+    """x against each slot of the state Xl + before * Xs (kept apart when SPLIT: no [m, d] sum is
+    formed; else Xl is the whole state): [SUB, D] -> [SUB, BM]."""
+    if SPLIT:
+        return _mm(x, tl.trans(Xl), DT) + before[None, :] * _mm(x, tl.trans(Xs), DT)
+    return _mm(x, tl.trans(Xl), DT)
+
+
+@triton.jit
+def _to_state(w, Xl, Xs, before, DT: tl.constexpr, SPLIT: tl.constexpr):
+    """Slot weights times the state Xl + before * Xs (or Xl alone, unless SPLIT): [SUB, BM] -> [SUB, D]."""
+    if SPLIT:
+        return _mm(w, Xl, DT) + _mm(w * before[None, :], Xs, DT)
+    return _mm(w, Xl, DT)
+
+
+@triton.jit
+def _scores(q, k, Kl, Ks, before, el, A, B, E, causal, scale, mask_M, FACTOR: tl.constexpr, DT: tl.constexpr,
+            SPLIT: tl.constexpr):
+    """scale * z of a sub-chunk's queries against the state Kl + before * Ks and the sub-chunk's
+    keys, -inf at padded slots: [SUB, BM]."""
+    z = el * _from_state(q, Kl, Ks, before, DT, SPLIT) + _through(_mm(q, tl.trans(k), DT), A, B, E, causal, FACTOR, DT)
     return tl.where(mask_M[None, :], scale * z, float("-inf"))
 
 
@@ -297,10 +357,30 @@ def _fwd_local_kernel(
 
 
 @triton.jit
+def _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dk_D, dv_D,
+                 HKV: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+    """A chunk's start state in parts (operand dtype): its own keys' and values' states from the
+    segment's zero start, the segment's start states, and the decay between the two. Unless
+    SPLIT, the first two are the whole states (summed here, rounded to the operand dtype) and the
+    others unused."""
+    row = (i * HKV + g) * BM
+    seg_row = (tl.load(chunk_item_ptr + i) * HKV + g) * BM
+    Kl = tl.load(ck_ptr + _state_offsets(row, j_M, dk_D, BDK))
+    Vl = tl.load(cv_ptr + _state_offsets(row, j_M, dv_D, BDV))
+    Ks = tl.load(sk_ptr + _state_offsets(seg_row, j_M, dk_D, BDK))
+    Vs = tl.load(sv_ptr + _state_offsets(seg_row, j_M, dv_D, BDV))
+    before = tl.load(before_ptr + row + j_M)
+    if not SPLIT:
+        Kl = (Kl.to(tl.float32) + before[:, None] * Ks.to(tl.float32)).to(Kl.dtype)
+        Vl = (Vl.to(tl.float32) + before[:, None] * Vs.to(tl.float32)).to(Vl.dtype)
+    return Kl, Vl, Ks, Vs, before
+
+
+@triton.jit
 def _chunk_state(local_ptr, seg_ptr, before_ptr, chunk_item_ptr, i, g, j_M, d_D,
                  HKV: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
-    """A chunk's state (fp32 [BM, BD]) from its segment's: local + before * segment's. Forward:
-    start states (local from a zero segment start); backward: end-state gradients."""
+    """A chunk's end-state gradient (fp32 [BM, BD]): its own from the later chunks of its segment
+    plus the gradient of the segment's end state times the decay between the two."""
     row = (i * HKV + g) * BM
     seg_row = (tl.load(chunk_item_ptr + i) * HKV + g) * BM
     before = tl.load(before_ptr + row + j_M)[:, None]
@@ -359,15 +439,19 @@ def _scan_kernel(
 
 @triton.jit
 def _fwd_out_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, gs_ptr, gl_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, cum_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr,
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr, CUM: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """(3) Outputs of a chunk, from its start state (its local one plus the decayed start state of
-    its segment): no state is carried from chunk to chunk, so every chunk runs in parallel."""
+    """(3) Outputs of a chunk, from its start state: its own from the segment's zero start (Kl)
+    plus the segment's start state (Ks) times the decay before the chunk. The two are used apart,
+    in two products each, never summed into one fp32 [m, d] tile (that sum cost 0.24 of 0.65 ms
+    at 32-token chunks on an H100). No state is carried from chunk to chunk, so every chunk runs
+    in parallel."""
     i = tl.program_id(0)
     g = tl.program_id(1)
     HPG: tl.constexpr = H // HKV
@@ -376,14 +460,13 @@ def _fwd_out_kernel(
     t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
     causal = t_S[:, None] >= t_S[None, :]
     mask_M = j_M < M
-    # rounded as the backward reads it (and fewer registers): the operands' dtype
-    K = _chunk_state(ck_ptr, sk_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dk_D, HKV, BM, BDK).to(ck_ptr.dtype.element_ty)
-    V = _chunk_state(cv_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dv_D, HKV, BM, BDV).to(cv_ptr.dtype.element_ty)
+    Kl, Vl, Ks, Vs, before = _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g,
+                                          j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
     for a in tl.static_range(NS):
         t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
         tok = bos + t0 + t_S
-        s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
+        s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
         el = tl.exp(l)
         A, B, E = _sub_tiles(s, l, t_S, FACTOR)
         k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
@@ -391,12 +474,13 @@ def _fwd_out_kernel(
         for hh in tl.static_range(HPG):
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
-            p = _softmax(_scores(q, k, K, el, A, B, E, causal, scale, mask_M, FACTOR, DT))
-            o = _mm(p * el, V, DT) + _mm(_pairs(p, A, B, E, causal, FACTOR, DT), v, DT)
+            p = _softmax(_scores(q, k, Kl, Ks, before, el, A, B, E, causal, scale, mask_M, FACTOR, DT, SPLIT))
+            o = _to_state(p * el, Vl, Vs, before, DT, SPLIT) + _mm(_pairs(p, A, B, E, causal, FACTOR, DT), v, DT)
             _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
         if a < NS - 1:
-            K = _write_state(K, s, l, T, k, DT)
-            V = _write_state(V, s, l, T, v, DT)
+            Kl = _write_state(Kl, s, l, T, k, DT)
+            Vl = _write_state(Vl, s, l, T, v, DT)
+            before = before * tl.exp(T)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -405,11 +489,12 @@ def _fwd_out_kernel(
 @triton.jit
 def _bwd_chunk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, dks_ptr, dvs_ptr,
-    gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
+    cum_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
     chunk_item_ptr, scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr, CUM: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     """(A) dq, the in-chunk parts of dk and dv (fp32), and the gradient of the chunk's start state
     from the chunk's own outputs. Sub-chunks run in reverse, their states recomputed."""
@@ -425,23 +510,25 @@ def _bwd_chunk_kernel(
     row = (i * HKV + g) * BM
     sk = _state_offsets(row, j_M, dk_D, BDK)
     sv = _state_offsets(row, j_M, dv_D, BDV)
-    K0 = _chunk_state(ck_ptr, sk_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dk_D, HKV, BM, BDK).to(ck_ptr.dtype.element_ty)
-    V0 = _chunk_state(cv_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g, j_M, dv_D, HKV, BM, BDV).to(cv_ptr.dtype.element_ty)
+    Kl0, Vl0, Ks, Vs, before0 = _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g,
+                                             j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
     dK = tl.zeros([BM, BDK], dtype=tl.float32)  # gradient of the state after the current sub-chunk
     dV = tl.zeros([BM, BDV], dtype=tl.float32)
     for a in tl.static_range(NS - 1, -1, -1):
-        K = K0
-        V = V0
+        Kl = Kl0
+        Vl = Vl0
+        before = before0
         for b in tl.static_range(a):  # the state before sub-chunk a
             tb = c * C + b * S
             vb = (tb + t_S) < seq_len
-            sb, lb, Tb = _sub_gates(gs_ptr, gl_ptr, toff, offset + tb, t_S, seq_len - tb, W, j_M, BM)
-            K = _write_state(K, sb, lb, Tb, _load_tokens(k_ptr, bos + tb + t_S, vb, g, dk_D, mask_DK, HKV, DK), DT)
-            V = _write_state(V, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
+            sb, lb, Tb = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + tb, t_S, seq_len - tb, W, j_M, S, BM, CUM)
+            Kl = _write_state(Kl, sb, lb, Tb, _load_tokens(k_ptr, bos + tb + t_S, vb, g, dk_D, mask_DK, HKV, DK), DT)
+            Vl = _write_state(Vl, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
+            before = before * tl.exp(Tb)
         t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
         tok = bos + t0 + t_S
-        s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
+        s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
         el = tl.exp(l)
         A, B, E = _sub_tiles(s, l, t_S, FACTOR)
         k = _load_tokens(k_ptr, tok, valid, g, dk_D, mask_DK, HKV, DK)
@@ -459,12 +546,12 @@ def _bwd_chunk_kernel(
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
             do = _load_tokens(do_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
-            p = _softmax(_scores(q, k, K, el, A, B, E, causal, scale, mask_M, FACTOR, DT))
-            dp = el * _mm(do, tl.trans(V), DT) + _through(_mm(do, tl.trans(v), DT), A, B, E, causal, FACTOR, DT)
+            p = _softmax(_scores(q, k, Kl, Ks, before, el, A, B, E, causal, scale, mask_M, FACTOR, DT, SPLIT))
+            dp = el * _from_state(do, Vl, Vs, before, DT, SPLIT) + _through(_mm(do, tl.trans(v), DT), A, B, E, causal, FACTOR, DT)
             Y = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])  # d(scale z)/dz times dz
             P = _pairs(p, A, B, E, causal, FACTOR, DT)
             Pz = _pairs(Y, A, B, E, causal, FACTOR, DT)
-            dq = _mm(Y * el, K, DT) + _mm(Pz, k, DT)
+            dq = _to_state(Y * el, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
             _store_tokens(dq_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
             b_dk += _mm(tl.trans(Pz), q, DT)
             b_dv += _mm(tl.trans(P), do, DT)
@@ -617,9 +704,17 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_slot_block(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
-        C=chunk, S=sub, NS=chunk // sub, FACTOR=factor,
+        C=chunk, S=sub, NS=chunk // sub, FACTOR=factor, CUM=cum_table_fits(p, sub),
+        # the chunk's and segment's states used apart (2 products each): measured faster up to 64
+        # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
+        SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
+
+
+def _cum_or(problem: Problem, consts: dict, device, placeholder: torch.Tensor) -> torch.Tensor:
+    """The cumulative log-decay table when the kernels read it (CUM), else any tensor."""
+    return cum_table(problem, consts["S"], device) if consts["CUM"] else placeholder
 
 
 def _pick(consts: dict, *names: str) -> dict:
@@ -714,12 +809,14 @@ class _BLATriton(torch.autograd.Function):
         h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
         h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
         hk, hv = _scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay.item_base, lay.item_count, reverse=False)
+        seg_k, seg_v = seg_k.to(st_dtype), seg_v.to(st_dtype)  # now each segment's start state: operands
 
         # (3) outputs, every chunk in parallel from its start state
         o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
         if chunks:
             _fwd_out_kernel[(chunks, HKV)](
-                q, k, v, o, ck, cv, before, seg_k, seg_v, *common, lay.chunk_seq, lay.chunk_idx, lay.chunk_item,
+                q, k, v, o, ck, cv, before, seg_k, seg_v, _cum_or(p, consts, dev, gl), *common, lay.chunk_seq,
+                lay.chunk_idx, lay.chunk_item,
                 p.scale, **consts, **_launch_opts(p, "fwd_out"),
             )  # fmt: skip
         if any(ctx.needs_input_grad[:5]):
@@ -746,9 +843,10 @@ class _BLATriton(torch.autograd.Function):
         grid = (lay.total_chunks, HKV)
         if lay.total_chunks:
             _bwd_chunk_kernel[grid](
-                q, k, v, do.contiguous(), dq, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs, *common,
+                q, k, v, do.contiguous(), dq, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
+                _cum_or(p, consts, dev, gl), *common,
                 lay.chunk_item, p.scale,
-                **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR"),
+                **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR", "CUM", "SPLIT"),
                 **_launch_opts(p, "bwd_chunk"),
             )  # fmt: skip
         # autograd materialises the gradients of unused outputs as zeros

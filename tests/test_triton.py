@@ -135,14 +135,20 @@ def test_triton_elementwise_pairs_equal_torch(monkeypatch, gates):
     _compare((1, 90, 4, 2, 8, 8, 24, 6), gates)
 
 
+@pytest.mark.parametrize("cum_table", [True, False])
 @pytest.mark.parametrize("pairs", ["factorised", "elementwise"])
-def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs):
+def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs, cum_table):
     """Chunks of several sub-chunks (BLA_TRITON_CHUNK): the state is updated inside the output
-    kernel (3) and recomputed inside the backward's (A)."""
+    kernel (3) and recomputed inside the backward's (A); the cumulative log-decays read from the
+    per-phase table or (above its size limit) summed in the kernels."""
+    from bla.kernels import triton_bla
+
     monkeypatch.setenv("BLA_TRITON_CHUNK", "64")
     monkeypatch.setenv("BLA_TRITON_SUB", "16")
     if pairs == "elementwise":
         monkeypatch.setenv("BLA_TRITON_PAIRS", "elementwise")
+    if not cum_table:
+        monkeypatch.setattr(triton_bla, "CUM_TABLE_BYTES", 0)
     _compare((1, 150, 4, 2, 8, 8, 24, 6), "dirichlet")
 
 
@@ -153,6 +159,14 @@ def test_triton_segments_carry_the_state(monkeypatch, gates, segment):
     the backward scans the chunks of each segment (2, 2, 1 of them at 128 tokens), then the segments."""
     monkeypatch.setenv("BLA_TRITON_SEGMENT", str(segment))
     _compare((2, 300, 2, 2, 8, 8, 96, 6), gates)
+
+
+def test_triton_summed_chunk_states(monkeypatch):
+    """Above BLA_TRITON_SPLIT_SLOTS slots (128 and up by default) a chunk's state and its segment's
+    are summed into one before use, instead of used apart."""
+    monkeypatch.setenv("BLA_TRITON_SPLIT_SLOTS", "0")
+    monkeypatch.setenv("BLA_TRITON_SEGMENT", "64")
+    _compare((2, 300, 2, 2, 8, 8, 96, 6), "dirichlet")
 
 
 def test_triton_varlen_segments(monkeypatch):
