@@ -3,7 +3,9 @@
 The gates depend only on positions, so they come from a table built once per (W, m, gates):
 the write ``s`` and the log-decay ``log alpha`` of every phase of the period (floored at
 ``LOG_FLOOR`` where alpha = 0: products across a reset are then below 1e-13, zero in every
-output). Kernels gather their rows by phase; no gate tensor per token exists.
+output). Kernels gather their rows by phase; no gate tensor per token exists. The output and
+backward-chunk kernels read each sub-chunk's cumulative log-decay from a second table, one
+[S, m] tile per phase built once per (W, m, gates, S), instead of summing it per program.
 
 Work runs in sub-chunks of S = 64, 32 or 16 tokens, the unit of every matrix product. Inside
 one, with l the cumulative log-decay from the sub-chunk's start and T its total:
@@ -24,8 +26,9 @@ work and of stored states. Forward: (1) each segment of chunks computes its own 
 zero and its decay (parallel over segments and kv heads), storing on the way each chunk's start
 state from the segment's zero start (in the operands' dtype) and the decay before it; (2) a short
 scan over segments gives every segment's start state; (3) every chunk, in parallel, forms its
-start state (its own plus its segment's, decayed) and writes its outputs: no state is carried from
-chunk to chunk there, so the GPU is full at B=1 and the state costs few registers. The backward
+start state (its own, plus its segment's times the decay between them; the two used apart in
+tensor-core products up to 64 slots) and writes its outputs: no state is carried from chunk to
+chunk there, so the GPU is full at B=1 and the state costs few registers. The backward
 is chunk-parallel too: (A) per chunk, dq and the in-chunk parts of dk, dv and of the gradient of
 its start state; (B) reverse scans of the state gradients, two levels deep so that no dependent
 chain is longer than a segment's chunks or a sequence's segments: the chunks of every segment
