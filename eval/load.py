@@ -5,6 +5,7 @@ Face config). Either way: the model config, the tokenizer and the weights."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,9 +26,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if problem:
             raise ValueError(f"checkpoint {path} is incomplete: {problem}")
         return path
-    found = ckpt.latest_complete(path / "checkpoints", log=lambda m: None)
+    said = []  # damaged newer checkpoints are passed over, and the user is told which was read
+    found = ckpt.latest_complete(path / "checkpoints", log=said.append)
     if found is None:
-        raise ValueError(f"{path} holds no complete checkpoint under {path / 'checkpoints'}")
+        raise ValueError(f"{path} holds no complete checkpoint under {path / 'checkpoints'}" +
+                         (f" ({'; '.join(said)})" if said else ""))  # fmt: skip
+    for line in said:
+        print(f"bla: {line}", file=sys.stderr)
+    if said:
+        print(f"bla: reading {found} instead", file=sys.stderr)
     return found
 
 

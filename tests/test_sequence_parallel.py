@@ -54,4 +54,4 @@ def test_sequence_parallel_training_with_zero2_matches_and_resumes(tmp_path):
     assert sp == pytest.approx(plain, rel=1e-4)  # fp32, another summation order
     first = _train(tmp_path, "resumed", 4, 29865, "sequence_parallel_size=2", "stop_at=3")
     rest = _train(tmp_path, "resumed", 4, 29867, "sequence_parallel_size=2")
-    assert first + rest == sp  # exact resume
+    assert first == sp[:3] and rest == sp  # exact resume (the summary keeps the first process's losses)

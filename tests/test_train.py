@@ -61,8 +61,8 @@ def test_resume_is_bit_exact_in_fp32(runs):
     _, full, stopped, resumed = runs
     assert stopped["status"].startswith("stopped at stop_at=4") and stopped["step"] == 4
     assert [h["loss"] for h in stopped["losses"]] == [h["loss"] for h in full["losses"][:4]]
-    assert [h["step"] for h in resumed["losses"]] == [5, 6, 7, 8]
-    assert [h["loss"] for h in resumed["losses"]] == [h["loss"] for h in full["losses"][4:]]  # bit for bit
+    assert [h["step"] for h in resumed["losses"]] == list(range(1, 9))  # steps 1-4 from the first process's summary
+    assert [h["loss"] for h in resumed["losses"]] == [h["loss"] for h in full["losses"]]  # bit for bit
     assert resumed["val_loss"] == full["val_loss"]
 
 
@@ -72,10 +72,11 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
     for tag in ("step_0000008",):
         assert not (tmp / "uni" / "checkpoints" / tag).exists()
     one = train(tmp, "uni", 1, "zero_stage=2")
-    assert one["world_size"] == 1 and [h["step"] for h in one["losses"]][0] == 5  # resumed after step 4
+    new = [h for h in one["losses"] if h["step"] > 4]
+    assert one["world_size"] == 1 and new[0]["step"] == 5  # resumed after step 4
     assert (tmp / "uni" / "checkpoints" / "step_0000004_universal" / "complete.json").exists()
     # the weights came along: a fresh model starts near ln(512) = 6.2, the trained one far below
-    assert one["losses"][0]["loss"] < full["losses"][0]["loss"] - 0.5
+    assert new[0]["loss"] < full["losses"][0]["loss"] - 0.5
 
 
 def test_zero3_two_processes_train_and_resume(tmp_path):
@@ -83,7 +84,7 @@ def test_zero3_two_processes_train_and_resume(tmp_path):
     again = train(tmp_path, "z3", 2, "zero_stage=3")
     full = train(tmp_path, "z3full", 2, "zero_stage=3")
     assert first["step"] == 4 and again["status"] == "finished"
-    assert [h["loss"] for h in first["losses"] + again["losses"]] == [h["loss"] for h in full["losses"]]
+    assert [h["loss"] for h in again["losses"]] == [h["loss"] for h in full["losses"]]  # the first 4 kept from `first`
 
 
 def test_truncated_checkpoint_is_detected_and_the_previous_used(runs, capsys):
@@ -101,10 +102,34 @@ def test_truncated_checkpoint_is_detected_and_the_previous_used(runs, capsys):
     assert ckpt.latest_complete(ck) is None  # nothing usable left: a fresh start
 
 
+def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(runs, capsys):
+    """Same size, other content: complete.json's sha256 catches it; eval says what it read."""
+    from bla.eval.load import resolve_checkpoint
+
+    tmp, _, _, _ = runs
+    run = tmp / "flipped"
+    shutil.copytree(tmp / "full", run)
+    newest = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    victim = max(newest.rglob("*.pt"), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.seek(victim.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert "sha256 differs" in ckpt.check_complete(newest)
+    assert ckpt.check_complete(newest, hashes=False) is None  # sizes alone cannot tell
+    previous = ckpt.list_checkpoints(run / "checkpoints")[-2]
+    assert resolve_checkpoint(run) == previous
+    err = capsys.readouterr().err
+    assert f"{newest.name} is not usable" in err and f"reading {previous} instead" in err
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     run = train(tmp_path, "keep", 1, "keep_last=2", "save_every=2")
     names = [p.name for p in ckpt.list_checkpoints(Path(run["checkpoints"]))]
     assert names == ["step_0000006", "step_0000008"]
+    again = train(tmp_path, "keep", 1, "keep_last=2", "save_every=2")  # resuming a finished run
+    assert again == run  # its summary (losses, validation) left as it was
 
 
 NAN_SCRIPT = """
@@ -112,13 +137,14 @@ import sys, torch
 from bla.model import lm
 from bla.train.config import load_train_config
 from bla.train.trainer import run
+import os
 calls = {"n": 0}
 original = lm.BLALM.forward
 def forward(self, *a, **k):
     out = original(self, *a, **k)
     if self.training:
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 3 or (os.environ.get("NAN_ALL") and calls["n"] > 3):
             out.loss = out.loss * float("nan")
     return out
 lm.BLALM.forward = forward
@@ -127,15 +153,24 @@ print("SUMMARY", run(cfg)["skipped_micro_batches"])
 """
 
 
-@pytest.mark.parametrize("policy", ["skip", "stop"])
+@pytest.mark.parametrize("policy", ["skip", "stop", "skip-streak"])
 def test_nonfinite_loss_policy(tmp_path, policy):
-    args = [f"out_dir={tmp_path / 'nan'}", f"cache_dir={tmp_path / 'cache'}", "steps=5", f"nan_policy={policy}"]
-    done = subprocess.run([sys.executable, "-c", NAN_SCRIPT, *args], capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    """One bad micro-batch: skip drops it, stop saves and exits. A streak of them (every loss
+    non-finite, as with optim.lr=1e6) ends after nonfinite_limit under skip too, with a checkpoint."""
+    out = tmp_path / "nan"
+    args = [f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "steps=5", "save_every=100",
+            f"nan_policy={policy.split('-')[0]}", "nonfinite_limit=4"]  # fmt: skip
+    env = {**_env(tmp_path), **({"NAN_ALL": "1"} if policy == "skip-streak" else {})}
+    done = subprocess.run([sys.executable, "-c", NAN_SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
     assert "non-finite loss at step 3" in done.stdout, done.stdout + done.stderr[-3000:]
     if policy == "skip":
         assert done.returncode == 0 and "SUMMARY 1" in done.stdout
-    else:
-        assert done.returncode != 0 and "nan_policy=stop" in done.stderr
+        return
+    assert done.returncode != 0
+    assert ("nan_policy=stop" if policy == "stop" else "4 non-finite losses in a row") in done.stderr.splitlines()[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 2 and "checkpoint of step 2 saved" in summary["status"]
+    assert ckpt.latest_complete(out / "checkpoints").name == ckpt.tag_of(2)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -153,6 +188,62 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"].startswith("interrupted by SIGTERM") and summary["step"] > 0
     assert ckpt.latest_complete(out / "checkpoints").name == ckpt.tag_of(summary["step"])
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys
+from bla.model import lm
+from bla.train.config import load_train_config
+from bla.train.trainer import run
+calls = {"n": 0}
+original = lm.BLALM.forward
+def forward(self, *a, **k):
+    if self.training:
+        calls["n"] += 1
+        if calls["n"] == 5:  # the first micro-batch of step 3 (grad_accum=2)
+            os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, *a, **k)
+lm.BLALM.forward = forward
+print(run(load_train_config("tiny", sys.argv[1:]))["status"])
+"""
+
+
+def test_signal_inside_a_step_resumes_bit_exact(tmp_path):
+    """SIGTERM during a step's micro-batches: the run saves the state of the last whole step at
+    once (not at the next step boundary), and its resumption ends as the uninterrupted run."""
+    full = train(tmp_path, "full", 1, "grad_accum=2")
+    args = [f"out_dir={tmp_path / 'sig'}", f"cache_dir={tmp_path / 'cache'}", *BASE, "grad_accum=2"]
+    done = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, *args], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interrupted by SIGTERM; checkpoint of step 2 saved" in done.stdout
+    assert ckpt.latest_complete(tmp_path / "sig" / "checkpoints").name == ckpt.tag_of(2)
+    resumed = train(tmp_path, "sig", 1, "grad_accum=2")
+    assert [h["step"] for h in resumed["losses"]] == list(range(1, 9))  # the earlier process's losses kept
+    assert [h["loss"] for h in resumed["losses"]] == [h["loss"] for h in full["losses"]]  # bit for bit
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_one_training_process_per_out_dir(tmp_path):
+    from bla.train import lock
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    held = lock.acquire(out)
+    with pytest.raises(lock.OutDirLocked, match="in use by another training process"):
+        lock.acquire(out)
+    done = subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={out}", f"cache_dir={tmp_path / 'c'}"],
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=300)  # fmt: skip
+    assert done.returncode != 0 and "in use by another training process" in done.stderr.strip().splitlines()[-1]
+    assert not (out / "config.yaml").exists()  # the refused run wrote nothing
+    lock.release(held)
+    assert not held.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    held.write_text(json.dumps({"pid": int(dead.stdout), "host": __import__("socket").gethostname()}))
+    assert lock.acquire(out, log=lambda m: None) == held  # a dead holder's lock is taken over
+    held.write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    with pytest.raises(lock.OutDirLocked, match="on host another-host"):
+        lock.acquire(out)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ plain data only, ``verify_safe``) before DeepSpeed, which unpickles freely, open
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -117,35 +118,52 @@ def verify_safe(tag_dir: Path) -> None:
         safe_load(f, legacy_numpy=f.name.startswith("rng_rank"), deepspeed_types=True, map_location="cpu", mmap=True)
 
 
-def write_rank_files(tag_dir: Path, rank: int, loader_state: dict) -> None:
+def write_rank_files(tag_dir: Path, rank: int, loader_state: dict, rng: dict | None = None) -> None:
+    """This rank's loader state and RNG state (now's, or ``rng`` taken earlier, e.g. at the
+    start of a step that a signal interrupted)."""
     tag_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(tag_dir / f"loader_rank{rank}.json", json.dumps(loader_state).encode())
     tmp = tag_dir / f"rng_rank{rank}.pt.tmp"  # rng_state() is plain data: safe_load reads it
-    torch.save(rng_state(), tmp)
+    torch.save(rng if rng is not None else rng_state(), tmp)
     os.replace(tmp, tag_dir / f"rng_rank{rank}.pt")
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_manifest(tag_dir: Path, meta: dict) -> None:
-    files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}  # fmt: skip
+    """complete.json: written last, it marks the checkpoint whole and records each file's size and
+    sha256 (so a changed byte is found, not only a short file)."""
+    files = {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
     _atomic_write(tag_dir / MANIFEST, json.dumps({**meta, "files": files}, indent=1).encode())
 
 
-def check_complete(tag_dir: Path) -> str | None:
-    """None when the checkpoint is whole, else what is wrong with it."""
+def check_complete(tag_dir: Path, hashes: bool = True) -> str | None:
+    """None when the checkpoint is whole, else what is wrong with it. Sizes are always checked,
+    contents (sha256) when ``hashes`` (manifests written before checksums have sizes only)."""
     path = tag_dir / MANIFEST
     if not path.exists():
         return "no complete.json (the save did not finish)"
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return "complete.json is unreadable"
-    for name, size in manifest["files"].items():
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{path} is unreadable or has no file list"
+    for name, entry in files.items():
+        size, digest = (entry["bytes"], entry.get("sha256")) if isinstance(entry, dict) else (entry, None)
         f = tag_dir / name
         if not f.exists():
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        if hashes and digest is not None and sha256_of(f) != digest:
+            return f"{name} has changed since it was written (sha256 differs)"
     return None
 
 
@@ -169,7 +187,7 @@ def latest_complete(ckpt_dir: Path, log=print) -> Path | None:
 def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
     """Delete all but the newest ``keep_last`` whole checkpoints (and broken ones older than them)."""
     tags = list_checkpoints(ckpt_dir)
-    whole = [t for t in tags if check_complete(t) is None]
+    whole = [t for t in tags if check_complete(t, hashes=False) is None]
     keep = set(whole[-keep_last:])
     newest_kept = min((t.name for t in keep), default="")
     removed = []

@@ -9,13 +9,18 @@ from .config import load_train_config
 
 
 def _train(args) -> int:
-    from .trainer import run
+    from .lock import OutDirLocked
+    from .trainer import TrainingStopped, run
 
     config, overrides = args.config, list(args.override)
     if "=" in config:  # `bla train steps=10`: no preset named, only overrides
         config, overrides = "main", [config, *overrides]
     cfg = load_train_config(config, overrides)
-    run(cfg)  # writes summary.json; a bad config raises, an interrupted run returns normally
+    try:
+        run(cfg)  # writes summary.json; a bad config raises, an interrupted run returns normally
+    except (OutDirLocked, TrainingStopped) as exc:  # another run holds out_dir; non-finite losses
+        print(f"bla train: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

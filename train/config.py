@@ -72,6 +72,7 @@ class TrainConfig:
     cache_dir: str = "~/.cache/bla"
     seed: int = 0
     nan_policy: str = "skip"  # skip (drop the micro-batch) | stop (save and exit)
+    nonfinite_limit: int = 20  # consecutive non-finite micro-batches after which skip also saves and exits
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | none | a checkpoint dir
     init_from: str = ""  # start from these weights (a run, checkpoint or bla export) with a fresh optimiser
     peak_flops: float = 0.0  # per device, for MFU; 0 = known GPU's datasheet figure, none on CPU
@@ -106,6 +107,8 @@ class TrainConfig:
             bad(f"optim.schedule must be cosine or wsd, got {self.optim.schedule!r}")
         if self.nan_policy not in ("skip", "stop"):
             bad(f"nan_policy must be skip or stop, got {self.nan_policy!r}")
+        if not isinstance(self.nonfinite_limit, int) or self.nonfinite_limit < 1:
+            bad(f"nonfinite_limit must be a positive int, got {self.nonfinite_limit!r}")
         if self.data.task not in TASKS:
             bad(f"data.task must be one of {TASKS}, got {self.data.task!r}")
         if self.data.task == "mqar":

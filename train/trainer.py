@@ -29,6 +29,7 @@ from bla.eval.tasks import label_accuracy
 from bla.model import BLALM, ModelConfig, flops_per_token, param_count
 
 from . import checkpoint as ckpt
+from . import lock as out_lock
 from . import sequence_parallel
 from .config import TrainConfig
 from .schedule import lr_lambda
@@ -136,8 +137,14 @@ def ensure_shards(cfg: TrainConfig, tok: lm_data.Tokenizer, rank: int, log) -> P
 # ----------------------------------------------------------------------------- the run
 
 
+class TrainingStopped(RuntimeError):
+    """The run ended early on non-finite losses (its checkpoint saved)."""
+
+
+
 class _StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit after the current micro-batch (the
+    checkpoint holds the state of the last whole step)."""
 
     def __init__(self):
         self.raised = None
@@ -154,6 +161,15 @@ def _all_reduce(value: float, op=dist.ReduceOp.SUM) -> float:
         t = t.cuda()
     dist.all_reduce(t, op=op)
     return float(t.item())
+
+
+def _any_rank(*flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank (one collective for all)."""
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
 
 
 def _to(batch: dict, device) -> dict:
@@ -248,11 +264,37 @@ def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int,
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train to ``cfg.steps``; returns the run's summary (also written to out_dir/summary.json)."""
-    import deepspeed
-
+    """Train to ``cfg.steps``; returns the run's summary (also written to out_dir/summary.json).
+    One process group per out_dir: its rank 0 holds the directory's lock for the whole run."""
     cfg.validate()
     rank, world, device = init_distributed()
+    lock, refused = None, None
+    if rank == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            lock = out_lock.acquire(Path(cfg.out_dir), lambda msg: print(f"[bla train] {msg}", flush=True))
+        except out_lock.OutDirLocked as exc:
+            refused = exc
+    if _any_rank(refused is not None)[0]:
+        raise refused or out_lock.OutDirLocked(f"{cfg.out_dir} is in use by another training process (see rank 0)")
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        out_lock.release(lock)
+
+
+def _previous_losses(out: Path, step: int) -> list[dict]:
+    """The loss history of the run's earlier processes up to ``step`` (from its summary.json)."""
+    try:
+        earlier = json.loads((out / "summary.json").read_text()).get("losses", [])
+    except (OSError, ValueError):
+        return []
+    return [h for h in earlier if isinstance(h, dict) and h.get("step", step + 1) <= step]
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
+    import deepspeed
+
     sp_ctx, data_rank, data_world = None, rank, world
     if cfg.sequence_parallel_size > 1:
         if cfg.data.task != "lm":
@@ -326,6 +368,9 @@ def run(cfg: TrainConfig) -> dict:
         if not universal:
             ckpt.set_rng_state(ckpt.load_rng_state(resume_from / f"rng_rank{rank}.pt"))
         log(f"resumed from {resume_from} at step {step}")
+        if step >= cfg.steps and rank == 0 and (out / "summary.json").exists():
+            log(f"{resume_from} is already at step {step} of {cfg.steps}: nothing to train; summary.json left as is")
+            return json.loads((out / "summary.json").read_text())  # other ranks find no step to run
 
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -345,9 +390,15 @@ def run(cfg: TrainConfig) -> dict:
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = cfg.micro_batch * cfg.data.seq_len * cfg.grad_accum * data_world
 
-    def save(reason: str) -> Path:
+    def save(reason: str, boundary: tuple[dict, dict] | None = None) -> Path:
+        """A checkpoint of step ``step``; ``boundary``: the loader and RNG states taken when that
+        step ended, for a save from inside the next one (its micro-batches are then redone)."""
         tag_dir = ckpt_dir / ckpt.tag_of(step)
-        ckpt.write_rank_files(tag_dir, rank, loader.state_dict())
+        if boundary is not None and ckpt.check_complete(tag_dir, hashes=False) is None:
+            log(f"{tag_dir} already holds the state of step {step}")
+            return tag_dir
+        loader_state, rng = boundary if boundary is not None else (loader.state_dict(), None)
+        ckpt.write_rank_files(tag_dir, rank, loader_state, rng)
         client = {"step": step, "tokens_seen": tokens_seen, "skipped": skipped, "config": cfg.to_dict(),
                   "tokenizer": tok.describe() if tok else None, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}  # fmt: skip
         engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client, save_latest=False)
@@ -361,28 +412,41 @@ def run(cfg: TrainConfig) -> dict:
         return tag_dir
 
     stop = _StopFlag()
-    history, last_eval = [], {}
+    # a resumed run's summary keeps the losses of its earlier processes
+    history, last_eval = (_previous_losses(out, step) if resume_from is not None and rank == 0 else []), {}
     it = iter(loader)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
     t_last, tokens_last = time.perf_counter(), tokens_seen
-    status = "finished"
+    status, streak = "finished", 0
     while step < cfg.steps:
-        micro_losses = []
+        boundary = (loader.state_dict(), ckpt.rng_state())  # what a save from inside this step records
+        micro_losses, halt = [], None
         while len(micro_losses) < cfg.grad_accum:
             loss, _ = forward_loss(engine, next(it), device, sp_ctx)
-            if _all_reduce(float(torch.isfinite(loss.detach()).all()), dist.ReduceOp.MIN) < 1:
+            nonfinite, signalled = _any_rank(not bool(torch.isfinite(loss.detach()).all()), stop.raised is not None)
+            if signalled:
+                halt = f"interrupted by {stop.raised or 'a signal on another rank'}"
+                break
+            if nonfinite:
                 skipped += 1
-                log(f"non-finite loss at step {step + 1} (micro-batch dropped; {skipped} so far)")
+                streak += 1
+                log(f"non-finite loss at step {step + 1} (micro-batch dropped; {skipped} so far, {streak} in a row)")
                 if writer:
                     writer.add_scalar("train/nonfinite_skipped", skipped, step + 1)
                 if cfg.nan_policy == "stop":
-                    status = "stopped on a non-finite loss"
+                    halt = "stopped on a non-finite loss (nan_policy=stop)"
+                elif streak >= cfg.nonfinite_limit:
+                    halt = f"stopped on {streak} non-finite losses in a row (nonfinite_limit={cfg.nonfinite_limit})"
+                if halt:
                     break
                 continue
+            streak = 0
             engine.backward(loss)
             engine.step()
             micro_losses.append(float(loss.detach()))
-        if status != "finished":
+        if halt:  # the weights are still those of step ``step``: its checkpoint, then out
+            save("signal" if halt.startswith("interrupted") else "nonfinite", boundary)
+            status = f"{halt}; checkpoint of step {step} saved"
             break
         step += 1
         tokens_seen += tokens_per_step
@@ -412,7 +476,7 @@ def run(cfg: TrainConfig) -> dict:
             if writer:
                 for k, v in last_eval.items():
                     writer.add_scalar(f"val/{k.removeprefix('val_')}", v, step)
-        signalled = _all_reduce(1.0 if stop.raised else 0.0, dist.ReduceOp.MAX) > 0
+        signalled = _any_rank(stop.raised is not None)[0]
         boxed = step == cfg.stop_at
         if step % cfg.save_every == 0 or step == cfg.steps or signalled or boxed:
             save("signal" if signalled else "stop_at" if boxed else "periodic" if step < cfg.steps else "final")
@@ -438,7 +502,7 @@ def run(cfg: TrainConfig) -> dict:
             f"\n  config      {out / 'config.yaml'}\n  checkpoints {ckpt_dir}\n  tensorboard {out / 'tb'}"
             f"\n  tokenizer   {out / 'tokenizer'}\n  summary     {out / 'summary.json'}")  # fmt: skip
     if status.startswith("stopped on"):
-        raise RuntimeError(f"training {status} at step {step + 1} (nan_policy=stop)")
+        raise TrainingStopped(f"training {status}; lower optim.lr or check the data, then resume")
     return summary
 
 
