@@ -141,13 +141,14 @@ def test_round_trip_is_identical(zero3_run):
 
 
 def test_export_continues_training_with_the_same_weights(zero3_run):
-    """init_from an export with learning rate 0: the run's weights are the exported ones."""
+    """init_from an export with a learning rate too small to move a weight (lr=0 is refused): the
+    run's weights are the exported ones."""
     hf_dir = zero3_run / "hf"
     if not hf_dir.exists():
         export(zero3_run / "run", hf_dir)
     out = zero3_run / "continued"
     done = subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={out}", f"cache_dir={zero3_run / 'cache'}",
-                           f"init_from={hf_dir}", "steps=1", "optim.lr=0", "optim.warmup_steps=0", "save_every=1"],
+                           f"init_from={hf_dir}", "steps=1", "optim.lr=1e-30", "optim.warmup_steps=0", "save_every=1"],
                           capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]
     assert "initial weights from" in done.stdout + done.stderr

@@ -130,6 +130,12 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     assert names == ["step_0000006", "step_0000008"]
     again = train(tmp_path, "keep", 1, "keep_last=2", "save_every=2")  # resuming a finished run
     assert again == run  # its summary (losses, validation) left as it was
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run["tensorboard"])
+    events.Reload()
+    norms = [e.value for e in events.Scalars("train/grad_norm")]
+    assert len(norms) == 8 and all(0 < n < 1e3 for n in norms)  # ZeRO-0: DeepSpeed reports none; ours
 
 
 NAN_SCRIPT = """
@@ -256,6 +262,11 @@ def test_one_training_process_per_out_dir(tmp_path):
         (["data.seq_len=0"], "data.seq_len must be a positive int"),
         (["stop_at=99"], "stop_at must be within"),
         (["optim.lr=fast"], "optim.lr must be a non-negative number"),
+        (["optim.lr=0"], "optim.lr is 0"),
+        (["eval_every=0"], "eval_every must be a positive int"),
+        (["data.seq_len=abc"], "data.seq_len must be a positive int, got abc"),
+        (["stop_at=x"], "stop_at must be an int"),
+        (["nonfinite_limit=0"], "nonfinite_limit must be a positive int"),
     ],
 )
 def test_bad_train_config(over, match):

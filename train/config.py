@@ -83,16 +83,25 @@ class TrainConfig:
             raise ValueError(f"train config: {msg}")
 
         self.model.validate()
-        for name in ("steps", "micro_batch", "grad_accum", "eval_batches", "save_every", "keep_last", "log_every"):
+        for name in ("steps", "micro_batch", "grad_accum", "eval_every", "eval_batches", "save_every", "keep_last",
+                     "log_every", "stop_at", "seed"):  # fmt: skip
+            if name in ("stop_at", "seed"):
+                if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                    bad(f"{name} must be an int, got {getattr(self, name)!r}")
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "decay_fraction", "grad_clip"):
             value = getattr(self.optim, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 bad(f"optim.{name} must be a non-negative number, got {value!r}")
+        if self.optim.lr == 0:
+            bad("optim.lr is 0: the weights would never change (give a positive learning rate)")
+        if isinstance(self.optim.warmup_steps, bool) or not isinstance(self.optim.warmup_steps, int):
+            bad(f"optim.warmup_steps must be an int, got {self.optim.warmup_steps!r}")
         if not 0 <= self.stop_at <= self.steps:
             bad(f"stop_at must be within [0, steps={self.steps}], got {self.stop_at}")
-        if self.data.seq_len < 1:
+        if isinstance(self.data.seq_len, bool) or not isinstance(self.data.seq_len, int) or self.data.seq_len < 1:
             bad(f"data.seq_len must be a positive int, got {self.data.seq_len}")
         if not isinstance(self.sequence_parallel_size, int) or self.sequence_parallel_size < 1:
             bad(f"sequence_parallel_size must be a positive int, got {self.sequence_parallel_size!r}")

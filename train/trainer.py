@@ -417,7 +417,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     it = iter(loader)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
     t_last, tokens_last = time.perf_counter(), tokens_seen
-    status, streak = "finished", 0
+    status, streak, grad_norm = "finished", 0, float("nan")
     while step < cfg.steps:
         boundary = (loader.state_dict(), ckpt.rng_state())  # what a save from inside this step records
         micro_losses, halt = [], None
@@ -442,6 +442,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                 continue
             streak = 0
             engine.backward(loss)
+            if writer and len(micro_losses) == cfg.grad_accum - 1 and _logs(step + 1, cfg):
+                grad_norm = _grad_norm(engine)  # before step() clears the gradients
             engine.step()
             micro_losses.append(float(loss.detach()))
         if halt:  # the weights are still those of step ``step``: its checkpoint, then out
@@ -454,14 +456,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         history.append({"step": step, "loss": loss_mean})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_mean:.3f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if _logs(step, cfg):
             now = time.perf_counter()
             tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, tokens_seen
             if writer:
-                gn = engine.get_global_grad_norm()
+                gn = engine.get_global_grad_norm()  # None at ZeRO-0: then the norm taken before step()
                 scalars = {"train/loss": loss_mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps,
-                           "train/grad_norm": float(gn) if gn is not None else float("nan"), "train/tokens": tokens_seen}  # fmt: skip
+                           "train/grad_norm": float(gn if gn is not None else grad_norm), "train/tokens": tokens_seen}  # fmt: skip
                 if peak:
                     scalars["train/mfu"] = fpt * tps / (peak * world)
                 if sp_ctx is not None:
@@ -504,6 +506,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if status.startswith("stopped on"):
         raise TrainingStopped(f"training {status}; lower optim.lr or check the data, then resume")
     return summary
+
+
+def _logs(step: int, cfg: TrainConfig) -> bool:
+    return step % cfg.log_every == 0 or step == cfg.steps
+
+
+def _grad_norm(engine) -> torch.Tensor:
+    """The global L2 norm of the gradients held by the module (ZeRO-0: whole and already averaged
+    over ranks at the accumulation boundary); read only when logged, so no sync per step."""
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(float("nan"))
 
 
 def _rss_bytes() -> int:
