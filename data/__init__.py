@@ -11,7 +11,7 @@ _HOME = {
     "Packer": "packing", "collate": "packing",
     "ShardDocuments": "shards", "prepare": "shards",
     "DataSourceConfig": "sources", "SourceConfig": "sources", "load_documents": "sources", "parse_source": "sources",
-    "Tokenizer": "tokenizer", "check_vocab": "tokenizer", "train_tokenizer": "tokenizer",
+    "Tokenizer": "tokenizer", "check_vocab": "tokenizer", "check_same_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
 }  # fmt: skip
 __all__ = sorted(_HOME)
 

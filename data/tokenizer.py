@@ -81,6 +81,18 @@ class Tokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256, "file": self.path.name}
 
 
+def check_same_tokenizer(tokenizer: Tokenizer | None, recorded: dict | None, where: str) -> None:
+    """Refuse a tokenizer whose file differs from the one ``where`` recorded (its sha256): ids
+    would silently mean other text. Nothing recorded (older checkpoints, synthetic tasks): no check."""
+    if tokenizer is None or not recorded or not recorded.get("sha256"):
+        return
+    if tokenizer.sha256 != recorded["sha256"]:
+        raise ValueError(
+            f"tokenizer {tokenizer.path} (sha256 {tokenizer.sha256[:16]}...) is not the one {where} was trained "
+            f"with (sha256 {recorded['sha256'][:16]}..., {recorded.get('file')}): restore that file"
+        )
+
+
 def check_vocab(tokenizer: Tokenizer, model_vocab: int) -> None:
     if tokenizer.vocab_size > model_vocab:
         raise ValueError(

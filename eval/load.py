@@ -130,4 +130,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLAL
         return model.to(device).eval(), None, train_cfg
     if not tok_dir.exists():
         raise ValueError(f"no tokenizer beside the checkpoint (expected {tok_dir})")
-    return model.to(device).eval(), lm_data.Tokenizer(tok_dir), train_cfg
+    tok = lm_data.Tokenizer(tok_dir)
+    lm_data.check_same_tokenizer(tok, ckpt.read_meta(tag_dir).get("tokenizer"), f"checkpoint {tag_dir}")
+    return model.to(device).eval(), tok, train_cfg

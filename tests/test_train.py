@@ -124,6 +124,23 @@ def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(runs, capsy
     assert f"{newest.name} is not usable" in err and f"reading {previous} instead" in err
 
 
+def test_a_changed_tokenizer_is_refused(runs):
+    """The checkpoint records its tokenizer's sha256: another file beside it (ids that would mean
+    other text) is refused by eval and by resume."""
+    from bla.eval.load import load_run
+
+    tmp, _, _, _ = runs
+    run = tmp / "other_tok"
+    shutil.copytree(tmp / "full", run)
+    tok_file = next((run / "tokenizer").iterdir())
+    tok_file.write_text(tok_file.read_text() + " ")  # still a valid tokenizer, another file
+    with pytest.raises(ValueError, match="is not the one checkpoint .* was trained with"):
+        load_run(run)
+    (run / "summary.json").unlink()
+    done = train(tmp, "other_tok", 1, "zero_stage=2", "steps=10", f"data.tokenizer={tok_file}", check=False)["proc"]
+    assert done.returncode == 2 and "is not the one checkpoint" in done.stderr.strip().splitlines()[-1]
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     run = train(tmp_path, "keep", 1, "keep_last=2", "save_every=2")
     names = [p.name for p in ckpt.list_checkpoints(Path(run["checkpoints"]))]

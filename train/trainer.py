@@ -324,6 +324,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             if problem:
                 raise ValueError(f"cannot resume from {resume_from}: {problem}")
             meta = ckpt.read_meta(resume_from)
+            lm_data.check_same_tokenizer(tok, meta.get("tokenizer"), f"checkpoint {resume_from}")
             saved = ModelConfig.from_saved(yaml.safe_load((resume_from / "config.yaml").read_text())["model"])
             diff = architecture_diff(cfg.model, saved)
             if diff:  # e.g. a run trained before bla.gates existed (dirichlet_v1), resumed with the new default
@@ -405,7 +406,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         dist.barrier()
         if rank == 0:
             (tag_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            ckpt.write_manifest(tag_dir, {"step": step, "world_size": world, "reason": reason})
+            ckpt.write_manifest(tag_dir, {"step": step, "world_size": world, "reason": reason,
+                                          "tokenizer": tok.describe() if tok else None})  # fmt: skip
             removed = ckpt.prune(ckpt_dir, cfg.keep_last)
             log(f"saved {tag_dir} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
         dist.barrier()
