@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -64,9 +65,35 @@ def prepare(
     source: DataSourceConfig, tokenizer: Tokenizer, out_dir: str | Path, shard_tokens: int = 1 << 27,
     batch_docs: int = 64, max_docs: int | None = None, progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Tokenise ``source`` into shards under ``out_dir``; returns the manifest."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Tokenise ``source`` into shards under ``out_dir``; returns the manifest. The shards are
+    built in a private folder beside it and moved into place whole, so concurrent or interrupted
+    runs never leave a mix of two runs' files (the last to finish wins)."""
+    final = Path(out_dir)
+    if final.exists() and any(final.iterdir()) and not _is_shard_dir(final):
+        raise ValueError(f"prepare: {final} exists and is not a shard directory (no {MANIFEST}): choose an empty --out")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    try:
+        manifest = _prepare_into(out, source, tokenizer, shard_tokens, batch_docs, max_docs, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    out.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def _is_shard_dir(path: Path) -> bool:
+    return (path / MANIFEST).exists() or all(p.name.startswith("shard_") or p.name.startswith("tokenizer")
+                                             for p in path.iterdir())  # fmt: skip
+
+
+def _prepare_into(out: Path, source, tokenizer, shard_tokens, batch_docs, max_docs, progress) -> dict:
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     writer = _ShardWriter(out, dtype, shard_tokens)
     total_docs = total_tokens = 0
@@ -113,6 +140,12 @@ class ShardDocuments:
         self._bins = [np.memmap(self.dir / s["bin"], dtype=dtype, mode="r") if s["tokens"] else np.zeros(0, dtype)
                       for s in self.manifest["shards"]]  # fmt: skip
         self._idx = [np.load(self.dir / s["idx"]) for s in self.manifest["shards"]]
+        for s, tokens, idx in zip(self.manifest["shards"], self._bins, self._idx):
+            if len(tokens) != s["tokens"] or len(idx) != s["docs"] + 1 or (len(idx) and idx[-1] != s["tokens"]):
+                raise ValueError(
+                    f"shard {self.dir / s['bin']} holds {len(tokens)} tokens and {len(idx) - 1} documents where "
+                    f"{MANIFEST} says {s['tokens']} and {s['docs']} (truncated or changed): re-run `bla data prepare`"
+                )
         counts = [s["docs"] for s in self.manifest["shards"]]
         self._first_doc = np.cumsum([0] + counts)
         self.num_docs = int(self._first_doc[-1])

@@ -220,6 +220,24 @@ def test_shards_made_with_another_tokenizer_are_refused(tmp_path, bpe):
         ShardDocuments(tmp_path / "other")
 
 
+def test_damaged_shards_are_refused_and_prepare_replaces_whole(tmp_path, bpe):
+    out = tmp_path / "shards"
+    first = prepare(STDLIB_VAL, bpe, out, shard_tokens=20_000, progress=False)
+    second = prepare(STDLIB_VAL, bpe, out, shard_tokens=1 << 27, progress=False, max_docs=5)  # over the first
+    assert len(first["shards"]) > 1 and len(second["shards"]) == 1
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.bin", "shard_00000.idx.npy"]  # none stale
+    assert not list(tmp_path.glob(".shards.*"))  # no private build folder left behind
+    binary = out / "shard_00000.bin"
+    binary.write_bytes(binary.read_bytes()[:-4])
+    with pytest.raises(ValueError, match=r"shard_00000.bin holds .* \(truncated or changed\)"):
+        ShardDocuments(out)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not shards")
+    with pytest.raises(ValueError, match="is not a shard directory"):
+        prepare(STDLIB_VAL, bpe, tmp_path / "mine", progress=False, max_docs=2)
+    assert (tmp_path / "mine" / "notes.txt").exists()
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("backend", ["stream", "shards"])
 def test_resume_equals_uninterrupted(tmp_path, bpe, doc_files, num_workers, backend):
