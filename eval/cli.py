@@ -20,7 +20,7 @@ def _perplexity(args) -> int:
     device = _device(args.device)
     model, tok, cfg = load_model(args.run, device)
     source = DataSourceConfig([parse_source(s) for s in args.source or cfg["data"]["val_sources"]])
-    context = args.context or cfg["data"]["seq_len"]
+    context = cfg["data"]["seq_len"] if args.context == 0 else args.context  # 0: the training context
     result = perplexity(model, tok, source, context, args.max_docs, device, progress=True)
     print(json.dumps({**result, "context": context, "run": str(args.run)}, indent=1))
     return 0

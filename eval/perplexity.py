@@ -37,6 +37,10 @@ def perplexity(
     model: BLALM, tokenizer: Tokenizer, source: DataSourceConfig, context: int, max_docs: int | None = None,
     device="cpu", progress: bool = False,
 ) -> dict:  # fmt: skip
+    if not isinstance(context, int) or context < 1:
+        raise ValueError(f"perplexity: context must be positive (tokens per scoring pass), got {context!r}")
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"perplexity: max_docs must be positive, got {max_docs}")
     model.eval()
     nll = tokens = nbytes = docs = 0
     texts = itertools.islice(load_documents(source), max_docs)

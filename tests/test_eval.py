@@ -129,6 +129,10 @@ def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tmp_path):
     result = json.loads(done.stdout[done.stdout.index("{") :])
     assert result["docs"] == 3 and 1.0 < result["ppl"] < 512  # below the 512-token vocabulary's uniform guess
     assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / np.log(2) / result["bytes"])
+    for bad in (["--context", "-1"], ["--max-docs", "0"]):  # meaningless: refused in one line, no 0.0 loss
+        done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "eval", "perplexity", "--run", str(run), *bad],
+                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        assert done.returncode == 2 and "must be positive" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
 
 
 def test_memory_benchmark_on_cpu(tmp_path):

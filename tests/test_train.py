@@ -153,6 +153,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     events.Reload()
     norms = [e.value for e in events.Scalars("train/grad_norm")]
     assert len(norms) == 8 and all(0 < n < 1e3 for n in norms)  # ZeRO-0: DeepSpeed reports none; ours
+    assert events.Scalars("final/val_loss")[0].value == pytest.approx(run["val_loss"])  # written by add_hparams
 
 
 NAN_SCRIPT = """

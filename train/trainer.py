@@ -492,6 +492,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             break
     bar.close()
     if writer:
+        _write_hparams(writer, cfg, {"val_loss": last_eval.get("val_loss"), "train_loss": history[-1]["loss"] if history else None})
         writer.close()
     summary = {
         "status": status, "step": step, "tokens_seen": tokens_seen, "skipped_micro_batches": skipped,
@@ -508,6 +509,23 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if status.startswith("stopped on"):
         raise TrainingStopped(f"training {status}; lower optim.lr or check the data, then resume")
     return summary
+
+
+def _write_hparams(writer, cfg: TrainConfig, metrics: dict) -> None:
+    """The run's settings (flattened, scalars only) beside its final metrics, for TensorBoard's
+    HParams tab: runs of a sweep compare there."""
+    flat, todo = {}, [("", cfg.to_dict())]
+    while todo:
+        prefix, d = todo.pop()
+        for k, v in d.items():
+            if isinstance(v, dict):
+                todo.append((f"{prefix}{k}.", v))
+            elif isinstance(v, (bool, int, float, str)):
+                flat[f"{prefix}{k}"] = v
+            elif isinstance(v, list):
+                flat[f"{prefix}{k}"] = ",".join(map(str, v))
+    finite = {f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    writer.add_hparams(flat, finite, run_name=".")
 
 
 def _logs(step: int, cfg: TrainConfig) -> bool:
