@@ -145,6 +145,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     run = train(tmp_path, "keep", 1, "keep_last=2", "save_every=2")
     names = [p.name for p in ckpt.list_checkpoints(Path(run["checkpoints"]))]
     assert names == ["step_0000006", "step_0000008"]
+    assert json.loads((Path(run["out_dir"]) / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 0
     again = train(tmp_path, "keep", 1, "keep_last=2", "save_every=2")  # resuming a finished run
     assert again == run  # its summary (losses, validation) left as it was
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -290,6 +291,23 @@ def test_one_training_process_per_out_dir(tmp_path):
 def test_bad_train_config(over, match):
     with pytest.raises(ValueError, match=match):
         load_train_config("tiny", over)
+
+
+def test_a_user_deepspeed_config_is_merged(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1234}, "wall_clock_breakdown": True}))
+    cfg = load_train_config("tiny", ["zero_stage=2", f"deepspeed_config={user}"])
+    ds = cfg.deepspeed(bf16=False)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1234} and ds["wall_clock_breakdown"] is True
+    assert ds["gradient_accumulation_steps"] == cfg.grad_accum  # the generated keys stay
+    user.write_text('{"zero_optimization": ')
+    with pytest.raises(ValueError, match="ds.json: not JSON"):
+        load_train_config("tiny", [f"deepspeed_config={user}"])
+    user.write_text('{"train_micro_batch_size_per_gpu": 4}')
+    with pytest.raises(ValueError, match="set by the trainer"):
+        load_train_config("tiny", [f"deepspeed_config={user}"])
+    with pytest.raises(ValueError, match="cannot read it"):
+        load_train_config("tiny", [f"deepspeed_config={tmp_path / 'missing.json'}"])
 
 
 def test_schedules():

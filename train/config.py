@@ -8,6 +8,7 @@ start and saved with every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -76,6 +77,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | none | a checkpoint dir
     init_from: str = ""  # start from these weights (a run, checkpoint or bla export) with a fresh optimiser
     peak_flops: float = 0.0  # per device, for MFU; 0 = known GPU's datasheet figure, none on CPU
+    deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated config (offload, bucket sizes, ...)
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
@@ -130,6 +132,8 @@ class TrainConfig:
             bad("data.sources is empty")
         if self.data.tokenizer_kind not in ("bpe", "sentencepiece"):
             bad(f"data.tokenizer_kind must be bpe or sentencepiece, got {self.data.tokenizer_kind!r}")
+        if self.deepspeed_config:
+            self.deepspeed(bf16=False)  # a missing or malformed file: said now, not after setup
         if not 0 <= self.optim.warmup_steps <= self.steps:
             bad(f"optim.warmup_steps must be within [0, steps={self.steps}], got {self.optim.warmup_steps}")
         return self
@@ -138,7 +142,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def deepspeed(self, bf16: bool, load_universal: bool = False) -> dict:
-        """The DeepSpeed config this run trains with."""
+        """The DeepSpeed config this run trains with: the one generated from these settings, with
+        ``deepspeed_config``'s JSON merged over it (nested sections key by key)."""
+        generated = self._generated_deepspeed(bf16, load_universal)
+        if not self.deepspeed_config:
+            return generated
+        path = Path(self.deepspeed_config).expanduser()
+        try:
+            user = json.loads(path.read_text())
+        except OSError as exc:
+            raise ValueError(f"deepspeed_config={path}: cannot read it ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"deepspeed_config={path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(user, dict):
+            raise ValueError(f"deepspeed_config={path}: expected a JSON object, got {type(user).__name__}")
+        for key in ("train_micro_batch_size_per_gpu", "train_batch_size"):
+            if key in user:
+                raise ValueError(f"deepspeed_config={path}: {key} is set by the trainer (use micro_batch and grad_accum)")
+        return _merged(generated, user)
+
+    def _generated_deepspeed(self, bf16: bool, load_universal: bool) -> dict:
         o = self.optim
         return {
             "train_micro_batch_size_per_gpu": 1,  # one packed row of micro_batch * seq_len tokens
@@ -181,6 +204,13 @@ class TrainConfig:
                 raw["regbench"] = RegBenchConfig(**raw["regbench"])
             built[name] = klass(**raw)
         return cls(model=ModelConfig.from_dict(model), **built, **d).validate()
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def preset_path(name: str) -> Path:

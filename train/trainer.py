@@ -345,8 +345,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if sp_ctx is not None:
         sequence_parallel.enable(model, sp_ctx)
     n_params = param_count(cfg.model)
+    ds_config = cfg.deepspeed(bf16, universal)
+    if rank == 0:  # what DeepSpeed was given, user overrides (deepspeed_config) merged in
+        (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=cfg.deepspeed(bf16, universal),
+        model=model, model_parameters=model.parameters(), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )  # fmt: skip
     loader = train_loader(cfg, tok, shards, data_rank, data_world)  # an SP group shares its batches
