@@ -310,6 +310,16 @@ def test_a_user_deepspeed_config_is_merged(tmp_path):
         load_train_config("tiny", [f"deepspeed_config={tmp_path / 'missing.json'}"])
 
 
+def test_train_help_lists_the_settings(capsys):
+    from bla.launch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for line in ("nan_policy=skip  # skip", "data.seq_len=256", "optim.lr=0.001", "deepspeed_config=  #"):
+        assert line in out
+
+
 def test_schedules():
     cos = lr_lambda(load_train_config("main", ["steps=100", "optim.warmup_steps=10"]))
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)

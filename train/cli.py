@@ -25,7 +25,14 @@ def _train(args) -> int:
 
 
 def add_train_commands(sub) -> None:
-    p = sub.add_parser("train", help="pretrain (default: a small BLA LM on the embedded corpus)")
+    from .config import settings_help
+
+    p = sub.add_parser(
+        "train", help="pretrain (default: a small BLA LM on the embedded corpus)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (key=value; the defaults below, before a preset's own values):\n" + settings_help() +
+               "\n  model.*  see docs/presets.md (e.g. model.preset=350m model.bla.slots=32)",
+    )  # fmt: skip
     p.add_argument("config", nargs="?", default="main", help="preset (main, tiny) or a YAML file")
     p.add_argument("override", nargs="*", help="key=value overrides, e.g. steps=1000 model.bla.slots=32")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it

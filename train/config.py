@@ -206,6 +206,25 @@ class TrainConfig:
         return cls(model=ModelConfig.from_dict(model), **built, **d).validate()
 
 
+def settings_help() -> str:
+    """Every train setting as ``key=default  comment`` (from the dataclasses' own lines), for
+    ``bla train --help``."""
+    import inspect
+    import re
+
+    lines = []
+    for prefix, klass in (("", TrainConfig), ("data.", DataConfig), ("optim.", OptimConfig)):
+        defaults = dataclasses.asdict(klass())
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+= .*?(?:#\s*(.*))?$", line)
+            if not m or m.group(1) not in defaults or isinstance(defaults[m.group(1)], dict):
+                continue
+            value = defaults[m.group(1)]
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            lines.append(f"  {prefix}{m.group(1)}={shown}" + (f"  # {m.group(2)}" if m.group(2) else ""))
+    return "\n".join(lines)
+
+
 def _merged(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
