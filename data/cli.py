@@ -11,7 +11,8 @@ from bla import data  # its modules (datasets, tokenizers) load when a command r
 
 
 def _source(args) -> data.DataSourceConfig:
-    return data.DataSourceConfig([data.parse_source(s) for s in (args.source or ["stdlib"])], seed=args.seed)
+    return data.DataSourceConfig([data.parse_source(s) for s in (args.source or ["stdlib"])], seed=args.seed,
+                                 mixture=args.mixture)  # fmt: skip
 
 
 def _train_tokenizer(args) -> int:
@@ -67,6 +68,8 @@ def add_data_commands(sub) -> None:
         q.add_argument("--source", action="append", help="stdlib[:split] | files:<glob>[#field] | "
                        "hub:<name>[@config][:split][#field], weighted as <w>*<source> (repeatable)")  # fmt: skip
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--mixture", default="all_exhausted", choices=["all_exhausted", "first_exhausted"],
+                       help="several sources: stop when all are seen (smaller ones repeat) or at the first exhausted")
         q.add_argument("--max-docs", type=int, default=None)
 
     t = dsub.add_parser("train-tokenizer", help="train a byte-level BPE (tokenizers) or a SentencePiece model")

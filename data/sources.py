@@ -41,12 +41,20 @@ class SourceConfig:
         return f"{self.kind}:{self.name}{extra}:{self.split}#{self.text_field}"
 
 
+MIXTURES = ("all_exhausted", "first_exhausted")
+
+
 @dataclass
 class DataSourceConfig:
-    """One source or a weighted mixture (sampled with a fixed seed)."""
+    """One source or a weighted mixture, sampled with a fixed seed: each next document comes from
+    source i with probability weight_i / sum(weights). ``mixture`` says when the stream ends:
+    ``all_exhausted`` (every document of every source seen at least once; smaller sources repeat
+    while the largest runs out) or ``first_exhausted`` (at the first source that runs out; no
+    document repeats, larger sources are cut short)."""
 
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     seed: int = 0
+    mixture: str = "all_exhausted"
 
 
 def parse_source(spec: str) -> SourceConfig:
@@ -187,7 +195,9 @@ def load_documents(cfg: DataSourceConfig) -> datasets.IterableDataset:
     weights = [s.weight for s in cfg.sources]
     if any(w <= 0 for w in weights):
         raise ValueError(f"mixture weights must be positive, got {weights}")
+    if cfg.mixture not in MIXTURES:
+        raise ValueError(f"mixture must be one of {MIXTURES}, got {cfg.mixture!r}")
     total = sum(weights)
     return datasets.interleave_datasets(
-        streams, probabilities=[w / total for w in weights], seed=cfg.seed, stopping_strategy="all_exhausted"
+        streams, probabilities=[w / total for w in weights], seed=cfg.seed, stopping_strategy=cfg.mixture
     )

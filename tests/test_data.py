@@ -97,6 +97,15 @@ def test_mixture_draws_from_both(tmp_path, doc_files):
     assert first == [ex["text"] for ex in itertools.islice(load_documents(cfg), 20)]  # deterministic
     n_other = sum(t.startswith("other") for t in first)
     assert 8 < n_other < 20
+    # the end of the stream, as chosen: every document seen (small sources repeat), or no repeats
+    everything = [ex["text"] for ex in load_documents(cfg)]
+    assert set(everything) >= {f"other {i}" for i in range(30)} and len(everything) > len(set(everything))
+    cfg.mixture = "first_exhausted"
+    once = [ex["text"] for ex in load_documents(cfg)]
+    assert len(once) == len(set(once)) < len(set(everything))
+    cfg.mixture = "most"
+    with pytest.raises(ValueError, match="mixture must be one of"):
+        load_documents(cfg)
 
 
 def test_embedded_corpus_split_is_disjoint_and_deterministic():

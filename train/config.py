@@ -31,6 +31,7 @@ class DataConfig:
     regbench: RegBenchConfig = field(default_factory=RegBenchConfig)
     sources: list[str] = field(default_factory=lambda: ["stdlib:train"])  # see bla.data.parse_source
     val_sources: list[str] = field(default_factory=lambda: ["stdlib:validation"])
+    mixture: str = "all_exhausted"  # several sources: all_exhausted (small ones repeat) | first_exhausted (none repeats)
     tokenizer: str = "auto"  # path to tokenizer.json / .model, or "auto": train one and cache it
     tokenizer_kind: str = "bpe"  # when training: bpe | sentencepiece
     shards: str = "auto"  # pre-tokenised shard dir; "auto": prepare into the cache; "none": stream
@@ -130,6 +131,8 @@ class TrainConfig:
             bad(f"RegBench needs model.vocab_size >= {REGBENCH_VOCAB}, got {self.model.vocab_size}")
         if not self.data.sources:
             bad("data.sources is empty")
+        if self.data.mixture not in ("all_exhausted", "first_exhausted"):
+            bad(f"data.mixture must be all_exhausted or first_exhausted, got {self.data.mixture!r}")
         if self.data.tokenizer_kind not in ("bpe", "sentencepiece"):
             bad(f"data.tokenizer_kind must be bpe or sentencepiece, got {self.data.tokenizer_kind!r}")
         if self.deepspeed_config:

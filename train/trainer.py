@@ -98,16 +98,25 @@ def initial_weights(cfg: TrainConfig, log):
     return model, tok
 
 
+def _sources_key(d) -> tuple:
+    """What names a training stream in cache keys (the mixture rule only matters for several sources)."""
+    return (d.sources, d.mixture) if len(d.sources) > 1 else (d.sources,)
+
+
+def _source_config(d, sources: list[str]) -> lm_data.DataSourceConfig:
+    return lm_data.DataSourceConfig([lm_data.parse_source(s) for s in sources], seed=d.seed, mixture=d.mixture)
+
+
 def ensure_tokenizer(cfg: TrainConfig, rank: int, log) -> lm_data.Tokenizer:
     """The configured tokenizer, or one trained on the training sources and cached."""
     d = cfg.data
     if d.tokenizer != "auto":
         return lm_data.Tokenizer(d.tokenizer)
-    cache = Path(cfg.cache_dir).expanduser() / "tokenizers" / _cache_key(d.sources, d.tokenizer_kind, cfg.model.vocab_size)
+    cache = Path(cfg.cache_dir).expanduser() / "tokenizers" / _cache_key(*_sources_key(d), d.tokenizer_kind, cfg.model.vocab_size)
     name = "tokenizer.json" if d.tokenizer_kind == "bpe" else "tokenizer.model"
     if rank == 0 and not (cache / name).exists():
         log(f"training a {d.tokenizer_kind} tokenizer of {cfg.model.vocab_size} tokens on {d.sources} -> {cache}")
-        texts = (ex["text"] for ex in lm_data.load_documents(lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources])))
+        texts = (ex["text"] for ex in lm_data.load_documents(_source_config(d, d.sources)))
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         lm_data.train_tokenizer(texts, tmp, kind=d.tokenizer_kind, vocab_size=cfg.model.vocab_size)
         _publish(tmp, cache)
@@ -121,11 +130,11 @@ def ensure_shards(cfg: TrainConfig, tok: lm_data.Tokenizer, rank: int, log) -> P
         return None
     if d.shards != "auto":
         return Path(d.shards)
-    out = Path(cfg.cache_dir).expanduser() / "shards" / _cache_key(d.sources, tok.sha256)
+    out = Path(cfg.cache_dir).expanduser() / "shards" / _cache_key(*_sources_key(d), tok.sha256)
     if rank == 0 and not (out / "manifest.json").exists():
         log(f"tokenising {d.sources} once into shards at {out}")
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        source = lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources], seed=d.seed)
+        source = _source_config(d, d.sources)
         lm_data.prepare(source, tok, tmp, progress=cfg.progress)
         if out.exists() and not (out / "manifest.json").exists():
             shutil.rmtree(out)  # a partial directory left by an interrupted run of an older version
@@ -205,7 +214,7 @@ def train_loader(cfg: TrainConfig, tok: lm_data.Tokenizer | None, shards, rank: 
     if d.task == "regbench":
         make = lambda n, seed: regbench.training_batch(n, d.seq_len, d.regbench, seed)  # noqa: E731
         return TaskLoader(make, cfg.micro_batch, d.seed, rank, world)
-    src = lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.sources], seed=d.seed)
+    src = _source_config(d, d.sources)
     return lm_data.build_loader(lm_data.LoaderConfig(d.seq_len, cfg.micro_batch, d.num_workers, rank, world, loop=True), tok, src, shards)
 
 
@@ -214,7 +223,7 @@ def eval_loader(cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int, worl
     if d.task == "mqar":  # held-out examples: another seed stream than training's
         make = lambda n, seed: mqar_examples(n, d.seq_len, d.mqar, seed)  # noqa: E731
         return TaskLoader(make, cfg.micro_batch, d.seed + HELD_OUT_SEED, rank, world)
-    src = lm_data.DataSourceConfig([lm_data.parse_source(s) for s in d.val_sources], seed=d.seed)
+    src = _source_config(d, d.val_sources)
     return lm_data.build_loader(lm_data.LoaderConfig(d.seq_len, cfg.micro_batch, 0, rank, world, loop=True), tok, source=src)
 
 
