@@ -18,7 +18,8 @@ def _source(args) -> data.DataSourceConfig:
 def _train_tokenizer(args) -> int:
     docs = (ex["text"] for ex in itertools.islice(data.load_documents(_source(args)), args.max_docs))
     t0 = time.perf_counter()
-    tok = data.train_tokenizer(docs, args.out, kind=args.kind, vocab_size=args.vocab_size, model_type=args.model_type)
+    tok = data.train_tokenizer(docs, args.out, kind=args.kind, vocab_size=args.vocab_size, model_type=args.model_type,
+                               progress=True)  # fmt: skip
     print(f"trained a {tok.kind} tokenizer of {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f} s: {tok.path}")
     return 0
 

@@ -101,12 +101,23 @@ def check_vocab(tokenizer: Tokenizer, model_vocab: int) -> None:
         )
 
 
+MIN_VOCAB = 256 + len(SPECIALS) + 1  # every byte (byte-level BPE, sentencepiece's byte fallback), specials, unk
+
+
 def train_tokenizer(
-    texts: Iterable[str], out_dir: str | Path, kind: str = "bpe", vocab_size: int = 8192, model_type: str = "bpe"
+    texts: Iterable[str], out_dir: str | Path, kind: str = "bpe", vocab_size: int = 8192, model_type: str = "bpe",
+    progress: bool = False,
 ) -> Tokenizer:
-    """Train on ``texts`` and save into ``out_dir``; ``model_type`` (bpe|unigram) is for sentencepiece."""
+    """Train on ``texts`` and save into ``out_dir``; ``model_type`` (bpe|unigram) is for sentencepiece.
+    ``progress``: a bar of the documents read (and of BPE's merges)."""
     if kind not in KINDS:
         raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
+        raise ValueError(f"tokenizer vocab_size must be an int >= {MIN_VOCAB} (bytes and special tokens), got {vocab_size!r}")
+    if progress:
+        from tqdm import tqdm
+
+        texts = tqdm(texts, desc="tokenizer: reading documents", unit="doc")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if kind == "bpe":
@@ -118,7 +129,7 @@ def train_tokenizer(
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=progress,
         )  # fmt: skip
         tok.train_from_iterator(texts, trainer=trainer)
         tok.save(str(out / "tokenizer.json"))

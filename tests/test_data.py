@@ -222,7 +222,9 @@ def test_streaming_and_shard_loaders_are_identical(tmp_path, bpe):
 
 def test_shards_made_with_another_tokenizer_are_refused(tmp_path, bpe):
     prepare(STDLIB_VAL, bpe, tmp_path / "shards", progress=False, max_docs=3)
-    other = train_tokenizer(["completely different text " * 50], tmp_path / "other", vocab_size=300)
+    other = train_tokenizer(["completely different text " * 50], tmp_path / "other", vocab_size=300, progress=True)
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 260"):
+        train_tokenizer(["text"], tmp_path / "bad", vocab_size=-5)
     with pytest.raises(ValueError, match="were made with tokenizer"):
         ShardDocuments(tmp_path / "shards", other)
     with pytest.raises(ValueError, match="holds no manifest.json"):

@@ -118,7 +118,8 @@ def ensure_tokenizer(cfg: TrainConfig, rank: int, log) -> lm_data.Tokenizer:
         log(f"training a {d.tokenizer_kind} tokenizer of {cfg.model.vocab_size} tokens on {d.sources} -> {cache}")
         texts = (ex["text"] for ex in lm_data.load_documents(_source_config(d, d.sources)))
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        lm_data.train_tokenizer(texts, tmp, kind=d.tokenizer_kind, vocab_size=cfg.model.vocab_size)
+        lm_data.train_tokenizer(texts, tmp, kind=d.tokenizer_kind, vocab_size=cfg.model.vocab_size,
+                                progress=cfg.progress)  # fmt: skip
         _publish(tmp, cache)
     dist.barrier()
     return lm_data.Tokenizer(cache / name)
