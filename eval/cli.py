@@ -19,8 +19,13 @@ def _perplexity(args) -> int:
 
     device = _device(args.device)
     model, tok, cfg = load_model(args.run, device)
-    source = DataSourceConfig([parse_source(s) for s in args.source or cfg["data"]["val_sources"]])
-    context = cfg["data"]["seq_len"] if args.context == 0 else args.context  # 0: the training context
+    trained_on = cfg.get("data") or {}  # none recorded: a model re-saved by transformers (no bla_export.json)
+    sources = args.source or trained_on.get("val_sources")
+    context = trained_on.get("seq_len") if args.context == 0 else args.context  # 0: the training context
+    if not sources or context is None:
+        raise ValueError(f"{args.run} records no training data settings (a model re-saved without bla_export.json): "
+                         f"pass --source (e.g. stdlib:validation) and --context")  # fmt: skip
+    source = DataSourceConfig([parse_source(s) for s in sources])
     result = perplexity(model, tok, source, context, args.max_docs, device, progress=True)
     print(json.dumps({**result, "context": context, "run": str(args.run)}, indent=1))
     return 0

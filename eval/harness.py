@@ -25,6 +25,10 @@ from .load import load_model
 class BLAHarnessLM(LM):
     def __init__(self, run: str, device: str = "", max_length: int = 0, **_: object):
         super().__init__()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's command line passes device=cuda unless told otherwise: on a CPU machine, run there
+            print(f"bla harness: device={device} asked but no GPU is available; running on the CPU", flush=True)
+            device = "cpu"
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.tok, cfg = load_model(run, self._device)
         if self.tok is None:

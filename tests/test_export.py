@@ -158,6 +158,24 @@ def test_export_continues_training_with_the_same_weights(zero3_run):
         assert torch.equal(a, b), name
 
 
+def test_an_export_without_its_training_record_evaluates(zero3_run, tmp_path):
+    """What transformers' save_pretrained leaves (no bla_export.json): perplexity runs when told the
+    data, and otherwise says what to pass."""
+    hf_dir = zero3_run / "hf"
+    if not hf_dir.exists():
+        export(zero3_run / "run", hf_dir)
+    bare = tmp_path / "resaved"
+    shutil.copytree(hf_dir, bare)
+    (bare / "bla_export.json").unlink()
+    ppl = [sys.executable, "-m", "bla.launch.cli", "eval", "perplexity", "--run", str(bare), "--max-docs", "2"]
+    done = subprocess.run(ppl, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 2 and "pass --source" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    done = subprocess.run([*ppl, "--source", "stdlib:validation", "--context", "32"], capture_output=True, text=True,
+                          env=_env(), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout[done.stdout.index("{") :])["docs"] == 2
+
+
 def test_clear_errors(zero3_run, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         export(tmp_path / "nowhere", tmp_path / "x")

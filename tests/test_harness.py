@@ -72,7 +72,9 @@ def test_loglikelihood_matches_the_model(tiny_run):
     from bla.eval.harness import BLAHarnessLM
     from bla.eval.load import load_run
 
-    lm = BLAHarnessLM(str(tiny_run / "run"), max_length=1024)  # one window: exactly the full forward
+    # device=cuda is what lm_eval's command line passes by default: without a GPU it runs on the CPU
+    lm = BLAHarnessLM(str(tiny_run / "run"), device="" if torch.cuda.is_available() else "cuda", max_length=1024)
+    assert lm._device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # one window: exactly the full forward
     model, tok, _ = load_run(tiny_run / "run")
 
     class Req:
