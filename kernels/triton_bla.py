@@ -441,6 +441,21 @@ def _scan_kernel(
 
 
 @triton.jit
+def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, j_M, dk_D, dv_D,
+               HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, S: tl.constexpr,
+               CUM: tl.constexpr, FACTOR: tl.constexpr):  # fmt: skip
+    """What (3) and (A) need of the sub-chunk starting at token t0 of a sequence: its valid tokens
+    and their rows, gates (s, l, T, e^l and the pair tiles), keys and values."""
+    valid = (t0 + t_S) < seq_len
+    tok = bos + t0 + t_S
+    s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
+    A, B, E = _sub_tiles(s, l, t_S, FACTOR)
+    k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
+    v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
+    return valid, tok, s, l, T, tl.exp(l), A, B, E, k, v
+
+
+@triton.jit
 def _fwd_out_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, cum_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr,
@@ -467,13 +482,10 @@ def _fwd_out_kernel(
                                           j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
     for a in tl.static_range(NS):
         t0 = c * C + a * S
-        valid = (t0 + t_S) < seq_len
-        tok = bos + t0 + t_S
-        s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
-        el = tl.exp(l)
-        A, B, E = _sub_tiles(s, l, t_S, FACTOR)
-        k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
-        v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
+        valid, tok, s, l, T, el, A, B, E, k, v = _sub_chunk(
+            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, j_M, dk_D, dv_D,
+            HKV, BM, DK, DV, S, CUM, FACTOR,
+        )  # fmt: skip
         for hh in tl.static_range(HPG):
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
@@ -529,13 +541,10 @@ def _bwd_chunk_kernel(
             Vl = _write_state(Vl, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
             before = before * tl.exp(Tb)
         t0 = c * C + a * S
-        valid = (t0 + t_S) < seq_len
-        tok = bos + t0 + t_S
-        s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
-        el = tl.exp(l)
-        A, B, E = _sub_tiles(s, l, t_S, FACTOR)
-        k = _load_tokens(k_ptr, tok, valid, g, dk_D, mask_DK, HKV, DK)
-        v = _load_tokens(v_ptr, tok, valid, g, dv_D, mask_DV, HKV, DV)
+        valid, tok, s, l, T, el, A, B, E, k, v = _sub_chunk(
+            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, j_M, dk_D, dv_D,
+            HKV, BM, DK, DV, S, CUM, FACTOR,
+        )  # fmt: skip
         if a == NS - 1:  # the chunk's last sub-chunk: no later one to reach through the state
             b_dk = tl.zeros([S, BDK], dtype=tl.float32)
             b_dv = tl.zeros([S, BDV], dtype=tl.float32)
