@@ -151,7 +151,6 @@ class TrainingStopped(RuntimeError):
     """The run ended early on non-finite losses (its checkpoint saved)."""
 
 
-
 class _StopFlag:
     """SIGTERM / SIGINT ask for a checkpoint and a clean exit after the current micro-batch (the
     checkpoint holds the state of the last whole step)."""
@@ -457,7 +456,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                 continue
             streak = 0
             engine.backward(loss)
-            if writer and len(micro_losses) == cfg.grad_accum - 1 and _logs(step + 1, cfg):
+            if writer and cfg.zero_stage == 0 and len(micro_losses) == cfg.grad_accum - 1 and _logs(step + 1, cfg):
                 grad_norm = _grad_norm(engine)  # before step() clears the gradients
             engine.step()
             micro_losses.append(float(loss.detach()))
