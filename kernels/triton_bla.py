@@ -380,15 +380,15 @@ def _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, 
 
 
 @triton.jit
-def _chunk_state(local_ptr, seg_ptr, before_ptr, chunk_item_ptr, i, g, j_M, d_D,
-                 HKV: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+def _chunk_end_grad(own_ptr, seg_ptr, after_ptr, chunk_item_ptr, i, g, j_M, d_D,
+                    HKV: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
     """A chunk's end-state gradient (fp32 [BM, BD]): its own from the later chunks of its segment
-    plus the gradient of the segment's end state times the decay between the two."""
+    plus the gradient of the segment's end state times the decay between the two (``after``)."""
     row = (i * HKV + g) * BM
     seg_row = (tl.load(chunk_item_ptr + i) * HKV + g) * BM
-    before = tl.load(before_ptr + row + j_M)[:, None]
-    local = tl.load(local_ptr + _state_offsets(row, j_M, d_D, BD)).to(tl.float32)
-    return local + before * tl.load(seg_ptr + _state_offsets(seg_row, j_M, d_D, BD))
+    after = tl.load(after_ptr + row + j_M)[:, None]
+    own = tl.load(own_ptr + _state_offsets(row, j_M, d_D, BD)).to(tl.float32)
+    return own + after * tl.load(seg_ptr + _state_offsets(seg_row, j_M, d_D, BD))
 
 
 @triton.jit
@@ -590,8 +590,8 @@ def _bwd_tokens_kernel(
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
                                                 offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
-    dK = _chunk_state(dks_ptr, segk_ptr, after_ptr, chunk_item_ptr, i, g, j_M, dk_D, HKV, BM, BDK)
-    dV = _chunk_state(dvs_ptr, segv_ptr, after_ptr, chunk_item_ptr, i, g, j_M, dv_D, HKV, BM, BDV)
+    dK = _chunk_end_grad(dks_ptr, segk_ptr, after_ptr, chunk_item_ptr, i, g, j_M, dk_D, HKV, BM, BDK)
+    dV = _chunk_end_grad(dvs_ptr, segv_ptr, after_ptr, chunk_item_ptr, i, g, j_M, dv_D, HKV, BM, BDV)
     for a in tl.static_range(NS - 1, -1, -1):
         t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
