@@ -121,6 +121,13 @@ def _prepare_into(out: Path, source, tokenizer, shard_tokens, batch_docs, max_do
     return manifest
 
 
+def _load_index(path: Path) -> np.ndarray:
+    try:
+        return np.load(path)  # allow_pickle=False: plain arrays only
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"shard index {path} is missing or damaged ({exc}): re-run `bla data prepare`") from None
+
+
 class ShardDocuments:
     """Documents of a shard directory by global index, memory-mapped."""
 
@@ -129,24 +136,31 @@ class ShardDocuments:
         path = self.dir / MANIFEST
         if not path.exists():
             raise ValueError(f"{self.dir} holds no {MANIFEST}: not a finished `bla data prepare` output")
-        self.manifest = json.loads(path.read_text())
-        made_with = self.manifest["tokenizer"]["sha256"]
+        try:
+            self.manifest = json.loads(path.read_text())
+            made_with = self.manifest["tokenizer"]["sha256"]
+            self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
+            dtype = np.dtype(self.manifest["dtype"])
+            shards = [{"bin": s["bin"], "idx": s["idx"], "tokens": int(s["tokens"]), "docs": int(s["docs"])}
+                      for s in self.manifest["shards"]]  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc}): re-run `bla data prepare`") from None
         if tokenizer is not None and tokenizer.sha256 != made_with:
             raise ValueError(
                 f"shards in {self.dir} were made with tokenizer {made_with[:12]}..., "
                 f"not with {tokenizer.path} ({tokenizer.sha256[:12]}...); re-run `bla data prepare`"
             )
-        dtype = np.dtype(self.manifest["dtype"])
         self._bins = [np.memmap(self.dir / s["bin"], dtype=dtype, mode="r") if s["tokens"] else np.zeros(0, dtype)
-                      for s in self.manifest["shards"]]  # fmt: skip
-        self._idx = [np.load(self.dir / s["idx"]) for s in self.manifest["shards"]]
-        for s, tokens, idx in zip(self.manifest["shards"], self._bins, self._idx):
+                      for s in shards]  # fmt: skip
+        self._idx = [_load_index(self.dir / s["idx"]) for s in shards]
+        for s, tokens, idx in zip(shards, self._bins, self._idx):
             if len(tokens) != s["tokens"] or len(idx) != s["docs"] + 1 or (len(idx) and idx[-1] != s["tokens"]):
                 raise ValueError(
                     f"shard {self.dir / s['bin']} holds {len(tokens)} tokens and {len(idx) - 1} documents where "
                     f"{MANIFEST} says {s['tokens']} and {s['docs']} (truncated or changed): re-run `bla data prepare`"
                 )
-        counts = [s["docs"] for s in self.manifest["shards"]]
+        self._names = [s["bin"] for s in shards]
+        counts = [s["docs"] for s in shards]
         self._first_doc = np.cumsum([0] + counts)
         self.num_docs = int(self._first_doc[-1])
 
@@ -157,7 +171,11 @@ class ShardDocuments:
         s = int(np.searchsorted(self._first_doc, i, side="right") - 1)
         j = i - self._first_doc[s]
         a, b = self._idx[s][j], self._idx[s][j + 1]
-        return self._bins[s][a:b].astype(np.int64).tolist()
+        ids = self._bins[s][a:b]
+        if ids.size and int(ids.max()) >= self.vocab_size:  # a changed byte (cheap to see per document)
+            raise ValueError(f"shard {self.dir / self._names[s]}: document {i} holds token id "
+                             f"{int(ids.max())}, beyond the tokenizer's {self.vocab_size} (damaged): re-run `bla data prepare`")  # fmt: skip
+        return ids.astype(np.int64).tolist()
 
     def iter_from(self, start: int, shard: int, num_shards: int) -> Iterator[tuple[int, list[int]]]:
         first = start + (shard - start) % num_shards  # first index >= start in this shard

@@ -6,13 +6,15 @@ string forms of ``parse_source``:
 
     stdlib[:train|:validation]            the embedded corpus (this Python's standard library)
     files:<glob>[#field]                   local txt / jsonl / json / parquet / arrow files
-    hub:<name>[@config][:split][#field]    a Hugging Face hub dataset (or a local dataset folder)
+    hub:<name>[@config][:split][#field]    a Hugging Face hub dataset, a local dataset folder, or a
+                                           folder written by ``save_to_disk``
 """
 
 from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import json
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -133,6 +135,45 @@ def iterate_as_main_process(ds) -> Iterator[dict]:
 
 
 
+def _text_files(files: list[str]) -> Iterator[dict]:
+    """One document per .txt file, strict UTF-8."""
+    for f in files:
+        try:
+            yield {"text": Path(f).read_text(encoding="utf-8")}
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{f} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _jsonl_files(files: list[str], field: str) -> Iterator[dict]:
+    """One document per line of JSON Lines files: ``{field: "..."}``, named ``text`` downstream."""
+    for f in files:
+        with open(f, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"{f}:{n}: not UTF-8 (byte {exc.start} of the line: {exc.reason})") from None
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{f}:{n}: not a JSON line ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{f}:{n}: a JSON {type(row).__name__}, expected an object with a field {field!r}")
+                if field not in row:
+                    raise ValueError(f"{f}:{n}: no text field {field!r}; its fields are {sorted(row)}")
+                if not isinstance(row[field], str):
+                    raise ValueError(f"{f}:{n}: field {field!r} holds {type(row[field]).__name__}, not text")
+                yield {field: row[field]}
+
+
+def _require_text(example: dict, index: int, where: str) -> dict:
+    """Every document's text is a string, not only the first one's (a later int or null would
+    otherwise reach the tokenizer as a traceback)."""
+    if not isinstance(example["text"], str):
+        raise ValueError(f"source {where}: document {index} has a text field of type {type(example['text']).__name__}, not text")
+    return example
+
+
 def _files_dataset(src: SourceConfig) -> datasets.IterableDataset:
     files = sorted(globlib.glob(os.path.expanduser(src.name), recursive=True))
     if not files:
@@ -144,6 +185,10 @@ def _files_dataset(src: SourceConfig) -> datasets.IterableDataset:
     fmt = formats.pop()
     if all(os.path.getsize(f) == 0 for f in files):
         raise ValueError(f"source {src.describe()} is empty: every matching file has 0 bytes")
+    if exts <= {".txt"}:  # our own readers: their errors name the file (and line)
+        return datasets.IterableDataset.from_generator(_text_files, gen_kwargs={"files": files})
+    if exts <= {".jsonl"}:
+        return datasets.IterableDataset.from_generator(_jsonl_files, gen_kwargs={"files": files, "field": src.text_field})
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
     try:
         return datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
@@ -151,7 +196,28 @@ def _files_dataset(src: SourceConfig) -> datasets.IterableDataset:
         raise ValueError(f"source {src.describe()} is empty") from exc
 
 
+def _saved_dataset(src: SourceConfig) -> datasets.IterableDataset:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (memory-mapped
+    Arrow files), streamed like any other source."""
+    try:
+        ds = datasets.load_from_disk(os.path.expanduser(src.name))
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError or its own errors
+        raise ValueError(f"hub source {src.describe()}: cannot load the saved dataset folder {src.name!r}: {exc}") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        if src.split not in ds:
+            raise ValueError(f"hub source {src.describe()}: the saved dataset has no split {src.split!r}; its splits are {sorted(ds)}")
+        ds = ds[src.split]
+    return ds.to_iterable_dataset()
+
+
+def _is_saved_dataset(name: str) -> bool:
+    folder = Path(os.path.expanduser(name))
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
 def _hub_dataset(src: SourceConfig) -> datasets.IterableDataset:
+    if _is_saved_dataset(src.name):
+        return _saved_dataset(src)
     try:
         return datasets.load_dataset(src.name, src.config, split=src.split, streaming=True)
     except (FileNotFoundError, ConnectionError, ValueError) as exc:
@@ -182,7 +248,7 @@ def load_source(src: SourceConfig) -> datasets.IterableDataset:
         raise ValueError(f"source {src.describe()}: field {src.text_field!r} holds {type(first[src.text_field]).__name__}, not text")
     if src.text_field != "text":
         ds = ds.rename_column(src.text_field, "text")
-    return ds.select_columns(["text"])
+    return ds.select_columns(["text"]).map(_require_text, with_indices=True, fn_kwargs={"where": src.describe()})
 
 
 def load_documents(cfg: DataSourceConfig) -> datasets.IterableDataset:

@@ -37,14 +37,20 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self.kind = "bpe"
-            self._tok = HFTokenizer.from_file(str(self.path))
+            try:
+                self._tok = HFTokenizer.from_file(str(self.path))
+            except Exception as exc:  # tokenizers raises a bare Exception on a damaged file
+                raise ValueError(f"tokenizer file {self.path} is damaged or not a tokenizers JSON file: {exc}") from None
             self.vocab_size = self._tok.get_vocab_size()
             ids = [self._tok.token_to_id(t) for t in SPECIALS]
         elif self.path.suffix == ".model":
             import sentencepiece as spm
 
             self.kind = "sentencepiece"
-            self._tok = spm.SentencePieceProcessor(model_file=str(self.path))
+            try:
+                self._tok = spm.SentencePieceProcessor(model_file=str(self.path))
+            except (OSError, RuntimeError) as exc:  # sentencepiece: a model it cannot parse
+                raise ValueError(f"tokenizer file {self.path} is damaged or not a SentencePiece model: {exc}") from None
             self.vocab_size = self._tok.get_piece_size()
             ids = [self._tok.pad_id(), self._tok.bos_id(), self._tok.eos_id()]
         else:

@@ -1,4 +1,4 @@
-"""``bla eval perplexity|mqar|memory`` and ``bla generate``."""
+"""``bla eval perplexity|mqar|regbench|harness|memory`` and ``bla generate``."""
 
 from __future__ import annotations
 
@@ -66,12 +66,9 @@ def _regbench(args) -> int:
 
 
 def _harness(args) -> int:
-    from .harness import run_tasks
+    from .harness import harness_argv, lm_eval_main
 
-    tasks = [t for t in args.tasks.split(",") if t]
-    result = run_tasks(args.run, tasks, args.include_path, args.limit, args.device, args.num_fewshot)
-    print(json.dumps(result["results"], indent=1, default=str))
-    return 0
+    return lm_eval_main(harness_argv(args.run, args.extra))
 
 
 def _generate(args) -> int:
@@ -114,14 +111,12 @@ def add_eval_commands(sub) -> None:
     rb.add_argument("--device", default="")
     rb.set_defaults(func=_regbench)
 
-    hn = esub.add_parser("harness", help="lm-evaluation-harness tasks (the model class `bla`)")
-    hn.add_argument("--run", required=True)
-    hn.add_argument("--tasks", required=True, help="comma-separated task names (e.g. swde,fda,squad_completion)")
-    hn.add_argument("--include-path", default=None, help="folder of extra task YAML files")
-    hn.add_argument("--limit", type=float, default=None)
-    hn.add_argument("--num-fewshot", type=int, default=None)
-    hn.add_argument("--device", default="")
-    hn.set_defaults(func=_harness)
+    hn = esub.add_parser("harness", help="lm-evaluation-harness tasks (the model class `bla`); other flags are lm-eval's own",
+                         description="Runs lm-eval with --model bla --model_args run=RUN; every other flag goes to "
+                                     "lm-eval as typed: --tasks, --include_path, --limit, --num_fewshot, --batch_size, "
+                                     "--output_path, --device, --log_samples, --model_args max_length=N, ...")  # fmt: skip
+    hn.add_argument("--run", required=True, help="run, checkpoint or exported (bla export) directory")
+    hn.set_defaults(func=_harness, takes_extra=True)
 
     mem = esub.add_parser("memory", help="prefill/decode latency and memory against context: table, JSON and PNG")
     from .memory import add_arguments

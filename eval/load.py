@@ -83,9 +83,33 @@ EXPORT_MODEL_TYPE = "bla_lm"
 EXPORT_PREFIX = "model."  # the Hugging Face class holds the BLALM as ``.model``
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a file a user may have received: errors name the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def is_export(path: str | Path) -> bool:
     config = Path(path) / EXPORT_CONFIG
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == EXPORT_MODEL_TYPE
+    return config.is_file() and read_json(config).get("model_type") == EXPORT_MODEL_TYPE
+
+
+def verify_export(path: Path, info: dict) -> None:
+    """Every file recorded in bla_export.json is there with its sha256 (exports written before
+    checksums, or re-saved by transformers without bla_export.json, have none to check)."""
+    for name, digest in (info.get("files") or {}).items():
+        f = path / name
+        if name == EXPORT_INFO:
+            continue
+        if not f.is_file():
+            raise ValueError(f"export {path}: {name} is missing (listed in {EXPORT_INFO})")
+        if ckpt.sha256_of(f) != digest:
+            raise ValueError(f"export {path}: {name} has changed since it was exported (sha256 differs from {EXPORT_INFO})")
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
@@ -99,8 +123,16 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     weights = path / EXPORT_WEIGHTS
     if not weights.is_file():
         raise ValueError(f"{path} has no {EXPORT_WEIGHTS}")
-    model_cfg = ModelConfig.from_saved(json.loads((path / EXPORT_CONFIG).read_text())["bla_model"])
-    state = load_file(str(weights))
+    info = read_json(path / EXPORT_INFO) if (path / EXPORT_INFO).exists() else {}
+    verify_export(path, info)
+    hf_config = read_json(path / EXPORT_CONFIG)
+    if not isinstance(hf_config.get("bla_model"), dict):
+        raise ValueError(f"{path / EXPORT_CONFIG} has no bla_model settings (not written by bla export)")
+    model_cfg = ModelConfig.from_saved(hf_config["bla_model"])
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own SafetensorError on a damaged header or size
+        raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from exc
     foreign = sorted(k for k in state if not k.startswith(EXPORT_PREFIX))
     if foreign:
         raise ValueError(f"{weights}: weights outside {EXPORT_PREFIX!r}: {foreign[:5]}")
@@ -108,7 +140,6 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     model = BLALM(model_cfg).to(dtype or next(iter(state.values())).dtype)
     load_weights(model, state, f"export {path}")  # copies into the model's dtype
     has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
-    info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
     train_cfg = {**(info.get("train_config") or {}), "model": model_cfg.to_dict()}  # gates resolved
     return model.to(device).eval(), (lm_data.Tokenizer(path) if has_tokenizer else None), train_cfg
 

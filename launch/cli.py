@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_commands(sub)
     add_export_command(sub)
     add_sweep_command(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):  # only commands that hand flags on take unknown ones
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:  # bad input: say what and exit 2, as argparse does

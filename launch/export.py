@@ -28,6 +28,7 @@ from bla.data import Tokenizer
 from bla.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS
 from bla.eval import load as loading
 from bla.model import BLALM
+from bla.train import checkpoint as ckpt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -127,7 +128,9 @@ def write_export(model: BLALM, tokenizer: Tokenizer | None, out: str | Path, dty
         _write_tokenizer(tokenizer, tmp)
     for name, text in _code_files().items():
         (tmp / name).write_text(text)
-    (tmp / loading.EXPORT_INFO).write_text(json.dumps({"dtype": dtype, **(info or {})}, indent=2, default=str) + "\n")
+    # every file's sha256, so a changed byte is found on load (the config and the code included)
+    files = {p.name: ckpt.sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / loading.EXPORT_INFO).write_text(json.dumps({"dtype": dtype, **(info or {}), "files": files}, indent=2, default=str) + "\n")
 
     if out.exists():
         old = out.with_name(f".{out.name}.old")
@@ -146,7 +149,8 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", overwrit
         raise ValueError("the export directory must differ from the source")
     if loading.is_export(source):
         model, tokenizer, train_cfg = loading.load_exported(source)
-        previous = json.loads((Path(source) / loading.EXPORT_INFO).read_text()).get("source", {})
+        info_file = Path(source) / loading.EXPORT_INFO
+        previous = loading.read_json(info_file).get("source", {}) if info_file.exists() else {}
         origin = {"export": str(source), "from": previous}
     else:
         tag_dir = loading.resolve_checkpoint(source)

@@ -53,6 +53,9 @@ def test_tokenizers_train_save_load_round_trip(tmp_path, kind, model_type):
     assert ids == tok.encode(text) and again.decode(ids) == text
     assert again.sha256 == tok.sha256 and (again.pad_id, again.bos_id, again.eos_id) == (0, 1, 2)
     assert again.vocab_size <= 500
+    saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])  # truncated in transfer
+    with pytest.raises(ValueError, match=f"tokenizer file {saved} is damaged"):
+        Tokenizer(saved)
 
 
 def test_tokenizer_bigger_than_model_is_refused(bpe):
@@ -86,6 +89,22 @@ def test_hub_code_path_on_a_local_dataset_folder(tmp_path, doc_files):
     assert src.kind == "hub" and src.split == "train"
     docs = [ex["text"] for ex in load_documents(DataSourceConfig([src]))]
     assert len(docs) == 30 and docs[0].startswith("document 0")
+
+
+def test_save_to_disk_folders_are_sources(tmp_path):
+    import datasets
+
+    rows = {"content": [f"saved {i}" for i in range(7)]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    docs = [ex["text"] for ex in load_documents(DataSourceConfig([parse_source(f"hub:{tmp_path / 'one'}#content")]))]
+    assert docs == rows["content"]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                                   "validation": datasets.Dataset.from_dict({"content": ["held out"]})})  # fmt: skip
+    splits.save_to_disk(str(tmp_path / "dict"))
+    docs = [ex["text"] for ex in load_documents(DataSourceConfig([parse_source(f"hub:{tmp_path / 'dict'}:validation#content")]))]
+    assert docs == ["held out"]
+    with pytest.raises(ValueError, match="no split 'test'; its splits are"):
+        load_documents(DataSourceConfig([parse_source(f"hub:{tmp_path / 'dict'}:test#content")]))
 
 
 def test_mixture_draws_from_both(tmp_path, doc_files):
@@ -135,6 +154,31 @@ def test_empty_corpus_and_missing_field(tmp_path, doc_files):
         load_documents(files_source(tmp_path / "empty.jsonl"))
     with pytest.raises(ValueError, match="no text field 'body'; its fields are \\['content', 'id'\\]"):
         load_documents(files_source(doc_files, "body"))
+
+
+def test_damaged_documents_name_their_file_and_line(tmp_path):
+    """Rows that only go wrong later in a file, non-UTF-8 bytes, broken JSON: one error naming the place."""
+    import datasets
+
+    def first_error(path, field="text"):
+        with pytest.raises(ValueError) as info:
+            list(load_documents(files_source(path, field)))
+        return str(info.value)
+
+    later = tmp_path / "later.jsonl"
+    later.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"text": 7}\n')
+    assert first_error(later) == f"{later}:3: field 'text' holds int, not text"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    assert first_error(latin).startswith(f"{latin}:2: not UTF-8")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"text": \n')
+    assert first_error(broken).startswith(f"{broken}:2: not a JSON line")
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_bytes(b"caf\xe9")
+    assert first_error(tmp_path / "txt" / "*.txt").startswith(f"{tmp_path / 'txt' / 'a.txt'} is not UTF-8 text")
+    datasets.Dataset.from_dict({"text": ["a", "b", None]}).to_parquet(str(tmp_path / "nulls.parquet"))
+    assert "document 2 has a text field of type NoneType, not text" in first_error(tmp_path / "nulls.parquet")
 
 
 # ---------------------------------------------------------------- packing
@@ -239,8 +283,16 @@ def test_damaged_shards_are_refused_and_prepare_replaces_whole(tmp_path, bpe):
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.bin", "shard_00000.idx.npy"]  # none stale
     assert not list(tmp_path.glob(".shards.*"))  # no private build folder left behind
     binary = out / "shard_00000.bin"
-    binary.write_bytes(binary.read_bytes()[:-4])
+    good = binary.read_bytes()
+    binary.write_bytes(good[:10] + b"\xff\xff" + good[12:])  # same size, token 5 now 65535
+    docs = ShardDocuments(out)
+    with pytest.raises(ValueError, match=r"shard_00000.bin: document 0 holds token id 65535, beyond the tokenizer's"):
+        docs[0]
+    binary.write_bytes(good[:-4])
     with pytest.raises(ValueError, match=r"shard_00000.bin holds .* \(truncated or changed\)"):
+        ShardDocuments(out)
+    (out / "manifest.json").write_text('{"tokenizer": {')
+    with pytest.raises(ValueError, match=r"manifest.json is damaged \(JSONDecodeError"):
         ShardDocuments(out)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not shards")

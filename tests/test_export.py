@@ -190,14 +190,32 @@ def test_clear_errors(zero3_run, tmp_path):
     hf_dir = export(zero3_run / "run", tmp_path / "hf")
     with pytest.raises(ValueError, match="exists"):
         export(zero3_run / "run", hf_dir)
+    weights = hf_dir / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit, same size
+    with pytest.raises(ValueError, match="model.safetensors has changed since it was exported"):
+        load_exported(hf_dir)
+    assert bla(["eval", "perplexity", "--run", str(hf_dir)]) == 2  # one line, no traceback
     config = json.loads((hf_dir / "config.json").read_text())
     config["bla_model"]["n_layers"] = 4
     (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json has changed since it was exported"):
+        load_exported(hf_dir)
+    info = json.loads((hf_dir / "bla_export.json").read_text())
+    del info["files"]  # as exports written before checksums: nothing to compare with
+    (hf_dir / "bla_export.json").write_text(json.dumps(info))
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        load_exported(hf_dir)
+    weights.write_bytes(good)
     with pytest.raises(ValueError, match="does not match its model config: missing .*blocks.3"):
         load_exported(hf_dir)
     config["bla_model"]["n_layers"], config["bla_model"]["d_model"] = 3, 128
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="wrong shapes"):
+        load_exported(hf_dir)
+    (hf_dir / "config.json").write_text('{"model_type": ')
+    with pytest.raises(ValueError, match=r"config.json is not readable JSON"):
         load_exported(hf_dir)
     assert bla(["export", str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -29,7 +29,8 @@ def tiny_run(tmp_path_factory):
     return tmp
 
 
-def test_harness_runs_loglikelihood_and_generation_tasks(tiny_run):
+@pytest.fixture(scope="module")
+def tasks(tiny_run):
     tasks = tiny_run / "tasks"
     tasks.mkdir()
     (tasks / "mc.jsonl").write_text("".join(json.dumps({"question": f"x = {i}\ny =", "choices": [" 1", " zq"], "answer": 0}) + "\n"
@@ -59,9 +60,13 @@ def test_harness_runs_loglikelihood_and_generation_tasks(tiny_run):
         process_results: !function utils.process_results
         metric_list: [{{metric: contains, aggregation: mean, higher_is_better: true}}]
         """))
+    return tasks
+
+
+def test_harness_runs_loglikelihood_and_generation_tasks(tiny_run, tasks):
     from bla.eval.harness import run_tasks
 
-    results = run_tasks(str(tiny_run / "run"), ["bla_test_mc", "bla_test_gen"], include_path=str(tasks))["results"]
+    results = run_tasks(str(tiny_run / "run"), ["bla_test_mc", "bla_test_gen"], include_path=str(tasks), batch_size=4)["results"]
     assert 0.0 <= results["bla_test_mc"]["acc,none"] <= 1.0
     assert 0.0 <= results["bla_test_gen"]["contains,none"] <= 1.0
 
@@ -89,3 +94,53 @@ def test_loglikelihood_matches_the_model(tiny_run):
         full = torch.log_softmax(model(ids[:, :-1]).logits[0], -1)
     expected = float(full[len(ctx) - 1 :].gather(1, ids[0, len(ctx) :, None]).sum())
     assert logp == pytest.approx(expected, abs=1e-3)
+
+
+def test_bla_eval_harness_takes_lm_evals_own_flags(tiny_run, tasks):
+    """What a user types: lm-eval's flags (batch size, limit, output path) after --run; the device
+    left to lm-eval's default (cuda), which runs on the CPU here."""
+    out = tiny_run / "results"
+    done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "eval", "harness", "--run", str(tiny_run / "run"),
+                           "--tasks", "bla_test_mc", "--include_path", str(tasks), "--batch_size", "4", "--limit", "4",
+                           "--output_path", str(out), "--model_args", "max_length=512"],
+                          capture_output=True, text=True, env=fresh_process_env(), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    written = list(out.rglob("results*.json"))
+    assert len(written) == 1, list(out.rglob("*"))
+    result = json.loads(written[0].read_text())
+    assert 0.0 <= result["results"]["bla_test_mc"]["acc,none"] <= 1.0
+    assert result["config"]["batch_size"] in ("4", 4) and result["config"]["model_args"]["max_length"] == 512
+    assert "bla_test_mc" in done.stdout  # lm-eval's own results table
+
+
+def test_harness_argv_and_batch_size_errors():
+    from bla.eval.harness import _batch_size, harness_argv
+
+    assert harness_argv("r", ["--tasks", "x", "--model_args", "max_length=8"]) == \
+        ["run", "--model", "bla", "--model_args", "run=r,max_length=8", "--tasks", "x"]  # fmt: skip
+    with pytest.raises(ValueError, match="leave --model out"):
+        harness_argv("r", ["--model", "hf"])
+    assert _batch_size("auto", 1024) == 64 and _batch_size("8", 1024) == 8
+    with pytest.raises(ValueError, match="batch_size must be a positive integer or 'auto'"):
+        _batch_size("0", 1024)
+
+
+def test_batched_scores_equal_one_at_a_time(tiny_run):
+    from bla.eval.harness import BLAHarnessLM
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    lm = BLAHarnessLM(str(tiny_run / "run"), device="cpu", max_length=48, batch_size=3)
+    reqs = [Req("import os\n" * n, " def f():") for n in (1, 7, 3, 2, 30)]  # the last one is longer than 48 tokens
+    batched = lm.loglikelihood(reqs)
+    alone = []
+    for r in reqs:
+        ctx = [lm.tok.bos_id, *lm.tok.encode(r.args[0])]
+        alone.append(lm._logprobs(ctx + lm.tok.encode(r.args[1]), first=len(ctx)))
+    assert len(ctx) > 48
+    for (a, ga), (b, gb) in zip(batched, alone):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    rolling = lm.loglikelihood_rolling([Req(r.args[0]) for r in reqs])
+    assert rolling == pytest.approx([lm._logprobs([lm.tok.bos_id, *lm.tok.encode(r.args[0])], 1)[0] for r in reqs], abs=1e-4)

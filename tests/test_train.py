@@ -4,6 +4,7 @@ process count, damaged checkpoints, NaN policy, signals, config errors, schedule
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,19 @@ def train(tmp: Path, name: str, nproc: int, *overrides: str, check=True) -> dict
     return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {"proc": done}
 
 
+def scalars(run: dict, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run["tensorboard"])
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def assert_finite_grad_norms(run: dict) -> None:
+    norms = scalars(run, "train/grad_norm")
+    assert len(norms) == run["step"] and all(0 < n < 1e3 for n in norms), norms
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Uninterrupted 2-process ZeRO-2 run, and the same run stopped at step 4 then resumed."""
@@ -55,6 +69,7 @@ def test_zero2_two_processes_train(runs):
     assert full["status"] == "finished" and full["world_size"] == 2 and full["zero_stage"] == 2
     losses = [h["loss"] for h in full["losses"]]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
+    assert_finite_grad_norms(full)  # DeepSpeed's own norm at ZeRO-2
 
 
 def test_resume_is_bit_exact_in_fp32(runs):
@@ -85,6 +100,32 @@ def test_zero3_two_processes_train_and_resume(tmp_path):
     full = train(tmp_path, "z3full", 2, "zero_stage=3")
     assert first["step"] == 4 and again["status"] == "finished"
     assert [h["loss"] for h in again["losses"]] == [h["loss"] for h in full["losses"]]  # the first 4 kept from `first`
+    assert_finite_grad_norms(full)
+
+
+def test_zero1_tensorboard_has_grad_norm_bits_per_byte_and_mfu(tmp_path):
+    run = train(tmp_path, "z1", 1, "zero_stage=1", "steps=4", "eval_every=2")
+    assert_finite_grad_norms(run)
+    bpb = scalars(run, "val/bits_per_byte")
+    # bits per byte = nats per token / ln 2 / bytes per token, with 1 to 8 bytes per token of code
+    assert len(bpb) == 2 and bpb[-1] == pytest.approx(run["val_bits_per_byte"])
+    assert run["val_loss"] / 8 / math.log(2) < bpb[-1] < run["val_loss"] / math.log(2)
+    mfu = scalars(run, "train/mfu")  # against the CPU's peak, measured once and cached
+    assert len(mfu) == 4 and all(0 < x < 1 for x in mfu)
+    assert json.loads((tmp_path / "cache" / "peak_flops.json").read_text())
+
+
+def test_peak_flops_datasheet_measured_and_cached(tmp_path, monkeypatch):
+    import torch
+
+    from bla.train import peak
+
+    assert peak.datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12 and peak.datasheet_peak("NVIDIA GH200 480GB") == 989e12
+    assert peak.datasheet_peak("Some New Accelerator") is None
+    value, origin = peak.peak_flops(torch.device("cpu"), torch.float32, tmp_path)
+    assert value > 1e8 and origin == "measured"
+    monkeypatch.setattr(peak, "measure_peak", lambda *a, **k: pytest.fail("measured twice"))
+    assert peak.peak_flops(torch.device("cpu"), torch.float32, tmp_path) == (value, f"measured earlier ({tmp_path / 'peak_flops.json'})")
 
 
 def test_truncated_checkpoint_is_detected_and_the_previous_used(runs, capsys):
@@ -148,13 +189,8 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     assert json.loads((Path(run["out_dir"]) / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 0
     again = train(tmp_path, "keep", 1, "keep_last=2", "save_every=2")  # resuming a finished run
     assert again == run  # its summary (losses, validation) left as it was
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(run["tensorboard"])
-    events.Reload()
-    norms = [e.value for e in events.Scalars("train/grad_norm")]
-    assert len(norms) == 8 and all(0 < n < 1e3 for n in norms)  # ZeRO-0: DeepSpeed reports none; ours
-    assert events.Scalars("final/val_loss")[0].value == pytest.approx(run["val_loss"])  # written by add_hparams
+    assert_finite_grad_norms(run)  # ZeRO-0: DeepSpeed reports none; ours
+    assert scalars(run, "final/val_loss")[0] == pytest.approx(run["val_loss"])  # written by add_hparams
 
 
 NAN_SCRIPT = """
@@ -434,3 +470,57 @@ def test_checkpoint_files_that_would_run_code_are_refused(runs, tmp_path):
         resumed = train(tmp_path / victim, "run", 2, "zero_stage=2", "steps=12", f"resume={tag}", check=False)
         assert resumed["proc"].returncode != 0 and "refusing to load" in resumed["proc"].stderr
         assert not marker.exists()
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from bla import data as lm_data
+from bla.model import lm
+from bla.train import checkpoint as ckpt
+from bla.train.config import load_train_config
+from bla.train.trainer import run
+where, n = os.environ["KILL_AT"].split(":")
+calls = {"n": 0}
+def killing(original, point):
+    def wrapped(*a, **k):
+        if point == where:
+            calls["n"] += 1
+            if calls["n"] == int(n):
+                if point in ("tokenizer", "shards"):  # built under its private name, not yet published
+                    original(*a, **k)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(*a, **k)
+    return wrapped
+lm_data.train_tokenizer = killing(lm_data.train_tokenizer, "tokenizer")
+lm_data.prepare = killing(lm_data.prepare, "shards")
+ckpt.write_manifest = killing(ckpt.write_manifest, "checkpoint")  # every other file of the checkpoint written
+original_forward = lm.BLALM.forward
+forward = killing(original_forward, "step")
+lm.BLALM.forward = lambda self, *a, **k: forward(self, *a, **k) if self.training else original_forward(self, *a, **k)
+run(load_train_config("tiny", sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["tokenizer:1", "shards:1", "step:3", "checkpoint:2", "step:7"])
+def test_sigkill_at_any_moment_resumes_bit_exact(tmp_path_factory, kill_at):
+    """kill -9 while the tokenizer or the shards are built, inside a step (3: between saves; 7: the
+    step after a save), or while a checkpoint is written (its files there, complete.json not):
+    the next run rebuilds what was cut off, resumes from the last complete checkpoint and ends
+    bit-identical to an uninterrupted run."""
+    shared = tmp_path_factory.getbasetemp() / "sigkill_reference"
+    if not (shared / "full" / "summary.json").exists():
+        train(shared, "full", 1, "steps=8", "save_every=2", "eval_every=8")
+    full = json.loads((shared / "full" / "summary.json").read_text())
+    tmp = tmp_path_factory.mktemp("kill")
+    cache = tmp / "cache" if kill_at.split(":")[0] in ("tokenizer", "shards") else shared / "cache"
+    args = [f"out_dir={tmp / 'run'}", f"cache_dir={cache}", *BASE, "steps=8", "save_every=2", "eval_every=8"]
+    done = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args], capture_output=True, text=True,
+                          env={**_env(tmp), "KILL_AT": kill_at}, timeout=600)  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stdout[-2000:] + done.stderr[-3000:]
+    resumed = train(tmp, "run", 1, "steps=8", "save_every=2", "eval_every=8", f"cache_dir={cache}")
+    assert resumed["status"] == "finished" and resumed["step"] == 8
+    # the steps this process trained: all, or those after the last complete checkpoint (2 or 6)
+    first = {"tokenizer:1": 1, "shards:1": 1, "step:3": 3, "checkpoint:2": 3, "step:7": 7}[kill_at]
+    assert [h["step"] for h in resumed["losses"]] == list(range(first, 9))
+    assert [h["loss"] for h in resumed["losses"]] == [h["loss"] for h in full["losses"] if h["step"] >= first]  # bit for bit
+    assert resumed["val_loss"] == full["val_loss"]

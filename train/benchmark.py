@@ -16,8 +16,7 @@ import torch
 from bla.model import BLALM, apply_overrides, flops_per_token, load_preset, param_count
 
 from .config import TrainConfig
-
-PEAK = {"H100": 989e12, "H200": 989e12}
+from .peak import peak_flops
 
 
 def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: int, zero_stage: int) -> dict:
@@ -51,7 +50,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
     dt = (time.perf_counter() - t0) / steps
     tps = B * seq_len / dt
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK.items() if k in name), float("nan"))
+    peak, _ = peak_flops(engine.device, torch.bfloat16)
     return dict(preset=preset, mixer=mixer, params=param_count(model_cfg), seq_len=seq_len, batch=B,
                 step_s=dt, tokens_per_s=tps, mfu=flops_per_token(model_cfg, seq_len) * tps / peak,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, first_step_s=first, device=name)  # fmt: skip

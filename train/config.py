@@ -77,7 +77,7 @@ class TrainConfig:
     nonfinite_limit: int = 20  # consecutive non-finite micro-batches after which skip also saves and exits
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | none | a checkpoint dir
     init_from: str = ""  # start from these weights (a run, checkpoint or bla export) with a fresh optimiser
-    peak_flops: float = 0.0  # per device, for MFU; 0 = known GPU's datasheet figure, none on CPU
+    peak_flops: float = 0.0  # per device, for MFU; 0 = the datasheet figure of a known GPU, else measured once (train/peak.py)
     deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated config (offload, bucket sizes, ...)
     progress: bool = True
 

@@ -31,10 +31,10 @@ from bla.model import BLALM, ModelConfig, flops_per_token, param_count
 from . import checkpoint as ckpt
 from . import lock as out_lock
 from . import sequence_parallel
+from .peak import peak_flops
 from .config import TrainConfig
 from .schedule import lr_lambda
 
-DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
 HELD_OUT_SEED = 1_000_003  # evaluation examples of synthetic tasks come from another seed stream
 
 
@@ -251,7 +251,7 @@ def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int,
     batches (ZeRO-3 gathers parameters collectively) over its own part of the data."""
     if cfg.data.task == "regbench":
         return evaluate_regbench(engine, cfg, rank, world, device)
-    total = count = correct = examples = 0.0
+    total = count = correct = examples = nbytes = 0.0
     engine.eval()
     with torch.no_grad():
         for _, batch in zip(range(cfg.eval_batches), eval_loader(cfg, tok, rank, world)):
@@ -260,6 +260,8 @@ def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int,
             n = float((labels != -100).sum())
             total += float(loss) * n
             count += n
+            if cfg.data.task == "lm":  # the predicted text's UTF-8 bytes (special tokens have none)
+                nbytes += len(tok.decode(labels[labels != -100].tolist()).encode("utf-8"))
             if cfg.data.task != "lm":
                 acc = label_accuracy(logits, labels.to(logits.device))
                 correct += float(acc.nansum())
@@ -267,6 +269,8 @@ def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int,
     engine.train()
     loss = _all_reduce(total) / max(_all_reduce(count), 1.0)
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if cfg.data.task == "lm":  # comparable across tokenizers: nats per token -> bits per byte
+        result["val_bits_per_byte"] = _all_reduce(total) / math.log(2) / max(_all_reduce(nbytes), 1.0)
     if cfg.data.task != "lm":
         result["val_accuracy"] = _all_reduce(correct) / max(_all_reduce(examples), 1.0)
     return result
@@ -398,8 +402,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         except ImportError as exc:  # a bare machine: the metrics still go to the log and summary.json
             log(f"TensorBoard is not available ({exc}); logging to stdout and summary.json only")
 
-    peak = cfg.peak_flops or next((v for k, v in DATASHEET_PEAK.items() if device.type == "cuda"
-                                   and k in torch.cuda.get_device_name(device)), 0.0)  # fmt: skip
+    if cfg.peak_flops:
+        peak = cfg.peak_flops
+    else:  # every rank measures alike (no rank waits on another); rank 0 logs where it came from
+        peak, origin = peak_flops(device, torch.bfloat16 if bf16 else torch.float32, cfg.cache_dir)
+        log(f"MFU against {peak / 1e12:.2f} TFLOP/s per device ({origin})")
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = cfg.micro_batch * cfg.data.seq_len * cfg.grad_accum * data_world
 
@@ -478,7 +485,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                 gn = engine.get_global_grad_norm()  # None at ZeRO-0: then the norm taken before step()
                 scalars = {"train/loss": loss_mean, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps,
                            "train/grad_norm": float(gn if gn is not None else grad_norm), "train/tokens": tokens_seen}  # fmt: skip
-                if peak:
+                if peak:  # the model FLOPs of spec section 3 over the device peak
                     scalars["train/mfu"] = fpt * tps / (peak * world)
                 if sp_ctx is not None:
                     scalars["train/sp_comm_bytes_per_micro_batch"] = float(sum(sp_ctx.comm_bytes.values()))

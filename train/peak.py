@@ -1,0 +1,75 @@
+"""The device's peak FLOP/s, the denominator of MFU: a datasheet figure where the device is known,
+otherwise measured once (a dense matrix product in the training dtype) and cached per device.
+
+A measured peak is what the device reaches on a large matrix product, not its datasheet number:
+MFU against it reads "share of what this device's matrix unit does", which is the honest figure
+on a GPU the table does not know, and the only one on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# dense bf16 tensor-core FLOP/s, SXM parts (NVIDIA datasheets); the first name found in the device's wins
+DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
+
+
+def datasheet_peak(name: str) -> float | None:
+    return next((v for k, v in sorted(DATASHEET_PEAK.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+    """FLOP/s of the best of ``reps`` n x n matrix products in ``dtype`` (a second or less)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: kernel selection and allocation
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None,
+               log=lambda msg: None) -> tuple[float, str]:  # fmt: skip
+    """``(FLOP/s, where it came from)``: the datasheet for a known GPU, else a measurement, cached in
+    ``cache_dir/peak_flops.json`` by device and dtype so a run measures at most once."""
+    name = device_name(device)
+    if device.type == "cuda" and dtype == torch.bfloat16 and (known := datasheet_peak(name)):
+        return known, f"datasheet ({name})"
+    key = f"{name}|{dtype}"
+    path = Path(os.path.expanduser(cache_dir)) / "peak_flops.json" if cache_dir else None
+    cached = {}
+    if path is not None and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+        except ValueError:
+            cached = {}  # a damaged cache is measured again and rewritten
+    if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
+        return float(cached[key]), f"measured earlier ({path})"
+    value = measure_peak(device, dtype)
+    log(f"MFU: {name} is not in the datasheet table; measured {value / 1e12:.2f} TFLOP/s ({dtype} matrix product)")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**cached, key: value}, indent=1))
+        os.replace(tmp, path)
+    return value, "measured"
