@@ -16,9 +16,6 @@ import yaml
 
 from bla.kernels.gates import DEFAULT_GATES, GATES, LEGACY_GATES
 
-MIXERS = ("bla", "attn", "swa", "gsa")  # gsa: BLA's layer with GSA's learned decay (a baseline)
-
-
 @dataclass
 class BLAConfig:
     """Options of the BLA token mixer (spec section 3)."""
@@ -84,15 +81,18 @@ class ModelConfig:
                 bad(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             bad(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        if self.head_dim % 2 and (self.bla.rope or any(m in ("attn", "swa") for m in self.mixers)):
-            bad(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.n_heads % self.kv_heads:
             bad(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
         if not self.layer_pattern:
             bad("layer_pattern must name at least one mixer")
+        from .registry import MIXERS  # filled by the mixer modules (bla.model imports them)
+
         for m in self.layer_pattern:
             if m not in MIXERS:
-                bad(f"unknown mixer {m!r} in layer_pattern; expected one of {MIXERS}")
+                bad(f"unknown mixer {m!r} in layer_pattern; expected one of {tuple(MIXERS)}")
+        for m in dict.fromkeys(self.layer_pattern):
+            for problem in MIXERS[m].validate(self):
+                bad(f"{m} layers: {problem}")
         slots = self.bla.slots
         if not isinstance(slots, int) or slots < 1:
             bad(f"bla.slots must be a positive int, got {slots!r}")

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import gsa, mixers  # noqa: F401  (the built-in mixer kinds register on import)
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU, upcast
-from .mixers import BLACache, KVCache, build_mixer, positions_from_cu_seqlens
+from .mixers import positions_from_cu_seqlens
+from .registry import mixer_kind
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = mixer
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(mixer, cfg)
+        self.mixer = mixer_kind(mixer).build(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
@@ -80,13 +82,7 @@ class BLALM(nn.Module):
         """Empty decode caches; ``max_context`` turns full-attention caches into a sliding context
         of that many tokens (BLA and SWA caches are bounded already)."""
 
-        def one(block: Block):
-            if block.kind in ("bla", "gsa"):
-                return BLACache()
-            window = block.mixer.window if block.kind == "swa" else max_context
-            return KVCache(window=window)
-
-        return DecodeCache([one(b) for b in self.blocks])
+        return DecodeCache([b.mixer.new_cache(max_context) for b in self.blocks])
 
     def forward(
         self,

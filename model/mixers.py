@@ -1,10 +1,16 @@
-"""Token mixers: the BLA layer (spec section 3) and softmax attention (full causal or sliding window).
+"""Token mixers: the BLA layer (spec section 3) and softmax attention (full causal or sliding
+window), registered as the kinds ``bla``, ``attn`` and ``swa`` (``bla.model.registry``).
 
 Every mixer takes ``x [B, T, D]``, the position of each token inside its document
 (``positions [B, T]``), optional packing (``cu_seqlens``, with B = 1) and an optional cache, and
 returns ``(y, cache)``. With a cache the tokens continue the cached sequence (prefill then
 decode); the cache of a BLA layer has a constant size, that of ``attn`` grows with the
 context and that of ``swa`` is a rolling window.
+
+Each forward runs project -> exchange -> mix -> output once. ``exchange`` is None on one
+device; sequence parallelism (``bla.train.sequence_parallel``) sets it on every layer to what
+crosses a slice boundary: the short convolution's halo, BLA's start states (a scan over the
+slices' states) or the keys and values of earlier slices.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bla.kernels import bla_attention, bla_step
-from bla.kernels.gsa import gsa_chunked
 
 from .config import ModelConfig
 from .layers import RMSNorm, ShortConv, apply_rope
+from .registry import MixerKind, projection_params, register
 
 
 @dataclass
@@ -45,23 +51,35 @@ class KVCache:
 
 def project_qkv(mixer: nn.Module, x, positions, cu_seqlens, conv_past):
     """q [B, T, H, d], k and v [B, T, H_kv, d] through the mixer's short convolution if it has one,
-    and the convolution's decode buffer (None without one)."""
+    and the convolution's decode buffer (None without one). Under sequence parallelism the
+    convolution's past is the previous slice's last inputs (the exchange's halo)."""
     B, T, _ = x.shape
     H, Hkv, d = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
     conv_buf = None
     if mixer.conv is None:  # no concatenation to pay for
         q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
     else:
-        # the convolution reads back only inside a segment: a packed row's previous segment
-        # is another document, or another part of the stream, even where positions continue
-        conv_pos = positions if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens, T)
         qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
+        if mixer.exchange is not None:
+            conv_past = mixer.exchange.conv_halo(qkv, mixer.conv.kernel)
+            conv_pos = mixer.exchange.segment_positions.to(x.device)
+        else:
+            # the convolution reads back only inside a segment: a packed row's previous segment
+            # is another document, or another part of the stream, even where positions continue
+            conv_pos = positions if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens, T)
         qkv, conv_buf = mixer.conv(qkv, conv_pos, conv_past)
         q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
     return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d), conv_buf
 
 
+def _no_cache_under_exchange(mixer: nn.Module, cache) -> None:
+    if mixer.exchange is not None and cache is not None:
+        raise ValueError("sequence parallelism is for training and scoring, not decoding with a cache")
+
+
 class BLAMixer(nn.Module):
+    exchange = None  # sequence parallelism's "state_scan" exchange, when set
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, H, Hkv, d = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -77,15 +95,21 @@ class BLAMixer(nn.Module):
         self.gate_proj = nn.Linear(D, H * d, bias=False) if cfg.bla.output_gate else None
         self.o_proj = nn.Linear(H * d, D, bias=False)
 
+    def new_cache(self, max_context: int | None = None) -> BLACache:
+        return BLACache()
+
     def forward(self, x, positions, cu_seqlens=None, cache: BLACache | None = None):
+        _no_cache_under_exchange(self, cache)
         B, T, _ = x.shape
         H, d = self.n_heads, self.head_dim
         q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
             k = apply_rope(k, positions, self.cfg.rope_theta)
-
-        o, state = self.mix(q, k, v, x, positions, cu_seqlens, cache.state if cache is not None else None, cache is not None)
+        state = cache.state if cache is not None else None
+        if self.exchange is not None:  # each document's start state: from the earlier slices
+            state = self.exchange.start_states(self, q, k, v, positions, cu_seqlens)
+        o, state = self.mix(q, k, v, x, positions, cu_seqlens, state, cache is not None)
         if self.out_norm is not None:
             o = self.out_norm(o)
         o = o.reshape(B, T, H * d)
@@ -94,9 +118,9 @@ class BLAMixer(nn.Module):
         new_cache = BLACache(state, conv_buf) if cache is not None else None
         return self.o_proj(o), new_cache
 
-
     def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool):
-        """BLA over [B, T, heads, d]: one decode step, or whole sequences (chunked)."""
+        """BLA over [B, T, heads, d]: one decode step, or whole sequences (chunked) from ``state``
+        (per sequence, or per packed document)."""
         if keep_state and q.shape[1] == 1:
             o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots, gates=self.cfg.bla.gates)
             return o[:, None], state
@@ -105,43 +129,51 @@ class BLAMixer(nn.Module):
             initial_state=state,
             output_final_state=keep_state,
             cu_seqlens=cu_seqlens,
-            offset=_start_positions(positions, cu_seqlens),
+            offset=start_positions(positions, cu_seqlens),
             backend=self.cfg.bla.backend,
             gates=self.cfg.bla.gates,
         )  # fmt: skip
 
 
-GSA_TAU = 8.0  # GSA's damping of the forget gate: alpha = sigmoid(x W)^(1/tau)
+def bla_params(cfg: ModelConfig) -> int:
+    D, H, Hkv, d, b = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.bla
+    n = projection_params(cfg)
+    n += H * d * D if b.output_gate else 0
+    n += (H + 2 * Hkv) * d * b.short_conv
+    return n + (d if b.output_norm else 0)
 
 
-class GSAMixer(BLAMixer):
-    """The BLA layer with GSA's learned, data-dependent slot decay in place of the Dirichlet gates
-    (the linear baseline of the state sweeps); same projections, state ``m x 2d`` per kv head."""
+def slot_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of reading and writing m slots of d_k + d_v (spec section 3)."""
+    return 4 * cfg.n_heads * cfg.bla.slots * (cfg.head_dim + cfg.head_dim)
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.decay_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.bla.slots, bias=True)
 
-    def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool):
-        B, T = x.shape[:2]
-        g = F.logsigmoid(self.decay_proj(x).float()).view(B, T, self.n_kv_heads, self.slots) / GSA_TAU
-        if cu_seqlens is None:
-            o, state = gsa_chunked(q, k, v, g, initial_state=state)
-            return o, (state if keep_state else None)
-        # packed documents: each from a zero state (a loop over documents; the sweeps do not pack)
-        cu = cu_seqlens.tolist()
-        outs = [gsa_chunked(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b])[0] for a, b in zip(cu[:-1], cu[1:]) if b > a]
-        return torch.cat(outs, dim=1), None
+def slot_state(cfg: ModelConfig, seq_len: int) -> int:
+    return cfg.kv_heads * cfg.bla.slots * (cfg.head_dim + cfg.head_dim)
+
+
+def _rope_needs_even_head_dim(cfg: ModelConfig) -> list[str]:
+    return [f"RoPE needs an even head_dim, got {cfg.head_dim}"] if cfg.head_dim % 2 else []
+
+
+def bla_validate(cfg: ModelConfig) -> list[str]:
+    return _rope_needs_even_head_dim(cfg) if cfg.bla.rope else []
+
+
+register(MixerKind(
+    "bla", BLAMixer, bla_params, slot_flops, slot_state, validate=bla_validate,
+    exchange="state_scan", doc="Blurry Window Attention: m slots per head over a window of W tokens",
+))  # fmt: skip
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """[1, T] index of every token inside its segment of a packed row."""
     cu = cu_seqlens.to(torch.int64)
     t = torch.arange(T, device=cu.device)
-    return (t - cu[_document_ids(cu, T, cu.device)[0]])[None]
+    return (t - cu[document_ids(cu, T, cu.device)[0]])[None]
 
 
-def _start_positions(positions_BT: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+def start_positions(positions_BT: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """Position of each sequence's (or packed document's) first token: BLA's phase offset."""
     if cu_seqlens is None:
         return positions_BT[:, 0]
@@ -150,7 +182,7 @@ def _start_positions(positions_BT: torch.Tensor, cu_seqlens: torch.Tensor | None
     return torch.where(empty.to(positions_BT.device), 0, positions_BT[0, starts])
 
 
-def _attention_mask(q_pos, k_pos, q_doc, k_doc, window: int | None) -> torch.Tensor:
+def attention_mask(q_pos, k_pos, q_doc, k_doc, window: int | None) -> torch.Tensor:
     """Boolean [B, 1, Tq, Tk] mask: causal, same document, and within the window when given."""
     diff = q_pos[:, :, None] - k_pos[:, None, :]
     allowed = (diff >= 0) & (q_doc[:, :, None] == k_doc[:, None, :])
@@ -161,6 +193,8 @@ def _attention_mask(q_pos, k_pos, q_doc, k_doc, window: int | None) -> torch.Ten
 
 class SoftmaxMixer(nn.Module):
     """Causal softmax attention with RoPE; ``window`` set makes it sliding-window (SWA)."""
+
+    exchange = None  # sequence parallelism's "kv_gather" (attn) or "kv_halo" (swa) exchange, when set
 
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
@@ -173,7 +207,12 @@ class SoftmaxMixer(nn.Module):
         self.conv = ShortConv((H + 2 * Hkv) * d, cfg.attn_short_conv) if cfg.attn_short_conv else None
         self.o_proj = nn.Linear(H * d, D, bias=False)
 
+    def new_cache(self, max_context: int | None = None) -> KVCache:
+        """Empty; full attention keeps every key unless ``max_context`` makes it a sliding context."""
+        return KVCache(window=self.window if self.window is not None else max_context)
+
     def forward(self, x, positions, cu_seqlens=None, cache: KVCache | None = None):
+        _no_cache_under_exchange(self, cache)
         B, T, _ = x.shape
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
@@ -181,41 +220,57 @@ class SoftmaxMixer(nn.Module):
         k = apply_rope(k, positions, self.cfg.rope_theta).transpose(1, 2)
         v = v.transpose(1, 2)
 
-        k_pos, q_pos = positions, positions
         new_cache = None
         # a full-attention cache may carry a sliding context (perplexity of long documents)
         window = self.window if self.window is not None else (cache.window if cache is not None else None)
-        if cache is not None:
-            if cache.k is not None:
-                past = cache.k.shape[2]
-                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-                k_pos = torch.cat([positions[:, :1] - past + torch.arange(past, device=x.device), positions], dim=1)
-            keep = k.shape[2] if window is None else min(k.shape[2], window - 1)
-            new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], window, conv_buf)
-
-        if cu_seqlens is None and cache is None and window is None:
+        if self.exchange is not None:  # earlier slices' keys and values, and the global mask
+            k, v, mask = self.exchange.key_context(self, k, v)
+        elif cache is None and cu_seqlens is None and window is None:
+            mask = None  # plain causal: SDPA's own (flash) path
+        else:
+            k_pos = positions
+            if cache is not None:
+                if cache.k is not None:
+                    past = cache.k.shape[2]
+                    k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+                    k_pos = torch.cat([positions[:, :1] - past + torch.arange(past, device=x.device), positions], dim=1)
+                keep = k.shape[2] if window is None else min(k.shape[2], window - 1)
+                new_cache = KVCache(k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :], window, conv_buf)
+            doc = document_ids(cu_seqlens, T, x.device) if cu_seqlens is not None else torch.zeros_like(positions)
+            k_doc = torch.zeros_like(k_pos) if cu_seqlens is None else doc
+            mask = attention_mask(positions, k_pos, doc, k_doc, window)
+        if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
         else:
-            doc = _document_ids(cu_seqlens, T, x.device) if cu_seqlens is not None else torch.zeros_like(positions)
-            k_doc = torch.zeros_like(k_pos) if cu_seqlens is None else doc
-            mask = _attention_mask(q_pos, k_pos, doc, k_doc, window)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), new_cache
 
 
-def _document_ids(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
+def document_ids(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
     """[1, T] index of each token's document."""
     starts = cu_seqlens.to(device)[1:-1]
     return torch.searchsorted(starts, torch.arange(T, device=device), right=True)[None]
 
 
-def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
-    if kind == "bla":
-        return BLAMixer(cfg)
-    if kind == "attn":
-        return SoftmaxMixer(cfg, window=None)
-    if kind == "swa":
-        return SoftmaxMixer(cfg, window=cfg.swa_window)
-    if kind == "gsa":
-        return GSAMixer(cfg)
-    raise ValueError(f"unknown mixer {kind!r}")
+def softmax_params(cfg: ModelConfig) -> int:
+    return projection_params(cfg) + (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim * cfg.attn_short_conv
+
+
+def _swa_keys(cfg: ModelConfig, seq_len: int) -> float:
+    """Keys a query reads, min(W, t + 1), averaged over the sequence."""
+    W, T = cfg.swa_window, seq_len
+    return (min(W, T) * (min(W, T) + 1) / 2 + max(T - W, 0) * W) / T
+
+
+register(MixerKind(
+    "attn", lambda cfg: SoftmaxMixer(cfg, window=None), softmax_params,
+    flops_per_token=lambda cfg, T: 2 * cfg.n_heads * cfg.head_dim * T,  # two products over half of the square
+    state_elements=lambda cfg, T: cfg.kv_heads * T * 2 * cfg.head_dim,
+    validate=_rope_needs_even_head_dim, exchange="kv_gather", doc="causal softmax attention with RoPE",
+))  # fmt: skip
+register(MixerKind(
+    "swa", lambda cfg: SoftmaxMixer(cfg, window=cfg.swa_window), softmax_params,
+    flops_per_token=lambda cfg, T: 4 * cfg.n_heads * cfg.head_dim * _swa_keys(cfg, T),
+    state_elements=lambda cfg, T: cfg.kv_heads * min(cfg.swa_window, T) * 2 * cfg.head_dim,
+    validate=_rope_needs_even_head_dim, exchange="kv_halo", doc="sliding-window softmax attention (swa_window) with RoPE",
+))  # fmt: skip

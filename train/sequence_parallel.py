@@ -15,22 +15,22 @@ runs every layer on it; layers exchange only what crosses a slice boundary:
   causal, same-document (and window) mask.
 * The short convolution takes the previous rank's last kernel - 1 inputs as its halo.
 
-The model stays single-device: ``enable`` attaches these forwards to a built model's mixers,
-``shard`` cuts a packed batch for a rank. Tests: tests/test_sequence_parallel.py.
+The model stays single-device: each mixer runs project -> exchange -> mix -> output, and
+``enable`` sets every layer's ``exchange`` to the one its kind declares (``bla.model.registry``:
+"state_scan", "kv_gather" or "kv_halo"); ``shard`` cuts a packed batch for a rank.
+Tests: tests/test_sequence_parallel.py.
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from bla.kernels import bla_attention, dirichlet_gates
-from bla.model.layers import apply_rope
-from bla.model.mixers import BLAMixer, SoftmaxMixer, _document_ids, _start_positions, positions_from_cu_seqlens
+from bla.model.mixers import attention_mask, document_ids, positions_from_cu_seqlens
+from bla.model.registry import MIXERS, mixer_kind
 
 
 @dataclass
@@ -104,120 +104,110 @@ def _count(ctx: SPContext, name: str, *tensors: torch.Tensor) -> None:
     ctx.comm_bytes[name] = ctx.comm_bytes.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors) * ctx.size
 
 
-def _project_qkv(self: BLAMixer | SoftmaxMixer, x, ctx: SPContext):
-    """q, k, v [B, T, heads, d] of this rank's slice; a short convolution takes the previous
-    rank's last kernel - 1 inputs as its halo."""
-    B, T, _ = x.shape
-    H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-    if self.conv is None:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    else:
-        K = self.conv.kernel
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        tails, tie = _gather(qkv[:, T - (K - 1) :], ctx)  # everyone's last K-1 inputs: the halos
-        _count(ctx, self._sp_name + ".conv", tails[0])
-        halo = tails[ctx.rank - 1] if ctx.rank > 0 else torch.zeros_like(tails[0])
-        qkv, _ = self.conv(qkv + tie, ctx.segment_positions.to(x.device), halo)
-        q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
-    return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
+class Exchange:
+    """What crosses a slice boundary for one layer. Every exchange carries the short
+    convolution's halo: the previous rank's last kernel - 1 inputs."""
+
+    def __init__(self, ctx: SPContext, name: str):
+        self.ctx, self.name = ctx, name
+
+    @property
+    def segment_positions(self) -> torch.Tensor:
+        return self.ctx.segment_positions
+
+    def conv_halo(self, qkv: torch.Tensor, kernel: int) -> torch.Tensor:
+        tails, tie = _gather(qkv[:, qkv.shape[1] - (kernel - 1) :], self.ctx)  # everyone's last inputs
+        _count(self.ctx, self.name + ".conv", tails[0])
+        halo = tails[self.ctx.rank - 1] if self.ctx.rank > 0 else torch.zeros_like(tails[0])
+        return halo + tie
 
 
-def _bla_forward(self: BLAMixer, x, positions, cu_seqlens=None, cache=None):
-    ctx: SPContext = self._sp
-    if cache is not None:
-        raise ValueError("sequence parallelism is for training and scoring, not decoding with a cache")
-    B, T, _ = x.shape
-    H, Hkv, d, m = self.n_heads, self.n_kv_heads, self.head_dim, self.slots
-    q, k, v = _project_qkv(self, x, ctx)
-    if self.cfg.bla.rope:
-        q, k = apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta)
+class StateScan(Exchange):
+    """BLA: each rank's last segment as (Gamma, Lambda), all-gathered and scanned into the start
+    state of this rank's first document (zeros for the others)."""
 
-    cu = cu_seqlens.to(torch.int64)
-    last = int(cu[-2])
-    # Lambda: the last segment's final state from zero; Gamma: its decay (positions only)
-    _, (lam_k, lam_v) = bla_attention(
-        q[:, last:], k[:, last:], v[:, last:], self.windows, m, output_final_state=True,
-        offset=int(positions[0, last]), backend=self.cfg.bla.backend, gates=self.cfg.bla.gates,
-    )  # fmt: skip
-    _, alpha, _ = dirichlet_gates(positions[0, last:], torch.tensor(self.windows, device=x.device), m, gates=self.cfg.bla.gates)
-    gamma = alpha.prod(dim=0).to(lam_k.dtype)  # [Hkv, m]; exactly 0 where a slot reset
-    single = len(cu) == 2
-    flags = torch.tensor([float(ctx.continues), float(single)], device=x.device)
-    nk = lam_k.numel()
-    packed, tie = _gather(torch.cat([lam_k.reshape(-1), lam_v.reshape(-1)]), ctx)  # one collective
-    lams_k = [t[:nk].view_as(lam_k) for t in packed]
-    lams_v = [t[nk:].view_as(lam_v) for t in packed]
-    gammas, all_flags = _gather_const(gamma, ctx), _gather_const(flags, ctx)
-    _count(ctx, self._sp_name + ".bla", lam_k, lam_v, gamma)
-    S = None  # state at the end of rank i's slice, i < this rank
-    for i in range(ctx.rank):
-        cont_i, single_i = bool(all_flags[i][0]), bool(all_flags[i][1])
-        if cont_i and single_i and S is not None:
-            S = (gammas[i][None, :, :, None] * S[0] + lams_k[i], gammas[i][None, :, :, None] * S[1] + lams_v[i])
-        else:
-            S = (lams_k[i], lams_v[i])
-    N = len(cu) - 1
-    init_k = lam_k.new_zeros(N, Hkv, m, d)
-    init_v = lam_v.new_zeros(N, Hkv, m, v.shape[-1])
-    if ctx.continues and S is not None:
-        init_k = torch.cat([S[0], init_k[1:]])
-        init_v = torch.cat([S[1], init_v[1:]])
-    o, _ = bla_attention(q, k, v, self.windows, m, initial_state=(init_k, init_v), cu_seqlens=cu_seqlens,
-                         offset=_start_positions(positions, cu_seqlens), backend=self.cfg.bla.backend,
-                         gates=self.cfg.bla.gates)  # fmt: skip
-    o = o + tie
-    if self.out_norm is not None:
-        o = self.out_norm(o)
-    o = o.reshape(B, T, H * d)
-    if self.gate_proj is not None:
-        o = o * F.silu(self.gate_proj(x))
-    return self.o_proj(o), None
+    def start_states(self, mixer, q, k, v, positions, cu_seqlens):
+        ctx, windows, m = self.ctx, mixer.windows, mixer.slots
+        Hkv, d = mixer.n_kv_heads, mixer.head_dim
+        backend, gates = mixer.cfg.bla.backend, mixer.cfg.bla.gates
+        cu = cu_seqlens.to(torch.int64)
+        last = int(cu[-2])
+        # Lambda: the last segment's final state from zero; Gamma: its decay (positions only)
+        _, (lam_k, lam_v) = bla_attention(q[:, last:], k[:, last:], v[:, last:], windows, m, output_final_state=True,
+                                          offset=int(positions[0, last]), backend=backend, gates=gates)  # fmt: skip
+        _, alpha, _ = dirichlet_gates(positions[0, last:], torch.tensor(windows, device=q.device), m, gates=gates)
+        gamma = alpha.prod(dim=0).to(lam_k.dtype)  # [Hkv, m]; exactly 0 where a slot reset
+        flags = torch.tensor([float(ctx.continues), float(len(cu) == 2)], device=q.device)
+        nk = lam_k.numel()
+        packed, tie = _gather(torch.cat([lam_k.reshape(-1), lam_v.reshape(-1)]), ctx)  # one collective
+        lams_k = [t[:nk].view_as(lam_k) for t in packed]
+        lams_v = [t[nk:].view_as(lam_v) for t in packed]
+        gammas, all_flags = _gather_const(gamma, ctx), _gather_const(flags, ctx)
+        _count(ctx, self.name + ".bla", lam_k, lam_v, gamma)
+        S = None  # state at the end of rank i's slice, i < this rank
+        for i in range(ctx.rank):
+            cont_i, single_i = bool(all_flags[i][0]), bool(all_flags[i][1])
+            if cont_i and single_i and S is not None:
+                S = (gammas[i][None, :, :, None] * S[0] + lams_k[i], gammas[i][None, :, :, None] * S[1] + lams_v[i])
+            else:
+                S = (lams_k[i], lams_v[i])
+        N = len(cu) - 1
+        init_k = lam_k.new_zeros(N, Hkv, m, d)
+        init_v = lam_v.new_zeros(N, Hkv, m, v.shape[-1])
+        if ctx.continues and S is not None:
+            init_k = torch.cat([S[0], init_k[1:]])
+            init_v = torch.cat([S[1], init_v[1:]])
+        return init_k + tie, init_v + tie  # the tie: this rank back-propagates through the gather too
 
 
-def _softmax_forward(self: SoftmaxMixer, x, positions, cu_seqlens=None, cache=None):
-    ctx: SPContext = self._sp
-    if cache is not None:
-        raise ValueError("sequence parallelism is for training and scoring, not decoding with a cache")
-    B, T, _ = x.shape
-    H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-    q, k, v = _project_qkv(self, x, ctx)
-    q = apply_rope(q, positions, self.cfg.rope_theta).transpose(1, 2)
-    k = apply_rope(k, positions, self.cfg.rope_theta).transpose(1, 2)
-    v = v.transpose(1, 2)
-    kv = torch.cat([k, v], dim=-1)
-    q_idx = ctx.slice_start + torch.arange(T, device=x.device)
-    if self.window is None:  # full attention: every rank's keys and values
-        kv_parts, _ = _gather(kv, ctx)  # every part feeds the attention below
-        kv_all = torch.cat(kv_parts, dim=2)
-        k_idx = torch.arange(ctx.total_len, device=x.device)
-        _count(ctx, self._sp_name + ".attn", k, v)
-    else:  # SWA: a halo of the last W - 1 keys and values, from as many previous ranks as it spans
-        halo = min(self.window - 1, T)
+class KeyGather(Exchange):
+    """Full attention: every rank's keys and values, attended under the global causal,
+    same-document mask."""
+
+    def key_context(self, mixer, k, v):
+        ctx, T, d = self.ctx, k.shape[2], k.shape[-1]
+        parts, _ = _gather(torch.cat([k, v], dim=-1), ctx)  # every part feeds the attention
+        kv = torch.cat(parts, dim=2)
+        _count(ctx, self.name + ".attn", k, v)
+        k_idx = torch.arange(ctx.total_len, device=k.device)
+        return kv[..., :d], kv[..., d:], self._mask(k_idx, T, None)
+
+    def _mask(self, k_idx: torch.Tensor, T: int, window: int | None) -> torch.Tensor:
+        ctx = self.ctx
+        q_idx = ctx.slice_start + torch.arange(T, device=k_idx.device)
+        doc = document_ids(ctx.global_cu, ctx.total_len, k_idx.device)[0]
+        return attention_mask(q_idx[None], k_idx[None], doc[q_idx][None], doc[k_idx][None], window)
+
+
+class KeyHalo(KeyGather):
+    """SWA: a halo of the last W - 1 keys and values, from as many previous ranks as it spans."""
+
+    def key_context(self, mixer, k, v):
+        ctx, T, d, W = self.ctx, k.shape[2], k.shape[-1], mixer.window
+        kv = torch.cat([k, v], dim=-1)
+        halo = min(W - 1, T)
         tails, tie = _gather(kv[:, :, T - halo :], ctx)
-        _count(ctx, self._sp_name + ".swa", tails[0])
-        first = max(0, ctx.rank - -(-(self.window - 1) // T))  # ceil((W - 1) / T) ranks back
+        _count(ctx, self.name + ".swa", tails[0])
+        first = max(0, ctx.rank - -(-(W - 1) // T))  # ceil((W - 1) / T) ranks back
         kv_all = torch.cat([*tails[first : ctx.rank], kv + tie], dim=2)
-        k_idx = torch.cat([torch.arange((i + 1) * T - halo, (i + 1) * T, device=x.device) for i in range(first, ctx.rank)]
-                          + [q_idx])  # fmt: skip
-    k_all, v_all = kv_all[..., :d], kv_all[..., d:]
-    doc = _document_ids(ctx.global_cu, ctx.total_len, x.device)[0]
-    allowed = (k_idx[None, :] <= q_idx[:, None]) & (doc[k_idx][None, :] == doc[q_idx][:, None])
-    if self.window is not None:
-        allowed &= q_idx[:, None] - k_idx[None, :] < self.window
-    o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed[None, None], enable_gqa=Hkv != H)
-    return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), None
+        k_idx = torch.cat([torch.arange((i + 1) * T - halo, (i + 1) * T, device=k.device) for i in range(first, ctx.rank)]
+                          + [ctx.slice_start + torch.arange(T, device=k.device)])  # fmt: skip
+        return kv_all[..., :d], kv_all[..., d:], self._mask(k_idx, T, W)
+
+
+EXCHANGES = {"state_scan": StateScan, "kv_gather": KeyGather, "kv_halo": KeyHalo}
 
 
 def enable(model, ctx: SPContext) -> SPContext:
-    """Make every mixer of ``model`` sequence-parallel over ``ctx``'s group (in place)."""
-    unsupported = sorted({b.kind for b in model.blocks} - {"bla", "attn", "swa"})
+    """Make every mixer of ``model`` sequence-parallel over ``ctx``'s group (in place): each layer
+    gets the exchange its kind declares."""
+    kinds = [mixer_kind(b.kind) for b in model.blocks]
+    unsupported = sorted({k.name for k in kinds if k.exchange is None})
     if unsupported:
-        raise ValueError(f"sequence parallelism supports bla, attn and swa layers, not {unsupported}")
-    for i, block in enumerate(model.blocks):
-        mixer = block.mixer
-        mixer._sp, mixer._sp_name = ctx, f"layer{i}"
-        forward = _bla_forward if isinstance(mixer, BLAMixer) else _softmax_forward
-        mixer.forward = types.MethodType(forward, mixer)
+        supported = sorted(name for name, k in MIXERS.items() if k.exchange)
+        raise ValueError(f"sequence parallelism supports {', '.join(supported)} layers, not {unsupported}")
+    for i, (block, kind) in enumerate(zip(model.blocks, kinds)):
+        block.mixer.exchange = EXCHANGES[kind.exchange](ctx, f"layer{i}")
     return ctx
 
 
