@@ -1,7 +1,8 @@
 """Corpora, tokenizers, packing and resumable loaders.
 
 Names load on first use (PEP 562): the synthetic tasks (``bla.data.synthetic``,
-``bla.data.regbench``) need neither ``datasets`` nor ``tokenizers``.
+``bla.data.regbench``) need neither ``datasets`` nor ``tokenizers``. Tasks (``lm``, ``mqar``,
+``regbench``) are found by name through ``task_named`` (``bla.data.task``).
 """
 
 import importlib
@@ -12,6 +13,7 @@ _HOME = {
     "ShardDocuments": "shards", "prepare": "shards",
     "DataSourceConfig": "sources", "SourceConfig": "sources", "load_documents": "sources", "parse_source": "sources",
     "Tokenizer": "tokenizer", "check_vocab": "tokenizer", "check_same_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+    "IGNORE": "task", "label_accuracy": "task", "task_named": "task", "task_names": "task", "source_config": "text",
 }  # fmt: skip
 __all__ = sorted(_HOME)
 

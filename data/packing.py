@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-IGNORE = -100
+from .task import IGNORE
 
 
 @dataclass

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .synthetic import TaskLoader
+from .task import IGNORE, register_task
+
 PAD, SEP, FIRST_LETTER, NUM_LETTERS = 0, 1, 2, 18
 VOCAB = FIRST_LETTER + NUM_LETTERS
-IGNORE = -100
 
 Automaton = tuple[tuple[tuple[int, int], ...], ...]  # per state: sorted (symbol, target) edges
 
@@ -184,3 +186,66 @@ def regbench_metrics(logits: torch.Tensor, inputs: torch.Tensor, automata: list[
             tvd += 0.5 * float((letters - true).abs().sum())
             count += 1
     return {"accuracy": hits / max(count, 1), "tvd": tvd / max(count, 1), "positions": int(count)}
+
+
+def _add_weighted(sums: dict, m: dict) -> None:
+    """Accumulate ``regbench_metrics`` weighted by their positions."""
+    for k in ("accuracy", "tvd"):
+        sums[k] += m[k] * m["positions"]
+    sums["positions"] += m["positions"]
+
+
+class RegBenchTask:
+    """Training sequences from the training pool; validation and test on the disjoint test pool."""
+
+    name, needs_text, settings = "regbench", False, "regbench"
+    validation_seed = 1_000_003  # the strings sampled from the validation automata
+    test_seed = 11  # the final evaluation's strings (bla eval regbench, bla sweep)
+
+    def check(self, data, model_vocab: int) -> list[str]:
+        return [f"RegBench needs model.vocab_size >= {VOCAB}, got {model_vocab}"] if model_vocab < VOCAB else []
+
+    def train_loader(self, data, micro_batch, rank, world, tokenizer=None, shards=None):
+        make = lambda n, seed: training_batch(n, data.seq_len, data.regbench, seed)  # noqa: E731
+        return TaskLoader(make, micro_batch, data.seed, rank, world)
+
+    def eval_sums(self, score, data, micro_batch, batches, rank, world, tokenizer=None):
+        """Accuracy and TV distance on held-out automata (the test pool), split across ranks."""
+        test = cached_pools(data.regbench)[1][rank::world]
+        sums = {"accuracy": 0.0, "tvd": 0.0, "positions": 0.0}
+        for b in range(batches):
+            chunk = test[b * micro_batch : (b + 1) * micro_batch] or test[:micro_batch]
+            x, labels, automata = encode_examples(chunk, data.seq_len, seed=self.validation_seed + b)
+            _, logits = score({"input_ids": x, "labels": labels})
+            _add_weighted(sums, regbench_metrics(logits, x, automata))
+        return sums
+
+    def eval_metrics(self, sums):
+        n = max(sums["positions"], 1.0)
+        return {"val_accuracy": sums["accuracy"] / n, "val_tvd": sums["tvd"] / n}
+
+    def test_scores(self, model, data, device, seed: int | None = None) -> dict:
+        scores = regbench_scores(model, data.seq_len, data.regbench, self.test_seed if seed is None else seed, device)
+        return {"accuracy": scores["all"]["accuracy"], "tvd": scores["all"]["tvd"]}
+
+
+@torch.no_grad()
+def regbench_scores(model, seq_len: int, regbench_cfg: RegBenchConfig, seed: int, device, batch: int = 32) -> dict:
+    """RegBench accuracy and TV distance on the held-out automata, per number of states, plus
+    ``"all"`` (weighted by positions)."""
+    by_size: dict[int, list] = {}
+    for a in cached_pools(regbench_cfg)[1]:  # one generation per process: a sweep evaluates many runs
+        by_size.setdefault(len(a), []).append(a)
+    scores, total = {}, {"accuracy": 0.0, "tvd": 0.0, "positions": 0.0}
+    for size in sorted(by_size):
+        x, _, automata = encode_examples(by_size[size], seq_len, seed=seed)
+        logits = torch.cat([model(x[i : i + batch].to(device)).logits.float().cpu() for i in range(0, len(x), batch)])
+        m = regbench_metrics(logits, x, automata)
+        scores[size] = {**m, "automata": len(automata)}
+        _add_weighted(total, m)
+    n = max(total["positions"], 1.0)
+    scores["all"] = {"accuracy": total["accuracy"] / n, "tvd": total["tvd"] / n, "positions": total["positions"]}
+    return scores
+
+
+REGBENCH = register_task(RegBenchTask())

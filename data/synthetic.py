@@ -7,16 +7,19 @@ once at position ``2K + 2 gap`` with gaps drawn without replacement from ``range
 is the label at the query; every other label is -100. Filler is 0 or random ids.
 
 Batches are deterministic functions of (seed, batch index), so a task loader resumes exactly.
+The task ``mqar`` (``bla.data.task``) is registered here: its checks, loaders, validation and
+held-out test accuracy.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-IGNORE = -100
+from .task import IGNORE, label_accuracy, loss_metrics, loss_sums, register_task
 
 
 @dataclass
@@ -76,3 +79,49 @@ class TaskLoader:
     def load_state_dict(self, sd: dict) -> None:
         # a different world size re-splits the stream from the earliest unfinished batch
         self.next_batch = sd["next_batch"] * sd["world_size"] // self.world_size
+
+
+class MQARTask:
+    name, needs_text, settings = "mqar", False, "mqar"
+    validation_seed = 1_000_003  # validation examples: another seed stream than training's
+    test_seed = 7_000_001  # the final evaluation's held-out examples (bla eval mqar, bla sweep)
+
+    def check(self, data, model_vocab: int) -> list[str]:
+        try:
+            data.mqar.check(data.seq_len)
+        except ValueError as exc:
+            return [str(exc)]
+        if data.mqar.vocab_size > model_vocab:
+            return [f"data.mqar.vocab_size={data.mqar.vocab_size} exceeds model.vocab_size={model_vocab}"]
+        return []
+
+    def _loader(self, data, micro_batch: int, seed: int, rank: int, world: int) -> TaskLoader:
+        return TaskLoader(lambda n, s: mqar_examples(n, data.seq_len, data.mqar, s), micro_batch, seed, rank, world)
+
+    def train_loader(self, data, micro_batch, rank, world, tokenizer=None, shards=None):
+        return self._loader(data, micro_batch, data.seed, rank, world)
+
+    def eval_sums(self, score, data, micro_batch, batches, rank, world, tokenizer=None):
+        held_out = self._loader(data, micro_batch, data.seed + self.validation_seed, rank, world)
+        return loss_sums(score, itertools.islice(held_out, batches), accuracy=True)
+
+    def eval_metrics(self, sums):
+        return {**loss_metrics(sums), "val_accuracy": sums["correct"] / max(sums["examples"], 1.0)}
+
+    def test_scores(self, model, data, device, examples: int = 1000, batch: int = 250, seed: int | None = None) -> dict:
+        """EVAL.md's MQAR accuracy on held-out examples (``test_seed`` unless given)."""
+        seed = self.test_seed if seed is None else seed
+        return {"accuracy": mqar_accuracy(model, data.seq_len, data.mqar, examples, seed, batch, device)}
+
+
+@torch.no_grad()
+def mqar_accuracy(model, seq_len: int, mqar_cfg: MQARConfig, examples: int, seed: int, batch: int, device) -> float:
+    """EVAL.md's MQAR accuracy on ``examples`` examples of ``seed`` (keep it apart from training's)."""
+    correct = []
+    for start in range(0, examples, batch):
+        x, y = mqar_examples(min(batch, examples - start), seq_len, mqar_cfg, seed + start)
+        correct.append(label_accuracy(model(x.to(device)).logits, y.to(device)).cpu())
+    return float(torch.cat(correct).mean())
+
+
+MQAR = register_task(MQARTask())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -13,15 +14,15 @@ def _device(name: str) -> torch.device:
 
 def _perplexity(args) -> int:
     from bla.data import DataSourceConfig, parse_source
+    from bla.train.export import load_model
 
-    from .load import load_model
     from .perplexity import perplexity
 
     device = _device(args.device)
     model, tok, cfg = load_model(args.run, device)
-    trained_on = cfg.get("data") or {}  # none recorded: a model re-saved by transformers (no bla_export.json)
-    sources = args.source or trained_on.get("val_sources")
-    context = trained_on.get("seq_len") if args.context == 0 else args.context  # 0: the training context
+    # none recorded: a model re-saved by transformers (no bla_export.json)
+    sources = args.source or (cfg.data.val_sources if cfg else None)
+    context = (cfg.data.seq_len if cfg else None) if args.context == 0 else args.context  # 0: the training context
     if not sources or context is None:
         raise ValueError(f"{args.run} records no training data settings (a model re-saved without bla_export.json): "
                          f"pass --source (e.g. stdlib:validation) and --context")  # fmt: skip
@@ -31,34 +32,36 @@ def _perplexity(args) -> int:
     return 0
 
 
+def _task_run(args, task: str):
+    """The model and data config of a run trained on ``task``."""
+    from bla.train.export import load_model
+
+    model, _, cfg = load_model(args.run, _device(args.device))
+    if cfg is None or cfg.data.task != task:
+        raise ValueError(f"{args.run} was not trained on {task} (data.task={cfg.data.task if cfg else 'not recorded'})")
+    return model, cfg.data
+
+
 def _mqar(args) -> int:
-    from bla.data.synthetic import MQARConfig
+    from bla.data.synthetic import MQAR, mqar_accuracy
 
-    from .load import load_model
-    from .tasks import mqar_accuracy
-
-    device = _device(args.device)
-    model, _, cfg = load_model(args.run, device)
-    d = cfg["data"]
-    seq_len = args.seq_len or d["seq_len"]
-    base = dict(d.get("mqar") or {})
+    model, data = _task_run(args, "mqar")
+    seq_len = args.seq_len or data.seq_len
+    seed = MQAR.test_seed if args.seed is None else args.seed
     print(f"{'K':>4} {'L':>6} {'examples':>9} {'accuracy':>9}")
-    for K in args.num_kv_pairs or [base.get("num_kv_pairs", 4)]:
-        # held out: training draws from other seeds
-        acc = mqar_accuracy(model, seq_len, MQARConfig(**{**base, "num_kv_pairs": K}), args.examples, args.seed, args.batch, device)
+    for K in args.num_kv_pairs or [data.mqar.num_kv_pairs]:
+        mqar = dataclasses.replace(data.mqar, num_kv_pairs=K)
+        acc = mqar_accuracy(model, seq_len, mqar, args.examples, seed, args.batch, _device(args.device))
         print(f"{K:>4} {seq_len:>6} {args.examples:>9} {acc:>9.4f}")
     return 0
 
 
 def _regbench(args) -> int:
-    from bla.data.regbench import RegBenchConfig
+    from bla.data.regbench import REGBENCH, regbench_scores
 
-    from .load import load_model
-    from .tasks import regbench_scores
-
-    device = _device(args.device)
-    model, _, cfg = load_model(args.run, device)
-    scores = regbench_scores(model, cfg["data"]["seq_len"], RegBenchConfig(**(cfg["data"].get("regbench") or {})), args.seed, device)
+    model, data = _task_run(args, "regbench")
+    seed = REGBENCH.test_seed if args.seed is None else args.seed
+    scores = regbench_scores(model, data.seq_len, data.regbench, seed, _device(args.device))
     print(f"{'states':>6} {'automata':>8} {'accuracy':>9} {'tvd':>7}")
     for size, m in scores.items():
         print(f"{size:>6} {m.get('automata', ''):>8} {m['accuracy']:>9.4f} {m['tvd']:>7.4f}")
@@ -72,8 +75,9 @@ def _harness(args) -> int:
 
 
 def _generate(args) -> int:
+    from bla.train.export import load_model
+
     from .generate import generate
-    from .load import load_model
 
     device = _device(args.device)
     model, tok, _ = load_model(args.run, device)
@@ -101,13 +105,13 @@ def add_eval_commands(sub) -> None:
     mq.add_argument("--seq-len", type=int, default=0)
     mq.add_argument("--examples", type=int, default=3000)
     mq.add_argument("--batch", type=int, default=250)
-    mq.add_argument("--seed", type=int, default=7_000_001)
+    mq.add_argument("--seed", type=int, default=None, help="held-out examples (default: the task's test seed)")
     mq.add_argument("--device", default="")
     mq.set_defaults(func=_mqar)
 
     rb = esub.add_parser("regbench", help="RegBench accuracy and TV distance per automaton size (held-out automata)")
     rb.add_argument("--run", required=True)
-    rb.add_argument("--seed", type=int, default=11)
+    rb.add_argument("--seed", type=int, default=None, help="held-out strings (default: the task's test seed)")
     rb.add_argument("--device", default="")
     rb.set_defaults(func=_regbench)
 

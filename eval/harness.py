@@ -24,8 +24,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from bla.train.export import load_model
+
 from .generate import generate
-from .load import load_model
 
 
 AUTO_BATCH_TOKENS = 65536  # batch_size=auto: as many rows as fit this many tokens of context
@@ -43,7 +44,7 @@ class BLAHarnessLM(LM):
         self.model, self.tok, cfg = load_model(run, self._device)
         if self.tok is None:
             raise ValueError(f"{run} was trained on a synthetic task and has no tokenizer for text tasks")
-        self.context = int(max_length) or (cfg.get("data") or {}).get("seq_len") or 0
+        self.context = int(max_length) or (cfg.data.seq_len if cfg else 0)
         if self.context < 1:
             raise ValueError(f"{run} records no training context (a model re-saved without bla_export.json): "
                              f"pass --model_args run={run},max_length=N")  # fmt: skip

@@ -57,6 +57,7 @@ def bla_attention(
     offset: int | torch.Tensor = 0,
     backend: str = "auto",
     gates: str = DEFAULT_GATES,
+    validate_values: bool = True,
 ) -> tuple[torch.Tensor, State | None]:
     """Blurry Window Attention over whole sequences.
 
@@ -75,6 +76,9 @@ def bla_attention(
         gates: the slot write and decay (spec section 1): "dirichlet" (s = d, alpha = 1 - d^2,
             the default), "fejer" (s = d^2, alpha = 1 - d^2) or "dirichlet_v1" (s = d,
             alpha = 1 - d; earlier checkpoints; it grows by about 1.22^(W/m)).
+        validate_values: check the values of ``cu_seqlens`` and a tensor ``offset`` too, which
+            reads them back from the device; False for callers that made them (the model's layers:
+            no host synchronisation per call). Shapes, dtypes and devices are always checked.
 
     Returns:
         o [B, T, H, d_v] in q's dtype, and the final state (float32, or float64 for float64
@@ -86,7 +90,7 @@ def bla_attention(
         >>> o.shape, K.shape
         (torch.Size([1, 16, 2, 8]), torch.Size([1, 2, 4, 8]))
     """
-    problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset, gates)
+    problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset, gates, validate_values)
     chosen = _resolve_backend(backend, q.device)
     if chosen == "reference":
         o, state = bla_reference(q, k, v, problem, initial_state)
@@ -111,15 +115,17 @@ def bla_step(
     slots: int,
     scale: float | None = None,
     gates: str = DEFAULT_GATES,
+    validate_values: bool = True,
 ) -> tuple[torch.Tensor, State]:
     """One decode step: q [B, H, d_k], k [B, H_kv, d_k], v [B, H_kv, d_v], position [B] (the
     token's position in its document, offset included). ``state`` None starts from zeros.
-    ``gates`` must be those of the prefill that made ``state``.
+    ``gates`` must be those of the prefill that made ``state``. ``validate_values`` False skips
+    reading ``position`` back from the device (see ``bla_attention``).
 
     Returns o [B, H, d_v] in q's dtype and the new state, in the same format as
     ``bla_attention``'s final state, so a prefill's state feeds decoding directly.
     """
-    problem = check_step(q, k, v, state, position, window, slots, scale, gates)
+    problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values)
     sdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if state is None:
         B, G, m = problem.batch, problem.num_kv_heads, problem.slots

@@ -145,24 +145,16 @@ def _train(spec: SweepSpec, overrides: dict, out: Path, cache_dir: str, nproc: i
 
 def evaluate_run(spec: SweepSpec, run_dir: Path, device) -> dict:
     """The sweep's metrics of one finished run: ``loss`` (the trainer's last validation loss), and
-    ``accuracy`` (plus ``tvd`` for RegBench) on held-out examples."""
-    from bla.eval.load import load_run
-    from bla.eval.tasks import mqar_accuracy, regbench_scores
+    the task's held-out test scores (``accuracy``, plus ``tvd`` for RegBench), with the sweep's
+    ``eval`` options (examples, batch, seed: the task's test seed unless given)."""
+    from bla.data import task_named
+    from bla.train.checkpoint import load_run
 
     model, _, cfg = load_run(run_dir, device)
-    d = cfg["data"]
     metrics = {"loss": json.loads((run_dir / "summary.json").read_text()).get("val_loss")}
-    if d["task"] == "mqar":
-        from bla.data.synthetic import MQARConfig
-
-        ev = spec.eval
-        metrics["accuracy"] = mqar_accuracy(model, d["seq_len"], MQARConfig(**d["mqar"]), int(ev.get("examples", 1000)),
-                                            int(ev.get("seed", 7_000_001)), int(ev.get("batch", 250)), device)  # fmt: skip
-    elif d["task"] == "regbench":
-        from bla.data.regbench import RegBenchConfig
-
-        scores = regbench_scores(model, d["seq_len"], RegBenchConfig(**d["regbench"]), int(spec.eval.get("seed", 11)), device)
-        metrics.update(accuracy=scores["all"]["accuracy"], tvd=scores["all"]["tvd"])
+    task = task_named(cfg.data.task)
+    if not task.needs_text:
+        metrics.update(task.test_scores(model, cfg.data, device, **spec.eval))
     return metrics
 
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from . import gsa, mixers  # noqa: F401  (the built-in mixer kinds register on import)
 from .config import ModelConfig
+from .gsa_mixer import GSAMixer  # noqa: F401  (importing a kind's module registers it: gsa here, bla/attn/swa below)
 from .layers import RMSNorm, SwiGLU, upcast
 from .mixers import positions_from_cu_seqlens
 from .registry import mixer_kind

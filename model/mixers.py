@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bla.kernels import bla_attention, bla_step
+from bla.kernels.checks import normalise_windows
 
 from .config import ModelConfig
 from .layers import RMSNorm, ShortConv, apply_rope
@@ -85,7 +86,9 @@ class BLAMixer(nn.Module):
         D, H, Hkv, d = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, d
-        self.windows = cfg.bla_windows()
+        # checked once, here (the config's checks and the operator's own): every call then skips
+        # the value checks that would read cu_seqlens and offsets back from the device
+        self.windows = list(normalise_windows(cfg.bla_windows(), cfg.bla.slots, H, Hkv))
         self.slots = cfg.bla.slots
         self.q_proj = nn.Linear(D, H * d, bias=False)
         self.k_proj = nn.Linear(D, Hkv * d, bias=False)
@@ -122,7 +125,8 @@ class BLAMixer(nn.Module):
         """BLA over [B, T, heads, d]: one decode step, or whole sequences (chunked) from ``state``
         (per sequence, or per packed document)."""
         if keep_state and q.shape[1] == 1:
-            o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots, gates=self.cfg.bla.gates)
+            o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots,
+                                gates=self.cfg.bla.gates, validate_values=False)  # fmt: skip
             return o[:, None], state
         return bla_attention(
             q, k, v, self.windows, self.slots,
@@ -132,6 +136,7 @@ class BLAMixer(nn.Module):
             offset=start_positions(positions, cu_seqlens),
             backend=self.cfg.bla.backend,
             gates=self.cfg.bla.gates,
+            validate_values=False,
         )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from helpers import assert_close
 from bla.launch.layout import fresh_process_env
 from bla.data.synthetic import MQARConfig, TaskLoader, mqar_examples
 from bla.eval.generate import generate
-from bla.eval.tasks import label_accuracy
+from bla.data.task import label_accuracy
 from bla.eval.memory import measure, plot
 from bla.eval.perplexity import document_nll
 from bla.model import BLALM, apply_overrides, load_preset

@@ -15,9 +15,10 @@ import torch
 
 from bla.launch.layout import fresh_process_env
 from bla.eval.generate import generate
-from bla.eval.load import load_exported, load_run
+from bla.train.checkpoint import load_run
+from bla.train.export import load_exported
 from bla.launch.cli import main as bla
-from bla.launch.export import export, flatten_imports, write_export
+from bla.train.export import export, flatten_imports, write_export
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -215,7 +216,7 @@ def test_clear_errors(zero3_run, tmp_path):
     with pytest.raises(ValueError, match="wrong shapes"):
         load_exported(hf_dir)
     (hf_dir / "config.json").write_text('{"model_type": ')
-    with pytest.raises(ValueError, match=r"config.json is not readable JSON"):
+    with pytest.raises(ValueError, match=r"config.json: not JSON"):
         load_exported(hf_dir)
     assert bla(["export", str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -235,7 +236,7 @@ def test_sentencepiece_tokenizer_export(tmp_path):
 
     from bla.data.sources import stdlib_files
     from bla.data.tokenizer import train_tokenizer
-    from bla.launch.export import _write_tokenizer
+    from bla.train.export import _write_tokenizer
 
     texts = [Path(f).read_text() for f in stdlib_files("validation")[:40]]
     ours = train_tokenizer(texts, tmp_path / "sp", kind="sentencepiece", vocab_size=400)

@@ -75,7 +75,7 @@ def test_loglikelihood_matches_the_model(tiny_run):
     import torch
 
     from bla.eval.harness import BLAHarnessLM
-    from bla.eval.load import load_run
+    from bla.train.checkpoint import load_run
 
     # device=cuda is what lm_eval's command line passes by default: without a GPU it runs on the CPU
     lm = BLAHarnessLM(str(tiny_run / "run"), device="" if torch.cuda.is_available() else "cuda", max_length=1024)

@@ -342,3 +342,40 @@ def test_bla_step_bad_state():
         bla_step(q, q, q, (torch.zeros(2, 2, 4, 4),), torch.zeros(2, dtype=torch.long), 8, 4)
     with pytest.raises(ValueError, match="position must be an integer tensor"):
         bla_step(q, q, q, None, torch.zeros(2), 8, 4)
+
+
+def test_value_checks_read_nothing_back_from_the_device_when_skipped():
+    """The model's layers call the operator with validate_values=False: then no check reads a
+    tensor's values (on a GPU, a host synchronisation per call). Meta tensors have no values, so
+    any such read raises; the same calls with the checks on do read them."""
+    from bla.kernels.checks import check_problem, check_step
+
+    q = torch.empty(1, 16, 2, 4, device="meta")
+    cu, offset = torch.empty(3, dtype=torch.int64, device="meta"), torch.empty(2, dtype=torch.int64, device="meta")
+    problem = check_problem(q, q, q, 8, 4, None, None, cu, offset, validate_values=False)
+    assert (problem.num_seqs, problem.windows) == (2, (8, 8))
+    with pytest.raises(Exception, match="meta"):
+        check_problem(q, q, q, 8, 4, None, None, cu, offset)
+    q1, position = torch.empty(2, 2, 4, device="meta"), torch.empty(2, dtype=torch.int64, device="meta")
+    assert check_step(q1, q1, q1, None, position, 8, 4, None, validate_values=False).batch == 2
+    with pytest.raises(Exception, match="meta"):
+        check_step(q1, q1, q1, None, position, 8, 4, None)
+
+
+@pytest.mark.gpu
+def test_a_model_training_step_has_no_host_sync_from_the_operators_checks():
+    """On the GPU, with CUDA's sync debug mode raising: the operator's checks of a packed batch
+    (what the model passes) read nothing back; with the value checks on they would."""
+    from bla.kernels.checks import check_problem
+
+    q = torch.randn(1, 64, 2, 8, device="cuda")
+    cu = torch.tensor([0, 20, 64], device="cuda")
+    offset = torch.zeros(2, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        check_problem(q, q, q, 16, 4, None, None, cu, offset, validate_values=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            check_problem(q, q, q, 16, 4, None, None, cu, offset)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -145,7 +145,7 @@ def test_truncated_checkpoint_is_detected_and_the_previous_used(runs, capsys):
 
 def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(runs, capsys):
     """Same size, other content: complete.json's sha256 catches it; eval says what it read."""
-    from bla.eval.load import resolve_checkpoint
+    from bla.train.checkpoint import resolve_checkpoint
 
     tmp, _, _, _ = runs
     run = tmp / "flipped"
@@ -168,7 +168,7 @@ def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(runs, capsy
 def test_a_changed_tokenizer_is_refused(runs):
     """The checkpoint records its tokenizer's sha256: another file beside it (ids that would mean
     other text) is refused by eval and by resume."""
-    from bla.eval.load import load_run
+    from bla.train.checkpoint import load_run
 
     tmp, _, _, _ = runs
     run = tmp / "other_tok"
@@ -383,7 +383,7 @@ def test_example_run_configs_load():
 def test_cache_entries_built_concurrently_are_published_once(tmp_path):
     """Concurrent runs (``bla sweep --jobs``) may build the same tokenizer or shard cache entry:
     the first finished copy is published whole and the later ones are dropped."""
-    from bla.train.trainer import _publish
+    from bla.train.prepare import _publish
 
     final = tmp_path / "shards"
     for pid, text in ((1, "first"), (2, "second")):
@@ -410,7 +410,7 @@ def _strip_gates(run: Path) -> None:
 def test_a_checkpoint_without_gates_evaluates_and_resumes_as_dirichlet_v1(tmp_path):
     import torch
 
-    from bla.eval.load import load_run
+    from bla.train.checkpoint import load_run
 
     train(tmp_path, "v1", 1, "model.bla.gates=dirichlet_v1", "stop_at=4")
     ids = torch.arange(3, 67)[None]
@@ -418,7 +418,7 @@ def test_a_checkpoint_without_gates_evaluates_and_resumes_as_dirichlet_v1(tmp_pa
     def loss_of(run: Path) -> tuple[float, str]:
         model, _, cfg = load_run(run)
         with torch.no_grad():
-            return model(ids[:, :-1], labels=ids[:, 1:]).loss.item(), cfg["model"]["bla"]["gates"]
+            return model(ids[:, :-1], labels=ids[:, 1:]).loss.item(), cfg.model.bla.gates
 
     before = loss_of(tmp_path / "v1")
     _strip_gates(tmp_path / "v1")
@@ -448,7 +448,7 @@ def test_checkpoint_files_that_would_run_code_are_refused(runs, tmp_path):
     payload in the rng or model file is refused by name and never runs."""
     import torch
 
-    from bla.eval.load import load_model
+    from bla.train.export import load_model
 
     tmp, *_ = runs
     marker = tmp_path / "payload_ran"

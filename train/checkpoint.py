@@ -12,6 +12,10 @@ earliest document any old rank had not finished (documents may repeat, none is s
 
 Checkpoints are files people exchange: every ``.pt`` file is read with ``safe_load`` (tensors and
 plain data only, ``verify_safe``) before DeepSpeed, which unpickles freely, opens any of them.
+
+This module owns the format both ways: the trainer writes and resumes through it, and
+``load_run`` gives any checkpoint back as a model (ZeRO 0-3 consolidated to fp32) with its
+tokenizer and typed config, for evaluation, export and ``init_from``.
 """
 
 from __future__ import annotations
@@ -25,12 +29,35 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import yaml
+
+from bla import data as lm_data  # the tokenizer module loads only for text models
+from bla.model import BLALM
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 MANIFEST = "complete.json"
 UNIVERSAL_SUFFIX = "_universal"
+
+
+def read_json(path: Path, setting: str = "") -> dict:
+    """A JSON object from a file a user wrote or received; errors name the file (as
+    ``setting=path`` when a setting named it)."""
+    name = f"{setting}={path}" if setting else str(path)
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read it ({exc.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{name}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def tag_of(step: int) -> str:
@@ -239,3 +266,83 @@ def loader_states_for(tag_dir: Path, old_world: int, rank: int, world: int, num_
     n = max(1, num_workers)
     return {"states": [dict(restart) for _ in range(n)], "next_worker": 0, "world_size": world, "rank": rank,
             "num_workers": num_workers}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- reading a model back
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder (``.../checkpoints/step_N``), or a run folder: its newest whole checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: expected a run directory or a checkpoint directory")
+    if (path / MANIFEST).exists() or path.name.startswith("step_"):
+        problem = check_complete(path)
+        if problem:
+            raise ValueError(f"checkpoint {path} is incomplete: {problem}")
+        return path
+    said = []  # damaged newer checkpoints are passed over, and the user is told which was read
+    found = latest_complete(path / "checkpoints", log=said.append)
+    if found is None:
+        raise ValueError(f"{path} holds no complete checkpoint under {path / 'checkpoints'}" +
+                         (f" ({'; '.join(said)})" if said else ""))  # fmt: skip
+    for line in said:
+        print(f"bla: {line}", file=sys.stderr)
+    if said:
+        print(f"bla: reading {found} instead", file=sys.stderr)
+    return found
+
+
+def fp32_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Consolidated weights: ZeRO-1/2/3 through DeepSpeed's zero_to_fp32, ZeRO-0 from the module file.
+    Every file is read safely (tensors and plain data only: no pickled code runs), the ZeRO files
+    before DeepSpeed unpickles them."""
+    if zero_stage > 0:
+        verify_safe(tag_dir)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    states = safe_load(tag_dir / "mp_rank_00_model_states.pt", deepspeed_types=True, map_location="cpu")
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+
+def load_weights(model: BLALM, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state`` into ``model``, refusing any missing, unexpected or misshapen weight."""
+    tied = model.cfg.tie_embeddings
+    state = {k: v for k, v in state.items() if not (tied and k == "head.weight")}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state and not (tied and k == "head.weight"))
+    unexpected = sorted(k for k in state if k not in own)
+    misshapen = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or misshapen:
+        raise ValueError(
+            f"{where} does not match its model config: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {misshapen}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, "lm_data.Tokenizer | None", "TrainConfig"]:
+    """(model in eval mode, tokenizer (None for tasks without text), the run's train config) of a
+    run's newest whole checkpoint or of one checkpoint."""
+    from bla.data.task import task_named
+
+    from .config import TrainConfig
+
+    tag_dir = resolve_checkpoint(path)
+    cfg_path = tag_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise ValueError(f"checkpoint {tag_dir} has no config.yaml")
+    train_cfg = TrainConfig.from_saved(yaml.safe_load(cfg_path.read_text()))  # a legacy config's gates resolved
+    model = BLALM(train_cfg.model)
+    load_weights(model, fp32_state_dict(tag_dir, train_cfg.zero_stage), f"checkpoint {tag_dir}")
+    if not task_named(train_cfg.data.task).needs_text:
+        return model.to(device).eval(), None, train_cfg
+    tok_dir = tag_dir.parent.parent / "tokenizer"
+    if not tok_dir.exists():
+        raise ValueError(f"no tokenizer beside the checkpoint (expected {tok_dir})")
+    tok = lm_data.Tokenizer(tok_dir)
+    lm_data.check_same_tokenizer(tok, read_meta(tag_dir).get("tokenizer"), f"checkpoint {tag_dir}")
+    return model.to(device).eval(), tok, train_cfg

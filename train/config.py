@@ -8,7 +8,6 @@ start and saved with every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,18 +15,16 @@ from typing import Any
 
 import yaml
 
-from bla.data.regbench import VOCAB as REGBENCH_VOCAB
 from bla.data.regbench import RegBenchConfig
 from bla.data.synthetic import MQARConfig
+from bla.data.task import task_named, task_names
 from bla.model.config import ModelConfig, load_preset, set_dotted, split_override
-
-TASKS = ("lm", "mqar", "regbench")
 
 
 @dataclass
 class DataConfig:
-    task: str = "lm"  # lm (text sources) | mqar (synthetic, see bla.data.synthetic)
-    mqar: MQARConfig = field(default_factory=MQARConfig)
+    task: str = "lm"  # lm (text sources) | mqar | regbench (synthetic; bla.data.task finds each by name)
+    mqar: MQARConfig = field(default_factory=MQARConfig)  # the settings of a task live in a field named as it says
     regbench: RegBenchConfig = field(default_factory=RegBenchConfig)
     sources: list[str] = field(default_factory=lambda: ["stdlib:train"])  # see bla.data.parse_source
     val_sources: list[str] = field(default_factory=lambda: ["stdlib:validation"])
@@ -121,20 +118,10 @@ class TrainConfig:
             bad(f"nan_policy must be skip or stop, got {self.nan_policy!r}")
         if not isinstance(self.nonfinite_limit, int) or self.nonfinite_limit < 1:
             bad(f"nonfinite_limit must be a positive int, got {self.nonfinite_limit!r}")
-        if self.data.task not in TASKS:
-            bad(f"data.task must be one of {TASKS}, got {self.data.task!r}")
-        if self.data.task == "mqar":
-            self.data.mqar.check(self.data.seq_len)
-            if self.data.mqar.vocab_size > self.model.vocab_size:
-                bad(f"data.mqar.vocab_size={self.data.mqar.vocab_size} exceeds model.vocab_size={self.model.vocab_size}")
-        if self.data.task == "regbench" and self.model.vocab_size < REGBENCH_VOCAB:
-            bad(f"RegBench needs model.vocab_size >= {REGBENCH_VOCAB}, got {self.model.vocab_size}")
-        if not self.data.sources:
-            bad("data.sources is empty")
-        if self.data.mixture not in ("all_exhausted", "first_exhausted"):
-            bad(f"data.mixture must be all_exhausted or first_exhausted, got {self.data.mixture!r}")
-        if self.data.tokenizer_kind not in ("bpe", "sentencepiece"):
-            bad(f"data.tokenizer_kind must be bpe or sentencepiece, got {self.data.tokenizer_kind!r}")
+        if self.data.task not in task_names():
+            bad(f"data.task must be one of {task_names()}, got {self.data.task!r}")
+        for problem in task_named(self.data.task).check(self.data, self.model.vocab_size):
+            bad(problem)
         if self.deepspeed_config:
             self.deepspeed(bf16=False)  # a missing or malformed file: said now, not after setup
         if not 0 <= self.optim.warmup_steps <= self.steps:
@@ -150,15 +137,10 @@ class TrainConfig:
         generated = self._generated_deepspeed(bf16, load_universal)
         if not self.deepspeed_config:
             return generated
+        from .checkpoint import read_json
+
         path = Path(self.deepspeed_config).expanduser()
-        try:
-            user = json.loads(path.read_text())
-        except OSError as exc:
-            raise ValueError(f"deepspeed_config={path}: cannot read it ({exc.strerror})") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"deepspeed_config={path}: not JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(user, dict):
-            raise ValueError(f"deepspeed_config={path}: expected a JSON object, got {type(user).__name__}")
+        user = read_json(path, "deepspeed_config")
         for key in ("train_micro_batch_size_per_gpu", "train_batch_size"):
             if key in user:
                 raise ValueError(f"deepspeed_config={path}: {key} is set by the trainer (use micro_batch and grad_accum)")
@@ -179,7 +161,16 @@ class TrainConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_saved(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The config a checkpoint or export saved: its model through ``ModelConfig.from_saved``
+        (a missing ``bla.gates`` is spec v1's), the rest as written and not validated again
+        (a ``deepspeed_config`` file it names need not exist where the model is evaluated)."""
+        d = dict(d)
+        model = ModelConfig.from_saved(d.pop("model", None) or {}).to_dict()
+        return cls.from_dict({**d, "model": model}, validate=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], validate: bool = True) -> "TrainConfig":
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         if set(d) - known:
@@ -201,12 +192,12 @@ class TrainConfig:
                 raise ValueError(f"train config: unknown keys {name}.{sorted(unknown)}")
             if "betas" in raw:
                 raw["betas"] = tuple(raw["betas"])
-            if isinstance(raw.get("mqar"), dict):
-                raw["mqar"] = MQARConfig(**raw["mqar"])
-            if isinstance(raw.get("regbench"), dict):
-                raw["regbench"] = RegBenchConfig(**raw["regbench"])
+            for f in dataclasses.fields(klass):  # nested settings (data.mqar, ...) as their own dataclasses
+                if isinstance(raw.get(f.name), dict) and dataclasses.is_dataclass(f.default_factory):
+                    raw[f.name] = f.default_factory(**raw[f.name])
             built[name] = klass(**raw)
-        return cls(model=ModelConfig.from_dict(model), **built, **d).validate()
+        cfg = cls(model=ModelConfig.from_dict(model), **built, **d)
+        return cfg.validate() if validate else cfg
 
 
 def settings_help() -> str:

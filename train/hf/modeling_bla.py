@@ -1,7 +1,8 @@
 """Hugging Face model class of a bla-lm model (written by ``bla export``).
 
-``BLAForCausalLM`` wraps bla-lm's own ``BLALM`` (the ``bla_*.py`` files beside this one are
-copies of bla-lm's model and kernel sources), so the exported model computes exactly what the
+``BLAForCausalLM`` wraps bla-lm's own ``BLALM`` (in an export, the ``bla_*.py`` files beside this
+one are copies of bla-lm's model and kernel sources, and ``bla export`` points the ``bla.model``
+imports below at them; in the repository this module imports bla-lm itself), so the exported model computes exactly what the
 training stack computed. ``generate()`` keeps bla-lm's decode caches: a BLA layer's cache is its
 constant-size slot state, whatever the context length.
 
@@ -20,9 +21,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .bla_config import ModelConfig
-from .bla_layers import RMSNorm, ShortConv
-from .bla_lm import BLALM, DecodeCache
+from bla.model.config import ModelConfig
+from bla.model.layers import RMSNorm, ShortConv
+from bla.model.lm import BLALM, DecodeCache
+
 from .configuration_bla import BLALMConfig
 
 

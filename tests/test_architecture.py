@@ -1,0 +1,177 @@
+"""The seams of docs/architecture.md: imports go downwards only, and a new mixer or a new task is
+one module that registers itself."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("kernels", "model", "data", "train", "eval", "launch")
+# what each package may import of ours (docs/architecture.md, "Layers")
+ALLOWED = {
+    "kernels": set(),
+    "model": {"kernels"},
+    "data": set(),
+    "train": {"kernels", "model", "data"},
+    "eval": {"kernels", "model", "data", "train"},
+    "launch": {"kernels", "model", "data", "train", "eval"},
+}
+
+
+def _imports(path: Path, package: str) -> list[tuple[str, list[str], int]]:
+    """(imported bla package, names taken from it, line) for every import of ``path``."""
+    out = []
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name.split(".")[1], [], node.lineno) for a in node.names if a.name.startswith("bla.")]
+        elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
+            if node.level:  # relative: inside its own package
+                continue
+            if node.module == "bla":
+                out += [(n, [], node.lineno) for n in names]
+            elif node.module and node.module.startswith("bla."):
+                out.append((node.module.split(".")[1], names, node.lineno))
+    return out
+
+
+def test_imports_only_go_downwards():
+    wrong = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for target, names, line in _imports(path, package):
+                where = f"{path.relative_to(ROOT)}:{line}"
+                if target != package and target not in ALLOWED[package]:
+                    wrong.append(f"{where} imports bla.{target} ({package} may import {sorted(ALLOWED[package]) or 'nothing'})")
+                private = [n for n in names if n.startswith("_") and target != package]
+                if private:
+                    wrong.append(f"{where} imports private {private} from bla.{target}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_eval_and_data_do_not_reach_into_the_trainer():
+    for package in ("eval", "data", "model", "kernels"):
+        for path in (ROOT / package).rglob("*.py"):
+            assert "bla.train.trainer" not in path.read_text(), path
+
+
+# ---------------------------------------------------------------- a mixer kind in one module
+
+
+class CumulativeMean(nn.Module):
+    """A toy mixer: each token mixes the mean of its document's values so far (causal, linear)."""
+
+    exchange = None
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def new_cache(self, max_context=None):
+        return None
+
+    def forward(self, x, positions, cu_seqlens=None, cache=None):
+        v = self.v(x)
+        total = v.cumsum(1)
+        starts = (positions == 0).long().cumsum(1)  # document index of every token
+        before = torch.zeros_like(total)
+        for b in range(x.shape[0]):  # subtract what earlier documents of the row summed to
+            for t in range(1, x.shape[1]):
+                before[b, t] = before[b, t - 1] if starts[b, t] == starts[b, t - 1] else total[b, t - 1]
+        return self.o((total - before) / (positions[..., None] + 1)), None
+
+
+def test_a_new_mixer_is_one_module_that_registers_itself():
+    from bla.model import BLALM, apply_overrides, load_preset, param_count, state_size
+    from bla.model.registry import MIXERS, MixerKind, register
+    from bla.train import sequence_parallel as sp
+
+    register(MixerKind("mean", CumulativeMean, params=lambda cfg: 2 * cfg.d_model**2,
+                       flops_per_token=lambda cfg, T: 4 * cfg.d_model, state_elements=lambda cfg, T: cfg.d_model))  # fmt: skip
+    try:
+        cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, mean]", "n_layers=2"])
+        torch.manual_seed(0)
+        model = BLALM(cfg)
+        assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+        assert state_size(cfg, 128)["elements"] == state_size(apply_overrides(cfg, ["layer_pattern=[bla]", "n_layers=1"]), 128)["elements"] + cfg.d_model
+        ids = torch.randint(3, 200, (2, 16))
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        assert model.blocks[1].mixer.v.weight.grad is not None
+        with pytest.raises(ValueError, match=r"sequence parallelism supports .* not \['mean'\]"):
+            sp.enable(model, sp.SPContext(None, 0, 2))
+        with pytest.raises(ValueError, match="registered already"):
+            register(MixerKind("mean", CumulativeMean, params=lambda cfg: 0, flops_per_token=lambda cfg, T: 0,
+                               state_elements=lambda cfg, T: 0))  # fmt: skip
+    finally:
+        del MIXERS["mean"]
+    with pytest.raises(ValueError, match="unknown mixer 'mean' in layer_pattern"):
+        apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, mean]"])
+
+
+# ---------------------------------------------------------------- a task in one module
+
+COPY_TASK = '''
+import itertools, sys, torch
+from bla.data.synthetic import TaskLoader
+from bla.data.task import loss_metrics, loss_sums, register_task
+
+class CopyTask:
+    """Repeat the first half of a row in its second half: labels only on the second half."""
+    name, needs_text, settings, validation_seed, test_seed = "copy", False, None, 99, 123
+
+    def check(self, data, model_vocab):
+        return [] if data.seq_len % 2 == 0 else [f"copy needs an even data.seq_len, got {data.seq_len}"]
+
+    def _batches(self, data, micro_batch, seed, rank, world):
+        def make(n, s):
+            half = torch.randint(3, 60, (n, data.seq_len // 2), generator=torch.Generator().manual_seed(s))
+            x = torch.cat([half, half], 1)
+            labels = torch.full_like(x, -100)
+            labels[:, data.seq_len // 2 - 1 : -1] = half
+            return x, labels
+        return TaskLoader(make, micro_batch, seed, rank, world)
+
+    def train_loader(self, data, micro_batch, rank, world, tokenizer=None, shards=None):
+        return self._batches(data, micro_batch, data.seed, rank, world)
+
+    def eval_sums(self, score, data, micro_batch, batches, rank, world, tokenizer=None):
+        held_out = self._batches(data, micro_batch, data.seed + self.validation_seed, rank, world)
+        return loss_sums(score, itertools.islice(held_out, batches), accuracy=True)
+
+    def eval_metrics(self, sums):
+        return {**loss_metrics(sums), "val_accuracy": sums["correct"] / max(sums["examples"], 1.0)}
+
+register_task(CopyTask())
+from bla.train.config import load_train_config
+from bla.train.trainer import run
+print("SUMMARY", run(load_train_config("tiny", sys.argv[1:]))["val_accuracy"])
+'''
+
+
+@pytest.mark.slow
+def test_a_new_task_is_one_module_that_registers_itself(tmp_path):
+    from bla.launch.layout import fresh_process_env
+
+    args = ["data.task=copy", "data.seq_len=32", "model.vocab_size=64", f"out_dir={tmp_path / 'run'}",
+            f"cache_dir={tmp_path / 'cache'}", "steps=4", "eval_every=4", "save_every=4", "progress=false"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", COPY_TASK, *args], capture_output=True, text=True,
+                          env=fresh_process_env(OMP_NUM_THREADS="1"), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    accuracy = float(done.stdout.split("SUMMARY")[-1])
+    assert 0.0 <= accuracy <= 1.0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["tokenizer"] is None  # no text task: no tokenizer built
+    bad = subprocess.run([sys.executable, "-c", COPY_TASK, *args, "data.seq_len=33"], capture_output=True, text=True,
+                         env=fresh_process_env(OMP_NUM_THREADS="1"), timeout=300)  # fmt: skip
+    assert bad.returncode != 0 and "copy needs an even data.seq_len, got 33" in bad.stderr
