@@ -110,6 +110,8 @@ def _prepare_into(out: Path, source, tokenizer, shard_tokens, batch_docs, max_do
     bar.close()
     if total_docs == 0:
         raise ValueError("prepare: the source yielded no documents (empty corpus)")
+    if total_tokens == 0:
+        raise ValueError(f"prepare: the source's {total_docs} documents hold no text (every one tokenises to nothing)")
     seconds = time.perf_counter() - t0
     tokenizer.save(out)
     manifest = {

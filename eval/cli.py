@@ -81,9 +81,13 @@ def _generate(args) -> int:
 
     device = _device(args.device)
     model, tok, _ = load_model(args.run, device)
-    ids = torch.tensor([[tok.bos_id, *tok.encode(args.prompt)]], device=device)
-    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id, args.seed)
-    print(args.prompt + tok.decode(out[0, ids.shape[1] :].tolist()))
+    if tok is None:
+        raise ValueError(f"{args.run} was trained on a task without text: it has no tokenizer to generate with")
+    prompts = [[tok.bos_id, *tok.encode(p)] for p in args.prompt]  # <bos> first, as in training
+    outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id,
+                          args.seed, device)  # fmt: skip
+    for text, ids, out in zip(args.prompt, prompts, outs):
+        print(text + tok.decode(out[len(ids) :]))
     return 0
 
 
@@ -132,7 +136,7 @@ def add_eval_commands(sub) -> None:
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (constant-size BLA state)")
     g.add_argument("--run", required=True)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, action="append", help="repeat for several prompts: generated as one batch")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)

@@ -1,41 +1,71 @@
-"""Text generation with per-layer decode caches (BLA: its constant-size slot state)."""
+"""Text generation with per-layer decode caches (BLA: its constant-size slot state).
+
+``generate`` continues a batch of prompts of one length (a tensor), or of any lengths (a list):
+then each is prefilled alone (one chunked call per layer over the prompt), the caches are
+stacked into one batch, and every row decodes at its own position (BLA's phase is per
+sequence: no padding enters a state or shifts a phase).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from bla.model import BLALM
+from bla.model import BLALM, DecodeCache
 
 
 @torch.no_grad()
 def generate(
     model: BLALM,
-    prompt_ids: torch.Tensor,
+    prompts: torch.Tensor | list[list[int]],
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
     eos_id: int | None = None,
     seed: int | None = None,
-) -> torch.Tensor:
-    """Continue ``prompt_ids`` [B, T0]: one prefill, then one cached step per token.
+    device: torch.device | str | None = None,
+) -> torch.Tensor | list[list[int]]:
+    """Continue prompts: a tensor [B, T0] of equal-length prompts (one prefill), or a list of id
+    lists of any lengths (each prefilled alone, then decoded together at its own position), then
+    one cached step per token for the whole batch.
 
     ``temperature`` 0 is greedy (argmax); otherwise sample from softmax(logits / temperature),
     restricted to the ``top_k`` most likely tokens and/or the smallest set of probability
-    ``top_p``. Returns [B, T0 + n] (rows stop growing after ``eos_id``; shorter rows get eos).
+    ``top_p``. A tensor gives [B, T0 + n] (rows stop growing after ``eos_id``; shorter rows get
+    eos); a list gives each prompt followed by its new tokens, up to and including ``eos_id``.
+    Greedy rows of a list equal those of each prompt alone.
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be [B, T0] with T0 >= 1, got {tuple(prompt_ids.shape)}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    gen = torch.Generator(device=prompt_ids.device)
+    model.eval()
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.shape[1] == 0:
+            raise ValueError(f"prompt_ids must be [B, T0] with T0 >= 1, got {tuple(prompts.shape)}")
+        out = model(prompts, cache=model.new_cache())
+        new = _continue(model, out.cache, out.logits[:, -1], max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+        return torch.cat([prompts, new], dim=1)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of non-empty id lists, got lengths {[len(p) for p in prompts]}")
+    device = device if device is not None else next(model.parameters()).device
+    caches, last = [], []
+    for prompt in prompts:  # the prefill of each prompt alone: its own length, position and phase
+        out = model(torch.tensor([prompt], device=device), cache=model.new_cache())
+        caches.append(out.cache)
+        last.append(out.logits[:, -1])
+    new = _continue(model, DecodeCache.stack(caches), torch.cat(last), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    rows = new.tolist()
+    ends = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows]
+    return [list(p) + row[:end] for p, row, end in zip(prompts, rows, ends)]
+
+
+def _continue(model, cache, logits, max_new_tokens: int, temperature, top_k, top_p, eos_id, seed) -> torch.Tensor:
+    """[B, n] new tokens from a prefilled ``cache`` and its last ``logits``; rows that ended with
+    ``eos_id`` repeat it until every row has (or n = max_new_tokens)."""
+    gen = torch.Generator(device=logits.device)
     if seed is not None:
         gen.manual_seed(seed)
-    model.eval()
-    out = model(prompt_ids, cache=model.new_cache())
-    cache, logits = out.cache, out.logits[:, -1]
-    tokens = [prompt_ids]
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens = [logits.new_zeros(logits.shape[0], 0, dtype=torch.long)]
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for _ in range(max_new_tokens):
         nxt = _pick(logits.float(), temperature, top_k, top_p, gen)
         if eos_id is not None:

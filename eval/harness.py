@@ -11,8 +11,8 @@ flag works (``--batch_size``, ``--output_path``, ``--limit``, ``--num_fewshot``,
 Scoring is batched: requests that fit in the training context run ``batch_size`` at a time as
 right-padded rows (a causal model's scores of a row do not depend on what follows it), longest
 first; longer inputs are scored in windows of the context with the decode caches carried, as
-for perplexity. Generation is greedy (or sampled when the task asks) with the BLA state, one
-request at a time. The device defaults to the GPU when there is one, else the CPU (also when
+for perplexity. Generation is batched too (prompts of any lengths, each at its own position),
+greedy or sampled when the task asks, with the BLA state. The device defaults to the GPU when there is one, else the CPU (also when
 lm-eval's default ``cuda`` is passed on a machine without one).
 """
 
@@ -106,21 +106,30 @@ class BLAHarnessLM(LM):
         return [total for total, _ in self._score_requests(items, "loglikelihood_rolling")]
 
     def generate_until(self, requests) -> list[str]:
-        out = []
-        for req in tqdm(requests, desc="generate_until", disable=len(requests) < 50):
-            context, kwargs = req.args
-            kwargs = dict(kwargs or {})
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            ids = torch.tensor([[self.tok.bos_id, *self.tok.encode(context)]], device=self._device)
+        """Requests with the same generation settings run ``batch_size`` at a time (each prompt at its
+        own position: ``generate`` on a list); greedy unless the task asks to sample (seeded)."""
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            kwargs = dict(req.args[1] or {})
             sample = kwargs.get("do_sample", False)
-            tokens = generate(self.model, ids, int(kwargs.get("max_gen_toks", 256)),
-                              temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
-                              eos_id=self.tok.eos_id, seed=0)  # fmt: skip
-            text = self.tok.decode(tokens[0, ids.shape[1] :].tolist())
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+            key = (int(kwargs.get("max_gen_toks", 256)), float(kwargs.get("temperature", 1.0)) if sample else 0.0)
+            groups.setdefault(key, []).append(i)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=len(requests) < 50)
+        for (max_new, temperature), rows in groups.items():
+            for a in range(0, len(rows), self.batch_size):
+                chunk = rows[a : a + self.batch_size]
+                prompts = [[self.tok.bos_id, *self.tok.encode(requests[i].args[0])] for i in chunk]
+                outs = generate(self.model, prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id,
+                                      seed=0, device=self._device)  # fmt: skip
+                for i, prompt, tokens in zip(chunk, prompts, outs):
+                    until = (requests[i].args[1] or {}).get("until") or []
+                    text = self.tok.decode(tokens[len(prompt) :])
+                    for stop in [until] if isinstance(until, str) else until:
+                        text = text.split(stop)[0]
+                    out[i] = text
+                bar.update(len(chunk))
+        bar.close()
         return out
 
 

@@ -25,13 +25,40 @@ class LMOutput:
 
 @dataclass
 class DecodeCache:
-    """Per-layer caches plus the number of tokens consumed (the next token's position)."""
+    """Per-layer caches plus the number of tokens consumed: the next token's position, an int
+    when every row has consumed as many, else one per row (a batch of prompts of other lengths,
+    each with its own position and so its own BLA phase)."""
 
     layers: list
-    length: int = 0
+    length: int | torch.Tensor = 0
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)
+
+    @staticmethod
+    def stack(caches: list["DecodeCache"]) -> "DecodeCache":
+        """The rows of several caches (e.g. prompts prefilled one by one) as one batch to decode together."""
+        if not caches:
+            raise ValueError("DecodeCache.stack needs at least one cache")
+        layers = [type(parts[0]).stack(list(parts)) for parts in zip(*(c.layers for c in caches))]
+        rows = [c.rows() for c in caches]
+        device = next((t.device for t in _tensors(layers)), torch.device("cpu"))
+        lengths = torch.cat([torch.as_tensor(c.length, device=device).expand(n) for c, n in zip(caches, rows)])
+        return DecodeCache(layers, lengths)
+
+    def rows(self) -> int:
+        if isinstance(self.length, torch.Tensor):
+            return self.length.numel()
+        first = next(_tensors(self.layers), None)
+        if first is None:
+            raise ValueError("an empty decode cache has no rows yet: prefill it first")
+        return first.shape[0]
+
+
+def _tensors(layers: list):
+    for layer in layers:
+        for value in vars(layer).values():
+            yield from (v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.Tensor))
 
 
 class Block(nn.Module):
@@ -104,7 +131,10 @@ class BLALM(nn.Module):
                 positions = positions_from_cu_seqlens(cu_seqlens.to(input_ids.device), T)
             else:
                 start = cache.length if cache is not None else 0
-                positions = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+                if isinstance(start, torch.Tensor):  # one position per row
+                    positions = start.to(input_ids.device)[:, None] + torch.arange(T, device=input_ids.device)
+                else:
+                    positions = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
         x = self.embed(input_ids)
         layer_caches = []
         for i, block in enumerate(self.blocks):

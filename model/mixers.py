@@ -38,6 +38,12 @@ class BLACache:
         tensors = list(self.state or ()) + ([self.conv] if self.conv is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @staticmethod
+    def stack(caches: list["BLACache"]) -> "BLACache":
+        """The rows of several caches as one batch (the slot state has one size whatever the length)."""
+        state = None if caches[0].state is None else tuple(torch.cat(part) for part in zip(*(c.state for c in caches)))
+        return BLACache(state, _cat_rows([c.conv for c in caches]))
+
 
 @dataclass
 class KVCache:
@@ -48,6 +54,20 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.conv) if t is not None)
+
+    @staticmethod
+    def stack(caches: list["KVCache"]) -> "KVCache":
+        """The rows of several caches as one batch: shorter rows are padded on the left (before
+        their first key), where the keys' positions are negative and the mask leaves them out."""
+        if caches[0].k is None:
+            return KVCache(None, None, caches[0].window, _cat_rows([c.conv for c in caches]))
+        longest = max(c.k.shape[2] for c in caches)
+        k, v = ([F.pad(t, (0, 0, longest - t.shape[2], 0)) for t in ts] for ts in ([c.k for c in caches], [c.v for c in caches]))
+        return KVCache(torch.cat(k), torch.cat(v), caches[0].window, _cat_rows([c.conv for c in caches]))
+
+
+def _cat_rows(tensors: list) -> torch.Tensor | None:
+    return None if tensors[0] is None else torch.cat(tensors)
 
 
 def project_qkv(mixer: nn.Module, x, positions, cu_seqlens, conv_past):
@@ -188,9 +208,10 @@ def start_positions(positions_BT: torch.Tensor, cu_seqlens: torch.Tensor | None)
 
 
 def attention_mask(q_pos, k_pos, q_doc, k_doc, window: int | None) -> torch.Tensor:
-    """Boolean [B, 1, Tq, Tk] mask: causal, same document, and within the window when given."""
+    """Boolean [B, 1, Tq, Tk] mask: causal, same document, and within the window when given. Keys
+    at negative positions do not exist (the left padding of a batch of caches of other lengths)."""
     diff = q_pos[:, :, None] - k_pos[:, None, :]
-    allowed = (diff >= 0) & (q_doc[:, :, None] == k_doc[:, None, :])
+    allowed = (diff >= 0) & (q_doc[:, :, None] == k_doc[:, None, :]) & (k_pos[:, None, :] >= 0)
     if window is not None:
         allowed &= diff < window
     return allowed[:, None]

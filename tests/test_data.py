@@ -156,6 +156,13 @@ def test_empty_corpus_and_missing_field(tmp_path, doc_files):
         load_documents(files_source(doc_files, "body"))
 
 
+def test_a_corpus_of_empty_documents_is_refused(tmp_path, bpe):
+    (tmp_path / "blank.jsonl").write_text('{"content": ""}\n' * 5)
+    with pytest.raises(ValueError, match="the source's 5 documents hold no text"):
+        prepare(files_source(tmp_path / "blank.jsonl"), bpe, tmp_path / "shards", progress=False)
+    assert not (tmp_path / "shards").exists()
+
+
 def test_damaged_documents_name_their_file_and_line(tmp_path):
     """Rows that only go wrong later in a file, non-UTF-8 bytes, broken JSON: one error naming the place."""
     import datasets

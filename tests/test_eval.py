@@ -105,6 +105,22 @@ def test_sampling_is_seeded_and_respects_top_k():
         generate(model, prompt, 2, top_p=0.0)
 
 
+def test_batched_generation_of_prompts_of_other_lengths_equals_each_alone():
+    """Each prompt prefilled alone, the caches stacked, decoded together at per-row positions (BLA's
+    phase, RoPE, the short convolution, attention's and SWA's masks): greedy results as alone."""
+    torch.manual_seed(0)
+    cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16",
+                                                "bla.slots=4", "attn_short_conv=3"])  # fmt: skip
+    model = BLALM(cfg).eval()
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (3, 11, 1, 25)]  # shorter and longer than the windows
+    batched = generate(model, prompts, 20)
+    assert batched == [generate(model, torch.tensor([p]), 20)[0].tolist() for p in prompts]
+    sampled = generate(model, prompts, 6, temperature=1.0, top_k=5, seed=3, eos_id=7)
+    assert all(out[: len(p)] == p and 0 < len(out) - len(p) <= 6 for p, out in zip(prompts, sampled))
+    with pytest.raises(ValueError, match="non-empty id lists"):
+        generate(model, [[5], []], 2)
+
+
 @pytest.mark.parametrize("pattern", ["[bla]", "[bla, swa]"])
 def test_windowed_scoring_with_carried_state_equals_full_forward(pattern):
     model = _tiny(pattern)
@@ -133,6 +149,14 @@ def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tmp_path):
         done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "eval", "perplexity", "--run", str(run), *bad],
                               capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
         assert done.returncode == 2 and "must be positive" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    prompts = ["def main(", "import"]  # one batch of two prompts of other lengths
+    done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "generate", "--run", str(run), "--prompt", prompts[0],
+                           "--prompt", prompts[1], "--max-new-tokens", "8"], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = "\n" + done.stdout
+    first, second = printed.find(f"\n{prompts[0]}"), printed.find(f"\n{prompts[1]}")
+    assert 0 <= first < second, done.stdout[-2000:]  # each prompt with its continuation, in order
 
 
 def test_memory_benchmark_on_cpu(tmp_path):

@@ -40,21 +40,31 @@ HF_SIDE = textwrap.dedent('''
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     ids = tok(sys.argv[4], return_tensors="pt").input_ids
+    seen = []  # the tokens the model reads in each forward of generate()
+    inner = model.model.forward
+    def counting(input_ids, *a, **k):
+        seen.append(input_ids.shape[1])
+        return inner(input_ids, *a, **k)
+    model.model.forward = counting
+    cache_of = lambda g: getattr(g, "cache", None) or g.past_key_values
     with torch.no_grad():
         logits = model(ids).logits
         short = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        seen.clear()
         long = model.generate(ids, max_new_tokens=int(sys.argv[5]), do_sample=False, return_dict_in_generate=True)
+        steps = list(seen)
         beam = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, output_scores=True,
                               return_dict_in_generate=True, length_penalty=1.0)
-    cache_bytes = [[l.nbytes() for l in g.past_key_values.decode.layers] for g in (short, long)]
-    try:
-        model(torch.cat([ids, ids]), attention_mask=torch.tensor([[0] + [1] * (ids.shape[1] - 1)] * 2))
-        padded_error = ""
-    except ValueError as exc:
-        padded_error = str(exc)
-    torch.save({"ids": ids, "logits": logits, "generated": long.sequences, "cache_bytes": cache_bytes,
-                "kinds": [type(l).__name__ for l in long.past_key_values.decode.layers],
-                "beam": beam.sequences, "beam_score": beam.sequences_scores * 6, "padded_error": padded_error, "bla_loaded": "bla" in sys.modules}, out)
+        tok.padding_side = "left"  # prompts of other lengths in one batch, each at its own position
+        prompts = [sys.argv[4], "x", "import os\\nimport sys\\nfrom pathlib import Path\\n"]
+        kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)  # no row ends early
+        batch = model.generate(**tok(prompts, return_tensors="pt", padding=True), **kw)
+        alone = [model.generate(**tok(p, return_tensors="pt"), **kw)[0, -8:] for p in prompts]
+    cache_bytes = [[l.nbytes() for l in cache_of(g).decode.layers] for g in (short, long)]
+    torch.save({"ids": ids, "logits": logits, "generated": long.sequences, "cache_bytes": cache_bytes, "steps": steps,
+                "kinds": [type(l).__name__ for l in cache_of(long).decode.layers], "batch": batch[:, -8:],
+                "alone": torch.stack(alone), "beam": beam.sequences, "beam_score": beam.sequences_scores * 6,
+                "bla_loaded": "bla" in sys.modules}, out)
 ''')
 
 
@@ -89,8 +99,8 @@ def test_transformers_matches_the_training_model(zero3_run):
     assert not hf["bla_loaded"]
 
     model, tok, _ = load_run(run)
-    ids = torch.tensor([tok.encode(PROMPT)])
-    assert torch.equal(hf["ids"], ids)  # the Hugging Face tokenizer encodes as ours
+    ids = torch.tensor([[tok.bos_id, *tok.encode(PROMPT)]])
+    assert torch.equal(hf["ids"], ids)  # the Hugging Face tokenizer encodes as ours, <bos> first as in training
     with torch.no_grad():
         ours = model(ids).logits
     torch.testing.assert_close(hf["logits"], ours, rtol=1e-5, atol=1e-5)
@@ -107,7 +117,10 @@ def test_transformers_matches_the_training_model(zero3_run):
     bla_layers = [i for i, kind in enumerate(model.cfg.mixers) if kind == "bla"]
     assert bla_layers and all(short[i] == long[i] > 0 for i in bla_layers)
     assert long[model.cfg.mixers.index("attn")] > short[model.cfg.mixers.index("attn")]
-    assert "padded batches" in hf["padded_error"]
+    # generate() reads the prompt once, then one token per step: never the prefix again
+    assert hf["steps"] == [ids.shape[1]] + [1] * (hf["generated"].shape[1] - ids.shape[1] - 1)
+    # a left-padded batch of prompts of other lengths: each row as it is alone (greedy)
+    assert torch.equal(hf["batch"], hf["alone"])
 
 
 def test_bf16_export(zero3_run):

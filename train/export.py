@@ -158,13 +158,21 @@ def _write_tokenizer(tokenizer: lm_data.Tokenizer, out: Path) -> None:
     tokenizer.save(out)
     pad, bos, eos = SPECIALS
     specials = {"pad_token": pad, "bos_token": bos, "eos_token": eos}
+    # transformers' tokenizers put <bos> first, as training did before every document (bla-lm's own
+    # encode() adds no specials either way: it asks for none)
     if tokenizer.kind == "bpe":
-        # no post-processor in tokenizer.json: encode() adds no specials, as in training
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.processors import TemplateProcessing
+
+        path = out / "tokenizer.json"
+        fast = HFTokenizer.from_file(str(path))
+        fast.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, BOS_ID)])
+        fast.save(str(path))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "clean_up_tokenization_spaces": False}
     else:
         # LlamaTokenizer reads the SentencePiece model; it decodes exactly as ours and encodes the
         # same except where a text starts with spaces (Metaspace keeps one fewer "▁" there)
-        config = {"tokenizer_class": "LlamaTokenizer", **specials, "unk_token": "<unk>", "add_bos_token": False,
+        config = {"tokenizer_class": "LlamaTokenizer", **specials, "unk_token": "<unk>", "add_bos_token": True,
                   "add_eos_token": False, "legacy": True, "add_prefix_space": None}  # fmt: skip
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")

@@ -2,12 +2,16 @@
 
 ``BLAForCausalLM`` wraps bla-lm's own ``BLALM`` (in an export, the ``bla_*.py`` files beside this
 one are copies of bla-lm's model and kernel sources, and ``bla export`` points the ``bla.model``
-imports below at them; in the repository this module imports bla-lm itself), so the exported model computes exactly what the
-training stack computed. ``generate()`` keeps bla-lm's decode caches: a BLA layer's cache is its
-constant-size slot state, whatever the context length.
+imports below at them; in the repository this module imports bla-lm itself), so the exported
+model computes exactly what the training stack computed.
 
-Limitation: rows of a batch must have the same length (no padding). Pad tokens would enter a
-BLA layer's state; generate prompts of different lengths in separate calls.
+``generate()`` follows transformers' contract: the cache is a ``Cache`` (``BLAGenerationCache``,
+holding bla-lm's per-layer decode caches: a BLA layer's is its constant-size slot state), it
+comes and goes under the current keyword (``cache``; ``past_key_values`` is accepted too), and
+after the prompt each step feeds the model one new token. A padded batch (``attention_mask``
+with zeros, left padding for generation) is prefilled row by row on each row's own tokens and
+then decoded together, every row at its own position: pad tokens never enter a BLA state or
+shift its phase, and each row's result is the one it gets alone.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bla.model.config import ModelConfig
@@ -27,24 +32,32 @@ from bla.model.lm import BLALM, DecodeCache
 
 from .configuration_bla import BLALMConfig
 
+# the output field transformers reads the cache from: ``cache`` since 5.x's rename, else ``past_key_values``
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
-class BLAGenerationCache:
-    """What ``generate()`` carries between steps: bla-lm's per-layer decode caches."""
+
+class BLAGenerationCache(Cache):
+    """What ``generate()`` carries between steps: bla-lm's per-layer decode caches, and how many
+    columns of ``input_ids`` they have consumed (padding included)."""
 
     is_compileable = False  # generate() must not compile the forward around it
     is_croppable = False  # a BLA state cannot be rolled back to an earlier token
 
-    def __init__(self, decode: DecodeCache):
-        self.decode = decode
+    def __init__(self, decode: DecodeCache, columns: int):
+        super().__init__(layers=[])
+        self.decode, self.columns = decode, columns
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.decode.length
+        return self.columns
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # BLA and SWA layers keep no maximum; attention grows
 
     def nbytes(self) -> int:
         return self.decode.nbytes()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: keep the rows ``beam_idx`` of every cached tensor."""
+        """Beam search: keep the rows ``beam_idx`` of every cached tensor (and of per-row lengths)."""
 
         def pick(t):
             if isinstance(t, torch.Tensor):
@@ -56,6 +69,7 @@ class BLAGenerationCache:
         for layer in self.decode.layers:
             for f in dataclasses.fields(layer):
                 setattr(layer, f.name, pick(getattr(layer, f.name)))
+        self.decode.length = pick(self.decode.length)
 
 
 class BLAPreTrainedModel(PreTrainedModel):
@@ -99,42 +113,65 @@ class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.model.head
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, **kwargs):
-        if past_key_values is not None:  # feed only the tokens the cache has not consumed
-            input_ids = input_ids[:, past_key_values.get_seq_length() :]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True, **kwargs):
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        if cache is not None:  # feed only the columns the cache has not consumed: one token per step
+            input_ids = input_ids[:, cache.get_seq_length() :]
+        return {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask, "use_cache": use_cache}
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: BLAGenerationCache | None = None,
+        cache: BLAGenerationCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        past_key_values: BLAGenerationCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``labels`` follow the Hugging Face convention: the inputs themselves, shifted here."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("BLAForCausalLM takes input_ids (inputs_embeds is not supported)")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "BLAForCausalLM does not take padded batches (attention_mask has zeros): pad tokens would "
-                "enter BLA's state; give rows of equal length, or one prompt per call"
-            )
-        if past_key_values is not None and not isinstance(past_key_values, BLAGenerationCache):
-            raise ValueError(f"past_key_values must be a BLAGenerationCache, got {type(past_key_values).__name__}")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, BLAGenerationCache):
+            raise ValueError(f"cache must be a BLAGenerationCache, got {type(cache).__name__}")
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True) and not self.training
-        decode = past_key_values.decode if past_key_values is not None else (self.model.new_cache() if use_cache else None)
-        out = self.model(input_ids, cache=decode, positions=position_ids)
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        if padded and cache is None:
+            logits, decode = self._rows_alone(input_ids, attention_mask.bool(), use_cache)
+        else:
+            if padded and not bool(attention_mask[:, -input_ids.shape[1] :].bool().all()):
+                raise ValueError("BLAForCausalLM: after the prompt, every new token must be real (attention_mask 1)")
+            decode = cache.decode if cache is not None else (self.model.new_cache() if use_cache else None)
+            out = self.model(input_ids, cache=decode, positions=position_ids if not padded else None)
+            logits, decode = out.logits, out.cache
         loss = None
         if labels is not None:
-            logits = out.logits[:, :-1].float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        cache = None
-        if out.cache is not None:
-            cache = past_key_values if past_key_values is not None else BLAGenerationCache(out.cache)
-            cache.decode = out.cache
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=cache)
+            shifted = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100) if padded else labels[:, 1:]
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+        out_cache = None
+        if decode is not None:
+            columns = (cache.columns if cache is not None else 0) + input_ids.shape[1]
+            out_cache = cache if cache is not None else BLAGenerationCache(decode, columns)
+            out_cache.decode, out_cache.columns = decode, columns
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: out_cache})
+
+    def _rows_alone(self, input_ids, mask, use_cache: bool):
+        """A padded batch with no cache yet: each row's real tokens (one contiguous run) through the
+        model alone, their logits where they stand (zeros at pads), and the rows' caches stacked."""
+        logits = None
+        caches = []
+        for row in range(input_ids.shape[0]):
+            where = mask[row].nonzero()[:, 0]
+            if where.numel() == 0 or where[-1] - where[0] + 1 != where.numel():
+                raise ValueError("BLAForCausalLM: each row's attention_mask must mark one run of real tokens (left or right padding)")
+            out = self.model(input_ids[row : row + 1, where[0] : where[-1] + 1], cache=self.model.new_cache() if use_cache else None)
+            if logits is None:
+                logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
+            logits[row, where[0] : where[-1] + 1] = out.logits[0]
+            caches.append(out.cache)
+        # a cache only where every row ends at the last column (left padding: generation can go on)
+        return logits, (DecodeCache.stack(caches) if use_cache and bool(mask[:, -1].all()) else None)
