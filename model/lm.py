@@ -12,13 +12,14 @@ from torch import nn
 from .config import ModelConfig
 from .gsa_mixer import GSAMixer  # noqa: F401  (importing a kind's module registers it: gsa here, bla/attn/swa below)
 from .layers import RMSNorm, SwiGLU, upcast
+from .loss import IGNORE, linear_cross_entropy
 from .mixers import positions_from_cu_seqlens
 from .registry import mixer_kind
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: torch.Tensor | None  # [B, T, vocab]; None when the loss went through the head in chunks
     loss: torch.Tensor | None = None
     cache: "DecodeCache | None" = None
 
@@ -61,6 +62,16 @@ def _tensors(layers: list):
             yield from (v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.Tensor))
 
 
+class Head(nn.Linear):
+    """The output projection; given labels, the loss itself through ``linear_cross_entropy`` (a
+    module call either way, so ZeRO-3 gathers the weight as for any layer)."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), loss_chunk)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mixer: str):
         super().__init__()
@@ -91,7 +102,7 @@ class BLALM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.mixers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = Head(cfg.d_model, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute blocks in the backward (set by the trainer)
         self.apply(self._init)
         if cfg.tie_embeddings:
@@ -118,7 +129,10 @@ class BLALM(nn.Module):
         labels: torch.Tensor | None = None,
         cache: DecodeCache | None = None,
         positions: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> LMOutput:
+        """``loss_chunk`` > 0 (with ``labels``): the loss through the head ``loss_chunk`` tokens at a
+        time (``bla.model.loss``), never holding [tokens, vocab] logits; ``logits`` is then None."""
         B, T = input_ids.shape
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -144,9 +158,11 @@ class BLALM(nn.Module):
                 x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None)
             layer_caches.append(c)
         new_cache = DecodeCache(layer_caches, cache.length + T) if cache is not None else None
+        if labels is not None and loss_chunk > 0:
+            return LMOutput(None, self.head(self.norm(x), labels, loss_chunk), new_cache)
         logits = self.head(self.norm(x))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
         return LMOutput(logits, loss, new_cache)
 

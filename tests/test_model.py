@@ -98,6 +98,44 @@ def test_loss_ignores_masked_labels():
     assert_close("loss", loss, manual, atol=1e-6)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_loss_through_the_head_in_chunks_equals_the_plain_loss(tied):
+    """Value and every gradient in float64, with masked labels, a tied or untied head, and chunks
+    that do not divide the tokens; no logits are returned."""
+    torch.manual_seed(0)
+    model = BLALM(apply_overrides(tiny(), [f"tie_embeddings={str(tied).lower()}"])).double()
+    ids = torch.randint(3, 256, (2, 37))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    plain = model(ids, labels=labels)
+    plain.loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = model(ids, labels=labels, loss_chunk=10)
+    chunked.loss.backward()
+    assert chunked.logits is None
+    assert_close("loss", chunked.loss, plain.loss, atol=1e-12)
+    for name, p in model.named_parameters():
+        assert_close(name, p.grad, expected[name], atol=1e-12)
+    with torch.no_grad():  # no gradients asked: none computed, the same value
+        assert_close("no-grad loss", model(ids, labels=labels, loss_chunk=10).loss, plain.loss, atol=1e-12)
+
+
+def test_linear_cross_entropy_in_half_precision_and_bad_shapes():
+    from bla.model.loss import linear_cross_entropy
+
+    h = torch.randn(12, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(20, 8, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 20, (12,))
+    loss = linear_cross_entropy(h, w, y, chunk=5)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.bfloat16
+    reference = torch.nn.functional.cross_entropy((h.detach() @ w.detach().t()).float(), y)
+    assert abs(float(loss.detach()) - float(reference)) < 1e-5
+    with pytest.raises(ValueError, match=r"expected hidden \[N, D\], weight \[V, D\], labels \[N\]"):
+        linear_cross_entropy(h, w.t(), y)
+
+
 def test_config_yaml_round_trip(tmp_path):
     for name in preset_names():
         cfg = load_preset(name)

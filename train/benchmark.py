@@ -32,7 +32,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
     torch.cuda.reset_peak_memory_stats()
 
     def step():
-        loss = engine(ids[:, :-1], labels=ids[:, 1:]).loss
+        loss = engine(ids[:, :-1], labels=ids[:, 1:], loss_chunk=cfg.loss_chunk).loss  # the trainer's own step
         engine.backward(loss)
         engine.step()
 

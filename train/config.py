@@ -62,6 +62,7 @@ class TrainConfig:
     sequence_parallel_size: int = 1  # ranks sharing each sequence (data parallelism across groups)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
+    loss_chunk: int = 2048  # training loss through the head this many tokens at a time (no [tokens, vocab] logits); 0 = plain
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 100
@@ -116,6 +117,8 @@ class TrainConfig:
             bad(f"optim.schedule must be cosine or wsd, got {self.optim.schedule!r}")
         if self.nan_policy not in ("skip", "stop"):
             bad(f"nan_policy must be skip or stop, got {self.nan_policy!r}")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            bad(f"loss_chunk must be an int >= 0 (0: plain logits), got {self.loss_chunk!r}")
         if not isinstance(self.nonfinite_limit, int) or self.nonfinite_limit < 1:
             bad(f"nonfinite_limit must be a positive int, got {self.nonfinite_limit!r}")
         if self.data.task not in task_names():

@@ -99,14 +99,16 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_loss(engine, batch: dict, device, sp_ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, logits). Under sequence parallelism each rank scores its slice and
+def forward_loss(engine, batch: dict, device, sp_ctx=None, loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss to back-propagate, logits). ``loss_chunk`` > 0: the loss through the head in chunks,
+    and no logits (training steps). Under sequence parallelism each rank scores its slice and
     returns sp x (its summed NLL) / (the group's label count): DeepSpeed averages gradients over
     all ranks, which then gives the data-parallel mean of every group's token-mean loss. The
     value returned for logging is the group's mean (identical on the group's ranks)."""
     if sp_ctx is None:
         b = _to(batch, device)
-        out = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), labels=b["labels"], positions=b.get("positions"))
+        out = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), labels=b["labels"], positions=b.get("positions"),
+                     loss_chunk=loss_chunk)  # fmt: skip
         return out.loss, out.logits
     b = _to(sequence_parallel.shard(batch, sp_ctx), device)
     out = engine(b["input_ids"], cu_seqlens=b["cu_seqlens"], positions=b["positions"])
@@ -368,7 +370,7 @@ class _Run:
         signal, or non-finite losses under the run's policy)."""
         cfg, micro_losses = self.cfg, []
         while len(micro_losses) < cfg.grad_accum:
-            loss, _ = forward_loss(self.engine, next(self.batches), self.device, self.sp_ctx)
+            loss, _ = forward_loss(self.engine, next(self.batches), self.device, self.sp_ctx, cfg.loss_chunk)
             nonfinite, signalled = _any_rank(not bool(torch.isfinite(loss.detach()).all()), self.stop.raised is not None)
             if signalled:
                 return micro_losses, f"interrupted by {self.stop.raised or 'a signal on another rank'}"
