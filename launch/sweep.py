@@ -22,6 +22,11 @@ overrides, writes its config, metrics and state size to ``<sweep>/runs/<name>/re
 is skipped once that file exists, so an interrupted sweep resumes where it stopped (a run cut
 mid-way resumes from its last checkpoint). The report (``results.csv``, ``results.json``,
 ``state_efficiency.json`` and ``<metric>_vs_state.png``) is rebuilt from whatever results exist.
+
+The learning rate of each configuration is chosen on the validation split (the trainer's last
+``val_accuracy``, or ``val_loss``: examples from another seed stream than the test's), never on
+the test examples the report then shows (``selected_on`` says which it was; results written
+before validation was recorded fall back to the test metric and say so).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from bla.model.stats import param_count, state_size
 from .layout import fresh_process_env
 
 METRICS = {"accuracy": True, "loss": False}  # name -> higher is better
+SELECT = {"accuracy": "val_accuracy", "loss": "loss"}  # the validation metric that picks the learning rate
 
 
 @dataclass
@@ -151,7 +157,8 @@ def evaluate_run(spec: SweepSpec, run_dir: Path, device) -> dict:
     from bla.train.checkpoint import load_run
 
     model, _, cfg = load_run(run_dir, device)
-    metrics = {"loss": json.loads((run_dir / "summary.json").read_text()).get("val_loss")}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = {"loss": summary.get("val_loss"), "val_accuracy": summary.get("val_accuracy")}  # validation split
     task = task_named(cfg.data.task)
     if not task.needs_text:
         metrics.update(task.test_scores(model, cfg.data, device, **spec.eval))
@@ -248,14 +255,16 @@ def _results(spec: SweepSpec, out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json")) if p.parent.name in names]
 
 
-AVERAGED = ("accuracy", "loss", "tvd", "train_seconds")  # what a point reports as its mean over seeds
+AVERAGED = ("accuracy", "val_accuracy", "loss", "tvd", "train_seconds")  # what a point reports as its mean over seeds
 
 
 def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
     """Per configuration (everything but the learning rate and the seed): the learning rate whose
-    mean over seeds is best. Each point carries that mean, ``seeds`` (how many runs) and the
-    metric's range over them (``<metric>_min``, ``<metric>_max``)."""
+    mean over seeds of the validation metric (``SELECT``) is best. Each point carries the means,
+    ``seeds`` (how many runs), the reported metric's range over them (``<metric>_min``,
+    ``<metric>_max``) and ``selected_on``."""
     m, higher = spec.metric, METRICS[spec.metric]
+    select = SELECT[m]
     groups: dict[str, dict[str, list[dict]]] = {}  # configuration -> learning rate -> runs (seeds)
     for r in results:
         if r.get(m) is None or not math.isfinite(r[m]):
@@ -273,8 +282,11 @@ def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
                 values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
                 point[key] = sum(values) / len(values) if len(values) == len(runs) else None
             point[m + "_min"], point[m + "_max"] = min(r[m] for r in runs), max(r[m] for r in runs)
+            validated = isinstance(point.get(select), (int, float)) and math.isfinite(point[select])
+            point["selected_on"] = select if validated else f"{m} (test: no validation recorded)"
             candidates.append(point)
-        points.append(max(candidates, key=lambda p: p[m] if higher else -p[m]))
+        key = select if all(c["selected_on"] == select for c in candidates) else m
+        points.append(max(candidates, key=lambda p: p[key] if higher else -p[key]))
     return sorted(points, key=lambda r: (r["mixer"], r["state_elements"]))
 
 
@@ -300,7 +312,7 @@ def state_efficiency(spec: SweepSpec, points: list[dict]) -> dict:
 def report(spec: SweepSpec, out: str | Path) -> dict:
     out = Path(out)
     results = _results(spec, out)
-    columns = ["run", "mixer", "state_elements", "state_bytes", "params", "accuracy", "loss", "tvd", "train_seconds"]
+    columns = ["run", "mixer", "state_elements", "state_bytes", "params", "accuracy", "val_accuracy", "loss", "tvd", "train_seconds"]
     keys = sorted({k for r in results for k in r["overrides"]})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -309,7 +321,7 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
             w.writerow([r.get(c) for c in columns] + [json.dumps(r["overrides"].get(k)) for k in keys])
     points = best_over_lr(spec, results)
     efficiency = state_efficiency(spec, points)
-    spread = ["seeds", spec.metric + "_min", spec.metric + "_max"]
+    spread = ["seeds", spec.metric + "_min", spec.metric + "_max", "selected_on"]
     summary = {"name": spec.name, "metric": spec.metric, "runs": len(results), "expected_runs": len(spec.runs()),
                "best_over_lr": [{k: r.get(k) for k in columns + spread} | {"overrides": r["overrides"]} for r in points],
                "state_efficiency": efficiency}  # fmt: skip
@@ -320,11 +332,11 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
             plot(spec, points, out / f"{spec.metric}_vs_state.png")
         except ImportError as exc:  # a bare GPU machine: `bla sweep --report` elsewhere draws it
             print(f"[bla sweep] no plot: {exc}")
-    print(f"{'mixer':>6} {'state':>11} {spec.metric:>9} {'seeds':>5} {'range':>15}  overrides (best over optim.lr)")
+    print(f"{'mixer':>9} {'state':>11} {spec.metric:>9} {'seeds':>5} {'range':>15}  overrides (optim.lr chosen on {SELECT[spec.metric]})")
     for r in points:
         shown = {k: v for k, v in r["overrides"].items() if k != "model.layer_pattern"}
         span = f"{r[spec.metric + '_min']:.4f}-{r[spec.metric + '_max']:.4f}"
-        print(f"{r['mixer']:>6} {r['state_elements']:>11,} {r[spec.metric]:>9.4f} {r['seeds']:>5} {span:>15}  {shown}")
+        print(f"{r['mixer']:>9} {r['state_elements']:>11,} {r[spec.metric]:>9.4f} {r['seeds']:>5} {span:>15}  {shown}")
     for target, row in efficiency.items():
         cells = ", ".join(f"{m}: {v['state_elements'] or 'not reached'}" for m, v in row.items())
         print(f"state to reach {spec.metric} {target}: {cells}")

@@ -21,15 +21,19 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     out = tmp_path / "sweep"
     summary = run_sweep(spec, out, jobs=2, cache_dir=str(tmp_path / "cache"), progress=False)  # two runs at a time
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 4 and summary["runs"] == 4
+    assert len(rows) == 5 and summary["runs"] == 5
     state = {(r["mixer"], json.loads(r["model.bla.slots"] or "null"), json.loads(r["model.swa_window"] or "null")): int(r["state_elements"])
              for r in rows}  # fmt: skip
     # tiny MQAR model: 2 layers x 2 kv heads x (d_k + d_v = 32) per slot or per window position
-    assert state == {("bla", 4, None): 512, ("bla", 8, None): 1024, ("swa", None, 4): 512, ("swa", None, 8): 1024}
+    assert state == {("bla", 4, None): 512, ("bla", 8, None): 1024, ("bla_fejer", 4, None): 512, ("swa", None, 4): 512,
+                     ("swa", None, 8): 1024}  # fmt: skip
+    fejer = json.loads(next((out / "runs").glob("bla_fejer-*/result.json")).read_text())
+    assert fejer["config"]["model"]["bla"]["gates"] == "fejer"  # a gates grid key reaches the run
+    assert all(p["selected_on"] == "val_accuracy" for p in summary["best_over_lr"])
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["train_seconds"]) > 0
     assert (out / "accuracy_vs_state.png").stat().st_size > 10_000
-    assert set(json.loads((out / "state_efficiency.json").read_text())["0.05"]) == {"bla", "swa"}
+    assert set(json.loads((out / "state_efficiency.json").read_text())["0.05"]) == {"bla", "bla_fejer", "swa"}
     result = json.loads(next((out / "runs").glob("bla-*/result.json")).read_text())
     assert result["config"]["model"]["layer_pattern"] == ["bla"] and result["params"] > 0
 
@@ -41,12 +45,14 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     assert redo.exists() and all(p.stat().st_mtime == t for p, t in kept.items())
 
 
-def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float, seed: int | None = None):
+def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float, seed: int | None = None,
+          val: float | None = None):  # fmt: skip
     overrides = {"size": state, "optim.lr": lr} | ({"seed": seed} if seed is not None else {})
     d = out / "runs" / run_name(spec, mixer, overrides)
     d.mkdir(parents=True)
-    (d / "result.json").write_text(json.dumps({"run": d.name, "mixer": mixer, "overrides": overrides, "state_elements": state,
-                                               "state_bytes": 2 * state, "params": 1, "accuracy": acc, "loss": 1.0}))  # fmt: skip
+    result = {"run": d.name, "mixer": mixer, "overrides": overrides, "state_elements": state, "state_bytes": 2 * state,
+              "params": 1, "accuracy": acc, "loss": 1.0} | ({"val_accuracy": val} if val is not None else {})  # fmt: skip
+    (d / "result.json").write_text(json.dumps(result))
 
 
 def test_best_over_lr_and_state_efficiency(tmp_path):
@@ -86,6 +92,15 @@ def test_seeds_are_averaged_before_the_best_learning_rate_is_taken(tmp_path):
     assert summary["best_over_lr"][0]["seeds"] == 2 and (tmp_path / "accuracy_vs_state.png").exists()
 
 
+def test_the_learning_rate_is_chosen_on_validation_not_on_the_test(tmp_path):
+    spec = SweepSpec("fake", "mqar", {"bla": [{"size": 64}]}, grid={"optim.lr": [1e-3, 3e-3]})
+    _fake(spec, tmp_path, "bla", 64, 1e-3, acc=0.9, val=0.5)  # the best test accuracy, the worse validation
+    _fake(spec, tmp_path, "bla", 64, 3e-3, acc=0.7, val=0.6)
+    (point,) = best_over_lr(spec, [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")])
+    assert point["overrides"]["optim.lr"] == 3e-3 and point["selected_on"] == "val_accuracy"
+    assert point["accuracy"] == 0.7 and point["val_accuracy"] == 0.6  # the test figure reported, not chosen on
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
@@ -107,7 +122,7 @@ def test_bad_specs_are_refused(tmp_path, text, match):
 def test_named_sweeps_load_and_are_valid():
     with pytest.raises(ValueError, match="named sweeps: .*mqar_budget"):
         load_spec("nope")
-    for name in ("tiny", "mqar_budget", "mqar_paper", "regbench_budget", "regbench_paper"):
+    for name in ("tiny", "mqar_budget", "mqar_paper", "regbench_budget", "regbench_paper", "mqar_v2", "regbench_v2"):
         spec = load_spec(name)
         assert {"bla", "swa"} <= set(spec.mixers) and spec.runs()
 
