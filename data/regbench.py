@@ -6,8 +6,8 @@ Each example is a fresh probabilistic automaton: 4-12 states, an alphabet of 4-1
 every state with 1-3 outgoing edges (distinct symbols, distinct targets, no self-loops), all
 states accepting, start state 0, minimal (an automaton that minimisation would shrink, or with
 unreachable states, is redrawn), transitions uniform over a state's edges. Automata are
-deduplicated by a canonical form, and the train and test pools are disjoint. One sequence per
-automaton: 10-19 strings of length 1-49 sampled from it, joined by separators.
+deduplicated by a canonical form, and the train, test and validation pools are disjoint. One
+sequence per automaton: 10-19 strings of length 1-49 sampled from it, joined by separators.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ Automaton = tuple[tuple[tuple[int, int], ...], ...]  # per state: sorted (symbol
 class RegBenchConfig:
     train_automata: int = 1000  # size of the training pool (the swept quantity: 1k to 40k)
     test_automata: int = 500
+    validation_automata: int = 200  # validation during training (and learning-rate choice): a third pool
     min_states: int = 4
     max_states: int = 12
     min_alphabet: int = 4
@@ -90,18 +91,19 @@ def sample_automaton(rng: np.random.Generator, cfg: RegBenchConfig) -> Automaton
             return canonical(edges)
 
 
-def automaton_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton]]:
-    """Deduplicated, disjoint train and test pools, deterministic by seed."""
+def automaton_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton], list[Automaton]]:
+    """Deduplicated, disjoint train, test and validation pools, deterministic by seed (drawn in
+    that order, so the train and test pools do not depend on the validation pool's size)."""
     rng = np.random.default_rng(cfg.seed)
     seen: set[Automaton] = set()
-    pools: list[list[Automaton]] = [[], []]
-    for pool, size in zip(pools, (cfg.train_automata, cfg.test_automata)):
+    pools: list[list[Automaton]] = [[], [], []]
+    for pool, size in zip(pools, (cfg.train_automata, cfg.test_automata, cfg.validation_automata)):
         while len(pool) < size:
             a = sample_automaton(rng, cfg)
             if a not in seen:
                 seen.add(a)
                 pool.append(a)
-    return pools[0], pools[1]
+    return pools[0], pools[1], pools[2]
 
 
 def sample_sequence(a: Automaton, rng: np.random.Generator) -> list[int]:
@@ -120,7 +122,7 @@ def sample_sequence(a: Automaton, rng: np.random.Generator) -> list[int]:
 _POOLS_LOCK = threading.Lock()
 
 
-def cached_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton]]:
+def cached_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton], list[Automaton]]:
     """``automaton_pools`` once per process, also when threads ask at once (``bla sweep --jobs``
     evaluates its finished runs in threads)."""
     with _POOLS_LOCK:
@@ -128,7 +130,7 @@ def cached_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton]]
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton]]:
+def _cached_pools(cfg: RegBenchConfig) -> tuple[list[Automaton], list[Automaton], list[Automaton]]:
     return automaton_pools(cfg)
 
 
@@ -196,7 +198,8 @@ def _add_weighted(sums: dict, m: dict) -> None:
 
 
 class RegBenchTask:
-    """Training sequences from the training pool; validation and test on the disjoint test pool."""
+    """Training sequences from the training pool, validation on the validation pool, the final
+    test on the test pool: three disjoint pools of automata."""
 
     name, needs_text, settings = "regbench", False, "regbench"
     validation_seed = 1_000_003  # the strings sampled from the validation automata
@@ -210,11 +213,11 @@ class RegBenchTask:
         return TaskLoader(make, micro_batch, data.seed, rank, world)
 
     def eval_sums(self, score, data, micro_batch, batches, rank, world, tokenizer=None):
-        """Accuracy and TV distance on held-out automata (the test pool), split across ranks."""
-        test = cached_pools(data.regbench)[1][rank::world]
+        """Accuracy and TV distance on the validation automata, split across ranks."""
+        held_out = cached_pools(data.regbench)[2][rank::world]
         sums = {"accuracy": 0.0, "tvd": 0.0, "positions": 0.0}
         for b in range(batches):
-            chunk = test[b * micro_batch : (b + 1) * micro_batch] or test[:micro_batch]
+            chunk = held_out[b * micro_batch : (b + 1) * micro_batch] or held_out[:micro_batch]
             x, labels, automata = encode_examples(chunk, data.seq_len, seed=self.validation_seed + b)
             _, logits = score({"input_ids": x, "labels": labels})
             _add_weighted(sums, regbench_metrics(logits, x, automata))
