@@ -201,7 +201,7 @@ class RegBenchTask:
     """Training sequences from the training pool, validation on the validation pool, the final
     test on the test pool: three disjoint pools of automata."""
 
-    name, needs_text, settings = "regbench", False, "regbench"
+    name, needs_text = "regbench", False
     validation_seed = 1_000_003  # the strings sampled from the validation automata
     test_seed = 11  # the final evaluation's strings (bla eval regbench, bla sweep)
 

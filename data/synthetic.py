@@ -82,7 +82,7 @@ class TaskLoader:
 
 
 class MQARTask:
-    name, needs_text, settings = "mqar", False, "mqar"
+    name, needs_text = "mqar", False
     validation_seed = 1_000_003  # validation examples: another seed stream than training's
     test_seed = 7_000_001  # the final evaluation's held-out examples (bla eval mqar, bla sweep)
 

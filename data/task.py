@@ -27,9 +27,6 @@ Score = Callable[[dict], "tuple[torch.Tensor, torch.Tensor]"]
 class Task(Protocol):
     name: str
     needs_text: bool  # trains on text sources through a tokenizer (and shards)
-    settings: str | None  # the data config field holding its own settings (data.mqar, data.regbench)
-    validation_seed: int  # validation examples during training: data.seed + this (apart from training's)
-    test_seed: int  # held-out examples of the final evaluation (bla eval, bla sweep)
 
     def check(self, data: Any, model_vocab: int) -> list[str]: ...
 
@@ -39,6 +36,8 @@ class Task(Protocol):
                   tokenizer=None) -> dict[str, float]: ...  # fmt: skip
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+    def test_scores(self, model, data: Any, device, **options) -> dict[str, float]: ...  # bla sweep's held-out test
 
 
 TASKS: dict[str, Task] = {}

@@ -20,9 +20,7 @@ def source_config(data, sources: list[str]):
 
 
 class TextTask:
-    name, needs_text, settings = "lm", True, None
-    validation_seed = 0  # validation is other text (data.val_sources), not another seed stream
-    test_seed = 0
+    name, needs_text = "lm", True  # validation is other text (data.val_sources), not another seed stream
 
     def check(self, data, model_vocab: int) -> list[str]:
         problems = []

@@ -85,7 +85,7 @@ def _generate(args) -> int:
         raise ValueError(f"{args.run} was trained on a task without text: it has no tokenizer to generate with")
     prompts = [[tok.bos_id, *tok.encode(p)] for p in args.prompt]  # <bos> first, as in training
     outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id,
-                          args.seed, device)  # fmt: skip
+                    args.seed, device)  # fmt: skip
     for text, ids, out in zip(args.prompt, prompts, outs):
         print(text + tok.decode(out[len(ids) :]))
     return 0

@@ -12,8 +12,9 @@ Scoring is batched: requests that fit in the training context run ``batch_size``
 right-padded rows (a causal model's scores of a row do not depend on what follows it), longest
 first; longer inputs are scored in windows of the context with the decode caches carried, as
 for perplexity. Generation is batched too (prompts of any lengths, each at its own position),
-greedy or sampled when the task asks, with the BLA state. The device defaults to the GPU when there is one, else the CPU (also when
-lm-eval's default ``cuda`` is passed on a machine without one).
+greedy or sampled when the task asks, with the BLA state. The device defaults to the GPU when
+there is one, else the CPU (also when lm-eval's default ``cuda`` is passed on a machine without
+one).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class BLAHarnessLM(LM):
                 chunk = rows[a : a + self.batch_size]
                 prompts = [[self.tok.bos_id, *self.tok.encode(requests[i].args[0])] for i in chunk]
                 outs = generate(self.model, prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id,
-                                      seed=0, device=self._device)  # fmt: skip
+                                seed=0, device=self._device)  # fmt: skip
                 for i, prompt, tokens in zip(chunk, prompts, outs):
                     until = (requests[i].args[1] or {}).get("until") or []
                     text = self.tok.decode(tokens[len(prompt) :])

@@ -24,8 +24,8 @@ mid-way resumes from its last checkpoint). The report (``results.csv``, ``result
 ``state_efficiency.json`` and ``<metric>_vs_state.png``) is rebuilt from whatever results exist.
 
 The learning rate of each configuration is chosen on the validation split (the trainer's last
-``val_accuracy``, or ``val_loss``: examples from another seed stream than the test's), never on
-the test examples the report then shows (``selected_on`` says which it was; results written
+``val_accuracy``, or ``val_loss``: MQAR examples of another seed stream than the test's, RegBench
+automata of another pool), never on the test examples the report then shows (``selected_on`` says which it was; results written
 before validation was recorded fall back to the test metric and say so).
 """
 

@@ -39,5 +39,5 @@ class GSAMixer(BLAMixer):
 register(MixerKind(
     "gsa", GSAMixer, lambda cfg: bla_params(cfg) + (cfg.d_model + 1) * cfg.kv_heads * cfg.bla.slots,
     slot_flops, slot_state, validate=bla_validate,
-    exchange=None, doc="GSA: BLA's layer with a learned slot decay (baseline; not sequence-parallel)",
+    exchange=None,  # GSA's learned decay has no position-only Gamma to scan: not sequence-parallel
 ))  # fmt: skip

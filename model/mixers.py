@@ -187,7 +187,7 @@ def bla_validate(cfg: ModelConfig) -> list[str]:
 
 register(MixerKind(
     "bla", BLAMixer, bla_params, slot_flops, slot_state, validate=bla_validate,
-    exchange="state_scan", doc="Blurry Window Attention: m slots per head over a window of W tokens",
+    exchange="state_scan",  # Blurry Window Attention: m slots per head over a window of W tokens
 ))  # fmt: skip
 
 
@@ -292,11 +292,11 @@ register(MixerKind(
     "attn", lambda cfg: SoftmaxMixer(cfg, window=None), softmax_params,
     flops_per_token=lambda cfg, T: 2 * cfg.n_heads * cfg.head_dim * T,  # two products over half of the square
     state_elements=lambda cfg, T: cfg.kv_heads * T * 2 * cfg.head_dim,
-    validate=_rope_needs_even_head_dim, exchange="kv_gather", doc="causal softmax attention with RoPE",
+    validate=_rope_needs_even_head_dim, exchange="kv_gather",  # causal softmax attention with RoPE
 ))  # fmt: skip
 register(MixerKind(
     "swa", lambda cfg: SoftmaxMixer(cfg, window=cfg.swa_window), softmax_params,
     flops_per_token=lambda cfg, T: 4 * cfg.n_heads * cfg.head_dim * _swa_keys(cfg, T),
     state_elements=lambda cfg, T: cfg.kv_heads * min(cfg.swa_window, T) * 2 * cfg.head_dim,
-    validate=_rope_needs_even_head_dim, exchange="kv_halo", doc="sliding-window softmax attention (swa_window) with RoPE",
+    validate=_rope_needs_even_head_dim, exchange="kv_halo",  # sliding-window softmax attention (swa_window), RoPE
 ))  # fmt: skip

@@ -7,7 +7,7 @@ state axis), what its config must satisfy, and which sequence-parallel exchange 
 
 Adding a mixer is one module: define the ``nn.Module`` (``forward(x, positions, cu_seqlens,
 cache) -> (y, cache)`` and ``new_cache(max_context)``), then ``register(MixerKind(...))`` at
-import. ``tests/test_model.py`` adds one that way.
+import. ``tests/test_architecture.py`` adds one that way.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class MixerKind:
     state_elements: Callable[["ModelConfig", int], int]  # decode state per sequence at context T
     validate: Callable[["ModelConfig"], list[str]] = lambda cfg: []  # what this kind needs of the config
     exchange: str | None = None  # sequence-parallel exchange (EXCHANGES); None: not sequence-parallel
-    doc: str = ""
 
 
 MIXERS: dict[str, MixerKind] = {}

@@ -128,7 +128,7 @@ from bla.data.task import loss_metrics, loss_sums, register_task
 
 class CopyTask:
     """Repeat the first half of a row in its second half: labels only on the second half."""
-    name, needs_text, settings, validation_seed, test_seed = "copy", False, None, 99, 123
+    name, needs_text, validation_seed = "copy", False, 99
 
     def check(self, data, model_vocab):
         return [] if data.seq_len % 2 == 0 else [f"copy needs an even data.seq_len, got {data.seq_len}"]

@@ -306,7 +306,6 @@ def fp32_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-
 def load_weights(model: BLALM, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``state`` into ``model``, refusing any missing, unexpected or misshapen weight."""
     tied = model.cfg.tie_embeddings

@@ -52,8 +52,6 @@ def verify_export(path: Path, info: dict) -> None:
     checksums, or re-saved by transformers without bla_export.json, have none to check)."""
     for name, digest in (info.get("files") or {}).items():
         f = path / name
-        if name == EXPORT_INFO:
-            continue
         if not f.is_file():
             raise ValueError(f"export {path}: {name} is missing (listed in {EXPORT_INFO})")
         if ckpt.sha256_of(f) != digest:
@@ -67,14 +65,14 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not is_export(path):
+    hf_config = ckpt.read_json(path / EXPORT_CONFIG) if (path / EXPORT_CONFIG).is_file() else {}
+    if hf_config.get("model_type") != EXPORT_MODEL_TYPE:
         raise ValueError(f"{path} is not a bla export: expected {EXPORT_CONFIG} with model_type {EXPORT_MODEL_TYPE!r}")
     weights = path / EXPORT_WEIGHTS
     if not weights.is_file():
         raise ValueError(f"{path} has no {EXPORT_WEIGHTS}")
     info = ckpt.read_json(path / EXPORT_INFO) if (path / EXPORT_INFO).exists() else {}
     verify_export(path, info)
-    hf_config = ckpt.read_json(path / EXPORT_CONFIG)
     if not isinstance(hf_config.get("bla_model"), dict):
         raise ValueError(f"{path / EXPORT_CONFIG} has no bla_model settings (not written by bla export)")
     model_cfg = ModelConfig.from_saved(hf_config["bla_model"])
@@ -207,7 +205,7 @@ def write_export(model: BLALM, tokenizer: lm_data.Tokenizer | None, out: str | P
     info = {k: (v.to_dict() if isinstance(v, TrainConfig) else v) for k, v in (info or {}).items()}
     # every file's sha256, so a changed byte is found on load (the config and the code included)
     files = {p.name: ckpt.sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / EXPORT_INFO).write_text(json.dumps({"dtype": dtype, **(info or {}), "files": files}, indent=2, default=str) + "\n")
+    (tmp / EXPORT_INFO).write_text(json.dumps({"dtype": dtype, **info, "files": files}, indent=2, default=str) + "\n")
 
     if out.exists():
         old = out.with_name(f".{out.name}.old")

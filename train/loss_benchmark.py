@@ -1,6 +1,6 @@
 """Peak memory and time of the training loss through the head: plain logits against chunks.
 
-``python -m bla.train.loss_benchmark --tokens 16384 --vocab 32000 --dim 1024 --chunks 0 4096 1024``
+``python -m bla.train.loss_benchmark --tokens 16384 --vocab 32000 --dim 1024 --chunks 0 2048 512``
 Each setting runs forward + backward of ``hidden [tokens, dim] -> logits [tokens, vocab] -> mean
 cross-entropy`` in a process of its own, so its peak memory is its own: on a GPU
 ``torch.cuda.max_memory_allocated``, on the CPU the process's peak resident set (less the
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--chunks", type=int, nargs="+", default=[0, 4096, 1024], help="0 = plain logits")
+    p.add_argument("--chunks", type=int, nargs="+", default=[0, 2048, 512], help="0 = plain logits (2048: the trainer's default)")
     p.add_argument("--dtype", default="", help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--device", default="")
     p.add_argument("--json", default="loss_benchmark.json")

@@ -48,8 +48,7 @@ def measure_peak(device: torch.device, dtype: torch.dtype, n: int | None = None,
     return 2 * n**3 / best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None,
-               log=lambda msg: None) -> tuple[float, str]:  # fmt: skip
+def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None) -> tuple[float, str]:
     """``(FLOP/s, where it came from)``: the datasheet for a known GPU, else a measurement, cached in
     ``cache_dir/peak_flops.json`` by device and dtype so a run measures at most once."""
     name = device_name(device)
@@ -63,10 +62,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.Pat
             cached = json.loads(path.read_text())
         except ValueError:
             cached = {}  # a damaged cache is measured again and rewritten
+        cached = cached if isinstance(cached, dict) else {}
     if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
         return float(cached[key]), f"measured earlier ({path})"
     value = measure_peak(device, dtype)
-    log(f"MFU: {name} is not in the datasheet table; measured {value / 1e12:.2f} TFLOP/s ({dtype} matrix product)")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")

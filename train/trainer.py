@@ -196,8 +196,6 @@ class _Run:
             if not self.task.needs_text:
                 raise ValueError(f"sequence parallelism splits packed text rows: data.task must be lm, not {self.task.name}")
             self.sp_ctx, self.data_rank, self.data_world = sequence_parallel.new_groups(self.cfg.sequence_parallel_size)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
 
     def prepare_data(self) -> None:
         """``init_from``'s weights, and for text tasks the tokenizer and the shards (built once, cached)."""
@@ -297,9 +295,8 @@ class _Run:
                 self.writer = SummaryWriter(str(self.out / "tb"))
             except ImportError as exc:  # a bare machine: the metrics still go to the log and summary.json
                 self.log(f"TensorBoard is not available ({exc}); logging to stdout and summary.json only")
-        if cfg.peak_flops:
-            self.peak = cfg.peak_flops
-        else:  # every rank measures alike (no rank waits on another); rank 0 logs where it came from
+        self.peak = cfg.peak_flops
+        if not self.peak and self.writer:  # MFU goes to rank 0's TensorBoard only: only it needs the peak
             self.peak, origin = peak_flops(self.device, torch.bfloat16 if self.bf16 else torch.float32, cfg.cache_dir)
             self.log(f"MFU against {self.peak / 1e12:.2f} TFLOP/s per device ({origin})")
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
