@@ -24,6 +24,7 @@ def generate(
     eos_id: int | None = None,
     seed: int | None = None,
     device: torch.device | str | None = None,
+    static: bool | None = None,
 ) -> torch.Tensor | list[list[int]]:
     """Continue prompts: a tensor [B, T0] of equal-length prompts (one prefill), or a list of id
     lists of any lengths (each prefilled alone, then decoded together at its own position), then
@@ -34,10 +35,18 @@ def generate(
     ``top_p``. A tensor gives [B, T0 + n] (rows stop growing after ``eos_id``; shorter rows get
     eos); a list gives each prompt followed by its new tokens, up to and including ``eos_id``.
     Greedy rows of a list equal those of each prompt alone.
+
+    ``static`` decodes over preallocated buffers (``bla.model.decode.StaticDecoder``; on CUDA
+    each step is one captured graph); None picks it on CUDA when every mixer supports it.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     model.eval()
+    device = device if device is not None else next(model.parameters()).device
+    if static is None:
+        static = torch.device(device).type == "cuda" and all(hasattr(b.mixer, "decode_step") for b in model.blocks)
+    if static:
+        return _generate_static(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.shape[1] == 0:
             raise ValueError(f"prompt_ids must be [B, T0] with T0 >= 1, got {tuple(prompts.shape)}")
@@ -46,7 +55,6 @@ def generate(
         return torch.cat([prompts, new], dim=1)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of non-empty id lists, got lengths {[len(p) for p in prompts]}")
-    device = device if device is not None else next(model.parameters()).device
     caches, last = [], []
     for prompt in prompts:  # the prefill of each prompt alone: its own length, position and phase
         out = model(torch.tensor([prompt], device=device), cache=model.new_cache())
@@ -58,9 +66,30 @@ def generate(
     return [list(p) + row[:end] for p, row, end in zip(prompts, rows, ends)]
 
 
+def _generate_static(model, prompts, max_new_tokens: int, temperature, top_k, top_p, eos_id, seed):
+    """``generate`` through a StaticDecoder: the same prompts in, the same layout out."""
+    from bla.model.decode import StaticDecoder
+
+    as_tensor = isinstance(prompts, torch.Tensor)
+    if as_tensor and (prompts.dim() != 2 or prompts.shape[1] == 0):
+        raise ValueError(f"prompt_ids must be [B, T0] with T0 >= 1, got {tuple(prompts.shape)}")
+    if not as_tensor and (not prompts or any(len(p) == 0 for p in prompts)):
+        raise ValueError(f"prompts must be a non-empty list of non-empty id lists, got lengths {[len(p) for p in prompts]}")
+    longest = prompts.shape[1] if as_tensor else max(len(p) for p in prompts)
+    decoder = StaticDecoder(model, len(prompts), longest + max_new_tokens)
+    logits = decoder.prefill(prompts)
+    new = _continue(decoder, None, logits, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    if as_tensor:
+        return torch.cat([prompts, new.to(prompts.device)], dim=1)
+    rows = new.tolist()
+    ends = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows]
+    return [list(p) + row[:end] for p, row, end in zip(prompts, rows, ends)]
+
+
 def _continue(model, cache, logits, max_new_tokens: int, temperature, top_k, top_p, eos_id, seed) -> torch.Tensor:
     """[B, n] new tokens from a prefilled ``cache`` and its last ``logits``; rows that ended with
-    ``eos_id`` repeat it until every row has (or n = max_new_tokens)."""
+    ``eos_id`` repeat it until every row has (or n = max_new_tokens). ``model`` may be a
+    StaticDecoder (``cache`` None), which holds its own state."""
     gen = torch.Generator(device=logits.device)
     if seed is not None:
         gen.manual_seed(seed)
@@ -74,8 +103,13 @@ def _continue(model, cache, logits, max_new_tokens: int, temperature, top_k, top
         tokens.append(nxt[:, None])
         if eos_id is not None and bool(done.all()):
             break
-        out = model(nxt[:, None], cache=cache)
-        cache, logits = out.cache, out.logits[:, -1]
+        if len(tokens) == max_new_tokens + 1:
+            break  # the last token needs no step after it
+        if cache is None:  # a StaticDecoder
+            logits = model.step(nxt)
+        else:
+            out = model(nxt[:, None], cache=cache)
+            cache, logits = out.cache, out.logits[:, -1]
     return torch.cat(tokens, dim=1)
 
 

@@ -1,9 +1,12 @@
-"""Long-context memory use: prefill time, per-token decode latency and memory against context
-length, for models of one width whose mixers are BLA, SWA or full softmax attention.
+"""Inference against context: prefill time, per-token decode latency, decode throughput at
+several batch sizes, and memory, for models of one width whose mixers are BLA, SWA or full
+softmax attention, in one run.
 
-Prefill goes through the decode caches in chunks (as a server would), so no T x T mask is ever
-built; decode then times single-token steps. Memory is the decode cache's bytes, and on a GPU
-also the peak allocated memory.
+Decoding runs through ``bla.model.decode.StaticDecoder`` for every mixer alike: preallocated
+per-layer buffers (attention's keys and values up to the context + the decoded tokens), one
+step captured as a CUDA graph on a GPU (the same code eagerly on a CPU). Prefill is one call per
+layer over the prompt (``--chunk`` > 0: that many tokens at a time through the cache). Memory is
+the decode state's bytes and, on a GPU, the peak allocated memory.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import time
 import torch
 
 from bla.model import BLALM, apply_overrides, load_preset
+from bla.model.decode import StaticDecoder
 
-DEFAULT_MIXERS = ("bla", "swa", "attn")  # the comparison this benchmark draws by default (any registered kind runs)
+DEFAULT_MIXERS = ("bla", "attn")  # the comparison this benchmark draws by default (bla, attn, swa run)
 
 
 def _sync(device):
@@ -23,37 +27,67 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def measure(preset: str, mixer: str, contexts: list[int], decode_steps: int, chunk: int, device, dtype) -> list[dict]:
+def _model(preset: str, mixer: str, device, dtype) -> BLALM:
     cfg = apply_overrides(load_preset(preset), [f"layer_pattern=[{mixer}]"])
     torch.manual_seed(0)
-    model = BLALM(cfg).to(device=device, dtype=dtype).eval()
+    return BLALM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def _decode_time(dec: StaticDecoder, first: torch.Tensor, steps: int) -> float:
+    """Seconds per step, after one untimed step (the capture on a GPU)."""
+    nxt = first.argmax(-1)
+    nxt = dec.step(nxt).argmax(-1)
+    _sync(dec.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = dec.step(nxt).argmax(-1)
+    _sync(dec.device)
+    return (time.perf_counter() - t0) / steps
+
+
+@torch.no_grad()
+def measure(preset: str, mixer: str, contexts: list[int], decode_steps: int, chunk: int, device, dtype) -> list[dict]:
+    """One sequence at each context: prefill seconds, decode ms per token, state and peak memory."""
+    model = _model(preset, mixer, device, dtype)
     rows = []
     for T in contexts:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        ids = torch.randint(0, cfg.vocab_size, (1, T + decode_steps), device=device)
-        cache = model.new_cache()
+        ids = torch.randint(0, model.cfg.vocab_size, (1, T), device=device)
+        dec = StaticDecoder(model, 1, T + decode_steps + 1)
         _sync(device)
         t0 = time.perf_counter()
-        for s in range(0, T, chunk):
-            cache = model(ids[:, s : min(T, s + chunk)], cache=cache).cache
+        logits = dec.prefill(ids, chunk)
         _sync(device)
         prefill = time.perf_counter() - t0
-        cache = model(ids[:, T : T + 1], cache=cache).cache  # warm-up step
-        _sync(device)
-        t0 = time.perf_counter()
-        for i in range(1, decode_steps):
-            cache = model(ids[:, T + i : T + i + 1], cache=cache).cache
-        _sync(device)
-        step = (time.perf_counter() - t0) / max(1, decode_steps - 1)
-        row = dict(preset=preset, mixer=mixer, context=T, prefill_s=prefill, decode_ms=1e3 * step,
-                   cache_mb=cache.nbytes() / 2**20, dtype=str(dtype).replace("torch.", ""))  # fmt: skip
+        step = _decode_time(dec, logits, decode_steps)
+        row = dict(preset=preset, mixer=mixer, context=T, batch=1, prefill_s=prefill, decode_ms=1e3 * step,
+                   cache_mb=dec.nbytes() / 2**20, graph=dec.graph is not None, dtype=str(dtype).replace("torch.", ""))  # fmt: skip
         if device.type == "cuda":
             row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        del dec
+    return rows
+
+
+@torch.no_grad()
+def throughput(preset: str, mixer: str, context: int, batches: list[int], decode_steps: int, device, dtype) -> list[dict]:
+    """Generated tokens per second for ``batch`` sequences decoded together after a ``context``-token prompt."""
+    model = _model(preset, mixer, device, dtype)
+    rows = []
+    for B in batches:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        dec = StaticDecoder(model, B, context + decode_steps + 1)
+        logits = dec.prefill(torch.randint(0, model.cfg.vocab_size, (B, context), device=device))
+        step = _decode_time(dec, logits, decode_steps)
+        row = dict(preset=preset, mixer=mixer, context=context, batch=B, decode_ms=1e3 * step, tokens_per_s=B / step,
+                   graph=dec.graph is not None)  # fmt: skip
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        del dec
     return rows
 
 
@@ -90,13 +124,15 @@ def run(args) -> int:
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
+    rows, batched = [], []
     for mixer in args.mixers:
         rows += measure(args.preset, mixer, args.contexts, args.decode_steps, args.chunk, device, dtype)
+        if args.batches:
+            batched += throughput(args.preset, mixer, args.batch_context, args.batches, args.decode_steps, device, dtype)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     title = f"{args.preset} preset, one sequence, {str(dtype).replace('torch.', '')}, {name}"
     with open(args.json, "w") as f:
-        json.dump({"title": title, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+        json.dump({"title": title, "date": time.strftime("%Y-%m-%d"), "rows": rows, "throughput": batched}, f, indent=1)
     plot(rows, args.png, title)
     print(f"wrote {args.json} and {args.png}")
     return 0
@@ -106,8 +142,10 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", default="125m")
     p.add_argument("--mixers", nargs="+", default=list(DEFAULT_MIXERS))
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--decode-steps", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=0, help="prefill this many tokens at a time (0: the whole prompt in one call)")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64], help="decode throughput at these batch sizes")
+    p.add_argument("--batch-context", type=int, default=1024, help="prompt length of the throughput rows")
     p.add_argument("--json", default="memory.json")
     p.add_argument("--png", default="memory.png")
     p.add_argument("--plot-only", default="", help="draw the PNG from an existing JSON")

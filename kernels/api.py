@@ -99,7 +99,7 @@ def bla_attention(
     elif chosen == "torch":
         o, state = bla_chunked(q, k, v, problem, initial_state)
     else:
-        from .triton_bla import bla_triton
+        from .triton_ops import bla_triton
 
         o, state = bla_triton(q, k, v, problem, initial_state)
     return o, (state if output_final_state else None)
@@ -135,10 +135,41 @@ def bla_step(
     if q.is_cuda:
         ok, _ = triton_available(q.device)
         if ok:
-            from .triton_bla import bla_step_triton
+            from .triton_ops import bla_step_triton
 
             return bla_step_triton(q, k, v, state, problem)
     o, new_state = step_reference(
         q, k, v, state, problem.offset, problem.window_tensor(q.device), problem.slots, problem.scale, gates=problem.gates
     )
     return o.to(q.dtype), new_state
+
+
+def bla_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: State,
+    position: torch.Tensor,
+    window: int | Sequence[int],
+    slots: int,
+    scale: float | None = None,
+    gates: str = DEFAULT_GATES,
+) -> torch.Tensor:
+    """``bla_step`` into a preallocated state: ``state`` (fp32 K [B, H_kv, m, d_k], V [B, H_kv, m,
+    d_v], contiguous) is updated in place and o [B, H, d_v] returned. Nothing is read back from the
+    device and nothing allocated depends on the context: a decode step built on it can be captured
+    as a CUDA graph (``bla.model.decode``)."""
+    problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values=False)
+    sk, sv = state
+    if sk.dtype != torch.float32 or sv.dtype != torch.float32 or not (sk.is_contiguous() and sv.is_contiguous()):
+        raise ValueError(f"bla_step_ needs a contiguous float32 state, got {sk.dtype}, {sv.dtype}")
+    if q.is_cuda and triton_available(q.device)[0]:
+        from .triton_ops import step_
+
+        return step_(q, k, v, sk, sv, problem.offset, list(problem.windows), problem.slots, problem.scale, problem.gates)
+    o, (nk, nv) = step_reference(
+        q, k, v, state, problem.offset, problem.window_tensor(q.device), problem.slots, problem.scale, gates=problem.gates
+    )
+    sk.copy_(nk)
+    sv.copy_(nv)
+    return o.to(q.dtype)

@@ -53,7 +53,7 @@ try:  # a guarded import: exported models (bla export) run without Triton, on th
 except ImportError as exc:
     raise ImportError(f"the Triton BLA kernels need triton: {exc}") from exc
 
-from .checks import Problem, State
+from .checks import Problem
 from .gates import dirichlet_gates
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -789,126 +789,147 @@ def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool, decays: bool = False
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
-class _BLATriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, h0k, h0v, problem: Problem):
-        p = problem
-        dev = q.device
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        consts = _constants(p, q.dtype)
-        C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
-        seg_chunks = _segment_chunks(p, C)
-        lay = _layout(p, dev, C, seg_chunks)
-        offsets = p.offset.to(device=dev, dtype=torch.int32)
-        gs, gl, toff = gate_tables(p, dev)
-        common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
-
-        # (1) each segment's own end state and decay, and each chunk's start state from the
-        # segment's zero start; (2) the scan turns the segments' end states into start states
-        items, chunks = lay.total_items, lay.total_chunks
-        seg_k = torch.empty(items, HKV, BM, BDK, device=dev, dtype=torch.float32)
-        seg_v = torch.empty(items, HKV, BM, BDV, device=dev, dtype=torch.float32)
-        seg_dec = torch.empty(items, HKV, BM, device=dev, dtype=torch.float32)
-        # stored in the matrix products' operand dtype: (3) and the backward read them as operands
-        st_dtype = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
-        ck = torch.empty(chunks, HKV, BM, BDK, device=dev, dtype=st_dtype)
-        cv = torch.empty(chunks, HKV, BM, BDV, device=dev, dtype=st_dtype)
-        before = torch.empty(chunks, HKV, BM, device=dev, dtype=torch.float32)
-        chunk_dec = torch.empty(chunks, HKV, BM, device=dev, dtype=torch.float32)
-        _fwd_local_kernel[(items, HKV)](
-            k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, *common[:5], lay.chunk_base, *common[5:],
-            lay.item_seq, lay.item_chunk, SEG_CHUNKS=seg_chunks,
-            **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"), **_launch_opts(p, "fwd_local"),
-        )  # fmt: skip
-        use_h0 = h0k is not None
-        h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
-        h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
-        hk, hv = _scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay.item_base, lay.item_count, reverse=False)
-        seg_k, seg_v = seg_k.to(st_dtype), seg_v.to(st_dtype)  # now each segment's start state: operands
-
-        # (3) outputs, every chunk in parallel from its start state
-        o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
-        if chunks:
-            _fwd_out_kernel[(chunks, HKV)](
-                q, k, v, o, ck, cv, before, seg_k, seg_v, _cum_or(p, consts, dev, gl), *common, lay.chunk_seq,
-                lay.chunk_idx, lay.chunk_item,
-                p.scale, **consts, **_launch_opts(p, "fwd_out"),
-            )  # fmt: skip
-        if any(ctx.needs_input_grad[:5]):
-            ctx.save_for_backward(q, k, v, ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec)
-        ctx.problem, ctx.use_h0, ctx.layout, ctx.offsets = p, use_h0, lay, offsets
-        return o, hk[:, :, : p.slots, : p.head_dim_k], hv[:, :, : p.slots, : p.head_dim_v]
-
-    @staticmethod
-    def backward(ctx, do, dhk, dhv):
-        q, k, v, ck, cv, before, chunk_dec, seg_start_k, seg_start_v, seg_dec = ctx.saved_tensors
-        p, lay, offsets = ctx.problem, ctx.layout, ctx.offsets
-        dev = q.device
-        consts = _constants(p, q.dtype)
-        BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
-        gs, gl, toff = gate_tables(p, dev)
-        dq = torch.empty_like(q)
-        dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
-        dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
-        # each chunk's own share of its start-state gradient, then (after the scan) the gradient of
-        # its end state from later chunks of its segment; in the operands' dtype, as (C) reads them
-        dks = torch.empty_like(ck)
-        dvs = torch.empty_like(cv)
-        common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
-        grid = (lay.total_chunks, HKV)
-        if lay.total_chunks:
-            _bwd_chunk_kernel[grid](
-                q, k, v, do.contiguous(), dq, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
-                _cum_or(p, consts, dev, gl), *common,
-                lay.chunk_item, p.scale,
-                **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR", "CUM", "SPLIT"),
-                **_launch_opts(p, "bwd_chunk"),
-            )  # fmt: skip
-        # autograd materialises the gradients of unused outputs as zeros
-        dhk_p = _padded_state(dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
-        dhv_p = _padded_state(dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
-        # (B) two short scans instead of one over every chunk of a sequence (latency-bound): the
-        # chunks of each forward segment from a zero carry, then the segments (by the forward's decays)
-        seg_k, seg_v, after = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
-                                    reverse=True, decays=True)  # fmt: skip
-        dh0k, dh0v = _scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay.item_base, lay.item_count, reverse=True)
-        if lay.total_chunks:
-            dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
-            dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)
-            _bwd_tokens_kernel[grid](
-                dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item,
-                gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
-                lay.chunk_seq, lay.chunk_idx, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"),
-                **_launch_opts(p, "bwd_tokens"),
-            )  # fmt: skip
-        else:
-            dk_out, dv_out = dk.to(k.dtype), dv.to(v.dtype)  # no tokens: empty tensors
-        if not ctx.use_h0:
-            dh0k = dh0v = None
-        else:
-            dh0k, dh0v = dh0k[:, :, : p.slots, : p.head_dim_k], dh0v[:, :, : p.slots, : p.head_dim_v]
-        return dq, dk_out, dv_out, dh0k, dh0v, None
+def _plan(problem: Problem, dtype: torch.dtype) -> tuple[dict, int]:
+    """The kernels' constants and the chunks per forward segment of one call."""
+    consts = _constants(problem, dtype)
+    return consts, _segment_chunks(problem, consts["C"])
 
 
-def bla_triton(q, k, v, problem: Problem, initial_state: State | None) -> tuple[torch.Tensor, State]:
-    h0k, h0v = initial_state if initial_state is not None else (None, None)
-    dtype = q.dtype
-    if _INTERPRETING and dtype == torch.bfloat16:
-        # Triton's CPU interpreter handles bf16 wrongly; there, run the fp32 kernel on upcast
-        # inputs (autograd casts the gradients back). GPUs run it natively; fp16 runs as is.
-        q, k, v = q.float(), k.float(), v.float()
-    o, hk, hv = _BLATriton.apply(q, k, v, h0k, h0v, problem)
-    return o.to(dtype), (hk, hv)
-
-
-def bla_step_triton(q, k, v, state: State, problem: Problem) -> tuple[torch.Tensor, State]:
+def saved_rows(problem: Problem, chunk: int, seg_chunks: int) -> tuple[int, int]:
+    """Rows of the per-chunk and per-segment buffers the forward keeps for the backward: exact
+    for equal-length rows, an upper bound with ``cu_seqlens`` (the documents' lengths live on the
+    device; the shapes must not depend on them, so that a compiled graph knows them)."""
     p = problem
-    sk, sv = (s.float().contiguous().clone() for s in state)
+    if p.cu_seqlens is None:
+        per_row = -(-p.seq_len // chunk)
+        return p.batch * per_row, p.batch * max(1, -(-per_row // seg_chunks))
+    tokens, n = p.batch * p.seq_len, p.num_seqs
+    chunks = tokens // chunk + n  # a document adds at most one partial chunk
+    return chunks, -(-chunks // seg_chunks) + n
+
+
+def saved_layout(problem: Problem, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of ``forward``'s saved buffers: ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec."""
+    consts, seg_chunks = _plan(problem, dtype)
+    chunks, items = saved_rows(problem, consts["C"], seg_chunks)
+    hkv, bm, bdk, bdv = problem.num_kv_heads, consts["BM"], consts["BDK"], consts["BDV"]
+    st = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
+    f32 = torch.float32
+    return [((chunks, hkv, bm, bdk), st), ((chunks, hkv, bm, bdv), st), ((chunks, hkv, bm), f32), ((chunks, hkv, bm), f32),
+            ((items, hkv, bm, bdk), st), ((items, hkv, bm, bdv), st), ((items, hkv, bm), f32)]  # fmt: skip
+
+
+def forward(q, k, v, h0k, h0v, problem: Problem):
+    """o, the final state (hk, hv; fp32, contiguous) and the 7 buffers the backward reads."""
+    p = problem
+    dev = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    consts, seg_chunks = _plan(p, q.dtype)
+    C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
+    lay = _layout(p, dev, C, seg_chunks)
+    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    gs, gl, toff = gate_tables(p, dev)
+    common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
+
+    # (1) each segment's own end state and decay, and each chunk's start state from the
+    # segment's zero start (stored in the matrix products' operand dtype: (3) and the backward
+    # read them as operands); (2) the scan turns the segments' end states into start states
+    layout = saved_layout(p, q.dtype)
+    new = torch.empty if p.cu_seqlens is None else torch.zeros  # rows past the documents' chunks stay defined
+    ck, cv, before, chunk_dec = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[:4])
+    # the segments' end states from (1), in fp32 for the scan
+    seg_k, seg_v, seg_dec = (new(shape, device=dev, dtype=torch.float32) for shape, _ in layout[4:])
+    items, chunks = lay.total_items, lay.total_chunks
+    _fwd_local_kernel[(items, HKV)](
+        k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, *common[:5], lay.chunk_base, *common[5:],
+        lay.item_seq, lay.item_chunk, SEG_CHUNKS=seg_chunks,
+        **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"), **_launch_opts(p, "fwd_local"),
+    )  # fmt: skip
+    use_h0 = h0k is not None
+    h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
+    h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
+    hk, hv = _scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay.item_base, lay.item_count, reverse=False)
+    seg_k, seg_v = seg_k.to(ck.dtype), seg_v.to(ck.dtype)  # now each segment's start state: operands
+
+    # (3) outputs, every chunk in parallel from its start state
+    o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
+    if chunks:
+        _fwd_out_kernel[(chunks, HKV)](
+            q, k, v, o, ck, cv, before, seg_k, seg_v, _cum_or(p, consts, dev, gl), *common, lay.chunk_seq,
+            lay.chunk_idx, lay.chunk_item,
+            p.scale, **consts, **_launch_opts(p, "fwd_out"),
+        )  # fmt: skip
+    hk = hk[:, :, : p.slots, : p.head_dim_k].contiguous()
+    hv = hv[:, :, : p.slots, : p.head_dim_v].contiguous()
+    return o, hk, hv, (ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec)
+
+
+def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
+    """dq, dk, dv (in the inputs' dtypes) and the initial state's gradients (None without one)."""
+    ck, cv, before, chunk_dec, seg_start_k, seg_start_v, seg_dec = saved
+    p = problem
+    dev = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    consts, seg_chunks = _plan(p, q.dtype)
+    lay = _layout(p, dev, consts["C"], seg_chunks)
+    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
+    gs, gl, toff = gate_tables(p, dev)
+    dq = torch.empty_like(q)
+    dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
+    dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
+    # each chunk's own share of its start-state gradient, then (after the scan) the gradient of
+    # its end state from later chunks of its segment; in the operands' dtype, as (C) reads them
+    dks = torch.empty_like(ck)
+    dvs = torch.empty_like(cv)
+    common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
+    grid = (lay.total_chunks, HKV)
+    if lay.total_chunks:
+        _bwd_chunk_kernel[grid](
+            q, k, v, do.contiguous(), dq, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
+            _cum_or(p, consts, dev, gl), *common,
+            lay.chunk_item, p.scale,
+            **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR", "CUM", "SPLIT"),
+            **_launch_opts(p, "bwd_chunk"),
+        )  # fmt: skip
+    dhk_p = _padded_state(None if dhk is None else dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
+    dhv_p = _padded_state(None if dhv is None else dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
+    # (B) two short scans instead of one over every chunk of a sequence (latency-bound): the
+    # chunks of each forward segment from a zero carry, then the segments (by the forward's decays)
+    seg_k, seg_v, after = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
+                                reverse=True, decays=True)  # fmt: skip
+    dh0k, dh0v = _scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay.item_base, lay.item_count, reverse=True)
+    if lay.total_chunks:
+        dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
+        dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)
+        _bwd_tokens_kernel[grid](
+            dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item,
+            gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
+            lay.chunk_seq, lay.chunk_idx, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"),
+            **_launch_opts(p, "bwd_tokens"),
+        )  # fmt: skip
+    else:
+        dk_out, dv_out = dk.to(k.dtype), dv.to(v.dtype)  # no tokens: empty tensors
+    if not use_h0:
+        return dq, dk_out, dv_out, None, None
+    return dq, dk_out, dv_out, dh0k[:, :, : p.slots, : p.head_dim_k].contiguous(), dh0v[:, :, : p.slots, : p.head_dim_v].contiguous()
+
+
+def step(q, k, v, sk, sv, problem: Problem) -> torch.Tensor:
+    """One decode step: o [B, H, d_v]; the fp32 state (sk, sv; contiguous) is updated in place."""
+    p = problem
     o = torch.empty(p.batch, p.num_heads, p.head_dim_v, device=q.device, dtype=q.dtype)
     gs, gl, toff = gate_tables(p, q.device)
     consts = _pick(_constants(p, q.dtype), "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV")
     _bla_step_kernel[(p.batch, p.num_kv_heads)](
         q.contiguous(), k.contiguous(), v.contiguous(), o, sk, sv, p.offset.to(torch.int32).contiguous(),
-        p.window_tensor(q.device).to(torch.int32), toff, gs, gl, p.scale, **consts,
+        _windows_on(p.windows, str(q.device)), toff, gs, gl, p.scale, **consts,
     )  # fmt: skip
-    return o, (sk, sv)
+    return o
+
+
+@functools.lru_cache(maxsize=64)
+def _windows_on(windows: tuple[int, ...], device: str) -> torch.Tensor:
+    """int32 windows per kv head on ``device``, made once: a decode step copies nothing from the
+    host (a captured CUDA graph may not)."""
+    return torch.tensor(windows, dtype=torch.int32, device=device)

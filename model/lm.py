@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,33 @@ class Head(nn.Linear):
         return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), loss_chunk)
 
 
+CHECKPOINTING = ("none", "block", "ops")
+
+
+def _saved_by_ops_policy(ctx, op, *args, **kwargs):
+    """``ops`` checkpointing: keep the outputs of matrix products and token mixers (costly to
+    recompute), recompute the rest (norms, activations, RoPE, gates: cheap, and most of the
+    activation memory)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _costly_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _costly_ops() -> set:
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.linear.default}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):  # fmt: skip
+        if hasattr(aten, name):
+            ops.add(getattr(aten, name).default)
+    if hasattr(torch.ops, "bla") and hasattr(torch.ops.bla, "chunk_fwd"):
+        ops.add(torch.ops.bla.chunk_fwd.default)
+    return ops
+
+
 class Block(nn.Module):
+    checkpointing = "none"  # activation checkpointing in training: none | block (all recomputed) | ops (see CHECKPOINTING)
+
     def __init__(self, cfg: ModelConfig, mixer: str):
         super().__init__()
         self.kind = mixer
@@ -82,6 +109,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
     def forward(self, x, positions, cu_seqlens=None, cache=None):
+        if self.checkpointing == "none" or cache is not None or not (self.training and torch.is_grad_enabled()):
+            return self._forward(x, positions, cu_seqlens, cache)
+        extra = {}
+        if self.checkpointing == "ops":
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+            extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _saved_by_ops_policy)
+        return torch.utils.checkpoint.checkpoint(self._forward, x, positions, cu_seqlens, None, use_reentrant=False, **extra)
+
+    def _forward(self, x, positions, cu_seqlens, cache):
         y, cache = self.mixer(self.mixer_norm(x), positions, cu_seqlens, cache)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), cache
@@ -103,7 +140,6 @@ class BLALM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.mixers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = Head(cfg.d_model, cfg.vocab_size, bias=False)
-        self.activation_checkpointing = False  # recompute blocks in the backward (set by the trainer)
         self.apply(self._init)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -111,6 +147,20 @@ class BLALM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "mlp.down.weight")):
                 nn.init.normal_(p, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+
+    def set_checkpointing(self, policy: str) -> None:
+        """Activation checkpointing of every block in training: one of ``CHECKPOINTING``."""
+        if policy not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {CHECKPOINTING}, got {policy!r}")
+        for block in self.blocks:
+            block.checkpointing = policy
+
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each block in place (parameter names unchanged, so checkpoints and
+        exports are those of the eager model). Blocks of one kind share their compiled code; the
+        embedding and the chunked loss stay eager (a lookup, and matrix products already)."""
+        for block in self.blocks:
+            block.compile(**options)
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -152,10 +202,7 @@ class BLALM(nn.Module):
         x = self.embed(input_ids)
         layer_caches = []
         for i, block in enumerate(self.blocks):
-            if self.activation_checkpointing and self.training and cache is None:
-                x, c = torch.utils.checkpoint.checkpoint(block, x, positions, cu_seqlens, None, use_reentrant=False)
-            else:
-                x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None)
+            x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None)
             layer_caches.append(c)
         new_cache = DecodeCache(layer_caches, cache.length + T) if cache is not None else None
         if labels is not None and loss_chunk > 0:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bla.kernels import bla_attention, bla_step
+from bla.kernels import bla_attention, bla_step, bla_step_
 from bla.kernels.checks import normalise_windows
 
 from .config import ModelConfig
@@ -141,6 +141,42 @@ class BLAMixer(nn.Module):
         new_cache = BLACache(state, conv_buf) if cache is not None else None
         return self.o_proj(o), new_cache
 
+    def static_buffers(self, batch: int, max_context: int, device, dtype) -> dict:
+        """Preallocated decode state (``bla.model.decode``): the fp32 slot state and the conv's inputs."""
+        Hkv, d, m = self.n_kv_heads, self.head_dim, self.slots
+        buf = {"K": torch.zeros(batch, Hkv, m, d, device=device), "V": torch.zeros(batch, Hkv, m, d, device=device)}
+        if self.conv is not None:
+            buf["conv"] = torch.zeros(batch, self.conv.kernel - 1, self.conv.weight.shape[0], device=device, dtype=dtype)
+        return buf
+
+    def load_static(self, buf: dict, row: int, cache: BLACache, length: int) -> None:
+        """Row ``row`` of ``buf`` from a prefilled one-row cache."""
+        buf["K"][row].copy_(cache.state[0][0])
+        buf["V"][row].copy_(cache.state[1][0])
+        if self.conv is not None:
+            buf["conv"][row].copy_(cache.conv[0])
+
+    def decode_step(self, x, position, buf: dict):
+        """One token per row (x [B, 1, D], position [B]) over the static buffers, updated in place:
+        the same projections, convolution and gates as ``forward``, no allocation that depends on
+        the context (so the step can be captured as a CUDA graph)."""
+        B = x.shape[0]
+        positions = position[:, None]
+        q, k, v, conv_buf = project_qkv(self, x, positions, None, buf.get("conv"))
+        if conv_buf is not None:
+            buf["conv"].copy_(conv_buf)
+        if self.cfg.bla.rope:
+            q = apply_rope(q, positions, self.cfg.rope_theta)
+            k = apply_rope(k, positions, self.cfg.rope_theta)
+        o = bla_step_(q[:, 0], k[:, 0], v[:, 0], (buf["K"], buf["V"]), position, self.windows, self.slots, gates=self.cfg.bla.gates)
+        o = o[:, None]
+        if self.out_norm is not None:
+            o = self.out_norm(o)
+        o = o.reshape(B, 1, -1)
+        if self.gate_proj is not None:
+            o = o * F.silu(self.gate_proj(x))
+        return self.o_proj(o)
+
     def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool):
         """BLA over [B, T, heads, d]: one decode step, or whole sequences (chunked) from ``state``
         (per sequence, or per packed document)."""
@@ -237,6 +273,55 @@ class SoftmaxMixer(nn.Module):
         """Empty; full attention keeps every key unless ``max_context`` makes it a sliding context."""
         return KVCache(window=self.window if self.window is not None else max_context)
 
+    def static_buffers(self, batch: int, max_context: int, device, dtype) -> dict:
+        """Preallocated keys and values (``bla.model.decode``): ``max_context`` slots for attn, a
+        ring of ``window`` for swa; each slot's key position (-1: empty) and the conv's inputs."""
+        L = max_context if self.window is None else min(self.window, max_context)
+        Hkv, d = self.n_kv_heads, self.head_dim
+        buf = {"k": torch.zeros(batch, Hkv, L, d, device=device, dtype=dtype), "v": torch.zeros(batch, Hkv, L, d, device=device, dtype=dtype),
+               "key_pos": torch.full((batch, L), -1, dtype=torch.long, device=device)}  # fmt: skip
+        if self.conv is not None:
+            buf["conv"] = torch.zeros(batch, self.conv.kernel - 1, self.conv.weight.shape[0], device=device, dtype=dtype)
+        return buf
+
+    def load_static(self, buf: dict, row: int, cache: KVCache, length: int) -> None:
+        L = buf["k"].shape[2]
+        if cache.k is not None:
+            n = cache.k.shape[2]
+            if self.window is None and length > L:
+                raise ValueError(f"a prompt of {length} tokens does not fit a static cache of max_context={L}")
+            pos = torch.arange(length - n, length, device=buf["k"].device)[-L:]
+            slot = pos % L
+            buf["k"][row][:, slot] = cache.k[0][:, -len(pos) :]
+            buf["v"][row][:, slot] = cache.v[0][:, -len(pos) :]
+            buf["key_pos"][row][slot] = pos
+        if self.conv is not None:
+            buf["conv"][row].copy_(cache.conv[0])
+
+    def decode_step(self, x, position, buf: dict):
+        """One token per row over the static buffers (see ``BLAMixer.decode_step``): its key and
+        value go to slot position mod L, and the query reads every filled slot inside its window."""
+        B = x.shape[0]
+        H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        positions = position[:, None]
+        q, k, v, conv_buf = project_qkv(self, x, positions, None, buf.get("conv"))
+        if conv_buf is not None:
+            buf["conv"].copy_(conv_buf)
+        q = apply_rope(q, positions, self.cfg.rope_theta).transpose(1, 2)
+        k = apply_rope(k, positions, self.cfg.rope_theta).transpose(1, 2)
+        L = buf["k"].shape[2]
+        slot = (position % L)[:, None]
+        index = slot[:, None, :, None].expand(B, Hkv, 1, d)
+        buf["k"].scatter_(2, index, k)
+        buf["v"].scatter_(2, index, v.transpose(1, 2))
+        buf["key_pos"].scatter_(1, slot, positions)
+        key_pos = buf["key_pos"]
+        allowed = key_pos >= 0
+        if self.window is not None:
+            allowed &= positions - key_pos < self.window
+        o = F.scaled_dot_product_attention(q, buf["k"], buf["v"], attn_mask=allowed[:, None, None, :], enable_gqa=Hkv != H)
+        return self.o_proj(o.transpose(1, 2).reshape(B, 1, H * d))
+
     def forward(self, x, positions, cu_seqlens=None, cache: KVCache | None = None):
         _no_cache_under_exchange(self, cache)
         B, T, _ = x.shape
@@ -251,8 +336,11 @@ class SoftmaxMixer(nn.Module):
         window = self.window if self.window is not None else (cache.window if cache is not None else None)
         if self.exchange is not None:  # earlier slices' keys and values, and the global mask
             k, v, mask = self.exchange.key_context(self, k, v)
-        elif cache is None and cu_seqlens is None and window is None:
-            mask = None  # plain causal: SDPA's own (flash) path
+        elif cu_seqlens is None and (window is None or window >= T) and (cache is None or cache.k is None):
+            mask = None  # plain causal (a prompt's prefill too): SDPA's own (flash) path, no T x T mask
+            if cache is not None:
+                keep = T if window is None else min(T, window - 1)
+                new_cache = KVCache(k[:, :, T - keep :], v[:, :, T - keep :], window, conv_buf)
         else:
             k_pos = positions
             if cache is not None:

@@ -19,6 +19,7 @@ from bla.data.regbench import RegBenchConfig
 from bla.data.synthetic import MQARConfig
 from bla.data.task import task_named, task_names
 from bla.model.config import ModelConfig, load_preset, set_dotted, split_override
+from bla.model.lm import CHECKPOINTING
 
 
 @dataclass
@@ -47,6 +48,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay)
     decay_fraction: float = 0.2  # wsd: last fraction of steps spent decaying
     grad_clip: float = 1.0
+    fused: bool = True  # torch's fused AdamW kernel (one launch per step for all parameters)
 
 
 @dataclass
@@ -61,7 +63,8 @@ class TrainConfig:
     zero_stage: int = 0
     sequence_parallel_size: int = 1  # ranks sharing each sequence (data parallelism across groups)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | block (recompute whole blocks) | ops (keep matmul and mixer outputs, recompute the rest)
+    compile: bool | str = "auto"  # torch.compile each block: auto (on with CUDA, ZeRO <= 2, no SP) | true | false
     loss_chunk: int = 2048  # training loss through the head this many tokens at a time (no [tokens, vocab] logits); 0 = plain
     eval_every: int = 100
     eval_batches: int = 8
@@ -115,6 +118,17 @@ class TrainConfig:
             bad(f"precision must be auto, fp32 or bf16, got {self.precision!r} (fp16 is not supported)")
         if self.optim.schedule not in ("cosine", "wsd"):
             bad(f"optim.schedule must be cosine or wsd, got {self.optim.schedule!r}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            bad(f"activation_checkpointing must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}")
+        if self.compile not in ("auto", True, False):
+            bad(f"compile must be auto, true or false, got {self.compile!r}")
+        if self.compile is True and self.zero_stage == 3:
+            bad("compile=true with zero_stage=3: ZeRO-3 gathers parameters in module hooks that torch.compile "
+                "cannot trace; use zero_stage <= 2 or compile=false")  # fmt: skip
+        if self.compile is True and self.sequence_parallel_size > 1:
+            bad("compile=true with sequence parallelism: its exchanges are collectives inside the layers; use compile=false")
+        if not isinstance(self.optim.fused, bool):
+            bad(f"optim.fused must be true or false, got {self.optim.fused!r}")
         if self.nan_policy not in ("skip", "stop"):
             bad(f"nan_policy must be skip or stop, got {self.nan_policy!r}")
         if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
@@ -133,6 +147,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether the blocks run through torch.compile on this device (``compile`` resolved)."""
+        if self.compile == "auto":
+            return device_type == "cuda" and self.zero_stage <= 2 and self.sequence_parallel_size == 1
+        return bool(self.compile)
 
     def deepspeed(self, bf16: bool, load_universal: bool = False) -> dict:
         """The DeepSpeed config this run trains with: the one generated from these settings, with
@@ -157,7 +177,7 @@ class TrainConfig:
             "gradient_clipping": o.grad_clip,
             "zero_optimization": {"stage": self.zero_stage},
             "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay,
-                                                       "torch_adam": True}},  # fmt: skip
+                                                       "torch_adam": True, "fused": o.fused}},  # fmt: skip
             "bf16": {"enabled": bf16},
             "checkpoint": {"load_universal": load_universal},
             "steps_per_print": 10**9,
@@ -199,6 +219,8 @@ class TrainConfig:
                 if isinstance(raw.get(f.name), dict) and dataclasses.is_dataclass(f.default_factory):
                     raw[f.name] = f.default_factory(**raw[f.name])
             built[name] = klass(**raw)
+        if isinstance(d.get("activation_checkpointing"), bool):  # configs saved before the policies existed
+            d["activation_checkpointing"] = "block" if d["activation_checkpointing"] else "none"
         cfg = cls(model=ModelConfig.from_dict(model), **built, **d)
         return cfg.validate() if validate else cfg
 

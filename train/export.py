@@ -95,8 +95,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # (package, module) copied into the export as bla_<module>.py: the model and the kernels it calls
-MODEL_SOURCES = [("bla.model", m) for m in ("config", "registry", "layers", "loss", "mixers", "gsa_mixer", "lm")]
-KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "gsa", "reference", "triton_bla")]
+MODEL_SOURCES = [("bla.model", m) for m in ("config", "registry", "layers", "loss", "mixers", "gsa_mixer", "lm", "decode")]
+KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "gsa", "reference", "triton_bla", "triton_ops")]
 HF_FILES = ("configuration_bla.py", "modeling_bla.py")
 SPECIAL_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
 _EXPORTED = {m for _, m in MODEL_SOURCES + KERNEL_SOURCES}

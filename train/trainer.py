@@ -86,12 +86,24 @@ def _all_reduce(value: float, op=dist.ReduceOp.SUM) -> float:
     return float(t.item())
 
 
+_FLAG_GROUP = {}  # backend -> a gloo group for host-side flags (a NCCL collective would wait for the GPU)
+
+
+def _flag_group():
+    if dist.get_backend() != "nccl":
+        return None
+    if "gloo" not in _FLAG_GROUP:
+        _FLAG_GROUP["gloo"] = dist.new_group(backend="gloo")
+    return _FLAG_GROUP["gloo"]
+
+
 def _any_rank(*flags: bool) -> list[bool]:
-    """Each flag, true if it is true on any rank (one collective for all)."""
+    """Each flag, true if it is true on any rank (one collective for all, on the host: the GPU's
+    queue is not waited for)."""
+    if dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
     t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_flag_group())
     return [bool(x) for x in t.tolist()]
 
 
@@ -242,7 +254,9 @@ class _Run:
         model = BLALM(cfg.model)
         if self.init_model is not None and self.resume_from is None:
             model.load_state_dict(self.init_model.state_dict())
-        model.activation_checkpointing = cfg.activation_checkpointing
+        model.set_checkpointing(cfg.activation_checkpointing)
+        if cfg.compiles(self.device.type):
+            model.compile_blocks()  # traced at the first step (its time is logged)
         if self.sp_ctx is not None:
             sequence_parallel.enable(model, self.sp_ctx)
         ds_config = cfg.deepspeed(self.bf16, self.universal)
@@ -337,30 +351,58 @@ class _Run:
         self.batches = iter(self.loader)
         self.streak, self.grad_norm = 0, float("nan")
         self.t_last, self.tokens_last = time.perf_counter(), self.tokens_seen
+        self.pending = []  # (step, loss on the device) not yet read back: losses are read only when logged
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=self.rank != 0 or not cfg.progress, dynamic_ncols=True)
+        first_step = self.step + 1
         try:
             while self.step < cfg.steps:
                 boundary = (self.loader.state_dict(), ckpt.rng_state())  # what a save from inside this step records
+                t_step = time.perf_counter()
                 micro_losses, halt = self.micro_batches()
                 if halt:  # the weights are still those of step ``step``: its checkpoint, then out
+                    self.read_losses()
                     self.save("signal" if halt.startswith("interrupted") else "nonfinite", boundary)
                     return f"{halt}; checkpoint of step {self.step} saved"
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                loss = _all_reduce(sum(micro_losses) / len(micro_losses)) / self.world  # SP ranks report their group's loss
-                self.history.append({"step": self.step, "loss": loss})
+                self.pending.append((self.step, torch.stack(micro_losses).mean()))
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                if _logs(self.step, cfg):
-                    self.log_step(loss)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    self.validate(loss)
+                evaluating = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                if self.step == first_step:
+                    loss = self.read_losses()  # waits for the step: its time includes compilation
+                    self.log(f"first step: {time.perf_counter() - t_step:.1f} s (compilation included), loss {loss:.4f}")
+                if _logs(self.step, cfg) or evaluating or self.saves_now():
+                    loss = self.read_losses()
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    if _logs(self.step, cfg):
+                        self.log_step(loss)
+                    if evaluating:
+                        self.validate(loss)
                 ended = self.checkpoint_if_due()
                 if ended:
                     return ended
             return "finished"
         finally:
             bar.close()
+
+    def read_losses(self) -> float:
+        """The losses of the steps since the last read, into the history (one device read and one
+        collective for all of them; SP ranks report their group's loss); returns the latest."""
+        if self.pending:
+            steps, losses = zip(*self.pending)
+            values = torch.stack(losses).double()
+            if dist.get_backend() == "nccl":
+                values = values.cuda()
+            dist.all_reduce(values)
+            self.history += [{"step": s, "loss": v / self.world} for s, v in zip(steps, values.tolist())]
+            self.pending = []
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+    def saves_now(self) -> bool:
+        """Whether this step ends with a scheduled checkpoint (the same answer on every rank, as
+        reading the losses is a collective; a signal's checkpoint reads them in checkpoint_if_due)."""
+        cfg, step = self.cfg, self.step
+        return step % cfg.save_every == 0 or step == cfg.steps or step == cfg.stop_at
 
     def micro_batches(self) -> tuple[list[float], str | None]:
         """One optimiser step's micro-batches: their losses, or why the step stopped short (a
@@ -387,7 +429,7 @@ class _Run:
             if self.writer and cfg.zero_stage == 0 and len(micro_losses) == cfg.grad_accum - 1 and _logs(self.step + 1, cfg):
                 self.grad_norm = _grad_norm(self.engine)  # before step() clears the gradients
             self.engine.step()
-            micro_losses.append(float(loss.detach()))
+            micro_losses.append(loss.detach().float())
         return micro_losses, None
 
     def log_step(self, loss: float) -> None:
@@ -422,6 +464,7 @@ class _Run:
         signalled = _any_rank(self.stop.raised is not None)[0]
         boxed = step == cfg.stop_at
         if step % cfg.save_every == 0 or step == cfg.steps or signalled or boxed:
+            self.read_losses()  # a signal raised on another rank: this rank's losses are read now
             self.save("signal" if signalled else "stop_at" if boxed else "periodic" if step < cfg.steps else "final")
         if signalled:
             return f"interrupted by {self.stop.raised or 'a signal on another rank'}; checkpoint saved"

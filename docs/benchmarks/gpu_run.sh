@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 18 and 21 (and the GPU tests they add), as run on the device
+# machine: `bash docs/benchmarks/gpu_run.sh STAGE...` from the repo root, logs under $OUT.
+# The machine has torch and Triton; DeepSpeed and its missing needs travel as wheels in .whl.
+set -o pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+mkdir -p /tmp/p/bla && for d in kernels model data train eval launch; do ln -sfn "$PWD/$d" "/tmp/p/bla/$d"; done
+export PYTHONPATH=/tmp/p:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests)  # the GPU cases of the compile, custom-op and static-decoding tests
+      python3 -m pytest -q -m "not slow" tests/test_compile.py tests/test_eval.py -k "compile or opcheck or checkpointing or static or captured or graph" 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    train2k)  # the stack against the plain baseline at 2k, compiled, with the top kernels of a step
+      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile --json "$OUT/train_2k.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k.txt" ;;
+    eager2k)  # the same rows eager (compile=false): the compiled path's gain
+      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn bla --set compile=false --json "$OUT/train_2k_eager.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_eager.txt" ;;
+    sac2k)  # activation checkpointing's trade-off
+      for ac in ops block; do python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers bla --set activation_checkpointing=$ac --json "$OUT/train_2k_$ac.json" 2>&1 | grep -v Warning | tee -a "$OUT/train_2k_ac.txt"; done ;;
+    train16k)
+      python3 -m bla.train.benchmark --presets 350m --seq-lens 16384 --mixers attn bla --baseline --json "$OUT/train_16k.json" 2>&1 | grep -v Warning | tee "$OUT/train_16k.txt" ;;
+    generate)  # inference against context, BLA beside softmax attention, one run
+      python3 -m bla.eval.memory --preset 125m --mixers bla attn --contexts 1024 8192 32768 131072 --batches 1 8 64 \
+        --json "$OUT/generate.json" --png "$OUT/generate.png" 2>&1 | grep -v Warning | tee "$OUT/generate.txt" ;;
+    kernel)  # issue 17's benchmark at the anchor shape
+      python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
+        --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
+  esac
+done

@@ -1,0 +1,145 @@
+"""The Triton kernels as torch custom operators (``torch.library``), with their autograd.
+
+``torch.compile`` traces through a custom operator without a graph break: it sees the op's
+schema and its fake (shape-only) implementation, never the Triton launch code. Three ops:
+
+- ``bla::chunk_fwd(q, k, v, h0k?, h0v?, cu_seqlens?, offset, windows, slots, scale, gates)``
+  -> o, the final state (hk, hv) and the seven buffers the backward reads;
+- ``bla::chunk_bwd`` -> dq, dk, dv, dh0k, dh0v (empty tensors without an initial state);
+- ``bla::step_(q, k, v, sk!, sv!, position, windows, slots, scale, gates)`` -> o: one decode
+  step, the fp32 state updated in place (static buffers, as a captured CUDA graph needs).
+
+The saved buffers' shapes depend only on the problem's shapes and its (windows, m, gates) plan,
+never on ``cu_seqlens``' values (an upper bound for packed documents): see
+``triton_bla.saved_rows``. (An export's copy registers them under its own namespace.)
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .checks import Problem, State
+from .triton_bla import _INTERPRETING, backward, forward, saved_layout, step
+
+# "bla" here; a copy of this module (an export's, loaded by transformers under another name)
+# registers its ops under its own namespace, so both can live in one process
+NAMESPACE = "bla" if __name__ == "bla.kernels.triton_ops" else "bla_" + re.sub(r"\W", "_", __name__)
+
+
+def _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates) -> Problem:
+    B, T, H, dk = q.shape
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    return Problem(B, T, H, k.shape[2], dk, v.shape[3], slots, tuple(windows), scale, n, cu_seqlens, offset, gates)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::chunk_fwd", mutates_args=())
+def chunk_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h0k: torch.Tensor | None, h0v: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None, offset: torch.Tensor, windows: list[int], slots: int, scale: float, gates: str,
+) -> list[torch.Tensor]:  # fmt: skip
+    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates)
+    o, hk, hv, saved = forward(q, k, v, h0k, h0v, p)
+    return [o, hk, hv, *saved]
+
+
+@chunk_fwd.register_fake
+def _(q, k, v, h0k, h0v, cu_seqlens, offset, windows, slots, scale, gates):
+    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates)
+    with unset_fake_temporarily():  # the plan is built (and cached) from real host tensors
+        layout = saved_layout(p, q.dtype)
+    n, hkv, m = p.num_seqs, p.num_kv_heads, p.slots
+    o = q.new_empty(q.shape[:-1] + (p.head_dim_v,))
+    hk = q.new_empty(n, hkv, m, p.head_dim_k, dtype=torch.float32)
+    hv = q.new_empty(n, hkv, m, p.head_dim_v, dtype=torch.float32)
+    return [o, hk, hv, *(q.new_empty(shape, dtype=dtype) for shape, dtype in layout)]
+
+
+@torch.library.custom_op(f"{NAMESPACE}::chunk_bwd", mutates_args=())
+def chunk_bwd(
+    do: torch.Tensor, dhk: torch.Tensor, dhv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    saved: list[torch.Tensor], cu_seqlens: torch.Tensor | None, offset: torch.Tensor, windows: list[int], slots: int,
+    scale: float, gates: str, use_h0: bool,
+) -> list[torch.Tensor]:  # fmt: skip
+    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates)
+    dq, dk, dv, dh0k, dh0v = backward(do, dhk, dhv, q, k, v, saved, p, use_h0)
+    if not use_h0:
+        dh0k, dh0v = q.new_empty(0), q.new_empty(0)
+    return [dq, dk, dv, dh0k, dh0v]
+
+
+@chunk_bwd.register_fake
+def _(do, dhk, dhv, q, k, v, saved, cu_seqlens, offset, windows, slots, scale, gates, use_h0):
+    if use_h0:
+        dh0k, dh0v = torch.empty_like(dhk), torch.empty_like(dhv)
+    else:
+        dh0k, dh0v = q.new_empty(0), q.new_empty(0)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0k, dh0v]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, h0k, h0v, cu_seqlens, offset, windows, slots, scale, gates = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens, offset, *output[3:])
+    ctx.args = (list(windows), slots, scale, gates)
+    ctx.use_h0 = h0k is not None
+    ctx.state_dtypes = (output[1].dtype, output[2].dtype) if h0k is None else (h0k.dtype, h0v.dtype)
+    ctx.mark_non_differentiable(*output[3:])
+
+
+def _backward(ctx, grads):
+    do, dhk, dhv = grads[:3]
+    q, k, v, cu_seqlens, offset, *saved = ctx.saved_tensors
+    state_rows = (q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1, k.shape[2], ctx.args[1])
+    # autograd hands None for outputs nobody used (the final state of most calls)
+    if dhk is None:
+        dhk = q.new_zeros(*state_rows, q.shape[-1], dtype=torch.float32)
+    if dhv is None:
+        dhv = q.new_zeros(*state_rows, v.shape[-1], dtype=torch.float32)
+    if do is None:
+        do = torch.zeros(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
+    dq, dk, dv, dh0k, dh0v = chunk_bwd(do, dhk, dhv, q, k, v, saved, cu_seqlens, offset, *ctx.args, ctx.use_h0)
+    if not ctx.use_h0:
+        dh0k = dh0v = None
+    else:
+        dh0k, dh0v = dh0k.to(ctx.state_dtypes[0]), dh0v.to(ctx.state_dtypes[1])
+    return dq, dk, dv, dh0k, dh0v, None, None, None, None, None, None
+
+
+chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::step_", mutates_args=("sk", "sv"))
+def step_(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, position: torch.Tensor,
+    windows: list[int], slots: int, scale: float, gates: str,
+) -> torch.Tensor:  # fmt: skip
+    B, H, dk = q.shape
+    p = Problem(B, 1, H, k.shape[1], dk, v.shape[2], slots, tuple(windows), scale, B, None, position, gates)
+    return step(q, k, v, sk, sv, p)
+
+
+@step_.register_fake
+def _(q, k, v, sk, sv, position, windows, slots, scale, gates):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+def bla_triton(q, k, v, problem: Problem, initial_state: State | None) -> tuple[torch.Tensor, State]:
+    p = problem
+    h0k, h0v = initial_state if initial_state is not None else (None, None)
+    dtype = q.dtype
+    if _INTERPRETING and dtype == torch.bfloat16:
+        # Triton's CPU interpreter handles bf16 wrongly; there, run the fp32 kernel on upcast
+        # inputs (autograd casts the gradients back). GPUs run it natively; fp16 runs as is.
+        q, k, v = q.float(), k.float(), v.float()
+    o, hk, hv, *_ = chunk_fwd(q, k, v, h0k, h0v, p.cu_seqlens, p.offset, list(p.windows), p.slots, p.scale, p.gates)
+    return o.to(dtype), (hk, hv)
+
+
+def bla_step_triton(q, k, v, state: State, problem: Problem) -> tuple[torch.Tensor, State]:
+    """Functional: the new state is a copy (``step_`` updates given fp32 buffers in place)."""
+    p = problem
+    sk, sv = (s.float().contiguous().clone() for s in state)
+    o = step_(q, k, v, sk, sv, p.offset, list(p.windows), p.slots, p.scale, p.gates)
+    return o, (sk, sv)
