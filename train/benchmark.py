@@ -143,9 +143,9 @@ def main(argv=None) -> int:
                    help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")
     p.add_argument("--json", default="bench_train.json")
     args = p.parse_args(argv)
-    import deepspeed
+    from .trainer import init_distributed
 
-    deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
+    init_distributed()  # one process: a world of one
     rows = []
     for preset in args.presets:
         for T in args.seq_lens:
