@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .gsa_mixer import GSAMixer  # noqa: F401  (importing a kind's module registers it: gsa here, bla/attn/swa below)
-from .layers import RMSNorm, SwiGLU, upcast
+from .layers import RMSNorm, SwiGLU, rope_table, upcast
 from .loss import IGNORE, linear_cross_entropy
 from .mixers import positions_from_cu_seqlens
 from .registry import mixer_kind
@@ -108,18 +108,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x, positions, cu_seqlens=None, cache=None):
+    def forward(self, x, positions, cu_seqlens=None, cache=None, rope=None):
         if self.checkpointing == "none" or cache is not None or not (self.training and torch.is_grad_enabled()):
-            return self._forward(x, positions, cu_seqlens, cache)
+            return self._forward(x, positions, cu_seqlens, cache, rope)
         extra = {}
         if self.checkpointing == "ops":
             from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
             extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _saved_by_ops_policy)
-        return torch.utils.checkpoint.checkpoint(self._forward, x, positions, cu_seqlens, None, use_reentrant=False, **extra)
+        return torch.utils.checkpoint.checkpoint(self._forward, x, positions, cu_seqlens, None, rope, use_reentrant=False, **extra)
 
-    def _forward(self, x, positions, cu_seqlens, cache):
-        y, cache = self.mixer(self.mixer_norm(x), positions, cu_seqlens, cache)
+    def _forward(self, x, positions, cu_seqlens, cache, rope):
+        y, cache = self.mixer(self.mixer_norm(x), positions, cu_seqlens, cache, rope)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -140,6 +140,7 @@ class BLALM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.mixers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = Head(cfg.d_model, cfg.vocab_size, bias=False)
+        self.uses_rope = any(kind in ("attn", "swa") for kind in cfg.mixers) or cfg.bla.rope
         self.apply(self._init)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -200,9 +201,10 @@ class BLALM(nn.Module):
                 else:
                     positions = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
         x = self.embed(input_ids)
+        rope = rope_table(positions, self.cfg.head_dim, self.cfg.rope_theta) if self.uses_rope else None
         layer_caches = []
         for i, block in enumerate(self.blocks):
-            x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None)
+            x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None, rope)
             layer_caches.append(c)
         new_cache = DecodeCache(layer_caches, cache.length + T) if cache is not None else None
         if labels is not None and loss_chunk > 0:

@@ -2,8 +2,9 @@
 window), registered as the kinds ``bla``, ``attn`` and ``swa`` (``bla.model.registry``).
 
 Every mixer takes ``x [B, T, D]``, the position of each token inside its document
-(``positions [B, T]``), optional packing (``cu_seqlens``, with B = 1) and an optional cache, and
-returns ``(y, cache)``. With a cache the tokens continue the cached sequence (prefill then
+(``positions [B, T]``), optional packing (``cu_seqlens``, with B = 1), an optional cache and
+RoPE's (cos, sin) table for those positions (``rope``, built once per forward), and returns
+``(y, cache)``. With a cache the tokens continue the cached sequence (prefill then
 decode); the cache of a BLA layer has a constant size, that of ``attn`` grows with the
 context and that of ``swa`` is a rolling window.
 
@@ -121,14 +122,14 @@ class BLAMixer(nn.Module):
     def new_cache(self, max_context: int | None = None) -> BLACache:
         return BLACache()
 
-    def forward(self, x, positions, cu_seqlens=None, cache: BLACache | None = None):
+    def forward(self, x, positions, cu_seqlens=None, cache: BLACache | None = None, rope=None):
         _no_cache_under_exchange(self, cache)
         B, T, _ = x.shape
         H, d = self.n_heads, self.head_dim
         q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
         if self.cfg.bla.rope:
-            q = apply_rope(q, positions, self.cfg.rope_theta)
-            k = apply_rope(k, positions, self.cfg.rope_theta)
+            q = apply_rope(q, positions, self.cfg.rope_theta, rope)
+            k = apply_rope(k, positions, self.cfg.rope_theta, rope)
         state = cache.state if cache is not None else None
         if self.exchange is not None:  # each document's start state: from the earlier slices
             state = self.exchange.start_states(self, q, k, v, positions, cu_seqlens)
@@ -322,13 +323,13 @@ class SoftmaxMixer(nn.Module):
         o = F.scaled_dot_product_attention(q, buf["k"], buf["v"], attn_mask=allowed[:, None, None, :], enable_gqa=Hkv != H)
         return self.o_proj(o.transpose(1, 2).reshape(B, 1, H * d))
 
-    def forward(self, x, positions, cu_seqlens=None, cache: KVCache | None = None):
+    def forward(self, x, positions, cu_seqlens=None, cache: KVCache | None = None, rope=None):
         _no_cache_under_exchange(self, cache)
         B, T, _ = x.shape
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
-        q = apply_rope(q, positions, self.cfg.rope_theta).transpose(1, 2)
-        k = apply_rope(k, positions, self.cfg.rope_theta).transpose(1, 2)
+        q = apply_rope(q, positions, self.cfg.rope_theta, rope).transpose(1, 2)
+        k = apply_rope(k, positions, self.cfg.rope_theta, rope).transpose(1, 2)
         v = v.transpose(1, 2)
 
         new_cache = None

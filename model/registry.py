@@ -6,8 +6,10 @@ state axis), what its config must satisfy, and which sequence-parallel exchange 
 (``bla.train.sequence_parallel`` supplies one per exchange name). Nothing else lists kinds.
 
 Adding a mixer is one module: define the ``nn.Module`` (``forward(x, positions, cu_seqlens,
-cache) -> (y, cache)`` and ``new_cache(max_context)``), then ``register(MixerKind(...))`` at
-import. ``tests/test_architecture.py`` adds one that way.
+cache, rope) -> (y, cache)``, ``rope`` being RoPE's shared (cos, sin) table or None, and
+``new_cache(max_context)``; for ``bla.model.decode``'s static decoding also ``static_buffers``,
+``load_static`` and ``decode_step``), then ``register(MixerKind(...))`` at import.
+``tests/test_architecture.py`` adds one that way.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class CumulativeMean(nn.Module):
     def new_cache(self, max_context=None):
         return None
 
-    def forward(self, x, positions, cu_seqlens=None, cache=None):
+    def forward(self, x, positions, cu_seqlens=None, cache=None, rope=None):
         v = self.v(x)
         total = v.cumsum(1)
         starts = (positions == 0).long().cumsum(1)  # document index of every token

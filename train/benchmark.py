@@ -6,7 +6,8 @@ Synthetic token ids (the data pipeline is benchmarked on its own: docs/benchmark
 GPU; the same number of tokens per step at every context length. The engine is built as the
 trainer builds it (compile, activation checkpointing, fused AdamW, chunked loss) and each step
 is the trainer's: forward, the finiteness check of nan_policy, backward, step; the loss is read
-only at the end. ``--profile`` prints the top kernels of one step per row. Prints a table and
+only at the end. ``--profile`` prints the top kernels of one step per row, after the sum of all
+kernels' time and its share of the step's wall time (the GPU's busy share). Prints a table and
 the ratios against the baseline; writes JSON.
 """
 
@@ -46,13 +47,17 @@ def _profile(step, top: int = 15) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.self_device_time_total for e in events) or 1.0
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    return [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "share": e.self_device_time_total / total,
-             "calls": e.count} for e in events[:top]]  # fmt: skip
+    # the GPU's busy share of the step: the rest is the host (Python, launches, waits)
+    head = {"kernel": "(all kernels)", "ms": total / 1e3, "share": total / 1e6 / wall, "calls": sum(e.count for e in events)}
+    return [head] + [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "share": e.self_device_time_total / total,
+                      "calls": e.count} for e in events[:top]]  # fmt: skip
 
 
 def _row(name: str, cfg_model, seq_len: int, batch: int, first: float, dt: float, peak: float, **extra) -> dict:
