@@ -126,6 +126,32 @@ def measure_baseline(preset: str, seq_len: int, tokens_per_step: int, steps: int
     return row
 
 
+def measure_plain_loop(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: int, loss_chunk: int) -> dict:
+    """bla-lm's model (compiled blocks, chunked loss) in the baseline's loop (fp32 weights, bf16
+    autocast, fused AdamW, no DeepSpeed): with the baseline and the DeepSpeed row, it tells the
+    model's cost from the engine's."""
+    model_cfg = apply_overrides(load_preset(preset), [f"layer_pattern=[{mixer}]"])
+    torch.manual_seed(0)
+    model = BLALM(model_cfg).cuda()
+    model.compile_blocks()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    B = max(1, tokens_per_step // seq_len)
+    ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], labels=ids[:, 1:], loss_chunk=loss_chunk).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    first, dt = _timed(step, steps)
+    peak, _ = peak_flops(torch.device("cuda"), torch.bfloat16)
+    return _row(f"bla-lm {preset} {mixer}, plain loop", model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer)
+
+
 def _print(r: dict, base: dict | None) -> None:
     ratio = f"  {r['tokens_per_s'] / base['tokens_per_s']:.2f}x baseline" if base and base is not r else ""
     print(f"{r['name']:>28} T={r['seq_len']:>6} B={r['batch']:>2} {r['tokens_per_s']:>10,.0f} tok/s MFU {100 * r['mfu']:5.1f}% "
@@ -144,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--baseline", action="store_true", help="also the plain compiled transformer of each preset's shape")
     p.add_argument("--profile", action="store_true", help="print each row's top kernels of one step")
+    p.add_argument("--plain-loop", action="store_true", help="also each mixer's model in the baseline's loop (no DeepSpeed)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")
     p.add_argument("--json", default="bench_train.json")
@@ -166,6 +193,10 @@ def main(argv=None) -> int:
                 rows.append(r)
                 _print(r, base)
                 torch.cuda.empty_cache()
+                if args.plain_loop:
+                    rows.append(measure_plain_loop(preset, mixer, T, args.tokens_per_step, args.steps, TrainConfig().loss_chunk))
+                    _print(rows[-1], base)
+                    torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "settings": args.set, "rows": rows}, f, indent=1)
     return 0

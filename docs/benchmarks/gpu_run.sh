@@ -20,8 +20,10 @@ for stage in "$@"; do
     breaks)  # graph breaks of the compiled blocks
       python3 docs/benchmarks/compile_check.py 2>&1 | grep -v Warning | tail -20 | tee "$OUT/breaks.txt" ;;
     optim2k)  # DeepSpeed's optimizer wrappers: ZeRO-1, and ZeRO-1 with fp32 gradients (BF16_Optimizer)
-      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn --set zero_stage=1 --profile --json "$OUT/train_2k_z1.json" 2>&1 | grep -v Warning | head -4 | tee "$OUT/train_2k_optim.txt"
-      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn --set zero_stage=1 deepspeed_config=docs/benchmarks/bf16_fp32_grads.json --profile --json "$OUT/train_2k_z1fp32.json" 2>&1 | grep -v Warning | head -4 | tee -a "$OUT/train_2k_optim.txt" ;;
+      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn --set zero_stage=1 --profile --json "$OUT/train_2k_z1.json" 2>&1 | grep -v Warning | tail -17 | tee "$OUT/train_2k_optim.txt"
+      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn --set zero_stage=1 deepspeed_config=docs/benchmarks/bf16_fp32_grads.json --profile --json "$OUT/train_2k_z1fp32.json" 2>&1 | grep -v Warning | tail -17 | tee -a "$OUT/train_2k_optim.txt" ;;
+    plain2k)  # the model in the baseline's loop, beside the baseline and the engine (attn: RoPE shared now)
+      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn bla --baseline --plain-loop --json "$OUT/train_2k_plain.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_plain.txt" ;;
     train2k)  # the stack against the plain baseline at 2k, compiled, with the top kernels of a step
       python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile --json "$OUT/train_2k.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k.txt" ;;
     eager2k)  # the same rows eager (compile=false): the compiled path's gain
