@@ -16,6 +16,7 @@ from .reference import bla_reference, step_reference
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant (find_spec is not traceable)
 def triton_available(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton backend can run on ``device``, and why not when it cannot."""
     if importlib.util.find_spec("triton") is None:

@@ -310,7 +310,7 @@ def test_one_training_process_per_out_dir(tmp_path):
 @pytest.mark.parametrize(
     "over,match",
     [
-        (["zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
+        (["zero_stage=4"], "zero_stage must be auto, 0, 1, 2 or 3"),
         (["precision=fp16"], "fp16 is not supported"),
         (["optim.lrr=1"], "unknown key"),
         (["model.bla.slots=5"], "bla.slots=5 must divide"),

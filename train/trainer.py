@@ -10,6 +10,7 @@ the summary. What the task trains on and how it is scored comes from its module
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -186,6 +187,8 @@ class _Run:
         self.ckpt_dir = self.out / "checkpoints"
         self.log = (lambda msg: print(f"[bla train] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        if cfg.zero_stage == "auto":  # resolved once: the saved config names the stage the checkpoints have
+            self.cfg = cfg = dataclasses.replace(cfg, zero_stage=cfg.zero(self.bf16))
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
         self.writer, self.history, self.last_eval = None, [], {}
 
