@@ -789,10 +789,44 @@ def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool, decays: bool = False
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
-def _plan(problem: Problem, dtype: torch.dtype) -> tuple[dict, int]:
-    """The kernels' constants and the chunks per forward segment of one call."""
-    consts = _constants(problem, dtype)
-    return consts, _segment_chunks(problem, consts["C"])
+_KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES", "BLA_TRITON_SEGMENT",
+          "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS")  # fmt: skip
+_LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
+_PLANS: dict = {}
+
+
+class _Plan:
+    """Everything about a call that its shapes, (windows, m, gates) and dtype decide, worked out
+    once: a training step calls each layer's kernels with the same plan, and building it per call
+    (sub-chunk choice, launch options, keyword dicts) cost the host more than the launches did."""
+
+    def __init__(self, problem: Problem, dtype: torch.dtype):
+        p = problem
+        self.consts = consts = _constants(p, dtype)
+        self.seg_chunks = _segment_chunks(p, consts["C"])
+        self.fwd_local = {**_pick(consts, *_LOCAL), **_launch_opts(p, "fwd_local")}
+        self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
+        self.bwd_chunk = {**_pick(consts, "H", "M", "FACTOR", "CUM", "SPLIT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
+        self.bwd_tokens = {**_pick(consts, *_LOCAL), **_launch_opts(p, "bwd_tokens")}
+        chunks, items = saved_rows(p, consts["C"], self.seg_chunks)
+        hkv, bm, bdk, bdv = p.num_kv_heads, consts["BM"], consts["BDK"], consts["BDV"]
+        st, f32 = (torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32), torch.float32
+        self.saved = [((chunks, hkv, bm, bdk), st), ((chunks, hkv, bm, bdv), st), ((chunks, hkv, bm), f32),
+                      ((chunks, hkv, bm), f32), ((items, hkv, bm, bdk), st), ((items, hkv, bm, bdv), st), ((items, hkv, bm), f32)]  # fmt: skip
+
+
+def _plan(problem: Problem, dtype: torch.dtype) -> _Plan:
+    p = problem
+    key = (p.batch, p.seq_len, p.num_heads, p.num_kv_heads, p.head_dim_k, p.head_dim_v, p.slots, p.windows, p.gates,
+           p.num_seqs, p.cu_seqlens is None, dtype, tuple(os.environ.get(k) for k in _KNOBS))  # fmt: skip
+    if any(isinstance(x, torch.SymInt) for x in key):  # symbolic shapes (a compiler's fake run): not cached
+        return _Plan(p, dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(p, dtype)
+    return plan
 
 
 def saved_rows(problem: Problem, chunk: int, seg_chunks: int) -> tuple[int, int]:
@@ -810,13 +844,7 @@ def saved_rows(problem: Problem, chunk: int, seg_chunks: int) -> tuple[int, int]
 
 def saved_layout(problem: Problem, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of ``forward``'s saved buffers: ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec."""
-    consts, seg_chunks = _plan(problem, dtype)
-    chunks, items = saved_rows(problem, consts["C"], seg_chunks)
-    hkv, bm, bdk, bdv = problem.num_kv_heads, consts["BM"], consts["BDK"], consts["BDV"]
-    st = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
-    f32 = torch.float32
-    return [((chunks, hkv, bm, bdk), st), ((chunks, hkv, bm, bdv), st), ((chunks, hkv, bm), f32), ((chunks, hkv, bm), f32),
-            ((items, hkv, bm, bdk), st), ((items, hkv, bm, bdv), st), ((items, hkv, bm), f32)]  # fmt: skip
+    return _plan(problem, dtype).saved
 
 
 def forward(q, k, v, h0k, h0v, problem: Problem):
@@ -824,7 +852,8 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     p = problem
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    consts, seg_chunks = _plan(p, q.dtype)
+    plan = _plan(p, q.dtype)
+    consts, seg_chunks = plan.consts, plan.seg_chunks
     C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     lay = _layout(p, dev, C, seg_chunks)
     offsets = p.offset.to(device=dev, dtype=torch.int32)
@@ -834,7 +863,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     # (1) each segment's own end state and decay, and each chunk's start state from the
     # segment's zero start (stored in the matrix products' operand dtype: (3) and the backward
     # read them as operands); (2) the scan turns the segments' end states into start states
-    layout = saved_layout(p, q.dtype)
+    layout = plan.saved
     new = torch.empty if p.cu_seqlens is None else torch.zeros  # rows past the documents' chunks stay defined
     ck, cv, before, chunk_dec = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[:4])
     # the segments' end states from (1), in fp32 for the scan
@@ -842,8 +871,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     items, chunks = lay.total_items, lay.total_chunks
     _fwd_local_kernel[(items, HKV)](
         k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, *common[:5], lay.chunk_base, *common[5:],
-        lay.item_seq, lay.item_chunk, SEG_CHUNKS=seg_chunks,
-        **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"), **_launch_opts(p, "fwd_local"),
+        lay.item_seq, lay.item_chunk, SEG_CHUNKS=seg_chunks, **plan.fwd_local,
     )  # fmt: skip
     use_h0 = h0k is not None
     h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
@@ -857,7 +885,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
         _fwd_out_kernel[(chunks, HKV)](
             q, k, v, o, ck, cv, before, seg_k, seg_v, _cum_or(p, consts, dev, gl), *common, lay.chunk_seq,
             lay.chunk_idx, lay.chunk_item,
-            p.scale, **consts, **_launch_opts(p, "fwd_out"),
+            p.scale, **plan.fwd_out,
         )  # fmt: skip
     hk = hk[:, :, : p.slots, : p.head_dim_k].contiguous()
     hv = hv[:, :, : p.slots, : p.head_dim_v].contiguous()
@@ -870,8 +898,9 @@ def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
     p = problem
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    consts, seg_chunks = _plan(p, q.dtype)
-    lay = _layout(p, dev, consts["C"], seg_chunks)
+    plan = _plan(p, q.dtype)
+    consts = plan.consts
+    lay = _layout(p, dev, consts["C"], plan.seg_chunks)
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff = gate_tables(p, dev)
@@ -888,9 +917,7 @@ def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
         _bwd_chunk_kernel[grid](
             q, k, v, do.contiguous(), dq, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
             _cum_or(p, consts, dev, gl), *common,
-            lay.chunk_item, p.scale,
-            **_pick(consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT", "FACTOR", "CUM", "SPLIT"),
-            **_launch_opts(p, "bwd_chunk"),
+            lay.chunk_item, p.scale, **plan.bwd_chunk,
         )  # fmt: skip
     dhk_p = _padded_state(None if dhk is None else dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
     dhv_p = _padded_state(None if dhv is None else dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
@@ -905,8 +932,7 @@ def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
         _bwd_tokens_kernel[grid](
             dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item,
             gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
-            lay.chunk_seq, lay.chunk_idx, **_pick(consts, "HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT"),
-            **_launch_opts(p, "bwd_tokens"),
+            lay.chunk_seq, lay.chunk_idx, **plan.bwd_tokens,
         )  # fmt: skip
     else:
         dk_out, dv_out = dk.to(k.dtype), dv.to(v.dtype)  # no tokens: empty tensors
@@ -920,7 +946,7 @@ def step(q, k, v, sk, sv, problem: Problem) -> torch.Tensor:
     p = problem
     o = torch.empty(p.batch, p.num_heads, p.head_dim_v, device=q.device, dtype=q.dtype)
     gs, gl, toff = gate_tables(p, q.device)
-    consts = _pick(_constants(p, q.dtype), "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV")
+    consts = _pick(_plan(p, q.dtype).consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV")
     _bla_step_kernel[(p.batch, p.num_kv_heads)](
         q.contiguous(), k.contiguous(), v.contiguous(), o, sk, sv, p.offset.to(torch.int32).contiguous(),
         _windows_on(p.windows, str(q.device)), toff, gs, gl, p.scale, **consts,

@@ -29,12 +29,20 @@ for stage in "$@"; do
     eager2k)  # the same rows eager (compile=false): the compiled path's gain
       python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers attn bla --set compile=false --json "$OUT/train_2k_eager.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_eager.txt" ;;
     sac2k)  # activation checkpointing's trade-off
-      for ac in ops block; do python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers bla --set activation_checkpointing=$ac --json "$OUT/train_2k_$ac.json" 2>&1 | grep -v Warning | tee -a "$OUT/train_2k_ac.txt"; done ;;
+      for ac in ops block; do python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers bla attn --set activation_checkpointing=$ac --json "$OUT/train_2k_$ac.json" 2>&1 | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee -a "$OUT/train_2k_ac.txt"; done ;;
     train16k)
       python3 -m bla.train.benchmark --presets 350m --seq-lens 16384 --mixers attn bla --baseline --json "$OUT/train_16k.json" 2>&1 | grep -v Warning | tee "$OUT/train_16k.txt" ;;
     generate)  # inference against context, BLA beside softmax attention, one run
       python3 -m bla.eval.memory --preset 125m --mixers bla attn --contexts 1024 8192 32768 131072 --batches 1 8 64 \
         --json "$OUT/generate.json" --png "$OUT/generate.png" 2>&1 | grep -v Warning | tee "$OUT/generate.txt" ;;
+    bla2k)  # the BLA row alone (after a host-side change), with its profile
+      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers bla --profile --json "$OUT/train_2k_bla.json" 2>&1 | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee "$OUT/train_2k_bla.txt" ;;
+    curve)  # compiled against eager training: the same loss curve (125m-shaped BLA on MQAR, 600 steps)
+      for c in true false; do
+        python3 -m bla.train.cli mqar model.preset=125m model.vocab_size=8192 steps=600 eval_every=200 save_every=600 \
+          log_every=10 compile=$c progress=false out_dir=/tmp/curve_$c cache_dir=/tmp/cache 2>&1 | grep -E "first step|step 600|finished" | tee -a "$OUT/curve.txt"
+        cp /tmp/curve_$c/summary.json "$OUT/curve_$c.json"
+      done ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
