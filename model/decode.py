@@ -68,6 +68,31 @@ class StaticDecoder:
         return torch.cat(last)
 
     @torch.no_grad()
+    def load(self, decode) -> None:
+        """The rows of a prefilled ``DecodeCache`` (bla.model.lm; several rows, each of its own
+        length, as ``DecodeCache.stack`` makes them) into the buffers."""
+        rows = decode.rows()
+        if rows != self.batch:
+            raise ValueError(f"a decode cache of {rows} rows does not fit a static decoder of batch {self.batch}")
+        lengths = torch.as_tensor(decode.length).expand(rows).tolist()
+        if max(lengths) > self.max_context:
+            raise ValueError(f"a cache of {max(lengths)} tokens is longer than max_context={self.max_context}")
+        for block, buf, cache in zip(self.model.blocks, self.layers, decode.layers):
+            for r, n in enumerate(lengths):
+                block.mixer.load_static(buf, r, _row_of(cache, r), n)
+        self.position.copy_(torch.tensor(lengths, device=self.device))
+        self.longest = max(lengths)
+        self.graph = None
+
+    @torch.no_grad()
+    def grow(self, max_context: int) -> None:
+        """Room for ``max_context`` tokens (attention's buffers grow; the graph is captured again)."""
+        if max_context <= self.max_context:
+            return
+        self.layers = [b.mixer.grow_static(buf, max_context) for b, buf in zip(self.model.blocks, self.layers)]
+        self.max_context, self.graph = max_context, None
+
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row (``tokens`` [B]); the logits of the next [B, V] (on CUDA a view of the
         graph's output buffer: copy it to keep it past the next step)."""

@@ -157,6 +157,9 @@ class BLAMixer(nn.Module):
         if self.conv is not None:
             buf["conv"][row].copy_(cache.conv[0])
 
+    def grow_static(self, buf: dict, max_context: int) -> dict:
+        return buf  # a constant-size state
+
     def decode_step(self, x, position, buf: dict):
         """One token per row (x [B, 1, D], position [B]) over the static buffers, updated in place:
         the same projections, convolution and gates as ``forward``, no allocation that depends on
@@ -286,18 +289,40 @@ class SoftmaxMixer(nn.Module):
         return buf
 
     def load_static(self, buf: dict, row: int, cache: KVCache, length: int) -> None:
+        """Row ``row`` of ``buf`` from a one-row cache of ``length`` tokens (its keys right-aligned;
+        left padding, at negative positions, is left out)."""
         L = buf["k"].shape[2]
         if cache.k is not None:
             n = cache.k.shape[2]
             if self.window is None and length > L:
                 raise ValueError(f"a prompt of {length} tokens does not fit a static cache of max_context={L}")
-            pos = torch.arange(length - n, length, device=buf["k"].device)[-L:]
+            pos = torch.arange(length - n, length, device=buf["k"].device)
+            real = (pos >= 0) & (pos >= length - L)
+            pos, keys, values = pos[real], cache.k[0][:, real], cache.v[0][:, real]
             slot = pos % L
-            buf["k"][row][:, slot] = cache.k[0][:, -len(pos) :]
-            buf["v"][row][:, slot] = cache.v[0][:, -len(pos) :]
+            buf["k"][row][:, slot] = keys
+            buf["v"][row][:, slot] = values
             buf["key_pos"][row][slot] = pos
         if self.conv is not None:
             buf["conv"][row].copy_(cache.conv[0])
+
+    def grow_static(self, buf: dict, max_context: int) -> dict:
+        """The buffers for a larger ``max_context``, holding the same keys (each at its position's slot)."""
+        B, _, L, _ = buf["k"].shape
+        new = self.static_buffers(B, max_context, buf["k"].device, buf["k"].dtype)
+        L2 = new["k"].shape[2]
+        if L2 == L:
+            return buf
+        pos = buf["key_pos"]
+        slot = torch.where(pos >= 0, pos % L2, L2)  # empty slots go to a scratch column, dropped below
+        for name in ("k", "v"):
+            wide = torch.cat([new[name], new[name][:, :, :1]], dim=2)
+            wide.scatter_(2, slot[:, None, :, None].expand_as(buf[name]), buf[name])
+            new[name] = wide[:, :, :L2].contiguous()
+        new["key_pos"] = torch.cat([new["key_pos"], new["key_pos"][:, :1]], 1).scatter_(1, slot, pos)[:, :L2].contiguous()
+        if "conv" in buf:
+            new["conv"] = buf["conv"]
+        return new
 
     def decode_step(self, x, position, buf: dict):
         """One token per row over the static buffers (see ``BLAMixer.decode_step``): its key and

@@ -59,3 +59,31 @@ def test_captured_decode_step_equals_the_eager_step():
         a, b = graphed.step(nxt).clone(), eager.step(nxt)
         assert_close("logits", a, b, atol=1e-4)
     assert graphed.graph is not None
+
+
+def test_static_buffers_grow_and_load_a_stacked_cache():
+    """A decoder loaded from stacked row caches (left-padded keys), grown when attention's buffers
+    fill (the Hugging Face path's growth): the same greedy tokens as the growing caches."""
+    from bla.model import DecodeCache
+    from bla.model.decode import StaticDecoder
+
+    torch.manual_seed(0)
+    cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16",
+                                                "bla.slots=4", "attn_short_conv=3"])  # fmt: skip
+    model = BLALM(cfg).eval()
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (3, 11, 1, 25)]
+    want = generate(model, prompts, 12, static=False)
+    with torch.no_grad():
+        outs = [model(torch.tensor([p]), cache=model.new_cache()) for p in prompts]
+    dec = StaticDecoder(model, len(prompts), 26, graph=False)
+    dec.load(DecodeCache.stack([o.cache for o in outs]))
+    nxt = torch.cat([o.logits[:, -1] for o in outs]).argmax(-1)
+    got = [nxt]
+    for _ in range(11):
+        if dec.longest >= dec.max_context:
+            dec.grow(dec.max_context + 3)
+        nxt = dec.step(nxt).argmax(-1)
+        got.append(nxt)
+    assert dec.max_context > 26  # it grew
+    rows = torch.stack(got, 1).tolist()
+    assert [p + r for p, r in zip(prompts, rows)] == want

@@ -60,11 +60,15 @@ HF_SIDE = textwrap.dedent('''
         kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)  # no row ends early
         batch = model.generate(**tok(prompts, return_tensors="pt", padding=True), **kw)
         alone = [model.generate(**tok(p, return_tensors="pt"), **kw)[0, -8:] for p in prompts]
+        model.static_decoding = True  # the CUDA-graph path's eager twin, on the CPU
+        static_long = model.generate(ids, max_new_tokens=int(sys.argv[5]), do_sample=False)
+        static_batch = model.generate(**tok(prompts, return_tensors="pt", padding=True), **kw)
+        model.static_decoding = None
     cache_bytes = [[l.nbytes() for l in cache_of(g).decode.layers] for g in (short, long)]
     torch.save({"ids": ids, "logits": logits, "generated": long.sequences, "cache_bytes": cache_bytes, "steps": steps,
                 "kinds": [type(l).__name__ for l in cache_of(long).decode.layers], "batch": batch[:, -8:],
                 "alone": torch.stack(alone), "beam": beam.sequences, "beam_score": beam.sequences_scores * 6,
-                "bla_loaded": "bla" in sys.modules}, out)
+                "static_generated": static_long, "static_batch": static_batch[:, -8:], "bla_loaded": "bla" in sys.modules}, out)
 ''')
 
 
@@ -121,6 +125,9 @@ def test_transformers_matches_the_training_model(zero3_run):
     assert hf["steps"] == [ids.shape[1]] + [1] * (hf["generated"].shape[1] - ids.shape[1] - 1)
     # a left-padded batch of prompts of other lengths: each row as it is alone (greedy)
     assert torch.equal(hf["batch"], hf["alone"])
+    # the static-buffer decoding (bla.model.decode, CUDA graphs on a GPU) generates the same
+    assert torch.equal(hf["static_generated"], hf["generated"])
+    assert torch.equal(hf["static_batch"], hf["batch"])
 
 
 def test_bf16_export(zero3_run):

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bla.model.config import ModelConfig
 from bla.model.layers import RMSNorm, ShortConv
+from bla.model.decode import StaticDecoder
 from bla.model.lm import BLALM, DecodeCache
 
 from .configuration_bla import BLALMConfig
@@ -46,6 +47,7 @@ class BLAGenerationCache(Cache):
     def __init__(self, decode: DecodeCache, columns: int):
         super().__init__(layers=[])
         self.decode, self.columns = decode, columns
+        self.static: StaticDecoder | None = None  # the fast path's buffers, once decoding has begun there
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.columns
@@ -54,10 +56,12 @@ class BLAGenerationCache(Cache):
         return -1  # BLA and SWA layers keep no maximum; attention grows
 
     def nbytes(self) -> int:
-        return self.decode.nbytes()
+        return self.static.nbytes() if self.static is not None else self.decode.nbytes()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows ``beam_idx`` of every cached tensor (and of per-row lengths)."""
+        if self.static is not None:
+            raise ValueError("beam search runs on the growing caches: set model.static_decoding = False")
 
         def pick(t):
             if isinstance(t, torch.Tensor):
@@ -97,7 +101,12 @@ class BLAPreTrainedModel(PreTrainedModel):
 
 
 class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
+    """``static_decoding``: after the prompt, decode over bla-lm's static buffers
+    (``bla.model.decode.StaticDecoder``; on CUDA each token is one replayed CUDA graph, the
+    buffers doubling when attention's fill up). None: on CUDA when every mixer supports it."""
+
     _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
+    static_decoding: bool | None = None
 
     def __init__(self, config: BLALMConfig):
         super().__init__(config)
@@ -145,6 +154,8 @@ class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
         else:
             if padded and not bool(attention_mask[:, -input_ids.shape[1] :].bool().all()):
                 raise ValueError("BLAForCausalLM: after the prompt, every new token must be real (attention_mask 1)")
+            if cache is not None and input_ids.shape[1] == 1 and self._decodes_static():
+                return CausalLMOutputWithPast(logits=self._static_step(cache, input_ids), **{_CACHE_FIELD: cache})
             decode = cache.decode if cache is not None else (self.model.new_cache() if use_cache else None)
             out = self.model(input_ids, cache=decode, positions=position_ids if not padded else None)
             logits, decode = out.logits, out.cache
@@ -158,6 +169,25 @@ class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
             out_cache = cache if cache is not None else BLAGenerationCache(decode, columns)
             out_cache.decode, out_cache.columns = decode, columns
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: out_cache})
+
+    def _decodes_static(self) -> bool:
+        if self.static_decoding is not None:
+            return self.static_decoding
+        on_cuda = next(self.parameters()).is_cuda
+        return on_cuda and all(hasattr(b.mixer, "decode_step") for b in self.model.blocks)
+
+    def _static_step(self, cache: BLAGenerationCache, input_ids) -> torch.Tensor:
+        """One token per row through the cache's StaticDecoder (built from its decode caches at the
+        first step): logits [B, 1, V]."""
+        if cache.static is None:
+            lengths = torch.as_tensor(cache.decode.length).expand(input_ids.shape[0])
+            cache.static = StaticDecoder(self.model, input_ids.shape[0], max(256, 2 * int(lengths.max())))
+            cache.static.load(cache.decode)
+            cache.decode = None  # the static buffers hold the state from now on
+        if cache.static.longest >= cache.static.max_context:
+            cache.static.grow(2 * cache.static.max_context)
+        cache.columns += 1
+        return cache.static.step(input_ids[:, 0]).clone()[:, None]
 
     def _rows_alone(self, input_ids, mask, use_cache: bool):
         """A padded batch with no cache yet: each row's real tokens (one contiguous run) through the
