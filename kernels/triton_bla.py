@@ -42,6 +42,7 @@ BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=element
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 
@@ -701,12 +702,29 @@ def _dense_layout(batch: int, seq_len: int, windows: tuple[int, ...], device: st
     return _Layout(starts, torch.full((batch,), seq_len, dtype=torch.int64), windows, device, chunk, seg_chunks)
 
 
+_VARLEN_LAYOUTS: collections.OrderedDict = collections.OrderedDict()  # the last few packed batches' layouts
+
+
 def _layout(problem: Problem, device, chunk: int, seg_chunks: int) -> _Layout:
+    """The call's layout. Packed documents need their lengths on the host (one device read);
+    the layout is kept for the same ``cu_seqlens`` memory, so the layers of a model (forward and
+    backward) read it once per batch, not once per call. The cache holds the tensor itself:
+    while it lives, no other tensor has its memory, and a write to it changes its version."""
     p = problem
     if p.cu_seqlens is None:
         return _dense_layout(p.batch, p.seq_len, p.windows, str(device), chunk, seg_chunks)
-    cu = p.cu_seqlens.cpu()
-    return _Layout(cu[:-1], cu[1:] - cu[:-1], p.windows, device, chunk, seg_chunks)
+    cu = p.cu_seqlens
+    key = (cu.data_ptr(), cu.numel(), cu.dtype, str(device), p.windows, chunk, seg_chunks)
+    hit = _VARLEN_LAYOUTS.get(key)
+    if hit is not None and hit[1] == cu._version:
+        _VARLEN_LAYOUTS.move_to_end(key)
+        return hit[2]
+    host = cu.cpu()
+    layout = _Layout(host[:-1], host[1:] - host[:-1], p.windows, device, chunk, seg_chunks)
+    _VARLEN_LAYOUTS[key] = (cu, cu._version, layout)
+    while len(_VARLEN_LAYOUTS) > 8:
+        _VARLEN_LAYOUTS.popitem(last=False)
+    return layout
 
 
 def _constants(problem: Problem, dtype: torch.dtype) -> dict:

@@ -189,6 +189,8 @@ class BLALM(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cache and cu_seqlens cannot be combined: decoding runs one sequence per row")
+        if cu_seqlens is not None:  # one int64 copy on the device for every layer (the kernels key their layout on it)
+            cu_seqlens = cu_seqlens.to(device=input_ids.device, dtype=torch.int64)
         if positions is None:
             if cu_seqlens is not None:
                 if B != 1:

@@ -214,3 +214,26 @@ def test_sub_chunks_follow_the_decays_range():
     assert sub_chunking(problem(40, 1)) == (16, False)  # one slot: a reset at every token
     p = problem(512, 64, "fejer")
     assert gate_tables(p, torch.device("cpu"))[0] is gate_tables(p, torch.device("cpu"))[0]
+
+
+def test_packed_documents_read_their_lengths_once_per_batch(monkeypatch):
+    """Every BLA layer of a packed batch, forward and backward, shares one layout: the documents'
+    lengths are read from the device once per batch, not once per layer and direction."""
+    from bla.kernels import triton_bla
+    from bla.model import BLALM, apply_overrides, load_preset
+
+    built = []
+
+    class Counting(triton_bla._Layout):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(triton_bla, "_Layout", Counting)
+    torch.manual_seed(0)
+    model = BLALM(apply_overrides(load_preset("tiny"), ["layer_pattern=[bla]", "bla.backend=triton"]))
+    for n, cuts in enumerate(([0, 7, 30, 40], [0, 12, 40])):
+        ids = torch.randint(0, 256, (1, 41))
+        cu = torch.tensor(cuts, dtype=torch.int32)  # as the packer makes it
+        model(ids[:, :-1], cu_seqlens=cu, labels=ids[:, 1:]).loss.backward()
+        assert len(built) == n + 1, f"{len(built)} layouts for {n + 1} batches of {len(model.blocks)} layers"
