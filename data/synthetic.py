@@ -5,6 +5,9 @@ drawn without replacement inside an example; ``k1 v1 ... kK vK`` first, then eac
 once at position ``2K + 2 gap`` with gaps drawn without replacement from ``range(space)``,
 ``space = (L - 2K) / 2``, with probability proportional to ``a * (i + 1) ** (a - 1)``; the value
 is the label at the query; every other label is -100. Filler is 0 or random ids.
+``placement=spread`` (an issue 19 ablation, not Zoology's) puts pair i at ``2 i L / 4K`` (evenly
+over the first half) and the queries in the second half: with W = L, the pairs then reach every
+slot's share of the window instead of the first 2K / W of it.
 
 Batches are deterministic functions of (seed, batch index), so a task loader resumes exactly.
 The task ``mqar`` (``bla.data.task``) is registered here: its checks, loaders, validation and
@@ -28,11 +31,16 @@ class MQARConfig:
     vocab_size: int = 8192  # V
     power_a: float = 0.01  # gap distribution exponent
     random_filler: bool = False
+    placement: str = "start"  # start (Zoology: the K pairs first) | spread (pairs evenly over the first half, queries in the second)
 
     def check(self, seq_len: int) -> None:
         K, V, L = self.num_kv_pairs, self.vocab_size, seq_len
         if L % 2 or 4 * K > L or V <= L or K > V // 2 - 1:
             raise ValueError(f"MQAR needs an even L with 4K <= L < V and K < V/2 - 1; got L={L}, K={K}, V={V}")
+        if self.placement not in ("start", "spread"):
+            raise ValueError(f"mqar.placement must be start or spread, got {self.placement!r}")
+        if self.placement == "spread" and L % 4:
+            raise ValueError(f"mqar.placement=spread needs L divisible by 4, got L={L}")
 
 
 def mqar_examples(n: int, seq_len: int, cfg: MQARConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,16 +50,19 @@ def mqar_examples(n: int, seq_len: int, cfg: MQARConfig, seed: int) -> tuple[tor
     K, V, L, a = cfg.num_kv_pairs, cfg.vocab_size, seq_len, cfg.power_a
     keys = np.stack([rng.choice(np.arange(1, V // 2), size=K, replace=False) for _ in range(n)])
     values = np.stack([rng.choice(np.arange(V // 2, V), size=K, replace=False) for _ in range(n)])
-    space = (L - 2 * K) // 2
+    if cfg.placement == "start":  # pairs at 0..2K, queries after them
+        pair_at, first_query, space = 2 * np.arange(K), 2 * K, (L - 2 * K) // 2
+    else:  # pair i at 2 i s (s = L / 4K): spread over the first half; queries in the second half
+        pair_at, first_query, space = 2 * np.arange(K) * (L // (4 * K)), L // 2, L // 4
     p = a * np.arange(1, space + 1, dtype=np.float64) ** (a - 1)
     p /= p.sum()
     gaps = np.stack([rng.choice(space, size=K, replace=False, p=p) for _ in range(n)])
     x = np.zeros((n, L + 1), dtype=np.int64)
-    x[:, 0 : 2 * K : 2], x[:, 1 : 2 * K : 2] = keys, values
+    x[:, pair_at], x[:, pair_at + 1] = keys, values
     rows = np.arange(n)[:, None]
-    x[rows, 2 * K + 2 * gaps] = keys
+    x[rows, first_query + 2 * gaps] = keys
     labels_full = np.full((n, L + 1), IGNORE, dtype=np.int64)
-    labels_full[rows, 2 * K + 2 * gaps + 1] = values
+    labels_full[rows, first_query + 2 * gaps + 1] = values
     inputs, labels = torch.from_numpy(x[:, :-1].copy()), torch.from_numpy(labels_full[:, 1:].copy())
     if cfg.random_filler:
         filler = inputs == 0

@@ -26,6 +26,7 @@ class BLAConfig:
     rope: bool = False  # RoPE on q and k before BLA
     output_norm: bool = True  # per-head RMSNorm of the mixer output
     output_gate: bool = True  # SiLU gate x W_g on the output
+    qk_norm: bool = False  # per-head RMSNorm of q and k before BLA (bounds the slot scores; an issue 19 ablation)
     backend: str = "auto"  # bla_attention backend
     gates: str = DEFAULT_GATES  # slot write/decay rule (spec section 1); a saved config without it is dirichlet_v1
 

@@ -116,6 +116,8 @@ class BLAMixer(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * d, bias=False)
         self.conv = ShortConv((H + 2 * Hkv) * d, cfg.bla.short_conv) if cfg.bla.short_conv else None
         self.out_norm = RMSNorm(d, cfg.norm_eps) if cfg.bla.output_norm else None
+        self.q_norm = RMSNorm(d, cfg.norm_eps) if cfg.bla.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.norm_eps) if cfg.bla.qk_norm else None
         self.gate_proj = nn.Linear(D, H * d, bias=False) if cfg.bla.output_gate else None
         self.o_proj = nn.Linear(H * d, D, bias=False)
 
@@ -127,6 +129,7 @@ class BLAMixer(nn.Module):
         B, T, _ = x.shape
         H, d = self.n_heads, self.head_dim
         q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
+        q, k = self.normed(q, k)
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta, rope)
             k = apply_rope(k, positions, self.cfg.rope_theta, rope)
@@ -141,6 +144,12 @@ class BLAMixer(nn.Module):
             o = o * F.silu(self.gate_proj(x))
         new_cache = BLACache(state, conv_buf) if cache is not None else None
         return self.o_proj(o), new_cache
+
+    def normed(self, q, k):
+        """q and k through their per-head RMSNorms (``bla.qk_norm``), else as they are."""
+        if self.q_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
 
     def static_buffers(self, batch: int, max_context: int, device, dtype) -> dict:
         """Preallocated decode state (``bla.model.decode``): the fp32 slot state and the conv's inputs."""
@@ -169,6 +178,7 @@ class BLAMixer(nn.Module):
         q, k, v, conv_buf = project_qkv(self, x, positions, None, buf.get("conv"))
         if conv_buf is not None:
             buf["conv"].copy_(conv_buf)
+        q, k = self.normed(q, k)
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
             k = apply_rope(k, positions, self.cfg.rope_theta)
@@ -205,7 +215,7 @@ def bla_params(cfg: ModelConfig) -> int:
     n = projection_params(cfg)
     n += H * d * D if b.output_gate else 0
     n += (H + 2 * Hkv) * d * b.short_conv
-    return n + (d if b.output_norm else 0)
+    return n + (d if b.output_norm else 0) + (2 * d if b.qk_norm else 0)
 
 
 def slot_flops(cfg: ModelConfig, seq_len: int) -> float:

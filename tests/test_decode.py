@@ -20,7 +20,7 @@ def test_static_decoding_equals_the_cached_path_for_every_mixer():
 
     torch.manual_seed(0)
     cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16",
-                                                "bla.slots=4", "attn_short_conv=3", "bla.rope=true"])  # fmt: skip
+                                                "bla.slots=4", "attn_short_conv=3", "bla.rope=true", "bla.qk_norm=true"])  # fmt: skip
     model = BLALM(cfg).eval()
     prompts = [torch.randint(3, 256, (n,)).tolist() for n in (3, 11, 1, 25)]
     assert generate(model, prompts, 20, static=True) == generate(model, prompts, 20, static=False)

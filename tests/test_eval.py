@@ -79,6 +79,24 @@ def test_tiny_model_learns_easy_mqar(tmp_path):
     assert score.returncode == 0 and float(score.stdout.split()[-1]) > 0.15, score.stdout + score.stderr[-2000:]
 
 
+def test_mqar_spread_placement():
+    """The placement ablation: pair i at 2 i L / 4K (evenly over the first half), every key queried
+    once in the second half; the same keys, values and labels otherwise."""
+    L, K, V = 64, 4, 128
+    x, y = mqar_examples(50, L, MQARConfig(K, V, placement="spread"), seed=3)
+    stride = L // (4 * K)
+    for i in range(50):
+        pairs = 2 * stride * torch.arange(K)
+        keys, values = x[i, pairs], x[i, pairs + 1]
+        assert ((1 <= keys) & (keys < V // 2)).all() and ((V // 2 <= values) & (values < V)).all()
+        asked = (y[i] != -100).nonzero()[:, 0]  # the label sits at the query's position (shifted by one)
+        assert len(asked) == K and bool((asked >= L // 2).all())
+        assert sorted(x[i, asked].tolist()) == sorted(keys.tolist())
+        assert {int(y[i, a]) for a in asked} == set(values.tolist())
+    with pytest.raises(ValueError, match="placement must be start or spread"):
+        MQARConfig(K, V, placement="middle").check(L)
+
+
 def _tiny(pattern="[bla, attn, swa]"):
     torch.manual_seed(0)
     return BLALM(apply_overrides(load_preset("tiny"), [f"layer_pattern={pattern}"])).eval()

@@ -48,10 +48,11 @@ def test_generation_logits_equal_parallel(pattern, prefill):
     assert_close("logits", torch.cat(logits, 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("gates", ["fejer", "dirichlet_v1"])  # the default is covered above
+@pytest.mark.parametrize("gates", ["fejer", "dirichlet_v1", "dirichlet+qk_norm"])  # the default is covered above
 def test_generation_logits_equal_parallel_for_every_gate_rule(gates):
     torch.manual_seed(0)
-    model = BLALM(tiny(layer_pattern="[bla]", **{"bla.gates": gates})).eval()
+    over = {"bla.gates": gates.split("+")[0], **({"bla.qk_norm": "true"} if "qk_norm" in gates else {})}
+    model = BLALM(tiny(layer_pattern="[bla]", **over)).eval()
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         full = model(ids).logits
@@ -168,9 +169,10 @@ def test_unknown_preset():
         load_preset("huge")
 
 
-@pytest.mark.parametrize("name", ["tiny", "125m", "350m", "1.3b", "tiny+gsa"])
+@pytest.mark.parametrize("name", ["tiny", "125m", "350m", "1.3b", "tiny+gsa", "tiny+qk_norm"])
 def test_param_count_matches_built_model(name):
-    cfg = load_preset(name) if name != "tiny+gsa" else tiny(layer_pattern="[gsa, attn]")
+    special = {"tiny+gsa": {"layer_pattern": "[gsa, attn]"}, "tiny+qk_norm": {"layer_pattern": "[bla, gsa]", "bla.qk_norm": "true"}}
+    cfg = load_preset(name) if name not in special else tiny(**special[name])
     with torch.device("meta"):
         model = BLALM(cfg)
     assert sum(p.numel() for p in model.parameters()) == param_count(cfg)
