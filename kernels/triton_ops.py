@@ -59,7 +59,7 @@ def _(q, k, v, h0k, h0v, cu_seqlens, offset, windows, slots, scale, gates):
 
 @torch.library.custom_op(f"{NAMESPACE}::chunk_bwd", mutates_args=())
 def chunk_bwd(
-    do: torch.Tensor, dhk: torch.Tensor, dhv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    do: torch.Tensor, dhk: torch.Tensor | None, dhv: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     saved: list[torch.Tensor], cu_seqlens: torch.Tensor | None, offset: torch.Tensor, windows: list[int], slots: int,
     scale: float, gates: str, use_h0: bool,
 ) -> list[torch.Tensor]:  # fmt: skip
@@ -73,7 +73,9 @@ def chunk_bwd(
 @chunk_bwd.register_fake
 def _(do, dhk, dhv, q, k, v, saved, cu_seqlens, offset, windows, slots, scale, gates, use_h0):
     if use_h0:
-        dh0k, dh0v = torch.empty_like(dhk), torch.empty_like(dhv)
+        n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        dh0k = q.new_empty(n, k.shape[2], slots, q.shape[-1], dtype=torch.float32)
+        dh0v = q.new_empty(n, k.shape[2], slots, v.shape[-1], dtype=torch.float32)
     else:
         dh0k, dh0v = q.new_empty(0), q.new_empty(0)
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0k, dh0v]
@@ -91,12 +93,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     do, dhk, dhv = grads[:3]
     q, k, v, cu_seqlens, offset, *saved = ctx.saved_tensors
-    state_rows = (q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1, k.shape[2], ctx.args[1])
-    # autograd hands None for outputs nobody used (the final state of most calls)
-    if dhk is None:
-        dhk = q.new_zeros(*state_rows, q.shape[-1], dtype=torch.float32)
-    if dhv is None:
-        dhv = q.new_zeros(*state_rows, v.shape[-1], dtype=torch.float32)
+    # autograd hands None for outputs nobody used (the final state of most calls): zeros, made
+    # once inside the backward's padded buffers
     if do is None:
         do = torch.zeros(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
     dq, dk, dv, dh0k, dh0v = chunk_bwd(do, dhk, dhv, q, k, v, saved, cu_seqlens, offset, *ctx.args, ctx.use_h0)
