@@ -85,6 +85,16 @@ class StaticDecoder:
         self.graph = None
 
     @torch.no_grad()
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the rows ``rows`` (beam search), in place: the buffers keep their memory, so a
+        captured graph stays valid."""
+        rows = rows.to(self.device)
+        for layer in self.layers:
+            for t in layer.values():
+                t.copy_(t.index_select(0, rows))
+        self.position.copy_(self.position.index_select(0, rows))
+
+    @torch.no_grad()
     def grow(self, max_context: int) -> None:
         """Room for ``max_context`` tokens (attention's buffers grow; the graph is captured again)."""
         if max_context <= self.max_context:

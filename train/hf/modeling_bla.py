@@ -61,7 +61,8 @@ class BLAGenerationCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows ``beam_idx`` of every cached tensor (and of per-row lengths)."""
         if self.static is not None:
-            raise ValueError("beam search runs on the growing caches: set model.static_decoding = False")
+            self.static.reorder(beam_idx)
+            return
 
         def pick(t):
             if isinstance(t, torch.Tensor):
