@@ -407,8 +407,8 @@ class _Run:
         cfg, step = self.cfg, self.step
         return step % cfg.save_every == 0 or step == cfg.steps or step == cfg.stop_at
 
-    def micro_batches(self) -> tuple[list[float], str | None]:
-        """One optimiser step's micro-batches: their losses, or why the step stopped short (a
+    def micro_batches(self) -> tuple[list[torch.Tensor], str | None]:
+        """One optimiser step's micro-batches: their losses (on the device), or why the step stopped short (a
         signal, or non-finite losses under the run's policy)."""
         cfg, micro_losses = self.cfg, []
         while len(micro_losses) < cfg.grad_accum:
