@@ -330,6 +330,7 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
     if points:
         try:
             plot(spec, points, out / f"{spec.metric}_vs_state.png")
+            plot_curves(spec, points, out, out / "learning_curves.png")
         except ImportError as exc:  # a bare GPU machine: `bla sweep --report` elsewhere draws it
             print(f"[bla sweep] no plot: {exc}")
     print(f"{'mixer':>9} {'state':>11} {spec.metric:>9} {'seeds':>5} {'range':>15}  overrides (optim.lr chosen on {SELECT[spec.metric]})")
@@ -379,6 +380,53 @@ def plot(spec: SweepSpec, points: list[dict], path: Path) -> None:
     ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def learning_curves(out: Path, point: dict) -> list[tuple[list[int], list[float]]]:
+    """(steps, train losses) of each seed's run of a reported point, from its summary.json."""
+    curves = []
+    for run in point["run"].split(","):
+        summary = out / "runs" / run / "summary.json"
+        if summary.exists():
+            losses = json.loads(summary.read_text()).get("losses", [])
+            curves.append(([h["step"] for h in losses], [h["loss"] for h in losses]))
+    return curves
+
+
+def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> None:
+    """The training loss of every reported point (each configuration at its chosen learning rate),
+    a panel per mixer, a colour per state size, each seed a line (a running mean over 2% of the
+    steps): whether the runs behind the report had converged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixers = [m for m in spec.mixers if any(p["mixer"] == m for p in points)]
+    cols = min(4, len(mixers))
+    rows = -(-len(mixers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, mixer in zip(axes.flat, mixers):
+        mine = sorted((p for p in points if p["mixer"] == mixer), key=lambda p: p["state_elements"])
+        colours = plt.cm.viridis([i / max(1, len(mine) - 1) for i in range(len(mine))])
+        for point, colour in zip(mine, colours):
+            for i, (steps, losses) in enumerate(learning_curves(out, point)):
+                width = max(1, len(losses) // 50)
+                smooth = [sum(losses[max(0, j - width + 1) : j + 1]) / len(losses[max(0, j - width + 1) : j + 1]) for j in range(len(losses))]
+                label = f"state {point['state_elements']:,}, {spec.metric} {point[spec.metric]:.3f}" if i == 0 else None
+                ax.plot(steps, smooth, color=colour, alpha=0.85, linewidth=1.2, label=label)
+        ax.set_title(mixer)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes.flat[len(mixers) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("train loss")
+    fig.suptitle(f"{spec.name}: training loss at each point's chosen learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -33,6 +33,12 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["train_seconds"]) > 0
     assert (out / "accuracy_vs_state.png").stat().st_size > 10_000
+    assert (out / "learning_curves.png").stat().st_size > 10_000  # every reported point's training loss
+    from bla.launch.sweep import learning_curves
+
+    for point in summary["best_over_lr"]:
+        (steps, losses), = learning_curves(out, point)  # one seed
+        assert steps[0] == 1 and len(steps) == len(losses) > 1
     assert set(json.loads((out / "state_efficiency.json").read_text())["0.05"]) == {"bla", "bla_fejer", "swa"}
     result = json.loads(next((out / "runs").glob("bla-*/result.json")).read_text())
     assert result["config"]["model"]["layer_pattern"] == ["bla"] and result["params"] > 0
