@@ -87,3 +87,35 @@ def test_static_buffers_grow_and_load_a_stacked_cache():
     assert dec.max_context > 26  # it grew
     rows = torch.stack(got, 1).tolist()
     assert [p + r for p, r in zip(prompts, rows)] == want
+
+
+def _hf_model(device: str):
+    from bla.train.hf.configuration_bla import BLALMConfig
+    from bla.train.hf.modeling_bla import BLAForCausalLM
+
+    cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16", "bla.slots=4"])
+    torch.manual_seed(0)
+    model = BLAForCausalLM(BLALMConfig(bla_model=cfg.to_dict())).to(device).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hugging_face_generate_on_static_buffers_equals_the_growing_caches(device):
+    """The exported model class's generate(): after the prompt, static buffers (a captured graph on
+    CUDA, the default there; forced on the CPU), grown past their first size, under a left-padded
+    batch and beam search; the same tokens as the growing caches."""
+    model = _hf_model(device)
+    ids = torch.randint(3, 256, (3, 12), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding: row 0 is 7 tokens long
+    mask[2, :11] = 0  # row 2: one token
+    results = {}
+    for static in (True, False):
+        model.static_decoding = static
+        with torch.no_grad():
+            greedy = model.generate(ids, attention_mask=mask, max_new_tokens=300, min_new_tokens=300, do_sample=False)
+            beam = model.generate(ids[:1], max_new_tokens=6, num_beams=3, do_sample=False)
+        results[static] = (greedy, beam)
+    assert torch.equal(results[True][0], results[False][0])  # 300 > 256 new tokens: attention's buffers grew
+    assert torch.equal(results[True][1], results[False][1])
