@@ -138,8 +138,10 @@ def test_compiled_training_equals_eager_training(tmp_path):
     summaries = {}
     for compiled in ("true", "false"):
         out = tmp_path / compiled
+        # MQAR data: no tokenizer or shards to build; the tiny hybrid (bla, attn, swa) model
         args = ["tiny", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "steps=3", "log_every=1", "eval_every=3",
-                "save_every=3", f"compile={compiled}", "activation_checkpointing=ops", "progress=false"]  # fmt: skip
+                "save_every=3", f"compile={compiled}", "activation_checkpointing=ops", "progress=false", "data.task=mqar",
+                "data.seq_len=64", "data.mqar.num_kv_pairs=4", "data.mqar.vocab_size=128", "eval_batches=2"]  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "bla.train.cli", *args], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "first step:" in done.stdout
