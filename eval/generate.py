@@ -50,14 +50,14 @@ def generate(
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.shape[1] == 0:
             raise ValueError(f"prompt_ids must be [B, T0] with T0 >= 1, got {tuple(prompts.shape)}")
-        out = model(prompts, cache=model.new_cache())
+        out = model(prompts, cache=model.new_cache(), logits_to_keep=1)
         new = _continue(model, out.cache, out.logits[:, -1], max_new_tokens, temperature, top_k, top_p, eos_id, seed)
         return torch.cat([prompts, new], dim=1)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of non-empty id lists, got lengths {[len(p) for p in prompts]}")
     caches, last = [], []
     for prompt in prompts:  # the prefill of each prompt alone: its own length, position and phase
-        out = model(torch.tensor([prompt], device=device), cache=model.new_cache())
+        out = model(torch.tensor([prompt], device=device), cache=model.new_cache(), logits_to_keep=1)
         caches.append(out.cache)
         last.append(out.logits[:, -1])
     new = _continue(model, DecodeCache.stack(caches), torch.cat(last), max_new_tokens, temperature, top_k, top_p, eos_id, seed)

@@ -57,7 +57,7 @@ class StaticDecoder:
                 raise ValueError(f"a prompt of {n} tokens is longer than max_context={self.max_context}")
             for start in range(0, n, chunk or n):
                 piece = ids[:, start : start + (chunk or n)].to(self.device)
-                out = self.model(piece, cache=out.cache if out is not None else self.model.new_cache())
+                out = self.model(piece, cache=out.cache if out is not None else self.model.new_cache(), logits_to_keep=1)
             for block, buf, cache in zip(self.model.blocks, self.layers, out.cache.layers):
                 for r in range(ids.shape[0]):
                     block.mixer.load_static(buf, row + r, _row_of(cache, r), n)

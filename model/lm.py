@@ -181,9 +181,14 @@ class BLALM(nn.Module):
         cache: DecodeCache | None = None,
         positions: torch.Tensor | None = None,
         loss_chunk: int = 0,
+        logits_to_keep: int = 0,
     ) -> LMOutput:
         """``loss_chunk`` > 0 (with ``labels``): the loss through the head ``loss_chunk`` tokens at a
-        time (``bla.model.loss``), never holding [tokens, vocab] logits; ``logits`` is then None."""
+        time (``bla.model.loss``), never holding [tokens, vocab] logits; ``logits`` is then None.
+        ``logits_to_keep`` > 0: the logits of the last that many positions only (a prompt's prefill
+        needs its last: at 128k tokens the whole [T, vocab] would be 8 GB in bf16)."""
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep is for generation: labels need the logits of every position")
         B, T = input_ids.shape
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -211,6 +216,8 @@ class BLALM(nn.Module):
         new_cache = DecodeCache(layer_caches, cache.length + T) if cache is not None else None
         if labels is not None and loss_chunk > 0:
             return LMOutput(None, self.head(self.norm(x), labels, loss_chunk), new_cache)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.head(self.norm(x))
         loss = None
         if labels is not None:
