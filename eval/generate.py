@@ -41,44 +41,17 @@ def generate(
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    model.eval()
-    device = device if device is not None else next(model.parameters()).device
-    if static is None:
-        static = torch.device(device).type == "cuda" and all(hasattr(b.mixer, "decode_step") for b in model.blocks)
-    if static:
-        return _generate_static(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2 or prompts.shape[1] == 0:
-            raise ValueError(f"prompt_ids must be [B, T0] with T0 >= 1, got {tuple(prompts.shape)}")
-        out = model(prompts, cache=model.new_cache(), logits_to_keep=1)
-        new = _continue(model, out.cache, out.logits[:, -1], max_new_tokens, temperature, top_k, top_p, eos_id, seed)
-        return torch.cat([prompts, new], dim=1)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError(f"prompts must be a non-empty list of non-empty id lists, got lengths {[len(p) for p in prompts]}")
-    caches, last = [], []
-    for prompt in prompts:  # the prefill of each prompt alone: its own length, position and phase
-        out = model(torch.tensor([prompt], device=device), cache=model.new_cache(), logits_to_keep=1)
-        caches.append(out.cache)
-        last.append(out.logits[:, -1])
-    new = _continue(model, DecodeCache.stack(caches), torch.cat(last), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
-    rows = new.tolist()
-    ends = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows]
-    return [list(p) + row[:end] for p, row, end in zip(prompts, rows, ends)]
-
-
-def _generate_static(model, prompts, max_new_tokens: int, temperature, top_k, top_p, eos_id, seed):
-    """``generate`` through a StaticDecoder: the same prompts in, the same layout out."""
-    from bla.model.decode import StaticDecoder
-
     as_tensor = isinstance(prompts, torch.Tensor)
     if as_tensor and (prompts.dim() != 2 or prompts.shape[1] == 0):
         raise ValueError(f"prompt_ids must be [B, T0] with T0 >= 1, got {tuple(prompts.shape)}")
     if not as_tensor and (not prompts or any(len(p) == 0 for p in prompts)):
         raise ValueError(f"prompts must be a non-empty list of non-empty id lists, got lengths {[len(p) for p in prompts]}")
-    longest = prompts.shape[1] if as_tensor else max(len(p) for p in prompts)
-    decoder = StaticDecoder(model, len(prompts), longest + max_new_tokens)
-    logits = decoder.prefill(prompts)
-    new = _continue(decoder, None, logits, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    model.eval()
+    device = device if device is not None else next(model.parameters()).device
+    if static is None:
+        static = torch.device(device).type == "cuda" and all(hasattr(b.mixer, "decode_step") for b in model.blocks)
+    step, logits = _prefill(model, prompts, max_new_tokens, static, device)
+    new = _continue(step, logits, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     if as_tensor:
         return torch.cat([prompts, new.to(prompts.device)], dim=1)
     rows = new.tolist()
@@ -86,10 +59,35 @@ def _generate_static(model, prompts, max_new_tokens: int, temperature, top_k, to
     return [list(p) + row[:end] for p, row, end in zip(prompts, rows, ends)]
 
 
-def _continue(model, cache, logits, max_new_tokens: int, temperature, top_k, top_p, eos_id, seed) -> torch.Tensor:
-    """[B, n] new tokens from a prefilled ``cache`` and its last ``logits``; rows that ended with
-    ``eos_id`` repeat it until every row has (or n = max_new_tokens). ``model`` may be a
-    StaticDecoder (``cache`` None), which holds its own state."""
+def _prefill(model, prompts, max_new_tokens: int, static: bool, device):
+    """The prompts through the model: a step function (next tokens [B] -> logits [B, V]) and the
+    logits after each prompt. A list is prefilled prompt by prompt (its own length, position and
+    phase); static: into a StaticDecoder's buffers, else into caches stacked into one batch."""
+    if static:
+        from bla.model.decode import StaticDecoder
+
+        longest = prompts.shape[1] if isinstance(prompts, torch.Tensor) else max(len(p) for p in prompts)
+        decoder = StaticDecoder(model, len(prompts), longest + max_new_tokens)
+        return decoder.step, decoder.prefill(prompts)
+    if isinstance(prompts, torch.Tensor):
+        out = model(prompts.to(device), cache=model.new_cache(), logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]
+    else:
+        outs = [model(torch.tensor([p], device=device), cache=model.new_cache(), logits_to_keep=1) for p in prompts]
+        cache, logits = DecodeCache.stack([o.cache for o in outs]), torch.cat([o.logits[:, -1] for o in outs])
+    state = {"cache": cache}
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        out = model(tokens[:, None], cache=state["cache"])
+        state["cache"] = out.cache
+        return out.logits[:, -1]
+
+    return step, logits
+
+
+def _continue(step, logits, max_new_tokens: int, temperature, top_k, top_p, eos_id, seed) -> torch.Tensor:
+    """[B, n] new tokens from the prompts' last ``logits``, ``step`` feeding each back; rows that
+    ended with ``eos_id`` repeat it until every row has (or n = max_new_tokens)."""
     gen = torch.Generator(device=logits.device)
     if seed is not None:
         gen.manual_seed(seed)
@@ -101,15 +99,9 @@ def _continue(model, cache, logits, max_new_tokens: int, temperature, top_k, top
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done |= nxt == eos_id
         tokens.append(nxt[:, None])
-        if eos_id is not None and bool(done.all()):
-            break
-        if len(tokens) == max_new_tokens + 1:
-            break  # the last token needs no step after it
-        if cache is None:  # a StaticDecoder
-            logits = model.step(nxt)
-        else:
-            out = model(nxt[:, None], cache=cache)
-            cache, logits = out.cache, out.logits[:, -1]
+        if (eos_id is not None and bool(done.all())) or len(tokens) == max_new_tokens + 1:
+            break  # every row ended, or the last token (it needs no step after it)
+        logits = step(nxt)
     return torch.cat(tokens, dim=1)
 
 
