@@ -94,6 +94,27 @@ def project_qkv(mixer: nn.Module, x, positions, cu_seqlens, conv_past):
     return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d), conv_buf
 
 
+def conv_static_buffer(mixer: nn.Module, batch: int, device, dtype) -> dict:
+    """The short convolution's decode buffer for ``bla.model.decode`` (empty without one)."""
+    if mixer.conv is None:
+        return {}
+    return {"conv": torch.zeros(batch, mixer.conv.kernel - 1, mixer.conv.weight.shape[0], device=device, dtype=dtype)}
+
+
+def load_conv_static(mixer: nn.Module, buf: dict, row: int, cache) -> None:
+    if mixer.conv is not None:
+        buf["conv"][row].copy_(cache.conv[0])
+
+
+def project_step(mixer: nn.Module, x, position, buf: dict):
+    """q, k, v of one token per row (x [B, 1, D], position [B]) for a static decode step, the
+    convolution's buffer updated in place."""
+    q, k, v, conv_buf = project_qkv(mixer, x, position[:, None], None, buf.get("conv"))
+    if conv_buf is not None:
+        buf["conv"].copy_(conv_buf)
+    return q, k, v
+
+
 def _no_cache_under_exchange(mixer: nn.Module, cache) -> None:
     if mixer.exchange is not None and cache is not None:
         raise ValueError("sequence parallelism is for training and scoring, not decoding with a cache")
@@ -154,17 +175,14 @@ class BLAMixer(nn.Module):
     def static_buffers(self, batch: int, max_context: int, device, dtype) -> dict:
         """Preallocated decode state (``bla.model.decode``): the fp32 slot state and the conv's inputs."""
         Hkv, d, m = self.n_kv_heads, self.head_dim, self.slots
-        buf = {"K": torch.zeros(batch, Hkv, m, d, device=device), "V": torch.zeros(batch, Hkv, m, d, device=device)}
-        if self.conv is not None:
-            buf["conv"] = torch.zeros(batch, self.conv.kernel - 1, self.conv.weight.shape[0], device=device, dtype=dtype)
-        return buf
+        return {"K": torch.zeros(batch, Hkv, m, d, device=device), "V": torch.zeros(batch, Hkv, m, d, device=device),
+                **conv_static_buffer(self, batch, device, dtype)}  # fmt: skip
 
     def load_static(self, buf: dict, row: int, cache: BLACache, length: int) -> None:
         """Row ``row`` of ``buf`` from a prefilled one-row cache."""
         buf["K"][row].copy_(cache.state[0][0])
         buf["V"][row].copy_(cache.state[1][0])
-        if self.conv is not None:
-            buf["conv"][row].copy_(cache.conv[0])
+        load_conv_static(self, buf, row, cache)
 
     def grow_static(self, buf: dict, max_context: int) -> dict:
         return buf  # a constant-size state
@@ -175,9 +193,7 @@ class BLAMixer(nn.Module):
         the context (so the step can be captured as a CUDA graph)."""
         B = x.shape[0]
         positions = position[:, None]
-        q, k, v, conv_buf = project_qkv(self, x, positions, None, buf.get("conv"))
-        if conv_buf is not None:
-            buf["conv"].copy_(conv_buf)
+        q, k, v = project_step(self, x, position, buf)
         q, k = self.normed(q, k)
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
@@ -292,11 +308,8 @@ class SoftmaxMixer(nn.Module):
         ring of ``window`` for swa; each slot's key position (-1: empty) and the conv's inputs."""
         L = max_context if self.window is None else min(self.window, max_context)
         Hkv, d = self.n_kv_heads, self.head_dim
-        buf = {"k": torch.zeros(batch, Hkv, L, d, device=device, dtype=dtype), "v": torch.zeros(batch, Hkv, L, d, device=device, dtype=dtype),
-               "key_pos": torch.full((batch, L), -1, dtype=torch.long, device=device)}  # fmt: skip
-        if self.conv is not None:
-            buf["conv"] = torch.zeros(batch, self.conv.kernel - 1, self.conv.weight.shape[0], device=device, dtype=dtype)
-        return buf
+        return {"k": torch.zeros(batch, Hkv, L, d, device=device, dtype=dtype), "v": torch.zeros(batch, Hkv, L, d, device=device, dtype=dtype),
+                "key_pos": torch.full((batch, L), -1, dtype=torch.long, device=device), **conv_static_buffer(self, batch, device, dtype)}  # fmt: skip
 
     def load_static(self, buf: dict, row: int, cache: KVCache, length: int) -> None:
         """Row ``row`` of ``buf`` from a one-row cache of ``length`` tokens (its keys right-aligned;
@@ -313,23 +326,17 @@ class SoftmaxMixer(nn.Module):
             buf["k"][row][:, slot] = keys
             buf["v"][row][:, slot] = values
             buf["key_pos"][row][slot] = pos
-        if self.conv is not None:
-            buf["conv"][row].copy_(cache.conv[0])
+        load_conv_static(self, buf, row, cache)
 
     def grow_static(self, buf: dict, max_context: int) -> dict:
-        """The buffers for a larger ``max_context``, holding the same keys (each at its position's slot)."""
+        """The buffers for a larger ``max_context``, holding the same keys. A buffer shorter than
+        the window has never wrapped (every position is below its length: the decoder refuses to
+        go past max_context), so each key keeps its slot."""
         B, _, L, _ = buf["k"].shape
         new = self.static_buffers(B, max_context, buf["k"].device, buf["k"].dtype)
-        L2 = new["k"].shape[2]
-        if L2 == L:
+        if new["k"].shape[2] == L:
             return buf
-        pos = buf["key_pos"]
-        slot = torch.where(pos >= 0, pos % L2, L2)  # empty slots go to a scratch column, dropped below
-        for name in ("k", "v"):
-            wide = torch.cat([new[name], new[name][:, :, :1]], dim=2)
-            wide.scatter_(2, slot[:, None, :, None].expand_as(buf[name]), buf[name])
-            new[name] = wide[:, :, :L2].contiguous()
-        new["key_pos"] = torch.cat([new["key_pos"], new["key_pos"][:, :1]], 1).scatter_(1, slot, pos)[:, :L2].contiguous()
+        new["k"][:, :, :L], new["v"][:, :, :L], new["key_pos"][:, :L] = buf["k"], buf["v"], buf["key_pos"]
         if "conv" in buf:
             new["conv"] = buf["conv"]
         return new
@@ -340,9 +347,7 @@ class SoftmaxMixer(nn.Module):
         B = x.shape[0]
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         positions = position[:, None]
-        q, k, v, conv_buf = project_qkv(self, x, positions, None, buf.get("conv"))
-        if conv_buf is not None:
-            buf["conv"].copy_(conv_buf)
+        q, k, v = project_step(self, x, position, buf)
         q = apply_rope(q, positions, self.cfg.rope_theta).transpose(1, 2)
         k = apply_rope(k, positions, self.cfg.rope_theta).transpose(1, 2)
         L = buf["k"].shape[2]
