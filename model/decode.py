@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .lm import BLALM
+from .lm import BLALM, DecodeCache
 
 
 class StaticDecoder:
@@ -50,25 +50,21 @@ class StaticDecoder:
         rows = [prompts] if isinstance(prompts, torch.Tensor) else [torch.tensor([p], device=self.device) for p in prompts]
         if sum(r.shape[0] for r in rows) != self.batch or any(r.shape[1] == 0 for r in rows):
             raise ValueError(f"prefill needs {self.batch} non-empty prompts, got {[tuple(r.shape) for r in rows]}")
-        last, row = [], 0
+        longest = max(r.shape[1] for r in rows)
+        if longest > self.max_context:
+            raise ValueError(f"a prompt of {longest} tokens is longer than max_context={self.max_context}")
+        outs = []
         for ids in rows:
             out, n = None, ids.shape[1]
-            if n > self.max_context:
-                raise ValueError(f"a prompt of {n} tokens is longer than max_context={self.max_context}")
             for start in range(0, n, chunk or n):
                 piece = ids[:, start : start + (chunk or n)].to(self.device)
                 out = self.model(piece, cache=out.cache if out is not None else self.model.new_cache(), logits_to_keep=1)
-            for block, buf, cache in zip(self.model.blocks, self.layers, out.cache.layers):
-                for r in range(ids.shape[0]):
-                    block.mixer.load_static(buf, row + r, _row_of(cache, r), n)
-            self.position[row : row + ids.shape[0]] = n
-            self.longest = max(self.longest, n)
-            last.append(out.logits[:, -1])
-            row += ids.shape[0]
-        return torch.cat(last)
+            outs.append(out)
+        self.load(outs[0].cache if len(outs) == 1 else DecodeCache.stack([o.cache for o in outs]))
+        return torch.cat([o.logits[:, -1] for o in outs])
 
     @torch.no_grad()
-    def load(self, decode) -> None:
+    def load(self, decode: DecodeCache) -> None:
         """The rows of a prefilled ``DecodeCache`` (bla.model.lm; several rows, each of its own
         length, as ``DecodeCache.stack`` makes them) into the buffers."""
         rows = decode.rows()
@@ -82,7 +78,6 @@ class StaticDecoder:
                 block.mixer.load_static(buf, r, _row_of(cache, r), n)
         self.position.copy_(torch.tensor(lengths, device=self.device))
         self.longest = max(lengths)
-        self.graph = None
 
     @torch.no_grad()
     def reorder(self, rows: torch.Tensor) -> None:
