@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from bla.model import BLALM, DecodeCache
+from bla.model.decode import StaticDecoder, decodes_static_by_default
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def generate(
     model.eval()
     device = device if device is not None else next(model.parameters()).device
     if static is None:
-        static = torch.device(device).type == "cuda" and all(hasattr(b.mixer, "decode_step") for b in model.blocks)
+        static = decodes_static_by_default(model)
     step, logits = _prefill(model, prompts, max_new_tokens, static, device)
     new = _continue(step, logits, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     if as_tensor:
@@ -64,8 +65,6 @@ def _prefill(model, prompts, max_new_tokens: int, static: bool, device):
     logits after each prompt. A list is prefilled prompt by prompt (its own length, position and
     phase); static: into a StaticDecoder's buffers, else into caches stacked into one batch."""
     if static:
-        from bla.model.decode import StaticDecoder
-
         longest = prompts.shape[1] if isinstance(prompts, torch.Tensor) else max(len(p) for p in prompts)
         decoder = StaticDecoder(model, len(prompts), longest + max_new_tokens)
         return decoder.step, decoder.prefill(prompts)

@@ -21,9 +21,19 @@ import torch
 from .lm import BLALM, DecodeCache
 
 
+def unsupported_mixers(model: BLALM) -> list[str]:
+    """The kinds of ``model``'s mixers that have no static decode step (empty: it decodes statically)."""
+    return sorted({b.kind for b in model.blocks if not hasattr(b.mixer, "decode_step")})
+
+
+def decodes_static_by_default(model: BLALM) -> bool:
+    """On CUDA, where the step is a captured graph, when every mixer supports it."""
+    return next(model.parameters()).is_cuda and not unsupported_mixers(model)
+
+
 class StaticDecoder:
     def __init__(self, model: BLALM, batch: int, max_context: int, graph: bool | None = None):
-        missing = sorted({b.kind for b in model.blocks if not hasattr(b.mixer, "decode_step")})
+        missing = unsupported_mixers(model)
         if missing:
             raise ValueError(f"static decoding supports the bla, attn and swa mixers, not {missing}")
         if batch < 1 or max_context < 1:

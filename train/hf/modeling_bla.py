@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bla.model.config import ModelConfig
 from bla.model.layers import RMSNorm, ShortConv
-from bla.model.decode import StaticDecoder
+from bla.model.decode import StaticDecoder, decodes_static_by_default
 from bla.model.lm import BLALM, DecodeCache
 
 from .configuration_bla import BLALMConfig
@@ -172,10 +172,7 @@ class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: out_cache})
 
     def _decodes_static(self) -> bool:
-        if self.static_decoding is not None:
-            return self.static_decoding
-        on_cuda = next(self.parameters()).is_cuda
-        return on_cuda and all(hasattr(b.mixer, "decode_step") for b in self.model.blocks)
+        return self.static_decoding if self.static_decoding is not None else decodes_static_by_default(self.model)
 
     def _static_step(self, cache: BLAGenerationCache, input_ids) -> torch.Tensor:
         """One token per row through the cache's StaticDecoder (built from its decode caches at the
