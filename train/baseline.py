@@ -52,15 +52,16 @@ class PlainTransformer(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def make_step(model: PlainTransformer, lr: float = 3e-4):
-    """The compiled model and a step function: forward under bf16 autocast, backward, clip,
-    fused AdamW. Returns ``step(ids, labels)`` (the loss stays on the device)."""
+def make_step(model: nn.Module, lr: float = 3e-4, forward=None):
+    """A step function: forward under bf16 autocast, backward, clip, fused AdamW. ``forward(ids,
+    labels) -> loss`` defaults to the whole model through torch.compile. Returns ``step(ids,
+    labels)`` (the loss stays on the device)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    compiled = torch.compile(model)
+    forward = forward or torch.compile(model)
 
     def step(ids, labels):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(ids, labels)
+            loss = forward(ids, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()

@@ -132,20 +132,17 @@ def measure_plain_loop(preset: str, mixer: str, seq_len: int, tokens_per_step: i
     model's cost from the engine's."""
     model_cfg = apply_overrides(load_preset(preset), [f"layer_pattern=[{mixer}]"])
     torch.manual_seed(0)
+    from .baseline import make_step
+
     model = BLALM(model_cfg).cuda()
     model.compile_blocks()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    train_step = make_step(model, forward=lambda ids, labels: model(ids, labels=labels, loss_chunk=loss_chunk).loss)
     B = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1), device="cuda")
     torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids[:, :-1], labels=ids[:, 1:], loss_chunk=loss_chunk).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(ids[:, :-1], ids[:, 1:])
 
     first, dt = _timed(step, steps)
     peak, _ = peak_flops(torch.device("cuda"), torch.bfloat16)
