@@ -79,22 +79,22 @@ CHECKPOINTING = ("none", "block", "ops")
 def _saved_by_ops_policy(ctx, op, *args, **kwargs):
     """``ops`` checkpointing: keep the outputs of matrix products and token mixers (costly to
     recompute), recompute the rest (norms, activations, RoPE, gates: cheap, and most of the
-    activation memory)."""
+    activation memory). Called for every op of a checkpointed block: a set lookup."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    return CheckpointPolicy.MUST_SAVE if op in _costly_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+    costly = op in _costly_aten_ops() or getattr(op, "name", str)() == "bla::chunk_fwd"  # BLA (bla.kernels.triton_ops)
+    return CheckpointPolicy.MUST_SAVE if costly else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _costly_ops() -> set:
+@functools.lru_cache(maxsize=1)
+def _costly_aten_ops() -> frozenset:
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.linear.default}
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):  # fmt: skip
         if hasattr(aten, name):
             ops.add(getattr(aten, name).default)
-    if hasattr(torch.ops, "bla") and hasattr(torch.ops.bla, "chunk_fwd"):
-        ops.add(torch.ops.bla.chunk_fwd.default)
-    return ops
+    return frozenset(ops)
 
 
 class Block(nn.Module):

@@ -100,6 +100,13 @@ def test_activation_checkpointing_policies_equal_no_checkpointing(policy):
         assert_close(f"grad {i}", a, b, atol=1e-5)
     with pytest.raises(ValueError, match="activation checkpointing must be one of"):
         model.set_checkpointing("all")
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from bla.model.lm import _saved_by_ops_policy
+
+    kept = {op: _saved_by_ops_policy(None, op) for op in (torch.ops.bla.chunk_fwd.default, torch.ops.aten.mm.default, torch.ops.aten.mul.Tensor)}
+    assert kept == {torch.ops.bla.chunk_fwd.default: CheckpointPolicy.MUST_SAVE, torch.ops.aten.mm.default: CheckpointPolicy.MUST_SAVE,
+                    torch.ops.aten.mul.Tensor: CheckpointPolicy.PREFER_RECOMPUTE}  # fmt: skip
 
 
 @pytest.mark.parametrize("policy", ["none", "ops"])
