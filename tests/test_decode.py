@@ -11,6 +11,14 @@ from helpers import assert_close
 from bla.eval.generate import generate
 from bla.model import BLALM, apply_overrides, load_preset
 
+# every mixer with a static decode step, windows shorter than the prompts, short convolutions
+HYBRID = ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16", "bla.slots=4", "attn_short_conv=3"]
+
+
+def _hybrid(*extra: str) -> BLALM:
+    torch.manual_seed(0)
+    return BLALM(apply_overrides(load_preset("tiny"), HYBRID + list(extra))).eval()
+
 
 def test_static_decoding_equals_the_cached_path_for_every_mixer():
     """The StaticDecoder's step (the eager twin of the CUDA-graph step: the same code) against
@@ -18,10 +26,7 @@ def test_static_decoding_equals_the_cached_path_for_every_mixer():
     logits of a step against a full forward, a full static cache refused."""
     from bla.model.decode import StaticDecoder
 
-    torch.manual_seed(0)
-    cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16",
-                                                "bla.slots=4", "attn_short_conv=3", "bla.rope=true", "bla.qk_norm=true"])  # fmt: skip
-    model = BLALM(cfg).eval()
+    model = _hybrid("bla.rope=true", "bla.qk_norm=true")
     prompts = [torch.randint(3, 256, (n,)).tolist() for n in (3, 11, 1, 25)]
     assert generate(model, prompts, 20, static=True) == generate(model, prompts, 20, static=False)
     assert generate(model, prompts, 9, temperature=1.0, top_p=0.9, seed=4, static=True) == generate(
@@ -47,10 +52,7 @@ def test_static_decoding_equals_the_cached_path_for_every_mixer():
 def test_captured_decode_step_equals_the_eager_step():
     from bla.model.decode import StaticDecoder
 
-    torch.manual_seed(0)
-    cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16",
-                                                "bla.slots=4", "attn_short_conv=3"])  # fmt: skip
-    model = BLALM(cfg).cuda().eval()
+    model = _hybrid().cuda()
     prompts = [torch.randint(3, 256, (n,)).tolist() for n in (3, 11, 1, 25)]
     graphed, eager = StaticDecoder(model, 4, 64, graph=True), StaticDecoder(model, 4, 64, graph=False)
     a, b = graphed.prefill(prompts), eager.prefill(prompts)
@@ -67,10 +69,7 @@ def test_static_buffers_grow_and_load_a_stacked_cache():
     from bla.model import DecodeCache
     from bla.model.decode import StaticDecoder
 
-    torch.manual_seed(0)
-    cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16",
-                                                "bla.slots=4", "attn_short_conv=3"])  # fmt: skip
-    model = BLALM(cfg).eval()
+    model = _hybrid()
     prompts = [torch.randint(3, 256, (n,)).tolist() for n in (3, 11, 1, 25)]
     want = generate(model, prompts, 12, static=False)
     with torch.no_grad():
@@ -93,7 +92,7 @@ def _hf_model(device: str):
     from bla.train.hf.configuration_bla import BLALMConfig
     from bla.train.hf.modeling_bla import BLAForCausalLM
 
-    cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[bla, attn, swa]", "swa_window=8", "bla.window=16", "bla.slots=4"])
+    cfg = apply_overrides(load_preset("tiny"), HYBRID)
     torch.manual_seed(0)
     model = BLAForCausalLM(BLALMConfig(bla_model=cfg.to_dict())).to(device).eval()
     model.generation_config.pad_token_id = 0
