@@ -137,19 +137,29 @@ def cum_table(problem: Problem, sub: int, device: torch.device) -> torch.Tensor:
     return _cum_table_on(problem.windows, problem.slots, problem.gates, sub, str(device))
 
 
-def sub_chunking(problem: Problem) -> tuple[int, bool]:
-    """(sub-chunk size, factorised pairs): the largest sub-chunk (64, 32 or 16 tokens; at most
-    8192 slot-token entries per tile, for registers) whose decays' range allows factorised,
-    tensor-core pairs; else 16 tokens, elementwise (W/m of about a thousand).
-    BLA_TRITON_PAIRS=elementwise forces the elementwise form (tests)."""
+ELEMENTWISE, CENTRED, HALVES = 0, 1, 2  # the in-sub-chunk pair forms (the kernels' PAIRS)
+
+
+def sub_chunking(problem: Problem) -> tuple[int, int]:
+    """(sub-chunk size, pair form): the largest sub-chunk (64, 32 or 16 tokens, up to
+    BLA_TRITON_SUB; at most 8192 slot-token entries per tile, for registers) whose pairs are
+    tensor-core products: CENTRED when the decays' range inside the sub-chunk is below
+    FACTOR_LOG_RANGE, else HALVES when the range inside each of its halves is (W/m of a few
+    hundred: 64 tokens at W=4096, m=64, instead of 32); else 16 tokens, ELEMENTWISE (W/m of
+    about a thousand). BLA_TRITON_PAIRS=elementwise, halves or centred forces that form where it
+    is safe (tests, benchmarks)."""
     p = problem
     largest = int(os.environ.get("BLA_TRITON_SUB", 64))
-    if os.environ.get("BLA_TRITON_PAIRS") != "elementwise":
-        for sub in (s for s in (64, 32, 16) if s <= largest):
-            fits = sub * _slot_block(p.slots) <= 8192 and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE
-            if fits:
-                return sub, True
-    return 16, False
+    forced = os.environ.get("BLA_TRITON_PAIRS", "")
+    if forced not in ("", "elementwise", "halves", "centred"):
+        raise ValueError(f"BLA_TRITON_PAIRS must be elementwise, halves or centred, got {forced!r}")
+    if forced != "elementwise":
+        for sub in (s for s in (128, 64, 32, 16) if s <= largest and s * _slot_block(p.slots) <= 8192):
+            if forced != "halves" and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE:
+                return sub, CENTRED
+            if forced != "centred" and sub >= 32 and diag_log_range(p.windows, p.slots, p.gates, sub // 2) < FACTOR_LOG_RANGE:
+                return sub, HALVES
+    return 16, ELEMENTWISE
 
 
 @functools.lru_cache(maxsize=32)
@@ -200,40 +210,72 @@ def _pair_decays(s, l, t_S):
 
 
 @triton.jit
-def _diag_factors(s, l):
-    """A [SUB, BM], B [SUB, BM] with A_t B_u = s_u e^{l_t - l_u}: centred on each slot's mid log-decay,
-    so both stay within e^(range / 2) (the host checks the range)."""
-    mid = (tl.max(l, axis=0) + tl.min(l, axis=0)) * 0.5
-    return tl.exp(l - mid[None, :]), s * tl.exp(mid[None, :] - l)
+def _centred(s, l, mid):
+    """A [SUB, BM], B [SUB, BM] with A_t B_u = s_u e^{l_t - l_u}, centred on ``mid`` (per slot, or per
+    row and slot): both stay within e^(range / 2) of the rows they pair (the host checks the range)."""
+    return tl.exp(l - mid), s * tl.exp(mid - l)
 
 
 @triton.jit
-def _through(X, A, B, E, causal, FACTOR: tl.constexpr, DT: tl.constexpr):
-    """sum_{u<=t} X[t, u] s_u,j e^{l_t,j - l_u,j}: [SUB, SUB] -> [SUB, BM]."""
-    if FACTOR:
-        return A * _mm(tl.where(causal, X, 0.0), B, DT)
-    return tl.sum(X[:, :, None] * E, axis=1)
+def _split_factors(s, l, second):
+    """The halves form (PAIRS = 2), for sub-chunks whose decays' range is too wide for one centre.
+    Pairs inside a half: A, B centred on that half's mid log-decay (their products are valid inside
+    a half only). Pairs across the halves (t in the second, u in the first) are centred on the
+    log-decay c at the boundary, where e^{l_t - c} <= 1 and e^{c - l_u} <= 1, so nothing can
+    overflow at any stride: A2_t = A_t r2 (t in the second half) and B2_u = B_u r1 (u in the
+    first), with r2 = e^{mid2 - c} <= 1 and r1 = e^{c - mid1} <= 1 (per slot). Only r1, r2 are
+    kept: A2 and B2 are formed where they are used (fewer live tiles)."""
+    lo = tl.where(second, float("inf"), l)
+    mid1 = (tl.max(tl.where(second, float("-inf"), l), axis=0) + tl.min(lo, axis=0)) * 0.5
+    mid2 = (tl.max(tl.where(second, l, float("-inf")), axis=0) + tl.min(tl.where(second, l, float("inf")), axis=0)) * 0.5
+    c = tl.min(lo, axis=0)  # l is non-increasing: its last value in the first half
+    A, B = _centred(s, l, tl.where(second, mid2[None, :], mid1[None, :]))
+    return A, B, tl.exp(tl.minimum(c - mid1, 0.0)), tl.exp(tl.minimum(mid2 - c, 0.0))
 
 
 @triton.jit
-def _pairs(Y, A, B, E, causal, FACTOR: tl.constexpr, DT: tl.constexpr):
+def _through(X, A, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr):
+    """sum_{u<=t} X[t, u] s_u,j e^{l_t,j - l_u,j}: [SUB, SUB] -> [SUB, BM]. (With PAIRS = 2,
+    ``causal`` keeps only pairs inside a half; r1, r2 carry the pairs across the halves.)"""
+    if PAIRS == 0:
+        return tl.sum(X[:, :, None] * E, axis=1)
+    out = A * _mm(tl.where(causal, X, 0.0), B, DT)
+    if PAIRS == 2:
+        out += tl.where(second, A * r2[None, :], 0.0) * _mm(X, tl.where(second, 0.0, B * r1[None, :]), DT)
+    return out
+
+
+@triton.jit
+def _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr):
     """sum_j Y[t, j] s_u,j e^{l_t,j - l_u,j} for u <= t: [SUB, BM] -> [SUB, SUB]."""
-    if FACTOR:
-        return tl.where(causal, _mm(Y * A, tl.trans(B), DT), 0.0)
-    return tl.sum(Y[:, None, :] * E, axis=2)
+    if PAIRS == 0:
+        return tl.sum(Y[:, None, :] * E, axis=2)
+    out = tl.where(causal, _mm(Y * A, tl.trans(B), DT), 0.0)
+    if PAIRS == 2:
+        cross = _mm(tl.where(second, Y * A * r2[None, :], 0.0), tl.trans(tl.where(second, 0.0, B * r1[None, :])), DT)
+        out += cross
+    return out
 
 
 @triton.jit
-def _sub_tiles(s, l, t_S, FACTOR: tl.constexpr):
-    """What the in-sub-chunk pairs need: (A, B) factors, or the elementwise decay tile E."""
-    if FACTOR:
-        A, B = _diag_factors(s, l)
-        E = A  # unused
-    else:
+def _sub_tiles(s, l, t_S, second, PAIRS: tl.constexpr):
+    """What the in-sub-chunk pairs need: the elementwise decay tile E (PAIRS = 0), one centre's
+    factors A, B (1), or the halves' A, B, r1, r2 (2). Unused names repeat a used value."""
+    if PAIRS == 0:
         E = _pair_decays(s, l, t_S)
         A = E
         B = E
-    return A, B, E
+        r1 = E
+        r2 = E
+    elif PAIRS == 1:
+        A, B = _centred(s, l, ((tl.max(l, axis=0) + tl.min(l, axis=0)) * 0.5)[None, :])
+        r1 = A
+        r2 = A
+        E = A
+    else:
+        A, B, r1, r2 = _split_factors(s, l, second)
+        E = A
+    return A, B, r1, r2, E
 
 
 @triton.jit
@@ -286,11 +328,11 @@ def _to_state(w, Xl, Xs, before, DT: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, Kl, Ks, before, el, A, B, E, causal, scale, mask_M, FACTOR: tl.constexpr, DT: tl.constexpr,
+def _scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS: tl.constexpr, DT: tl.constexpr,
             SPLIT: tl.constexpr):
     """scale * z of a sub-chunk's queries against the state Kl + before * Ks and the sub-chunk's
     keys, -inf at padded slots: [SUB, BM]."""
-    z = el * _from_state(q, Kl, Ks, before, DT, SPLIT) + _through(_mm(q, tl.trans(k), DT), A, B, E, causal, FACTOR, DT)
+    z = el * _from_state(q, Kl, Ks, before, DT, SPLIT) + _through(_mm(q, tl.trans(k), DT), A, B, r1, r2, E, causal, second, PAIRS, DT)
     return tl.where(mask_M[None, :], scale * z, float("-inf"))
 
 
@@ -315,15 +357,21 @@ def _item(seq_ptr, idx_ptr, start_ptr, len_ptr, off_ptr, win_ptr, toff_ptr, i, g
 
 @triton.jit
 def _chunk_program(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr,
-                   S: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, M: tl.constexpr):  # fmt: skip
+                   S: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, M: tl.constexpr,
+                   PAIRS: tl.constexpr):  # fmt: skip
     """What a (chunk, kv head) program of (3) and (A) starts from: its ids, its chunk's item, the
-    index vectors, the causal mask of a sub-chunk and the mask of real slots."""
+    index vectors, the causal mask of a sub-chunk's factorised pairs (inside each half only in the
+    halves form), the rows of the second half ([S, 1]) and the mask of real slots."""
     i = tl.program_id(0)
     g = tl.program_id(1)
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
                                                 offset_ptr, window_ptr, toff_ptr, i, g)  # fmt: skip
     t_S, j_M, dk_D, dv_D = _ranges(S, BM, BDK, BDV)
-    return i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_M, dk_D, dv_D, t_S[:, None] >= t_S[None, :], j_M < M
+    causal = t_S[:, None] >= t_S[None, :]
+    half = t_S >= S // 2
+    if PAIRS == 2:
+        causal = causal & (half[:, None] == half[None, :])
+    return i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_M, dk_D, dv_D, causal, half[:, None], j_M < M
 
 
 # ----------------------------------------------------------------------------- forward
@@ -455,18 +503,18 @@ def _scan_kernel(
 
 
 @triton.jit
-def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, j_M, dk_D, dv_D,
+def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
                HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, S: tl.constexpr,
-               CUM: tl.constexpr, FACTOR: tl.constexpr):  # fmt: skip
+               CUM: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
     """What (3) and (A) need of the sub-chunk starting at token t0 of a sequence: its valid tokens
     and their rows, gates (s, l, T, e^l and the pair tiles), keys and values."""
     valid = (t0 + t_S) < seq_len
     tok = bos + t0 + t_S
     s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
-    A, B, E = _sub_tiles(s, l, t_S, FACTOR)
+    A, B, r1, r2, E = _sub_tiles(s, l, t_S, second, PAIRS)
     k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
     v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
-    return valid, tok, s, l, T, tl.exp(l), A, B, E, k, v
+    return valid, tok, s, l, T, tl.exp(l), A, B, r1, r2, E, k, v
 
 
 @triton.jit
@@ -476,7 +524,7 @@ def _fwd_out_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr, CUM: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
     SPLIT: tl.constexpr,
 ):  # fmt: skip
     """(3) Outputs of a chunk, from its start state: its own from the segment's zero start (Kl)
@@ -485,21 +533,22 @@ def _fwd_out_kernel(
     at 32-token chunks on an H100). No state is carried from chunk to chunk, so every chunk runs
     in parallel."""
     HPG: tl.constexpr = H // HKV
-    i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_M, dk_D, dv_D, causal, mask_M = _chunk_program(
-        chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, S, BM, BDK, BDV, M)
+    i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_M, dk_D, dv_D, causal, second, mask_M = _chunk_program(
+        chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, S, BM, BDK, BDV, M,
+        PAIRS)
     Kl, Vl, Ks, Vs, before = _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g,
                                           j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
     for a in tl.static_range(NS):
         t0 = c * C + a * S
-        valid, tok, s, l, T, el, A, B, E, k, v = _sub_chunk(
-            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, j_M, dk_D, dv_D,
-            HKV, BM, DK, DV, S, CUM, FACTOR,
+        valid, tok, s, l, T, el, A, B, r1, r2, E, k, v = _sub_chunk(
+            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
+            HKV, BM, DK, DV, S, CUM, PAIRS,
         )  # fmt: skip
         for hh in tl.static_range(HPG):
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
-            p = _softmax(_scores(q, k, Kl, Ks, before, el, A, B, E, causal, scale, mask_M, FACTOR, DT, SPLIT))
-            o = _to_state(p * el, Vl, Vs, before, DT, SPLIT) + _mm(_pairs(p, A, B, E, causal, FACTOR, DT), v, DT)
+            p = _softmax(_scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT))
+            o = _to_state(p * el, Vl, Vs, before, DT, SPLIT) + _mm(_pairs(p, A, B, r1, r2, E, causal, second, PAIRS, DT), v, DT)
             _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
         if a < NS - 1:
             Kl = _write_state(Kl, s, l, T, k, DT)
@@ -517,14 +566,15 @@ def _bwd_chunk_kernel(
     chunk_item_ptr, scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, FACTOR: tl.constexpr, CUM: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
     SPLIT: tl.constexpr,
 ):  # fmt: skip
     """(A) dq, the in-chunk parts of dk and dv (fp32), and the gradient of the chunk's start state
     from the chunk's own outputs. Sub-chunks run in reverse, their states recomputed."""
     HPG: tl.constexpr = H // HKV
-    i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_M, dk_D, dv_D, causal, mask_M = _chunk_program(
-        chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, S, BM, BDK, BDV, M)
+    i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_M, dk_D, dv_D, causal, second, mask_M = _chunk_program(
+        chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, S, BM, BDK, BDV, M,
+        PAIRS)
     mask_DK, mask_DV = dk_D < DK, dv_D < DV
     row = (i * HKV + g) * BM
     sk = _state_offsets(row, j_M, dk_D, BDK)
@@ -545,9 +595,9 @@ def _bwd_chunk_kernel(
             Vl = _write_state(Vl, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
             before = before * tl.exp(Tb)
         t0 = c * C + a * S
-        valid, tok, s, l, T, el, A, B, E, k, v = _sub_chunk(
-            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, j_M, dk_D, dv_D,
-            HKV, BM, DK, DV, S, CUM, FACTOR,
+        valid, tok, s, l, T, el, A, B, r1, r2, E, k, v = _sub_chunk(
+            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
+            HKV, BM, DK, DV, S, CUM, PAIRS,
         )  # fmt: skip
         if a == NS - 1:  # the chunk's last sub-chunk: no later one to reach through the state
             b_dk = tl.zeros([S, BDK], dtype=tl.float32)
@@ -562,11 +612,11 @@ def _bwd_chunk_kernel(
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
             do = _load_tokens(do_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
-            p = _softmax(_scores(q, k, Kl, Ks, before, el, A, B, E, causal, scale, mask_M, FACTOR, DT, SPLIT))
-            dp = el * _from_state(do, Vl, Vs, before, DT, SPLIT) + _through(_mm(do, tl.trans(v), DT), A, B, E, causal, FACTOR, DT)
+            p = _softmax(_scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT))
+            dp = el * _from_state(do, Vl, Vs, before, DT, SPLIT) + _through(_mm(do, tl.trans(v), DT), A, B, r1, r2, E, causal, second, PAIRS, DT)
             Y = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])  # d(scale z)/dz times dz
-            P = _pairs(p, A, B, E, causal, FACTOR, DT)
-            Pz = _pairs(Y, A, B, E, causal, FACTOR, DT)
+            P = _pairs(p, A, B, r1, r2, E, causal, second, PAIRS, DT)
+            Pz = _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS, DT)
             dq = _to_state(Y * el, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
             _store_tokens(dq_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
             b_dk += _mm(tl.trans(Pz), q, DT)
@@ -729,7 +779,7 @@ def _layout(problem: Problem, device, chunk: int, seg_chunks: int) -> _Layout:
 
 def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     p = problem
-    sub, factor = sub_chunking(p)
+    sub, pairs = sub_chunking(p)
     # a chunk (the unit of parallel work and of stored states) is one sub-chunk: no state is
     # updated inside (3) or recomputed inside (A). BLA_TRITON_CHUNK=64 keeps 64-token chunks of
     # smaller sub-chunks (half the stored states; measured slower: docs/benchmarks.md)
@@ -737,7 +787,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_slot_block(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
-        C=chunk, S=sub, NS=chunk // sub, FACTOR=factor, CUM=cum_table_fits(p, sub),
+        C=chunk, S=sub, NS=chunk // sub, PAIRS=pairs, CUM=cum_table_fits(p, sub),
         # the chunk's and segment's states used apart (2 products each): measured faster up to 64
         # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
         SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
@@ -825,7 +875,7 @@ class _Plan:
         self.seg_chunks = _segment_chunks(p, consts["C"])
         self.fwd_local = {**_pick(consts, *_LOCAL), **_launch_opts(p, "fwd_local")}
         self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
-        self.bwd_chunk = {**_pick(consts, "H", "M", "FACTOR", "CUM", "SPLIT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
+        self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
         self.bwd_tokens = {**_pick(consts, *_LOCAL), **_launch_opts(p, "bwd_tokens")}
         chunks, items = saved_rows(p, consts["C"], self.seg_chunks)
         hkv, bm, bdk, bdv = p.num_kv_heads, consts["BM"], consts["BDK"], consts["BDV"]

@@ -135,6 +135,28 @@ def test_triton_elementwise_pairs_equal_torch(monkeypatch, gates):
     _compare((1, 90, 4, 2, 8, 8, 24, 6), gates)
 
 
+@pytest.mark.parametrize("gates", ["dirichlet", "fejer", "dirichlet_v1"])
+@pytest.mark.parametrize("case", [(1, 150, 4, 2, 8, 8, 24, 6), (2, 100, 2, 2, 8, 8, 40, 1)], ids=str)
+def test_triton_halves_pairs_equal_torch(monkeypatch, case, gates):
+    """The halves form of the in-sub-chunk pairs (each half centred on its own decays, the pairs
+    across the halves on the boundary's), forced on shapes where one centre would do; one slot
+    resets at every token."""
+    monkeypatch.setenv("BLA_TRITON_PAIRS", "halves")
+    _compare(case, gates)
+
+
+def test_triton_halves_pairs_at_a_long_window():
+    """W=4096, m=64: the decays' range inside 64 tokens is too wide for one centre, so the host
+    picks 64-token sub-chunks in the halves form (not 32 tokens, centred); each output and gradient
+    equals the torch backend's."""
+    from bla.kernels.checks import check_problem
+    from bla.kernels.triton_bla import HALVES, sub_chunking
+
+    x = torch.zeros(1, 1, 1, 8)
+    assert sub_chunking(check_problem(x, x, x, 4096, 64, None, None, None, 0, "dirichlet")) == (64, HALVES)
+    _compare((1, 150, 2, 1, 8, 8, 4096, 64), "dirichlet")
+
+
 @pytest.mark.parametrize("cum_table", [True, False])
 @pytest.mark.parametrize("pairs", ["factorised", "elementwise"])
 def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs, cum_table):
@@ -202,16 +224,16 @@ def test_sub_chunks_follow_the_decays_range():
     """The host picks the largest sub-chunk whose pairs factorise (docs/bla.md), and builds the gate
     table of a configuration once."""
     from bla.kernels.checks import check_problem
-    from bla.kernels.triton_bla import gate_tables, sub_chunking
+    from bla.kernels.triton_bla import CENTRED, ELEMENTWISE, HALVES, gate_tables, sub_chunking
 
     def problem(W, m, gates="dirichlet"):
         q = torch.zeros(1, 1, 1, 64)
         return check_problem(q, q, q, W, m, None, None, None, 0, gates)
 
-    assert sub_chunking(problem(512, 64)) == (64, True)
-    assert sub_chunking(problem(4096, 64)) == (32, True)
-    assert sub_chunking(problem(4096, 4)) == (16, False)  # W/m = 1024: elementwise pairs
-    assert sub_chunking(problem(40, 1)) == (16, False)  # one slot: a reset at every token
+    assert sub_chunking(problem(512, 64)) == (64, CENTRED)
+    assert sub_chunking(problem(4096, 64)) == (64, HALVES)  # one centre fits 32 tokens only
+    assert sub_chunking(problem(4096, 4)) == (16, ELEMENTWISE)  # W/m = 1024: elementwise pairs
+    assert sub_chunking(problem(40, 1)) == (16, ELEMENTWISE)  # one slot: a reset at every token
     p = problem(512, 64, "fejer")
     assert gate_tables(p, torch.device("cpu"))[0] is gate_tables(p, torch.device("cpu"))[0]
 

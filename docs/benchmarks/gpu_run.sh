@@ -53,6 +53,21 @@ for stage in "$@"; do
         optim.lr=1e-3 optim.warmup_steps=100 eval_every=500 save_every=2000 log_every=10 compile=$c progress=false \
         out_dir=/tmp/curve350m_$c cache_dir=/tmp/cache 2>&1 | grep -E "first step|step [0-9]+:|finished" | tee -a "$OUT/curve350m.txt"
       cp /tmp/curve350m_$c/summary.json "$OUT/curve350m_$c.json" ;;
+    curve350m)  # issue 18's show: the 350m preset, 2,000 steps of 8k tokens on the embedded corpus, eager
+      # and compiled at once on the one GPU (the eager run starts first; the compiled one once the
+      # eager run's first step shows the data cache is built); logs land in $OUT as they come
+      for c in false true; do
+        python3 -m bla.train.cli main model.preset=350m model.vocab_size=4096 data.seq_len=2048 micro_batch=4 steps=2000 \
+          optim.lr=1e-3 optim.warmup_steps=100 eval_every=500 save_every=2000 log_every=10 compile=$c progress=false \
+          out_dir=/tmp/curve350m_$c cache_dir=/tmp/cache 2>&1 | grep --line-buffered -E "first step|step [0-9]+:|finished|Error|error" > "$OUT/curve350m_$c.txt" &
+        while [ "$c" = false ] && ! grep -q "first step" "$OUT/curve350m_false.txt" 2>/dev/null; do sleep 2; done
+      done
+      wait
+      for c in false true; do cp /tmp/curve350m_$c/summary.json "$OUT/curve350m_$c.json"; done ;;
+    variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps) beside flex SWA, one process
+      python3 docs/benchmarks/kernel_variants.py --json "$OUT/kernel_variants.json" 2>&1 | grep -v Warning | tee "$OUT/kernel_variants.txt" ;;
+    triton)  # the Triton kernels' tests on the GPU
+      python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "halves or half_inputs or without_initial" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;

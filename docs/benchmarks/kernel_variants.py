@@ -1,0 +1,126 @@
+"""The BLA Triton kernels' tuning variants side by side, in one process (used for docs/benchmarks.md).
+
+B=4, T=8192, H=16, d=64, bf16. Each variant is (W, m, environment knobs of kernels/triton_bla.py);
+the knobs are read per call, so every variant runs in the same process and run. For each: do_bench
+medians of the forward and of forward+backward; the kernels' CUDA time of one forward+backward
+(torch profiler, mean of 5); the host's time to issue one forward+backward (no synchronisation);
+and flex-attention SWA at the same W beside it. Prints a table; ``--json PATH`` writes it.
+
+    python docs/benchmarks/kernel_variants.py --json kernel_variants.json
+"""
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+from bla.kernels import bla_attention
+from bla.kernels.benchmark_gpu import _flex_swa_fn
+from bla.kernels.triton_bla import sub_chunking
+from bla.kernels.checks import check_problem
+
+B, T, H, d = 4, 8192, 16, 64
+VARIANTS = [
+    (512, 64, {}),
+    (512, 64, {"BLA_TRITON_SUB": "128"}),
+    (512, 64, {"BLA_TRITON_SUB": "128", "BLA_TRITON_WARPS": "8"}),
+    (512, 64, {"BLA_TRITON_PAIRS": "halves"}),
+    (4096, 64, {"BLA_TRITON_PAIRS": "centred"}),
+    (4096, 64, {}),
+    (4096, 64, {"BLA_TRITON_WARPS": "fwd_out=8,bwd_chunk=8"}),
+    (512, 128, {}),
+    (512, 32, {}),
+]
+
+
+def kernel_ms(fn, calls=5):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            times[e.name[:40]] += e.device_time / 1000 / calls
+    return times
+
+
+def host_ms(fn, calls=20):
+    """The host's time to issue fn (the GPU queue kept short by a sync before each call)."""
+    total = 0.0
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return total / calls * 1e3
+
+
+def run_variant(W, m, env, q, k, v, do):
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        p = check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet")
+        sub, pairs = sub_chunking(p)
+
+        def fwd():
+            return bla_attention(q, k, v, W, m, backend="triton", validate_values=False)[0]
+
+        def fwd_bwd():
+            fwd().backward(do)
+
+        t_f = do_bench(fwd, warmup=10, rep=50)
+        t_fb = do_bench(fwd_bwd, warmup=10, rep=50)
+        kernels = kernel_ms(fwd_bwd)
+        return dict(W=W, m=m, env=env, sub=sub, pairs=pairs, fwd_ms=t_f, fwd_bwd_ms=t_fb,
+                    kernels_ms=sum(kernels.values()), host_ms=host_ms(fwd_bwd),
+                    top=dict(sorted(kernels.items(), key=lambda x: -x[1])[:8]))  # fmt: skip
+    except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
+        return dict(W=W, m=m, env=env, error=f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = [torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)]
+    do = torch.randn_like(q)
+    rows = []
+    for W in sorted({w for w, _, _ in VARIANTS}):
+        flex = _flex_swa_fn(q, k, v, W)
+        rows.append(dict(W=W, op="flex", fwd_ms=do_bench(flex, warmup=10, rep=50),
+                         fwd_bwd_ms=do_bench(lambda: flex().backward(do), warmup=10, rep=50)))  # fmt: skip
+    for W, m, env in VARIANTS:
+        rows.append(run_variant(W, m, env, q, k, v, do))
+    print(f"{'W':>5} {'m':>4} {'variant':<44} {'S/pairs':>8} {'fwd':>7} {'fwd+bwd':>8} {'kernels':>8} {'host':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['W']:>5} {r['m']:>4} {json.dumps(r['env']):<44} ERROR {r['error']}")
+            continue
+        name = "flex SWA" if r.get("op") == "flex" else json.dumps(r["env"])
+        sp = f"{r['sub']}/{r['pairs']}" if "sub" in r else ""
+        extra = f" {r['kernels_ms']:8.3f} {r['host_ms']:6.3f}" if "kernels_ms" in r else ""
+        print(f"{r['W']:>5} {r.get('m', ''):>4} {name:<44} {sp:>8} {r['fwd_ms']:7.3f} {r['fwd_bwd_ms']:8.3f}{extra}")
+    for r in rows:
+        if "top" in r:
+            print(r["W"], r["m"], json.dumps(r["env"]), {k: round(v, 3) for k, v in r["top"].items()})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
