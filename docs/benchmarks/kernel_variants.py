@@ -103,8 +103,10 @@ def main():
         flex = _flex_swa_fn(q, k, v, W)
         rows.append(dict(W=W, op="flex", fwd_ms=do_bench(flex, warmup=10, rep=50),
                          fwd_bwd_ms=do_bench(lambda: flex().backward(do), warmup=10, rep=50)))  # fmt: skip
+        print("flex", rows[-1], flush=True)
     for W, m, env in VARIANTS:
         rows.append(run_variant(W, m, env, q, k, v, do))
+        print(rows[-1], flush=True)
     print(f"{'W':>5} {'m':>4} {'variant':<44} {'S/pairs':>8} {'fwd':>7} {'fwd+bwd':>8} {'kernels':>8} {'host':>6}")
     for r in rows:
         if "error" in r:
