@@ -988,8 +988,11 @@ def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
             _cum_or(p, consts, dev, gl), *common,
             lay.chunk_item, p.scale, **plan.bwd_chunk,
         )  # fmt: skip
-    dhk_p = _padded_state(None if dhk is None else dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
-    dhv_p = _padded_state(None if dhv is None else dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
+    # the final state's gradients (None when it was not used: the scan then starts from zeros)
+    dhk_p = dhv_p = None
+    if dhk is not None or dhv is not None:
+        dhk_p = _padded_state(None if dhk is None else dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
+        dhv_p = _padded_state(None if dhv is None else dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
     # (B) two short scans instead of one over every chunk of a sequence (latency-bound): the
     # chunks of each forward segment from a zero carry, then the segments (by the forward's decays)
     seg_k, seg_v, after = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,

@@ -64,6 +64,8 @@ for stage in "$@"; do
       done
       wait
       for c in false true; do cp /tmp/curve350m_$c/summary.json "$OUT/curve350m_$c.json"; done ;;
+    hostparts)  # the host time of each part of a BLA call
+      python3 docs/benchmarks/host_parts.py 2>&1 | grep -v Warn | tee "$OUT/host_parts.txt" ;;
     variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps) beside flex SWA, one process
       python3 docs/benchmarks/kernel_variants.py --json "$OUT/kernel_variants.json" 2>&1 | grep -v Warning | tee "$OUT/kernel_variants.txt" ;;
     triton)  # the Triton kernels' tests on the GPU

@@ -1,0 +1,46 @@
+"""The host's time per part of one BLA Triton call (B=4, T=8192, H=16, d=64, W=512, m=64), in ms:
+the raw launch code (triton_bla.forward / backward), the custom operator without and with
+autograd, one Triton launch of a small kernel, and a small torch allocation and fill."""
+
+import time
+
+import torch
+
+from bla.kernels import bla_attention
+from bla.kernels.checks import check_problem
+from bla.kernels import triton_bla
+from bla.kernels.triton_ops import chunk_fwd
+
+B, T, H, d, W, m = 4, 8192, 16, 64, 512, 64
+q, k, v = [torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+do = torch.randn_like(q)
+p = check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet", False)
+
+
+def host_ms(fn, n=30):
+    fn()
+    total = 0.0
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return total / n * 1e3
+
+
+o, hk, hv, saved = triton_bla.forward(q.detach(), k.detach(), v.detach(), None, None, p)
+x = torch.zeros(64, 16, 64, 64, device="cuda")
+parts = {
+    "triton_bla.forward (raw launches)": lambda: triton_bla.forward(q.detach(), k.detach(), v.detach(), None, None, p),
+    "triton_bla.backward (raw launches)": lambda: triton_bla.backward(do, None, None, q, k, v, saved, p, False),
+    "chunk_fwd op, no grad": lambda: chunk_fwd(q.detach(), k.detach(), v.detach(), None, None, None, p.offset, [W], m, p.scale, "dirichlet"),
+    "check_problem": lambda: check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet", False),
+    "bla_attention forward, grad": lambda: bla_attention(q, k, v, W, m, backend="triton", validate_values=False),
+    "bla_attention forward+backward": lambda: bla_attention(q, k, v, W, m, backend="triton", validate_values=False)[0].backward(do),
+    "one _scan_kernel launch": lambda: triton_bla._scan(x, x, x[..., 0].contiguous(), None, None, torch.zeros(64, dtype=torch.int32, device="cuda"), torch.ones(64, dtype=torch.int32, device="cuda"), reverse=False),
+    "torch.zeros(4 MB)": lambda: torch.zeros(64, 16, 64, 64, device="cuda"),
+    "torch.empty(4 MB)": lambda: torch.empty(64, 16, 64, 64, device="cuda"),
+}
+for name, fn in parts.items():
+    print(f"{name:<40} {host_ms(fn):7.3f} ms")
