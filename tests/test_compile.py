@@ -44,6 +44,37 @@ def test_the_chunk_op_passes_opcheck(case):
     torch.library.opcheck(torch.ops.bla.chunk_fwd.default, args)
 
 
+def test_eager_calls_take_the_lean_path_and_traced_calls_the_custom_op():
+    """Eager calls run a plain autograd.Function (the custom operator's machinery was most of the
+    host time of a call); under a dispatch mode (fake tensors, the ops checkpointing policy) or
+    torch.compile the call is the custom op, which those must see. Both give the same outputs and
+    gradients, final state included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = random_qkv(1, 40, 2, 2, 8, 8, dtype=torch.float32, seed=6, device=DEVICE, requires_grad=True)
+    runs = []
+    for traced in (False, True):
+        mode = Ops()
+        with mode if traced else torch.enable_grad():
+            o, (K, V) = bla_attention(q, k, v, 8, 4, output_final_state=True, backend="triton")
+            grads = torch.autograd.grad((o * o).sum() + K.sum(), (q, k, v))
+        assert ("bla.chunk_fwd.default" in mode.seen) == traced, mode.seen
+        assert ("bla.chunk_bwd.default" in mode.seen) == traced
+        runs.append((o, K, V, *grads))
+    assert type(runs[0][0].grad_fn).__name__ == "_ChunkBackward"
+    for name, a, b in zip(["o", "K", "V", "dq", "dk", "dv"], *runs):
+        assert_close(name, a, b, atol=0, rtol=0)
+
+
 def test_the_decode_op_passes_opcheck_and_updates_the_state_in_place():
     q, k, v = (x[:, 0] for x in random_qkv(3, 1, 4, 2, 16, 8, dtype=torch.float32, seed=5, device=DEVICE))
     sk, sv = (s.float().to(DEVICE) for s in random_state(3, 2, 4, 16, 8))
