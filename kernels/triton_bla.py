@@ -15,11 +15,17 @@ one, with l the cumulative log-decay from the sub-chunk's start and T its total:
     K'      = e^{T} K + (s e^{T - l})^T k
 
 With v2 gates (alpha <= 1) the state terms' exponents are <= 0 at any stride. The pairs u <= t
-are factorised, e^{l_t - l_u} = e^{l_t - c} e^{c - l_u} with c each slot's mid log-decay, so
-they are tensor-core products too; both factors stay within e^{+-80} because S is the largest
-sub-chunk whose decays' spread is below 160 (a host-side check over all phases). Strides too
-coarse even for 16 tokens (W/m of about a thousand) take an elementwise [16, 16, m] tile of
-decays instead. The [S, m] scores and probabilities never leave the chip.
+are factorised, e^{l_t - l_u} = e^{l_t - c} e^{c - l_u}, so they are tensor-core products too;
+both factors must stay within e^{+-80} (fp32 and bf16 hold e^88), which a host-side check over
+all phases decides (``sub_chunking``). CENTRED: c is each slot's mid log-decay over the
+sub-chunk, valid while the decays' spread inside it is below 160. HALVES, where that spread is
+wider (W/m of a few hundred: W=4096, m=64 at 64 tokens): pairs inside each half are centred on
+that half's mid log-decay; pairs across the halves on the log-decay at the boundary, where both
+factors are <= 1 whatever the spread, one more product per pair term. (At W=4096, m=64 this runs
+64-token sub-chunks instead of 32-token centred ones: 1.84 against 2.43 ms of kernels per
+forward+backward on an H200, docs/benchmarks.md.) Strides too coarse even for 16-token halves
+(W/m of about a thousand) take an elementwise [16, 16, m] tile of decays instead
+(ELEMENTWISE). The [S, m] scores and probabilities never leave the chip.
 
 Parallelism. A chunk is one sub-chunk (BLA_TRITON_CHUNK groups several): the unit of parallel
 work and of stored states. Forward: (1) each segment of chunks computes its own end state from
@@ -37,7 +43,7 @@ program walking a segment's chunks in reverse, the state gradient in registers, 
 first level but spilled 354 registers and took 1.5 ms against (A) + (B)'s 1.1 ms on an H100, as
 a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchmarks.md.)
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
-BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise.
+BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred.
 """
 
 from __future__ import annotations
