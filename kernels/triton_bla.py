@@ -147,8 +147,8 @@ ELEMENTWISE, CENTRED, HALVES = 0, 1, 2  # the in-sub-chunk pair forms (the kerne
 
 
 def sub_chunking(problem: Problem) -> tuple[int, int]:
-    """(sub-chunk size, pair form): the largest sub-chunk (64, 32 or 16 tokens, up to
-    BLA_TRITON_SUB; at most 8192 slot-token entries per tile, for registers) whose pairs are
+    """(sub-chunk size, pair form): the largest sub-chunk (64, 32 or 16 tokens; 128 too with
+    BLA_TRITON_SUB=128, measured slower; at most 8192 slot-token entries per tile, for registers) whose pairs are
     tensor-core products: CENTRED when the decays' range inside the sub-chunk is below
     FACTOR_LOG_RANGE, else HALVES when the range inside each of its halves is (W/m of a few
     hundred: 64 tokens at W=4096, m=64, instead of 32); else 16 tokens, ELEMENTWISE (W/m of

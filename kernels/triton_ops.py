@@ -94,19 +94,25 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[3:])
 
 
-def _backward(ctx, grads):
-    do, dhk, dhv = grads[:3]
-    q, k, v, cu_seqlens, offset, *saved = ctx.saved_tensors
-    # autograd hands None for outputs nobody used (the final state of most calls): zeros, made
-    # once inside the backward's padded buffers
+def _input_grads(run_backward, ctx, do, dhk, dhv, q, k, v):
+    """dq, dk, dv and the initial state's gradients (None without one) through ``run_backward``
+    (the backward op when traced, the launch code when eager). Autograd hands None for outputs
+    nobody used: the final state's (the kernels start their scan from zeros), or o's."""
     if do is None:
         do = torch.zeros(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
-    dq, dk, dv, dh0k, dh0v = chunk_bwd(do, dhk, dhv, q, k, v, saved, cu_seqlens, offset, *ctx.args, ctx.use_h0)
+    dq, dk, dv, dh0k, dh0v = run_backward(do, dhk, dhv, q, k, v)
     if not ctx.use_h0:
-        dh0k = dh0v = None
-    else:
-        dh0k, dh0v = dh0k.to(ctx.state_dtypes[0]), dh0v.to(ctx.state_dtypes[1])
-    return dq, dk, dv, dh0k, dh0v, None, None, None, None, None, None
+        return dq, dk, dv, None, None
+    return dq, dk, dv, dh0k.to(ctx.state_dtypes[0]), dh0v.to(ctx.state_dtypes[1])
+
+
+def _backward(ctx, grads):
+    q, k, v, cu_seqlens, offset, *saved = ctx.saved_tensors
+
+    def run(*args):
+        return chunk_bwd(*args, saved, cu_seqlens, offset, *ctx.args, ctx.use_h0)
+
+    return *_input_grads(run, ctx, *grads[:3], q, k, v), None, None, None, None, None, None
 
 
 chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -146,12 +152,11 @@ class _Chunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dhk, dhv):
         q, k, v, *saved = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
-        dq, dk, dv, dh0k, dh0v = backward(do, dhk, dhv, q, k, v, saved, ctx.problem, ctx.use_h0)
-        if ctx.use_h0:
-            dh0k, dh0v = dh0k.to(ctx.state_dtypes[0]), dh0v.to(ctx.state_dtypes[1])
-        return dq, dk, dv, dh0k, dh0v, None
+
+        def run(*args):
+            return backward(*args, saved, ctx.problem, ctx.use_h0)
+
+        return *_input_grads(run, ctx, do, dhk, dhv, q, k, v), None
 
 
 def _traced() -> bool:

@@ -2,9 +2,8 @@
 the raw launch code (triton_bla.forward / backward), the custom operator without and with
 autograd, one Triton launch of a small kernel, and a small torch allocation and fill."""
 
-import time
-
 import torch
+from timing import host_ms
 
 from bla.kernels import bla_attention
 from bla.kernels.checks import check_problem
@@ -15,18 +14,6 @@ B, T, H, d, W, m = 4, 8192, 16, 64, 512, 64
 q, k, v = [torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
 do = torch.randn_like(q)
 p = check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet", False)
-
-
-def host_ms(fn, n=30):
-    fn()
-    total = 0.0
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        total += time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return total / n * 1e3
 
 
 o, hk, hv, saved = triton_bla.forward(q.detach(), k.detach(), v.detach(), None, None, p)

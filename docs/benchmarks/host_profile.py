@@ -6,9 +6,8 @@ the torch profiler's CPU-side ops by self time, and cProfile's functions by cumu
 
 import cProfile
 import pstats
-import time
-
 import torch
+from timing import host_ms
 from torch.profiler import ProfilerActivity, profile
 
 from bla.kernels import bla_attention
@@ -22,21 +21,11 @@ def fwd():
     return bla_attention(q, k, v, 512, 64, backend="triton", validate_values=False)[0]
 
 
-def host_ms(fn, n=20):
-    total = 0.0
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        total += time.perf_counter() - t0
-    return total / n * 1e3
-
-
 for _ in range(5):
     fwd().backward(do)
 torch.cuda.synchronize()
 print(f"host fwd {host_ms(fwd):.3f} ms")
-outs = [fwd() for _ in range(20)]
+outs = [fwd() for _ in range(21)]  # host_ms: one warm-up call, then 20
 it = iter(outs)
 print(f"host bwd {host_ms(lambda: next(it).backward(do)):.3f} ms")
 print(f"host fwd+bwd {host_ms(lambda: fwd().backward(do)):.3f} ms")

@@ -8,11 +8,9 @@ With NCU=1 it runs one forward+backward only (for `ncu`, which replays each kern
 
 import os
 import sys
-from collections import defaultdict
-
 import torch
 import triton.runtime.jit as jit
-from torch.profiler import ProfilerActivity, profile
+from timing import kernel_times
 from triton.testing import do_bench
 
 from bla.kernels import bla_attention
@@ -50,18 +48,6 @@ if os.environ.get("NCU"):
 t_f = do_bench(fwd, warmup=10, rep=50)
 t_fb = do_bench(lambda: fwd().backward(do), warmup=10, rep=50)
 print(f"W={W} m={m}: forward {t_f:.3f} ms, forward+backward {t_fb:.3f} ms")
-
-
-def kernel_times(fn, calls=5):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times = defaultdict(float)
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            times[e.name[:48]] += e.device_time / 1000 / calls
-    return times
 
 
 with torch.no_grad():

@@ -12,11 +12,9 @@ and flex-attention SWA at the same W beside it. Prints a table; ``--json PATH`` 
 import argparse
 import json
 import os
-import time
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from timing import host_ms, kernel_times
 from triton.testing import do_bench
 
 from bla.kernels import bla_attention
@@ -34,30 +32,6 @@ VARIANTS = [  # (W, m, knobs); 030793b's run also had SUB=128 (4 and 8 warps) an
 ]
 
 
-def kernel_ms(fn, calls=5):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times = defaultdict(float)
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            times[e.name[:40]] += e.device_time / 1000 / calls
-    return times
-
-
-def host_ms(fn, calls=20):
-    """The host's time to issue fn (the GPU queue kept short by a sync before each call)."""
-    total = 0.0
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        total += time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return total / calls * 1e3
-
-
 def run_variant(W, m, env, q, k, v, do):
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
@@ -73,7 +47,7 @@ def run_variant(W, m, env, q, k, v, do):
 
         t_f = do_bench(fwd, warmup=10, rep=50)
         t_fb = do_bench(fwd_bwd, warmup=10, rep=50)
-        kernels = kernel_ms(fwd_bwd)
+        kernels = kernel_times(fwd_bwd, width=40)
         return dict(W=W, m=m, env=env, sub=sub, pairs=pairs, fwd_ms=t_f, fwd_bwd_ms=t_fb,
                     kernels_ms=sum(kernels.values()), host_ms=host_ms(fwd_bwd),
                     top=dict(sorted(kernels.items(), key=lambda x: -x[1])[:8]))  # fmt: skip
