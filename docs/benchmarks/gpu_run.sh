@@ -68,8 +68,9 @@ for stage in "$@"; do
       python3 docs/benchmarks/host_parts.py 2>&1 | grep -v Warn | tee "$OUT/host_parts.txt" ;;
     variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps) beside flex SWA, one process
       python3 docs/benchmarks/kernel_variants.py --json "$OUT/kernel_variants.json" 2>&1 | grep -v Warning | tee "$OUT/kernel_variants.txt" ;;
-    triton)  # the Triton kernels' tests on the GPU
-      python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "halves or half_inputs or without_initial" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests.txt" ;;
+    triton)  # a few Triton kernel tests on the GPU (each case compiles its own kernels, 10-60 s: at
+      # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here)
+      timeout 240 python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "long_window or half_inputs" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
