@@ -59,8 +59,11 @@ def test_triton_equals_torch(case, gates):
     _compare(case, gates)
 
 
+@pytest.mark.parametrize("pairs", ["chosen", "halves"])
 @pytest.mark.parametrize("gates", GATES)
-def test_triton_varlen_with_empty_and_single_token_documents(gates):
+def test_triton_varlen_with_empty_and_single_token_documents(monkeypatch, gates, pairs):
+    if pairs == "halves":
+        monkeypatch.setenv("BLA_TRITON_PAIRS", "halves")
     lengths = [0, 1, 17, 0, 70, 2]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
     T, N, W, m = int(cu[-1]), len(lengths), 12, 4
@@ -136,11 +139,11 @@ def test_triton_elementwise_pairs_equal_torch(monkeypatch, gates):
 
 
 @pytest.mark.parametrize("gates", ["dirichlet", "fejer", "dirichlet_v1"])
-@pytest.mark.parametrize("case", [(1, 150, 4, 2, 8, 8, 24, 6), (2, 100, 2, 2, 8, 8, 40, 1)], ids=str)
+@pytest.mark.parametrize("case", [(1, 150, 4, 2, 8, 8, 24, 6), (2, 100, 2, 2, 8, 8, 40, 1), (1, 90, 2, 2, 8, 8, [8, 40], 4)], ids=str)
 def test_triton_halves_pairs_equal_torch(monkeypatch, case, gates):
     """The halves form of the in-sub-chunk pairs (each half centred on its own decays, the pairs
-    across the halves on the boundary's), forced on shapes where one centre would do; one slot
-    resets at every token."""
+    across the halves on the boundary's), forced on shapes where one centre would do: GQA, one
+    slot (a reset at every token), per-head windows."""
     monkeypatch.setenv("BLA_TRITON_PAIRS", "halves")
     _compare(case, gates)
 
@@ -158,7 +161,7 @@ def test_triton_halves_pairs_at_a_long_window():
 
 
 @pytest.mark.parametrize("cum_table", [True, False])
-@pytest.mark.parametrize("pairs", ["factorised", "elementwise"])
+@pytest.mark.parametrize("pairs", ["factorised", "elementwise", "halves"])
 def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs, cum_table):
     """Chunks of several sub-chunks (BLA_TRITON_CHUNK): the state is updated inside the output
     kernel (3) and recomputed inside the backward's (A); the cumulative log-decays read from the
@@ -166,9 +169,9 @@ def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs, cum_table):
     from bla.kernels import triton_bla
 
     monkeypatch.setenv("BLA_TRITON_CHUNK", "64")
-    monkeypatch.setenv("BLA_TRITON_SUB", "16")
-    if pairs == "elementwise":
-        monkeypatch.setenv("BLA_TRITON_PAIRS", "elementwise")
+    monkeypatch.setenv("BLA_TRITON_SUB", "32" if pairs == "halves" else "16")
+    if pairs != "factorised":
+        monkeypatch.setenv("BLA_TRITON_PAIRS", pairs)
     if not cum_table:
         monkeypatch.setattr(triton_bla, "CUM_TABLE_BYTES", 0)
     _compare((1, 150, 4, 2, 8, 8, 24, 6), "dirichlet")
