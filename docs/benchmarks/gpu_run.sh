@@ -71,6 +71,11 @@ for stage in "$@"; do
     triton)  # a few Triton kernel tests on the GPU (each case compiles its own kernels, 10-60 s: at
       # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here)
       timeout 240 python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "long_window or half_inputs" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests.txt" ;;
+    fla)  # issue 17's benchmark with fla's chunk_gsa beside it (its wheels, fla-core and einops, in .whl-fla:
+      # carry it too; fla autotunes at its first call, for minutes, so the shapes are few)
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-fla .whl-fla/*.whl || exit 1
+      PYTHONPATH=$PYTHONPATH:/tmp/site-fla python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 \
+        --window 512 4096 --json "$OUT/kernel_fla.json" 2>&1 | grep -v Warning | tee "$OUT/kernel_fla.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
