@@ -191,3 +191,34 @@ def test_memory_benchmark_on_cpu(tmp_path):
     assert [r["batch"] for r in batched] == [1, 3] and all(r["tokens_per_s"] > 0 for r in batched)
     plot(rows, str(tmp_path / "m.png"), "test")
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_slot_weights_are_the_recurrences_state_on_one_hot_keys():
+    """slot_capacity's weights S_t[j, u] equal the state the BLA recurrence builds from one-hot
+    keys (k_u = e_u), for every gates rule."""
+    from bla.eval.slot_capacity import slot_weights
+    from bla.kernels import GATES, bla_attention
+
+    T, W, m = 24, 12, 4
+    keys = torch.eye(T, dtype=torch.float64)[None, :, None, :]  # [1, T, 1, T]
+    for gates in GATES:
+        weights = slot_weights(T, W, m, gates)
+        for t in (5, T - 1):
+            k = keys[:, : t + 1]
+            _, (K, _) = bla_attention(k, k, k, W, m, output_final_state=True, backend="reference", gates=gates)
+            assert torch.allclose(weights[t], K[0, 0], atol=1e-12), (gates, t)
+
+
+def test_slot_capacity_at_one_slot_per_position_is_the_sliding_windows():
+    """With m = W every slot holds one position until the next token of its phase (BLA is SWA
+    there), so the share of MQAR queries whose pair a slot holds is SWA's at the same window;
+    fewer slots hold fewer pairs."""
+    from bla.eval.slot_capacity import capacity_table
+
+    rows = capacity_table(seq_len=64, num_pairs=4, window=16, slots=[4, 16], swa=[16], gates=["dirichlet"],
+                          placements=["start"], examples=40)  # fmt: skip
+    bla4, bla16, swa16 = rows
+    assert (bla16["slots"], swa16["window"]) == (16, 16)
+    assert bla16["majority"] == bla16["plurality"] == swa16["majority"]
+    assert 0 < swa16["majority"] < 1  # some queries come after their pair left the window
+    assert bla4["plurality"] <= bla16["plurality"]
