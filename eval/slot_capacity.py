@@ -86,7 +86,7 @@ def capacity_table(seq_len: int, num_pairs: int, window: int, slots: list[int], 
                    placements: list[str], examples: int = 200, seed: int = 0) -> list[dict]:  # fmt: skip
     rows = []
     for placement in placements:
-        cfg = MQARConfig(num_kv_pairs=num_pairs, vocab_size=max(256, 4 * num_pairs), placement=placement)
+        cfg = MQARConfig(num_kv_pairs=num_pairs, vocab_size=max(2 * seq_len, 4 * num_pairs), placement=placement)
         queries = list(_queries(seq_len, cfg, examples, seed))
         for g in gates:
             for m in slots:
