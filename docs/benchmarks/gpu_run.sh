@@ -45,14 +45,6 @@ for stage in "$@"; do
           log_every=10 compile=$c progress=false out_dir=/tmp/curve_$c cache_dir=/tmp/cache 2>&1 | grep -E "first step|step 600|finished" | tee -a "$OUT/curve.txt"
         cp /tmp/curve_$c/summary.json "$OUT/curve_$c.json"
       done ;;
-    curve350m-true|curve350m-false)  # issue 18's show: the 350m preset, 2,000 steps of 16k tokens on the embedded
-      # corpus, compiled or eager (one per call: each takes about 5 minutes; needs the datasets, dill
-      # and multiprocess wheels in .whl beside DeepSpeed's)
-      c=${stage#curve350m-}
-      python3 -m bla.train.cli main model.preset=350m model.vocab_size=4096 data.seq_len=2048 micro_batch=8 steps=2000 \
-        optim.lr=1e-3 optim.warmup_steps=100 eval_every=500 save_every=2000 log_every=10 compile=$c progress=false \
-        out_dir=/tmp/curve350m_$c cache_dir=/tmp/cache 2>&1 | grep -E "first step|step [0-9]+:|finished" | tee -a "$OUT/curve350m.txt"
-      cp /tmp/curve350m_$c/summary.json "$OUT/curve350m_$c.json" ;;
     curve350m)  # issue 18's show: the 350m preset, 2,000 steps of 8k tokens on the embedded corpus, eager
       # and compiled at once on the one GPU (the eager run starts first; the compiled one once the
       # eager run's first step shows the data cache is built); logs land in $OUT as they come
