@@ -103,8 +103,24 @@ def test_zero3_two_processes_train_and_resume(tmp_path):
     assert_finite_grad_norms(full)
 
 
-def test_zero1_tensorboard_has_grad_norm_bits_per_byte_and_mfu(tmp_path):
-    run = train(tmp_path, "z1", 1, "zero_stage=1", "steps=4", "eval_every=2")
+def test_bf16_zero1_two_processes_tensorboard_and_weights(tmp_path):
+    """The GPU default (bf16, ZeRO-1 through DeepSpeed's BF16_Optimizer) on 2 ranks: its logs, and
+    its checkpoint consolidated from both ranks' fp32 partitions (DeepSpeed's zero_to_fp32 refuses
+    these files), which round to exactly the bf16 weights the engine trained with."""
+    import torch
+
+    from bla.train.checkpoint import load_run, safe_load
+
+    run = train(tmp_path, "z1", 2, "precision=bf16", "steps=4", "eval_every=2")
+    assert run["zero_stage"] == 1 and run["world_size"] == 2
+    tag = tmp_path / "z1" / "checkpoints" / "step_0000004"
+    assert len(list(tag.glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
+    model, _, _ = load_run(tmp_path / "z1")
+    trained = safe_load(tag / "mp_rank_00_model_states.pt", deepspeed_types=True)["module"]
+    weights = model.state_dict()
+    assert set(weights) == set(trained)
+    for name, w in trained.items():
+        assert weights[name].dtype == torch.float32 and torch.equal(weights[name].bfloat16(), w), name
     assert_finite_grad_norms(run)
     bpb = scalars(run, "val/bits_per_byte")
     # bits per byte = nats per token / ln 2 / bytes per token, with 1 to 8 bytes per token of code

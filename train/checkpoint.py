@@ -299,11 +299,47 @@ def fp32_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     before DeepSpeed unpickles them."""
     if zero_stage > 0:
         verify_safe(tag_dir)
+        if list(tag_dir.glob(_BF16_OPTIMIZER_FILES)):
+            return _bf16_optimizer_state_dict(tag_dir)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     states = safe_load(tag_dir / "mp_rank_00_model_states.pt", deepspeed_types=True, map_location="cpu")
     return {k: v.float() for k, v in states["module"].items()}
+
+
+_BF16_OPTIMIZER_FILES = "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"
+
+
+def _bf16_optimizer_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint written by DeepSpeed's BF16_Optimizer (ZeRO-1 in
+    bf16 with fp32 gradients, the GPU default). Its zero_to_fp32 refuses these files (they carry no
+    ``zero_stage``), so they are joined here: each rank holds one contiguous partition of every
+    parameter group's flat fp32 vector; the ranks' partitions in order, less the padding at the
+    end, are the group's parameters in ``param_shapes`` order."""
+    model_states = safe_load(tag_dir / "mp_rank_00_model_states.pt", deepspeed_types=True, map_location="cpu")
+    files = sorted(tag_dir.glob(_BF16_OPTIMIZER_FILES), key=lambda f: int(f.name.split("_")[4]))  # bf16_zero_pp_rank_R_...
+    parts = [safe_load(f, deepspeed_types=True, map_location="cpu")["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+             for f in files]  # fmt: skip
+    if model_states.get("dp_world_size", len(files)) != len(files):
+        raise ValueError(f"checkpoint {tag_dir}: {len(files)} optimizer files for {model_states['dp_world_size']} ranks")
+    state = {}
+    for group, shapes in enumerate(model_states["param_shapes"]):
+        flat = torch.cat([rank_parts[group] for rank_parts in parts])
+        offset = 0
+        for name, shape in shapes.items():
+            n = torch.Size(shape).numel()
+            if offset + n > flat.numel():
+                raise ValueError(f"checkpoint {tag_dir}: parameter group {group} holds {flat.numel()} values, "
+                                 f"fewer than its parameters need (at {name})")  # fmt: skip
+            state[name] = flat[offset : offset + n].view(shape).float().clone()
+            offset += n
+    for name in model_states["buffer_names"]:
+        buffer = model_states["module"][name]
+        state[name] = buffer.float() if buffer.is_floating_point() else buffer
+    for name, source in model_states["shared_params"].items():  # tied weights: one tensor, two names
+        state[name] = state[source]
+    return state
 
 
 def load_weights(model: BLALM, state: dict[str, torch.Tensor], where: str) -> None:

@@ -68,6 +68,24 @@ for stage in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-fla .whl-fla/*.whl || exit 1
       PYTHONPATH=$PYTHONPATH:/tmp/site-fla python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 \
         --window 512 4096 --json "$OUT/kernel_fla.json" 2>&1 | grep -v Warning | tee "$OUT/kernel_fla.txt" ;;
+    accuracy)  # issue 17: the bf16 kernel against the fp32 torch backend at W=4096 (the halves form's sub-chunks)
+      timeout 150 python3 -m bla.kernels.benchmark accuracy --head-dims 64 128 --slots 64 --window 4096 --all-gates dirichlet fejer \
+        --json "$OUT/accuracy_4096.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_4096.txt" ;;
+    sweep)  # issue 19: the sweep $SWEEP, $SWEEP_JOBS runs at a time, cut after $SWEEP_LIMIT s (a cut run is lost);
+      # the runs finished earlier (docs/sweeps/$SWEEP/runs in the working tree) are kept and not re-run, and
+      # every finished run's result, summary and overrides come back under $OUT/sweeps/$SWEEP with the report
+      name=${SWEEP:?set SWEEP to a sweep name}; dir=/tmp/sweeps/$name; mkdir -p "$dir/runs"
+      if [ -d "docs/sweeps/$name/runs" ]; then cp -r "docs/sweeps/$name/runs/." "$dir/runs/"; fi
+      timeout "${SWEEP_LIMIT:-400}" python3 -m bla.launch.cli sweep "$name" --out "$dir" --jobs "${SWEEP_JOBS:-16}" --cache-dir /tmp/cache \
+        2>&1 | grep -v Warning | tee "$OUT/sweep_$name.txt"
+      python3 -m bla.launch.cli sweep "$name" --out "$dir" --report 2>&1 | grep -v Warning | tail -40 | tee -a "$OUT/sweep_$name.txt"
+      for res in "$dir"/runs/*/result.json; do
+        [ -e "$res" ] || continue
+        run=$(dirname "$res"); mkdir -p "$OUT/sweeps/$name/runs/${run##*/}"
+        cp "$run"/result.json "$run"/summary.json "$run"/sweep_run.json "$OUT/sweeps/$name/runs/${run##*/}/"
+      done
+      cp "$dir"/*.csv "$dir"/*.json "$dir"/*.png "$OUT/sweeps/$name/" 2>/dev/null
+      grep -h -E "step (500|1000|1500|2000|2500|3000):" "$dir"/runs/*/train.log 2>/dev/null | head -5 >> "$OUT/sweep_$name.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
