@@ -131,6 +131,28 @@ def test_bf16_zero1_two_processes_tensorboard_and_weights(tmp_path):
     assert json.loads((tmp_path / "cache" / "peak_flops.json").read_text())
 
 
+def test_safe_load_from_threads_at_once(tmp_path, monkeypatch):
+    """A sweep evaluates runs in threads: each thread's allowance of DeepSpeed's plain types holds
+    for its whole load, though another thread's ends meanwhile (torch.load slowed to force it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    path = tmp_path / "fragments.pt"
+    torch.save({"mapping": fragment_address(numel=3, start=5)}, path)
+    real_load = torch.load
+
+    def slow_load(*args, **kwargs):
+        time.sleep(0.05)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", slow_load)
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: ckpt.safe_load(path, deepspeed_types=True), range(4)))
+    assert [x["mapping"] for x in loaded] == [fragment_address(numel=3, start=5)] * 4
+
+
 def test_peak_flops_datasheet_measured_and_cached(tmp_path, monkeypatch):
     import torch
 

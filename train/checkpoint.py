@@ -28,6 +28,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,12 +119,17 @@ def _deepspeed_plain_types() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+_SAFE_LOAD_LOCK = threading.Lock()
+
+
 def safe_load(path: Path, legacy_numpy: bool = False, deepspeed_types: bool = False, **kwargs):
     """``torch.load`` that only reads tensors and plain data: a checkpoint file from elsewhere
     cannot run code. Anything else is a ValueError naming the file."""
     allowed = (_LEGACY_NUMPY if legacy_numpy else []) + (_deepspeed_plain_types() if deepspeed_types else [])
     try:
-        with torch.serialization.safe_globals(allowed):
+        # safe_globals edits one process-wide list and restores it on exit: threads loading at once
+        # (a sweep evaluates its runs in threads) would drop each other's allowances mid-load
+        with _SAFE_LOAD_LOCK, torch.serialization.safe_globals(allowed):
             return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as exc:
         lines = str(exc).splitlines()

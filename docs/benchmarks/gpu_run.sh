@@ -73,7 +73,8 @@ for stage in "$@"; do
         --json "$OUT/accuracy_4096.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_4096.txt" ;;
     sweep)  # issue 19: the sweep $SWEEP, $SWEEP_JOBS runs at a time, cut after $SWEEP_LIMIT s (a cut run is lost);
       # the runs finished earlier (docs/sweeps/$SWEEP/runs in the working tree) are kept and not re-run, and
-      # every finished run's result, summary and overrides come back under $OUT/sweeps/$SWEEP with the report
+      # every finished run's result, summary and overrides come back as $OUT/sweep_runs/RUN.FILE (flat: the
+      # device tool returns no deep folders), the report under $OUT/sweeps/$SWEEP
       name=${SWEEP:?set SWEEP to a sweep name}; dir=/tmp/sweeps/$name; mkdir -p "$dir/runs"
       if [ -d "docs/sweeps/$name/runs" ]; then cp -r "docs/sweeps/$name/runs/." "$dir/runs/"; fi
       timeout "${SWEEP_LIMIT:-400}" python3 -m bla.launch.cli sweep "$name" --out "$dir" --jobs "${SWEEP_JOBS:-16}" --cache-dir /tmp/cache \
@@ -81,9 +82,10 @@ for stage in "$@"; do
       python3 -m bla.launch.cli sweep "$name" --out "$dir" --report 2>&1 | grep -v Warning | tail -40 | tee -a "$OUT/sweep_$name.txt"
       for res in "$dir"/runs/*/result.json; do
         [ -e "$res" ] || continue
-        run=$(dirname "$res"); mkdir -p "$OUT/sweeps/$name/runs/${run##*/}"
-        cp "$run"/result.json "$run"/summary.json "$run"/sweep_run.json "$OUT/sweeps/$name/runs/${run##*/}/"
+        run=$(dirname "$res"); mkdir -p "$OUT/sweep_runs"
+        for f in result.json summary.json sweep_run.json; do [ -e "$run/$f" ] && cp "$run/$f" "$OUT/sweep_runs/${run##*/}.$f"; done
       done
+      mkdir -p "$OUT/sweeps/$name"
       cp "$dir"/*.csv "$dir"/*.json "$dir"/*.png "$OUT/sweeps/$name/" 2>/dev/null
       grep -h -E "step (500|1000|1500|2000|2500|3000):" "$dir"/runs/*/train.log 2>/dev/null | head -5 >> "$OUT/sweep_$name.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
