@@ -360,11 +360,27 @@ def test_one_training_process_per_out_dir(tmp_path):
         (["data.seq_len=abc"], "data.seq_len must be a positive int, got abc"),
         (["stop_at=x"], "stop_at must be an int"),
         (["nonfinite_limit=0"], "nonfinite_limit must be a positive int"),
+        (["deterministic=maybe"], "deterministic must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_train_config(over, match):
     with pytest.raises(ValueError, match=match):
         load_train_config("tiny", over)
+
+
+def test_deterministic_sets_torch_inductor_and_cublas():
+    """deterministic=true: torch's deterministic algorithms, Inductor without its timing-picked
+    reduction configs, cuBLAS's fixed workspace (in a fresh process: these are process-wide)."""
+    check = ("import os, torch, torch._inductor.config as inductor\n"
+             "assert not torch.are_deterministic_algorithms_enabled() and not inductor.deterministic\n"
+             "from bla.train.trainer import repeatable_numerics\n"
+             "repeatable_numerics()\n"
+             "assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()\n"
+             "assert inductor.deterministic and os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'\n")  # fmt: skip
+    env = {k: v for k, v in fresh_process_env().items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_train_config("tiny", ["deterministic=true"]).deterministic is True
 
 
 def test_a_user_deepspeed_config_is_merged(tmp_path):

@@ -74,6 +74,7 @@ class TrainConfig:
     out_dir: str = "runs/main"
     cache_dir: str = "~/.cache/bla"
     seed: int = 0
+    deterministic: bool = False  # the same numbers in every process: no timing-picked kernels (train.trainer.repeatable_numerics); slower
     nan_policy: str = "skip"  # skip (drop the micro-batch) | stop (save and exit)
     nonfinite_limit: int = 20  # consecutive non-finite micro-batches after which skip also saves and exits
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | none | a checkpoint dir
@@ -127,6 +128,8 @@ class TrainConfig:
                 "cannot trace; use zero_stage <= 2 or compile=false")  # fmt: skip
         if self.compile is True and self.sequence_parallel_size > 1:
             bad("compile=true with sequence parallelism: its exchanges are collectives inside the layers; use compile=false")
+        if not isinstance(self.deterministic, bool):
+            bad(f"deterministic must be true or false, got {self.deterministic!r}")
         if not isinstance(self.optim.fused, bool):
             bad(f"optim.fused must be true or false, got {self.optim.fused!r}")
         if self.nan_policy not in ("skip", "stop"):

@@ -151,6 +151,8 @@ def run(cfg: TrainConfig) -> dict:
     """Train to ``cfg.steps``; returns the run's summary (also written to out_dir/summary.json).
     One process group per out_dir: its rank 0 holds the directory's lock for the whole run."""
     cfg.validate()
+    if cfg.deterministic:
+        repeatable_numerics()
     rank, world, device = init_distributed()
     lock, refused = None, None
     if rank == 0:
@@ -174,6 +176,21 @@ def _previous_losses(out: Path, step: int) -> list[dict]:
     except (OSError, ValueError):
         return []
     return [h for h in earlier if isinstance(h, dict) and h.get("step", step + 1) <= step]
+
+
+def repeatable_numerics() -> None:
+    """``deterministic=true``: a run's numbers do not depend on the process or on the load on the
+    GPU. On an H200 the same BLA run (seed, config, commit) differed from one process to another
+    from its first step's loss (docs/sweeps.md, issue 19). The compiled blocks' reductions are the
+    usual source: Inductor times candidate configurations on the device at their first launch,
+    and the winner's summation order sets the low bits. This turns that off (Inductor's
+    deterministic mode, torch >= 2.10), selects torch's deterministic algorithms (a warning where
+    an op has none) and gives cuBLAS the fixed workspace they need. Before the first CUDA work."""
+    import torch._inductor.config as inductor_config
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    inductor_config.deterministic = True
 
 
 class _Run:
