@@ -71,23 +71,37 @@ for stage in "$@"; do
     accuracy)  # issue 17: the bf16 kernel against the fp32 torch backend at W=4096 (the halves form's sub-chunks)
       timeout 150 python3 -m bla.kernels.benchmark accuracy --head-dims 64 128 --slots 64 --window 4096 --all-gates dirichlet fejer \
         --json "$OUT/accuracy_4096.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_4096.txt" ;;
-    sweep)  # issue 19: the sweep $SWEEP, $SWEEP_JOBS runs at a time, cut after $SWEEP_LIMIT s (a cut run is lost);
-      # the runs finished earlier (docs/sweeps/$SWEEP/runs in the working tree) are kept and not re-run, and
-      # every finished run's result, summary and overrides come back as $OUT/sweep_runs/RUN.FILE (flat: the
-      # device tool returns no deep folders), the report under $OUT/sweeps/$SWEEP
+    sweep)  # issue 19: the sweep $SWEEP, $SWEEP_JOBS runs at a time, cut after $SWEEP_LIMIT s (a run cut mid-way is
+      # lost: its checkpoint stays on the machine). Finished runs come back in ONE file, $OUT/sweep_$SWEEP.tgz (the
+      # device tool returns only a few files per call): every run's result.json, summary.json, sweep_run.json and
+      # train.log, and the report. To resume in a later call, unpack it into docs/sweeps/$SWEEP and carry
+      # docs/sweeps/$SWEEP/runs (runs/ is git-ignored, so it travels only when carried): finished runs are not re-run.
+      # (16 jobs trained 16 runs of mqar_ablations in about 5 minutes on an H200.)
       name=${SWEEP:?set SWEEP to a sweep name}; dir=/tmp/sweeps/$name; mkdir -p "$dir/runs"
       if [ -d "docs/sweeps/$name/runs" ]; then cp -r "docs/sweeps/$name/runs/." "$dir/runs/"; fi
       timeout "${SWEEP_LIMIT:-400}" python3 -m bla.launch.cli sweep "$name" --out "$dir" --jobs "${SWEEP_JOBS:-16}" --cache-dir /tmp/cache \
-        2>&1 | grep -v Warning | tee "$OUT/sweep_$name.txt"
+        2>&1 | grep -v -E "Warning|Processing zero|Parsing checkpoint|Loading checkpoint" | tee "$OUT/sweep_$name.txt"
       python3 -m bla.launch.cli sweep "$name" --out "$dir" --report 2>&1 | grep -v Warning | tail -40 | tee -a "$OUT/sweep_$name.txt"
-      for res in "$dir"/runs/*/result.json; do
-        [ -e "$res" ] || continue
-        run=$(dirname "$res"); mkdir -p "$OUT/sweep_runs"
-        for f in result.json summary.json sweep_run.json; do [ -e "$run/$f" ] && cp "$run/$f" "$OUT/sweep_runs/${run##*/}.$f"; done
+      (cd "$dir" && find runs -maxdepth 2 \( -name result.json -o -name summary.json -o -name sweep_run.json -o -name train.log \) \
+        -exec sh -c 'test -e "$(dirname "$1")/result.json"' _ {} \; -print | tar czf "$OUT/sweep_$name.tgz" -T - \
+        $(ls ./*.csv ./*.json ./*.png ./spec.yaml 2>/dev/null)) ;;
+    repeat)  # issue 19: does deterministic=true make a BLA run repeat itself on the GPU? The same short MQAR run (bla
+      # m=16, W=128, compiled, bf16) twice in separate processes, one with another job loading the GPU, then the losses
+      for i in 1 2; do
+        [ "$i" = 2 ] && { python3 -m bla.train.cli mqar out_dir=/tmp/repeat_load cache_dir=/tmp/cache steps=400 optim.warmup_steps=10 \
+          data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 model.bla.window=128 progress=false >/dev/null 2>&1 & }
+        python3 -m bla.train.cli mqar out_dir=/tmp/repeat_$i cache_dir=/tmp/cache steps=200 eval_every=200 save_every=200 log_every=1 \
+          optim.warmup_steps=10 data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 \
+          model.bla.slots=16 model.bla.window=128 optim.lr=3e-3 deterministic=${DETERMINISTIC:-true} progress=false 2>&1 | grep -E "Error|error" | head -5
       done
-      mkdir -p "$OUT/sweeps/$name"
-      cp "$dir"/*.csv "$dir"/*.json "$dir"/*.png "$OUT/sweeps/$name/" 2>/dev/null
-      grep -h -E "step (500|1000|1500|2000|2500|3000):" "$dir"/runs/*/train.log 2>/dev/null | head -5 >> "$OUT/sweep_$name.txt" ;;
+      wait
+      python3 -c "
+import json
+a, b = (json.load(open(f'/tmp/repeat_{i}/summary.json'))['losses'] for i in (1, 2))
+same = [x['loss'] == y['loss'] for x, y in zip(a, b)]
+first = same.index(False) + 1 if False in same else None
+print(f'deterministic=${DETERMINISTIC:-true}: {sum(same)} of {len(same)} step losses identical; first difference at step {first}')
+print('step 1:', a[0]['loss'], b[0]['loss'], ' step 200:', a[-1]['loss'], b[-1]['loss'])" 2>&1 | tee "$OUT/repeat.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
