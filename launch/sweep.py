@@ -406,7 +406,7 @@ def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> N
     mixers = [m for m in spec.mixers if any(p["mixer"] == m for p in points)]
     cols = min(4, len(mixers))
     rows = -(-len(mixers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 7.0), 3.2 * rows), squeeze=False, sharey=True)  # title fits
     for ax, mixer in zip(axes.flat, mixers):
         mine = sorted((p for p in points if p["mixer"] == mixer), key=lambda p: p["state_elements"])
         colours = plt.cm.viridis([i / max(1, len(mine) - 1) for i in range(len(mine))])
