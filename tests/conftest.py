@@ -22,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished run of the tiny preset (12 steps, its own tokenizer) shared by the tests that
+    only read it: ``tiny_run / "run"`` (perplexity, the lm-eval harness)."""
+    import subprocess
+
+    from bla.launch.layout import fresh_process_env
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={tmp / 'run'}", f"cache_dir={tmp / 'c'}"],
+                   check=True, capture_output=True, env=fresh_process_env(), timeout=600)  # fmt: skip
+    return tmp

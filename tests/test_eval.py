@@ -152,11 +152,9 @@ def test_windowed_scoring_with_carried_state_equals_full_forward(pattern):
 
 
 @pytest.mark.slow
-def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tmp_path):
+def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tiny_run):
     env = fresh_process_env()
-    run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={run}", f"cache_dir={tmp_path / 'c'}"],
-                   check=True, capture_output=True, env=env, timeout=600)  # fmt: skip
+    run = tiny_run / "run"
     done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "eval", "perplexity", "--run", str(run), "--max-docs", "3"],
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

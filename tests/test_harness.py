@@ -21,15 +21,6 @@ def process_results(doc, results):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("harness")
-    env = fresh_process_env()
-    subprocess.run([sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={tmp / 'run'}", f"cache_dir={tmp / 'c'}"],
-                   check=True, capture_output=True, env=env, timeout=600)  # fmt: skip
-    return tmp
-
-
-@pytest.fixture(scope="module")
 def tasks(tiny_run):
     tasks = tiny_run / "tasks"
     tasks.mkdir()
