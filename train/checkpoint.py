@@ -300,13 +300,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def fp32_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Consolidated weights: ZeRO-1/2/3 through DeepSpeed's zero_to_fp32, ZeRO-0 from the module file.
+    """Consolidated weights: bf16 ZeRO-1 (BF16_Optimizer) joined here, other ZeRO-1/2/3 through
+    DeepSpeed's zero_to_fp32, ZeRO-0 from the module file.
     Every file is read safely (tensors and plain data only: no pickled code runs), the ZeRO files
     before DeepSpeed unpickles them."""
     if zero_stage > 0:
-        verify_safe(tag_dir)
         if list(tag_dir.glob(_BF16_OPTIMIZER_FILES)):
-            return _bf16_optimizer_state_dict(tag_dir)
+            return _bf16_optimizer_state_dict(tag_dir)  # reads its files with safe_load itself
+        verify_safe(tag_dir)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

@@ -87,6 +87,7 @@ for stage in "$@"; do
         $(ls ./*.csv ./*.json ./*.png ./spec.yaml 2>/dev/null)) ;;
     repeat)  # issue 19: does deterministic=true make a BLA run repeat itself on the GPU? The same short MQAR run (bla
       # m=16, W=128, compiled, bf16) twice in separate processes, one with another job loading the GPU, then the losses
+      rm -rf /tmp/repeat_1 /tmp/repeat_2 /tmp/repeat_load  # a finished out_dir would be resumed, not retrained
       for i in 1 2; do
         [ "$i" = 2 ] && { python3 -m bla.train.cli mqar out_dir=/tmp/repeat_load cache_dir=/tmp/cache steps=400 optim.warmup_steps=10 \
           data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 model.bla.window=128 progress=false >/dev/null 2>&1 & }
