@@ -209,8 +209,10 @@ def child_visible_devices(gpus: list[int], parent_visible: str | None) -> str:
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, jobs: int = 1, cache_dir: str = "~/.cache/bla",
-              progress: bool = True) -> dict:  # fmt: skip
-    """Train and evaluate every run not done yet, ``jobs`` at a time, then write the report."""
+              progress: bool = True, start_by: float | None = None) -> dict:  # fmt: skip
+    """Train and evaluate every run not done yet, ``jobs`` at a time, then write the report.
+    ``start_by`` (seconds): no run starts later than that after the sweep began; runs already
+    started finish (a time-limited machine then returns only whole runs, and the next call resumes)."""
     import queue
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -219,6 +221,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, jobs: int = 1, c
 
     if jobs < 1 or nproc < 1:
         raise ValueError(f"bla sweep: --jobs and --nproc must be >= 1, got jobs={jobs}, nproc={nproc}")
+    if start_by is not None and start_by < 0:
+        raise ValueError(f"bla sweep: --start-by must be >= 0 seconds, got {start_by}")
+    began = time.monotonic()
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.__dict__, sort_keys=False))
@@ -229,8 +234,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, jobs: int = 1, c
     for gpus in job_gpus(jobs, nproc, torch.cuda.device_count()):
         slots.put(gpus)
 
-    def in_a_slot(mixer: str, overrides: dict) -> str:
+    def in_a_slot(mixer: str, overrides: dict) -> str | None:
         gpus = slots.get()
+        if start_by is not None and time.monotonic() - began > start_by:
+            slots.put(gpus)
+            return None  # past --start-by: left for the next call
         try:
             return _one_run(spec, out, mixer, overrides, nproc, cache_dir, gpus)
         finally:
@@ -238,13 +246,19 @@ def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, jobs: int = 1, c
 
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc=spec.name, disable=not progress) as bar:
         futures = [pool.submit(in_a_slot, m, o) for m, o in todo]
+        left = 0
         try:
             for done in as_completed(futures):
-                print(done.result(), flush=True)
+                if done.result() is None:
+                    left += 1
+                else:
+                    print(done.result(), flush=True)
                 bar.update()
         except BaseException:  # a failed run stops the sweep: running runs finish, queued ones never start
             pool.shutdown(cancel_futures=True)
             raise
+    if left:
+        print(f"[bla sweep] {left} runs not started: past --start-by {start_by:g} s; run the sweep again to train them", flush=True)
     return report(spec, out)
 
 
@@ -438,6 +452,8 @@ def add_sweep_command(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets its own GPUs when there are enough, "
                    "otherwise they share the devices: small models leave a GPU mostly idle)")
     p.add_argument("--cache-dir", default="~/.cache/bla")
+    p.add_argument("--start-by", type=float, default=None, metavar="SECONDS",
+                   help="start no run later than this after the sweep began (started runs finish; run again to resume)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state sizes, train nothing")
     p.add_argument("--report", action="store_true", help="rebuild the table and plots from finished runs only")
 
@@ -454,7 +470,7 @@ def add_sweep_command(sub) -> None:
         if args.report:
             report(spec, out)
             return 0
-        run_sweep(spec, out, args.nproc, args.jobs, args.cache_dir)
+        run_sweep(spec, out, args.nproc, args.jobs, args.cache_dir, start_by=args.start_by)
         return 0
 
     p.set_defaults(func=run)

@@ -47,6 +47,8 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     redo = out / "runs" / run_name(spec, "swa", spec.runs()[-1][1]) / "result.json"
     redo.unlink()
     kept = {p: p.stat().st_mtime for p in (out / "runs").glob("*/result.json")}
+    run_sweep(spec, out, cache_dir=str(tmp_path / "cache"), progress=False, start_by=0)  # past its start-by: nothing starts
+    assert not redo.exists()
     run_sweep(spec, out, cache_dir=str(tmp_path / "cache"), progress=False)
     assert redo.exists() and all(p.stat().st_mtime == t for p, t in kept.items())
 
@@ -146,6 +148,8 @@ def test_jobs_get_their_own_gpus_when_there_are_enough():
 def test_bad_jobs_refused(tmp_path):
     with pytest.raises(ValueError, match="--jobs and --nproc must be >= 1"):
         run_sweep(load_spec("tiny"), tmp_path, jobs=0)
+    with pytest.raises(ValueError, match="--start-by must be >= 0"):
+        run_sweep(load_spec("tiny"), tmp_path, start_by=-1)
 
 
 def test_gates_are_a_grid_key(tmp_path):

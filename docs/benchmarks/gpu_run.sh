@@ -5,8 +5,10 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -e /tmp/site/.installed ]; then  # once per machine: a second gpu_run.sh beside a first one
+  # must not replace the packages the first one is importing
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  touch /tmp/site/.installed
 fi
 mkdir -p /tmp/p/bla && for d in kernels model data train eval launch; do ln -sfn "$PWD/$d" "/tmp/p/bla/$d"; done
 export PYTHONPATH=/tmp/p:/tmp/site PYTHONUNBUFFERED=1
@@ -71,15 +73,16 @@ for stage in "$@"; do
     accuracy)  # issue 17: the bf16 kernel against the fp32 torch backend at W=4096 (the halves form's sub-chunks)
       timeout 150 python3 -m bla.kernels.benchmark accuracy --head-dims 64 128 --slots 64 --window 4096 --all-gates dirichlet fejer \
         --json "$OUT/accuracy_4096.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_4096.txt" ;;
-    sweep)  # issue 19: the sweep $SWEEP, $SWEEP_JOBS runs at a time, cut after $SWEEP_LIMIT s (a run cut mid-way is
-      # lost: its checkpoint stays on the machine). Finished runs come back in ONE file, $OUT/sweep_$SWEEP.tgz (the
+    sweep)  # issue 19: the sweep $SWEEP, $SWEEP_JOBS runs at a time, no run started after $SWEEP_START_BY s (started
+      # runs finish), all cut after $SWEEP_LIMIT s (a run cut mid-way is lost: its checkpoint stays on the machine). Finished runs come back in ONE file, $OUT/sweep_$SWEEP.tgz (the
       # device tool returns only a few files per call): every run's result.json, summary.json, sweep_run.json and
       # train.log, and the report. To resume in a later call, unpack it into docs/sweeps/$SWEEP and carry
       # docs/sweeps/$SWEEP/runs (runs/ is git-ignored, so it travels only when carried): finished runs are not re-run.
       # (16 jobs trained 16 runs of mqar_ablations in about 5 minutes on an H200.)
       name=${SWEEP:?set SWEEP to a sweep name}; dir=/tmp/sweeps/$name; mkdir -p "$dir/runs"
       if [ -d "docs/sweeps/$name/runs" ]; then cp -r "docs/sweeps/$name/runs/." "$dir/runs/"; fi
-      timeout "${SWEEP_LIMIT:-400}" python3 -m bla.launch.cli sweep "$name" --out "$dir" --jobs "${SWEEP_JOBS:-16}" --cache-dir /tmp/cache \
+      timeout "${SWEEP_LIMIT:-540}" python3 -m bla.launch.cli sweep "$name" --out "$dir" --jobs "${SWEEP_JOBS:-16}" --cache-dir /tmp/cache \
+        --start-by "${SWEEP_START_BY:-250}" \
         2>&1 | grep -v -E "Warning|Processing zero|Parsing checkpoint|Loading checkpoint" | tee "$OUT/sweep_$name.txt"
       python3 -m bla.launch.cli sweep "$name" --out "$dir" --report 2>&1 | grep -v Warning | tail -40 | tee -a "$OUT/sweep_$name.txt"
       (cd "$dir" && find runs -maxdepth 2 \( -name result.json -o -name summary.json -o -name sweep_run.json -o -name train.log \) \
