@@ -177,11 +177,19 @@ def _one_run(spec: SweepSpec, out: Path, mixer: str, overrides: dict, nproc: int
     if slot_gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = child_visible_devices(slot_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     start = time.time()
-    _train(spec, overrides, run_dir, cache_dir, nproc, run_dir / "train.log", env)
+    try:
+        _train(spec, overrides, run_dir, cache_dir, nproc, run_dir / "train.log", env)
+        diverged = None
+    except RuntimeError:
+        diverged = _diverged(run_dir)
+        if diverged is None:  # any other failure stops the sweep
+            raise
     seconds = time.time() - start
     device = torch.device("cuda", slot_gpus[0]) if slot_gpus else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
-    metrics = evaluate_run(spec, run_dir, device)
+    # a diverged run is a result of the learning-rate sweep (that rate failed), not an error: it
+    # has no metrics, so it never wins the selection, and the report lists it
+    metrics = evaluate_run(spec, run_dir, device) if diverged is None else {spec.metric: None, "diverged": diverged}
     state = state_size(cfg.model, cfg.data.seq_len)
     result = {"run": run_dir.name, "mixer": mixer, "overrides": overrides, "train_seconds": seconds,
               "eval_seconds": time.time() - start, "state_elements": state["elements"], "state_bytes": state["bytes"],
@@ -189,8 +197,17 @@ def _one_run(spec: SweepSpec, out: Path, mixer: str, overrides: dict, nproc: int
     tmp = run_dir / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp, run_dir / "result.json")  # last: its presence marks the run done
-    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)} if diverged is None else f"diverged: {diverged}"
     return f"[bla sweep] {run_dir.name} {overrides} state={state['elements']:,} {shown} ({seconds:.0f} s)"
+
+
+def _diverged(run_dir: Path) -> str | None:
+    """The trainer's status when it stopped the run on non-finite losses (its summary says so), else None."""
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status", "")
+    except (OSError, ValueError):
+        return None
+    return status if status.startswith("stopped on") and "non-finite" in status else None
 
 
 def job_gpus(jobs: int, nproc: int, gpus: int) -> list[list[int] | None]:
@@ -326,7 +343,8 @@ def state_efficiency(spec: SweepSpec, points: list[dict]) -> dict:
 def report(spec: SweepSpec, out: str | Path) -> dict:
     out = Path(out)
     results = _results(spec, out)
-    columns = ["run", "mixer", "state_elements", "state_bytes", "params", "accuracy", "val_accuracy", "loss", "tvd", "train_seconds"]
+    columns = ["run", "mixer", "state_elements", "state_bytes", "params", "accuracy", "val_accuracy", "loss", "tvd", "train_seconds",
+               "diverged"]
     keys = sorted({k for r in results for k in r["overrides"]})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -338,7 +356,8 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
     spread = ["seeds", spec.metric + "_min", spec.metric + "_max", "selected_on"]
     summary = {"name": spec.name, "metric": spec.metric, "runs": len(results), "expected_runs": len(spec.runs()),
                "best_over_lr": [{k: r.get(k) for k in columns + spread} | {"overrides": r["overrides"]} for r in points],
-               "state_efficiency": efficiency}  # fmt: skip
+               "state_efficiency": efficiency,
+               "diverged": [{"run": r["run"], "overrides": r["overrides"], "status": r["diverged"]} for r in results if r.get("diverged")]}  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "state_efficiency.json").write_text(json.dumps(efficiency, indent=1))
     if points:
@@ -355,6 +374,8 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
     for target, row in efficiency.items():
         cells = ", ".join(f"{m}: {v['state_elements'] or 'not reached'}" for m, v in row.items())
         print(f"state to reach {spec.metric} {target}: {cells}")
+    for r in summary["diverged"]:
+        print(f"diverged (not selectable): {r['run']} {r['overrides']}")
     return summary
 
 

@@ -165,3 +165,22 @@ def test_gates_are_a_grid_key(tmp_path):
     path.write_text("name: g\npreset: mqar\nmixers: {bla: {model.bla.gates: [v3]}}\n")
     with pytest.raises(ValueError, match="bla.gates must be one of"):
         load_spec(str(path))
+
+
+def test_a_diverged_run_is_a_result_not_an_error(tmp_path):
+    """A learning rate at which training stops on non-finite losses is an outcome of the sweep: the
+    run is recorded as diverged, without metrics (so never selected: best_over_lr skips those),
+    listed in the report, and the sweep goes on."""
+    path = tmp_path / "d.yaml"
+    path.write_text("name: d\npreset: mqar\noverrides: [steps=6, micro_batch=8, data.seq_len=32, data.mqar.num_kv_pairs=2, "
+                    "data.mqar.vocab_size=64, model.vocab_size=64, model.d_model=32, model.n_heads=2, eval_every=6, "
+                    "eval_batches=1, save_every=6, optim.warmup_steps=1, nonfinite_limit=2, optim.grad_clip=0]\n"
+                    "mixers: {swa: {model.layer_pattern: [[swa]], model.swa_window: [4]}}\n"
+                    "grid: {optim.lr: [1.0e+30]}\neval: {examples: 20}\ntargets: [0.5]\nbaseline: swa\n")  # fmt: skip
+    spec = load_spec(str(path))
+    summary = run_sweep(spec, tmp_path / "out", cache_dir=str(tmp_path / "cache"), progress=False)
+    assert summary["runs"] == 1 and summary["best_over_lr"] == []
+    (bad,) = summary["diverged"]
+    assert bad["overrides"]["optim.lr"] == 1e30 and "non-finite" in bad["status"]
+    row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert row["accuracy"] == "" and "non-finite" in row["diverged"]
