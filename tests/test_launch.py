@@ -27,16 +27,31 @@ def _bla(args: list[str], env: dict, timeout=600) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", "bla.launch.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def _dry_run(args: list[str], slurm: dict, monkeypatch, capsys) -> tuple[int, str, str]:
+    """``bla ARGS`` in this process (a dry run starts nothing: no subprocess's seconds of imports),
+    with exactly the SLURM variables given."""
+    import os
+
+    from bla.launch.cli import main
+
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def test_nodelist_expansion():
     assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
     assert expand_nodelist("node7") == ["node7"]
 
 
-def test_dry_run_for_a_4_node_8_gpu_slurm_allocation(tmp_path):
-    done = _bla(["launch", "--launcher", "slurm", "--dry-run", "--sequence-parallel", "2", "--global-batch", "128",
-                 "main", "model.preset=350m", "micro_batch=4"], _env(tmp_path, **SLURM_4x8))  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+def test_dry_run_for_a_4_node_8_gpu_slurm_allocation(monkeypatch, capsys):
+    code, out, err = _dry_run(["launch", "--launcher", "slurm", "--dry-run", "--sequence-parallel", "2", "--global-batch", "128",
+                               "main", "model.preset=350m", "micro_batch=4"], SLURM_4x8, monkeypatch, capsys)  # fmt: skip
+    assert code == 0, err
     for line in [
         "nodes                4 (gpu01, gpu02, gpu03, gpu04)",
         "processes per node   8",
@@ -62,15 +77,15 @@ def test_dry_run_for_a_4_node_8_gpu_slurm_allocation(tmp_path):
         (["--launcher", "slurm"], {}, "needs SLURM's variables"),
     ],
 )
-def test_bad_layouts_are_refused(tmp_path, args, env, match):
+def test_bad_layouts_are_refused(monkeypatch, capsys, args, env, match):
     base = ["--launcher", "slurm"] if env and "--launcher" not in args else []
-    done = _bla(["launch", "--dry-run", *base, *args, "main"], _env(tmp_path, **env))
-    assert done.returncode != 0 and match in done.stderr, done.stderr[-2000:]
+    code, _, err = _dry_run(["launch", "--dry-run", *base, *args, "main"], env, monkeypatch, capsys)
+    assert code != 0 and match in err, err[-2000:]
 
 
-def test_unknown_preset_is_refused(tmp_path):
-    done = _bla(["launch", "--dry-run", "huge"], _env(tmp_path))
-    assert done.returncode != 0 and "unknown train preset 'huge'" in done.stderr
+def test_unknown_preset_is_refused(monkeypatch, capsys):
+    code, _, err = _dry_run(["launch", "--dry-run", "huge"], {}, monkeypatch, capsys)
+    assert code != 0 and "unknown train preset 'huge'" in err
 
 
 TINY = ["tiny", "steps=4", "save_every=4", "eval_every=4"]

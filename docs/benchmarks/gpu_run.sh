@@ -13,7 +13,7 @@ fi
 mkdir -p /tmp/p/bla && for d in kernels model data train eval launch; do ln -sfn "$PWD/$d" "/tmp/p/bla/$d"; done
 export PYTHONPATH=/tmp/p:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"  # the copy's git can lag the tree it runs: note the commit here too
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
@@ -89,14 +89,16 @@ for stage in "$@"; do
         -exec sh -c 'test -e "$(dirname "$1")/result.json"' _ {} \; -print | tar czf "$OUT/sweep_$name.tgz" -T - \
         $(ls ./*.csv ./*.json ./*.png ./spec.yaml 2>/dev/null)) ;;
     repeat)  # issue 19: does deterministic=true make a BLA run repeat itself on the GPU? The same short MQAR run (bla
-      # m=16, W=128, compiled, bf16) twice in separate processes, one with another job loading the GPU, then the losses
+      # m=16, W=128, compiled, bf16) twice in separate processes, one with another job loading the GPU, then the losses.
+      # REPEAT_SET: more overrides for both runs, to bisect the source (at b7dbc13 deterministic=true runs parted at
+      # step 8): e.g. REPEAT_SET="compile=false", "model.bla.backend=torch", "precision=fp32"
       rm -rf /tmp/repeat_1 /tmp/repeat_2 /tmp/repeat_load  # a finished out_dir would be resumed, not retrained
       for i in 1 2; do
         [ "$i" = 2 ] && { python3 -m bla.train.cli mqar out_dir=/tmp/repeat_load cache_dir=/tmp/cache steps=400 optim.warmup_steps=10 \
           data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 model.bla.window=128 progress=false >/dev/null 2>&1 & }
         python3 -m bla.train.cli mqar out_dir=/tmp/repeat_$i cache_dir=/tmp/cache steps=200 eval_every=200 save_every=200 log_every=1 \
           optim.warmup_steps=10 data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 \
-          model.bla.slots=16 model.bla.window=128 optim.lr=3e-3 deterministic=${DETERMINISTIC:-true} progress=false 2>&1 | grep -E "Error|error" | head -5
+          model.bla.slots=16 model.bla.window=128 optim.lr=3e-3 deterministic=${DETERMINISTIC:-true} progress=false $REPEAT_SET 2>&1 | grep -E "Error|error" | head -5
       done
       wait
       python3 -c "
@@ -104,7 +106,7 @@ import json
 a, b = (json.load(open(f'/tmp/repeat_{i}/summary.json'))['losses'] for i in (1, 2))
 same = [x['loss'] == y['loss'] for x, y in zip(a, b)]
 first = same.index(False) + 1 if False in same else None
-print(f'deterministic=${DETERMINISTIC:-true}: {sum(same)} of {len(same)} step losses identical; first difference at step {first}')
+print(f'deterministic=${DETERMINISTIC:-true} ${REPEAT_SET}: {sum(same)} of {len(same)} step losses identical; first difference at step {first}')
 print('step 1:', a[0]['loss'], b[0]['loss'], ' step 200:', a[-1]['loss'], b[-1]['loss'])" 2>&1 | tee "$OUT/repeat.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
