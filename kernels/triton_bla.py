@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import os
 
 import torch
@@ -888,6 +889,27 @@ class _Plan:
         st, f32 = (torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32), torch.float32
         self.saved = [((chunks, hkv, bm, bdk), st), ((chunks, hkv, bm, bdv), st), ((chunks, hkv, bm), f32),
                       ((chunks, hkv, bm), f32), ((items, hkv, bm, bdk), st), ((items, hkv, bm, bdv), st), ((items, hkv, bm), f32)]  # fmt: skip
+        _check_32_bit_offsets(p, self.saved)
+
+
+INT32_ELEMENTS = 2**31  # the kernels address every tensor with int32 element offsets: 0 .. 2^31 - 1
+
+
+def _check_32_bit_offsets(p: Problem, saved: list) -> None:
+    """Refuse, by name, a tensor too large for the kernels' int32 offsets: past 2^31 elements they
+    would wrap and read or write the wrong memory without any error."""
+    tokens = p.batch * p.seq_len
+    tensors = {"q": (tokens, p.num_heads, p.head_dim_k), "k": (tokens, p.num_kv_heads, p.head_dim_k),
+               "v": (tokens, p.num_kv_heads, p.head_dim_v), "o": (tokens, p.num_heads, p.head_dim_v),
+               **{f"saved buffer {i}": shape for i, (shape, _) in enumerate(saved)}}  # fmt: skip
+    for name, shape in tensors.items():
+        if any(not isinstance(d, int) for d in shape):  # symbolic shapes: checked again at the real call
+            return
+        elements = math.prod(shape)
+        if elements > INT32_ELEMENTS:
+            raise ValueError(f"bla_attention backend='triton': {name} would hold {elements:,} elements ({'x'.join(map(str, shape))}), "
+                             f"more than the kernels' 32-bit offsets address (2^31); split the batch (fewer tokens per call) "
+                             f"or use backend='torch'")  # fmt: skip
 
 
 def _plan(problem: Problem, dtype: torch.dtype) -> _Plan:

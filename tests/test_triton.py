@@ -267,3 +267,18 @@ def test_packed_documents_read_their_lengths_once_per_batch(monkeypatch):
         cu = torch.tensor(cuts, dtype=torch.int32)  # as the packer makes it
         model(ids[:, :-1], cu_seqlens=cu, labels=ids[:, 1:]).loss.backward()
         assert len(built) == n + 1, f"{len(built)} layouts for {n + 1} batches of {len(model.blocks)} layers"
+
+
+def test_tensors_past_32_bit_offsets_are_refused_by_name():
+    """The kernels' element offsets are int32: a call whose q (or any buffer) holds more than
+    2^31 elements is refused before a launch, instead of wrapping into the wrong memory."""
+    from bla.kernels.checks import Problem
+    from bla.kernels.triton_bla import _Plan
+
+    def problem(batch: int, seq_len: int) -> Problem:
+        return Problem(batch, seq_len, 16, 16, 128, 128, 64, (512,) * 16, 128**-0.5, batch, None,
+                       torch.zeros(batch, dtype=torch.int64))  # fmt: skip
+
+    _Plan(problem(1, 2**20), torch.bfloat16)  # q: 2^20 x 16 x 128 = 2^31 elements, offsets up to 2^31 - 1: fits
+    with pytest.raises(ValueError, match=r"q would hold 4,294,967,296 elements .*32-bit offsets.*backend='torch'"):
+        _Plan(problem(2, 2**20), torch.bfloat16)
