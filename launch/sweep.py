@@ -291,22 +291,28 @@ AVERAGED = ("accuracy", "val_accuracy", "loss", "tvd", "train_seconds")  # what 
 
 def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
     """Per configuration (everything but the learning rate and the seed): the learning rate whose
-    mean over seeds of the validation metric (``SELECT``) is best. Each point carries the means,
+    mean over seeds of the validation metric (``SELECT``) is best; a rate at which any seed
+    diverged is not a candidate. Each point carries the means,
     ``seeds`` (how many runs), the reported metric's range over them (``<metric>_min``,
     ``<metric>_max``) and ``selected_on``."""
     m, higher = spec.metric, METRICS[spec.metric]
     select = SELECT[m]
     groups: dict[str, dict[str, list[dict]]] = {}  # configuration -> learning rate -> runs (seeds)
+    failed = set()  # (configuration, learning rate) where a seed diverged: that rate is not a candidate
     for r in results:
+        config = {"mixer": r["mixer"], **{k: v for k, v in r["overrides"].items() if k not in ("optim.lr", "seed")}}
+        key = json.dumps(config, sort_keys=True), json.dumps(r["overrides"].get("optim.lr"))
+        if r.get("diverged"):
+            failed.add(key)
         if r.get(m) is None or not math.isfinite(r[m]):
             continue
-        config = {"mixer": r["mixer"], **{k: v for k, v in r["overrides"].items() if k not in ("optim.lr", "seed")}}
-        lr = json.dumps(r["overrides"].get("optim.lr"))
-        groups.setdefault(json.dumps(config, sort_keys=True), {}).setdefault(lr, []).append(r)
+        groups.setdefault(key[0], {}).setdefault(key[1], []).append(r)
     points = []
-    for by_lr in groups.values():
+    for config, by_lr in groups.items():
         candidates = []
-        for runs in by_lr.values():
+        for lr, runs in by_lr.items():
+            if (config, lr) in failed:
+                continue
             point = {**runs[0], "run": ",".join(r["run"] for r in runs), "seeds": len(runs),
                      "overrides": {k: v for k, v in runs[0]["overrides"].items() if k != "seed"}}  # fmt: skip
             for key in AVERAGED:
@@ -316,6 +322,8 @@ def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
             validated = isinstance(point.get(select), (int, float)) and math.isfinite(point[select])
             point["selected_on"] = select if validated else f"{m} (test: no validation recorded)"
             candidates.append(point)
+        if not candidates:
+            continue
         key = select if all(c["selected_on"] == select for c in candidates) else m
         points.append(max(candidates, key=lambda p: p[key] if higher else -p[key]))
     return sorted(points, key=lambda r: (r["mixer"], r["state_elements"]))

@@ -53,13 +53,15 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     assert redo.exists() and all(p.stat().st_mtime == t for p, t in kept.items())
 
 
-def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float, seed: int | None = None,
-          val: float | None = None):  # fmt: skip
+def _fake(spec: SweepSpec, out: Path, mixer: str, state: int, lr: float, acc: float | None, seed: int | None = None,
+          val: float | None = None, diverged: str | None = None):  # fmt: skip
     overrides = {"size": state, "optim.lr": lr} | ({"seed": seed} if seed is not None else {})
     d = out / "runs" / run_name(spec, mixer, overrides)
     d.mkdir(parents=True)
     result = {"run": d.name, "mixer": mixer, "overrides": overrides, "state_elements": state, "state_bytes": 2 * state,
               "params": 1, "accuracy": acc, "loss": 1.0} | ({"val_accuracy": val} if val is not None else {})  # fmt: skip
+    if diverged:
+        result["diverged"] = diverged
     (d / "result.json").write_text(json.dumps(result))
 
 
@@ -98,6 +100,17 @@ def test_seeds_are_averaged_before_the_best_learning_rate_is_taken(tmp_path):
     assert point["accuracy"] == pytest.approx(0.65) and (point["accuracy_min"], point["accuracy_max"]) == (0.6, 0.7)
     summary = report(spec, tmp_path)
     assert summary["best_over_lr"][0]["seeds"] == 2 and (tmp_path / "accuracy_vs_state.png").exists()
+
+
+def test_a_rate_at_which_a_seed_diverged_is_not_chosen(tmp_path):
+    """Averaging only the seeds that survived would flatter a rate that fails one run in three."""
+    spec = SweepSpec("fake", "mqar", {"bla": [{"size": 64}]}, grid={"optim.lr": [1e-3, 3e-3], "seed": [0, 1]})
+    _fake(spec, tmp_path, "bla", 64, 1e-3, 0.5, seed=0)
+    _fake(spec, tmp_path, "bla", 64, 1e-3, 0.6, seed=1)
+    _fake(spec, tmp_path, "bla", 64, 3e-3, 0.9, seed=0)  # the best surviving mean ...
+    _fake(spec, tmp_path, "bla", 64, 3e-3, None, seed=1, diverged="stopped on 20 non-finite losses in a row")  # ... but
+    (point,) = best_over_lr(spec, [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")])
+    assert point["overrides"]["optim.lr"] == 1e-3 and point["seeds"] == 2
 
 
 def test_the_learning_rate_is_chosen_on_validation_not_on_the_test(tmp_path):
