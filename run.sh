@@ -35,7 +35,9 @@ fi
 cmd="${1:-test}"
 shift || true
 case "$cmd" in
-    test) exec "$PY" -m pytest -q -ra --durations=10 "$@" ;;
+    # two workers, each test file on one of them (files share their module fixtures): most tests
+    # spawn a process or two and leave a core idle; BLA_TEST_WORKERS=0 runs them in this process
+    test) exec "$PY" -m pytest -q -ra --durations=10 -n "${BLA_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
     train) exec "$VENV/bin/bla" train "$@" ;;
     bla) exec "$VENV/bin/bla" "$@" ;;
     *) echo "usage: ./run.sh train [ARGS] | ./run.sh test | ./run.sh bla ARGS..." >&2; exit 2 ;;
