@@ -15,13 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-# the longest files first (longest first: with two workers, none of them is left running alone at
-# the end; 2026-12-01 a clean clone ran the main job alone for its last two minutes)
-FIRST = ("test_train.py", "test_triton.py", "test_main_job.py", "test_sequence_parallel.py", "test_eval.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
