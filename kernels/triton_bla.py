@@ -74,11 +74,15 @@ def _pow2(n: int) -> int:
 
 
 def _slot_block(slots: int) -> int:
-    """Slots padded to a power of two, skipping 32: with 32-slot tiles Triton 3.6 compiled the
-    backward chunk kernel into out-of-range shared-memory accesses on an H100 (compute-sanitizer,
-    2026-11-24, B=4, T=8192, d=64, any warps), so 17-32 slots run as 64 (padded slots are masked)."""
-    block = _pow2(slots)
-    return 64 if block == 32 else block
+    """Slots padded to a power of two of at least 64 (padded slots are masked). Smaller tiles are
+    miscompiled by Triton 3.6 on Hopper when the products run on tensor cores (bf16): with 32
+    slots the backward chunk kernel made out-of-range shared-memory accesses (compute-sanitizer,
+    H100, 2026-11-24); with 16 (m <= 16) the forward's outputs differed from call to call on the
+    same inputs and, at d = 32, held NaN where new memory starts as NaN (H200, 2026-12-01,
+    docs/benchmarks/determinism.py; regbench_v2's BLA runs went non-finite at step 2).
+    BLA_TRITON_SLOT_BLOCK=16 or 32 brings the small tiles back, to measure them."""
+    floor = int(os.environ.get("BLA_TRITON_SLOT_BLOCK", 64))
+    return max(_pow2(slots), _pow2(floor))
 
 
 # ----------------------------------------------------------------------------- gate tables
@@ -864,7 +868,7 @@ def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool, decays: bool = False
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
-_KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES", "BLA_TRITON_SEGMENT",
+_KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES", "BLA_TRITON_SEGMENT",
           "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}

@@ -98,7 +98,8 @@ for stage in "$@"; do
           data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 model.bla.window=128 progress=false >/dev/null 2>&1 & }
         python3 -m bla.train.cli mqar out_dir=/tmp/repeat_$i cache_dir=/tmp/cache steps=200 eval_every=200 save_every=200 log_every=1 \
           optim.warmup_steps=10 data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 \
-          model.bla.slots=16 model.bla.window=128 optim.lr=3e-3 deterministic=${DETERMINISTIC:-true} progress=false $REPEAT_SET 2>&1 | grep -E "Error|error" | head -5
+          model.bla.slots=16 model.bla.window=128 optim.lr=3e-3 deterministic=${DETERMINISTIC:-true} progress=false $REPEAT_SET 2>&1 \
+          | grep -E "Error|error|deterministic" | sort -u | head -8 | tee -a "$OUT/repeat_log.txt"  # an op without a deterministic form warns
       done
       wait
       python3 -c "
@@ -107,7 +108,20 @@ a, b = (json.load(open(f'/tmp/repeat_{i}/summary.json'))['losses'] for i in (1, 
 same = [x['loss'] == y['loss'] for x, y in zip(a, b)]
 first = same.index(False) + 1 if False in same else None
 print(f'deterministic=${DETERMINISTIC:-true} ${REPEAT_SET}: {sum(same)} of {len(same)} step losses identical; first difference at step {first}')
-print('step 1:', a[0]['loss'], b[0]['loss'], ' step 200:', a[-1]['loss'], b[-1]['loss'])" 2>&1 | tee "$OUT/repeat.txt" ;;
+print('step 1:', a[0]['loss'], b[0]['loss'], ' step 200:', a[-1]['loss'], b[-1]['loss'])" 2>&1 | tee -a "$OUT/repeat.txt" ;;
+    determinism)  # issue 19: the same computation twice in one process, bit for bit; --poison: new tensors start as NaN
+      # (as under deterministic=true); --load: another process keeps the GPU busy
+      python3 docs/benchmarks/determinism.py --repeats 10 --poison --json "$OUT/determinism_poison.json" 2>&1 | grep -v Warn | tee "$OUT/determinism.txt"
+      python3 docs/benchmarks/determinism.py --repeats 10 --load --json "$OUT/determinism_load.json" 2>&1 | grep -v Warn | tee -a "$OUT/determinism.txt" ;;
+    regbench_nan)  # issue 19: regbench_v2's BLA runs went non-finite at step 2 (deterministic=true): 6 steps of one,
+      # deterministic and not, compiled and eager, side by side
+      for det in true false; do for c in true false; do
+        python3 -m bla.train.cli regbench out_dir=/tmp/rbnan_${det}_$c cache_dir=/tmp/cache steps=6 eval_every=6 save_every=6 log_every=1 \
+          data.seq_len=256 model.bla.slots=16 optim.lr=1e-3 optim.warmup_steps=2 deterministic=$det compile=$c progress=false 2>&1 \
+          | grep -E "step [0-9]+:|first step|non-finite|Error" | head -12 | sed "s/^/det=$det compile=$c /" > "$OUT/rbnan_${det}_$c.txt" &
+      done; done; wait
+      for f in /tmp/rbnan_*/summary.json; do python3 -c "import json,sys; print(sys.argv[1], [round(h['loss'], 4) for h in json.load(open(sys.argv[1]))['losses']])" "$f"; done > "$OUT/rbnan_losses.txt"
+      cat "$OUT"/rbnan_*.txt | tee "$OUT/regbench_nan.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
