@@ -36,8 +36,9 @@ cmd="${1:-test}"
 shift || true
 case "$cmd" in
     # two workers, each test file on one of them (files share their module fixtures): most tests
-    # spawn a process or two and leave a core idle; BLA_TEST_WORKERS=0 runs them in this process
-    test) exec "$PY" -m pytest -q -ra --durations=10 -n "${BLA_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+    # spawn a process or two and leave a core idle; files start longest first (tests/conftest.py);
+    # BLA_TEST_WORKERS=0 runs them in this process
+    test) exec "$PY" -m pytest -q -ra --durations=10 -n "${BLA_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@" ;;
     train) exec "$VENV/bin/bla" train "$@" ;;
     bla) exec "$VENV/bin/bla" "$@" ;;
     *) echo "usage: ./run.sh train [ARGS] | ./run.sh test | ./run.sh bla ARGS..." >&2; exit 2 ;;
