@@ -146,6 +146,17 @@ def test_named_sweeps_load_and_are_valid():
     for name in ("tiny", "mqar_budget", "mqar_paper", "regbench_budget", "regbench_paper", "mqar_v2", "regbench_v2"):
         spec = load_spec(name)
         assert {"bla", "swa"} <= set(spec.mixers) and spec.runs()
+    # every named sweep (the small CPU ones too): each run's training config is valid
+    from importlib import resources
+
+    from bla.launch.sweep import train_config
+
+    names = sorted(p.name[:-5] for p in resources.files("bla.launch").joinpath("sweeps").iterdir() if p.name.endswith(".yaml"))
+    assert "regbench_v2_peers_cpu" in names and len(names) >= 15
+    for name in names:
+        spec = load_spec(name)
+        for mixer, overrides in spec.runs():
+            train_config(spec, overrides).validate()
 
 
 def test_jobs_get_their_own_gpus_when_there_are_enough():
