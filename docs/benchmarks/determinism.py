@@ -12,6 +12,10 @@ then also reports NaN in the outputs, the gradients and the forward's saved buff
 RegBench shape (d = 32) and the MQAR shape. Run on the GPU machine:
 
     python docs/benchmarks/determinism.py [--repeats 20] [--load] [--poison]
+
+What it found (docs/benchmarks.md): Triton miscompiled the 16-slot tiles that m <= 16 ran as;
+since 8ef46b2 every m <= 64 runs as a 64-slot tile. `BLA_TRITON_SLOT_BLOCK=16` brings the small
+tiles back, to see the failure again.
 """
 
 from __future__ import annotations
