@@ -868,8 +868,8 @@ def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool, decays: bool = False
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
-_KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES", "BLA_TRITON_SEGMENT",
-          "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS")  # fmt: skip
+_KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
+          "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
