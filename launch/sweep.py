@@ -82,6 +82,11 @@ def expand(grid: dict[str, list] | list[dict]) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
+def named_sweeps() -> list[str]:
+    """The names of the sweeps shipped in ``launch/sweeps/``."""
+    return sorted(p.name[:-5] for p in resources.files("bla.launch").joinpath("sweeps").iterdir() if p.name.endswith(".yaml"))
+
+
 def load_spec(name_or_path: str) -> SweepSpec:
     """A named sweep (``launch/sweeps/<name>.yaml``) or a YAML file."""
     path = Path(name_or_path)
@@ -92,8 +97,7 @@ def load_spec(name_or_path: str) -> SweepSpec:
     else:
         named = resources.files("bla.launch").joinpath("sweeps", f"{name_or_path}.yaml")
         if not named.is_file():
-            known = sorted(p.name[:-5] for p in resources.files("bla.launch").joinpath("sweeps").iterdir() if p.name.endswith(".yaml"))
-            raise ValueError(f"unknown sweep {name_or_path!r}; named sweeps: {', '.join(known)}")
+            raise ValueError(f"unknown sweep {name_or_path!r}; named sweeps: {', '.join(named_sweeps())}")
         data = yaml.safe_load(named.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"sweep spec {name_or_path}: expected a mapping")

@@ -147,12 +147,10 @@ def test_named_sweeps_load_and_are_valid():
         spec = load_spec(name)
         assert {"bla", "swa"} <= set(spec.mixers) and spec.runs()
     # every named sweep (the small CPU ones too): each run's training config is valid
-    from importlib import resources
+    from bla.launch.sweep import named_sweeps, train_config
 
-    from bla.launch.sweep import train_config
-
-    names = sorted(p.name[:-5] for p in resources.files("bla.launch").joinpath("sweeps").iterdir() if p.name.endswith(".yaml"))
-    assert "regbench_v2_peers_cpu" in names and len(names) >= 15
+    names = named_sweeps()
+    assert {"tiny", "regbench_v2_peers_cpu", "regbench_v2_tuned_seeds_cpu"} <= set(names)
     for name in names:
         spec = load_spec(name)
         for mixer, overrides in spec.runs():

@@ -27,7 +27,8 @@ import sys
 
 import torch
 
-from bla.kernels import bla_attention
+from bla.kernels import bla_attention, triton_bla
+from bla.kernels.checks import check_problem
 from bla.model import BLALM, ModelConfig
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU (TRITON_INTERPRET=1) only checks the script itself
@@ -66,18 +67,17 @@ def operator_case(dtype, B, T, H, d, m, W, backward: bool, gates: str = "dirichl
     return fn
 
 
-def model_case(dtype, compile_: bool, heads: int = 2, layers: int = 2, slots: int = 16, window: int = 128, B: int = 64):
+def model_case(dtype, heads: int = 2, layers: int = 2, slots: int = 16, window: int = 128, B: int = 64):
+    """The eager model's loss and gradients (the repeat stage's failing runs were eager from step 1)."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({"vocab_size": 256, "d_model": 128, "n_layers": layers, "n_heads": heads, "layer_pattern": ["bla"],
                                  "tie_embeddings": False, "bla": {"slots": slots, "window": window, "short_conv": 4}})  # fmt: skip
     model = BLALM(cfg).to(DEV).to(dtype)
     ids = torch.randint(0, 256, (B, window), device=DEV)
-    step = torch.compile(model) if compile_ else model
 
     def fn():
         model.zero_grad(set_to_none=True)
-        loss = step(ids, labels=ids)
-        loss = loss if torch.is_tensor(loss) else loss.loss
+        loss = model(ids, labels=ids).loss
         loss.backward()
         return [loss] + [p.grad for p in model.parameters() if p.grad is not None]
 
@@ -86,9 +86,6 @@ def model_case(dtype, compile_: bool, heads: int = 2, layers: int = 2, slots: in
 
 def nan_report(dtype, B, T, H, d, m, W) -> dict:
     """NaN in the Triton operator's outputs, gradients and saved buffers (call it with --poison)."""
-    from bla.kernels.checks import check_problem
-    from bla.kernels import triton_bla
-
     g = torch.Generator(device=DEV).manual_seed(0)
     q, k, v, do = (torch.randn(B, T, H, d, device=DEV, dtype=dtype, generator=g) for _ in range(4))
     p = check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet")
@@ -123,8 +120,8 @@ def main() -> None:
                 for bwd in (False, True):
                     label = f"operator {name} B,T,H,d,m,W={shape} {'fwd+bwd' if bwd else 'fwd'}"
                     cases.append((label, operator_case(dtype, *shape, backward=bwd)))
-            cases.append((f"model {name} eager", model_case(dtype, False)))
-            cases.append((f"model {name} eager, RegBench shape (d=32, 4 layers, W=256)", model_case(dtype, False, 4, 4, 16, 256, 32)))
+            cases.append((f"model {name} eager", model_case(dtype)))
+            cases.append((f"model {name} eager, RegBench shape (d=32, 4 layers, W=256)", model_case(dtype, 4, 4, 16, 256, 32)))
         for label, fn in cases:
             row = {"case": label, **repeat(fn, args.repeats)}
             rows.append(row)
