@@ -437,6 +437,25 @@ def test_cli_overrides_without_a_preset(monkeypatch):
     assert seen["cfg"].steps == 70 and seen["cfg"].optim.lr == 1e-3 and seen["cfg"].model.d_model == 192  # the main preset
 
 
+def test_the_train_command_destroys_its_process_group(monkeypatch):
+    """gloo's threads alive at interpreter exit abort a finished rank (SIGABRT fails torchrun):
+    the command destroys the group however the run ends, and a later world of one starts afresh."""
+    import torch.distributed as dist
+
+    from bla.train import cli, trainer
+
+    def stopped(cfg):
+        trainer.init_distributed()
+        raise trainer.TrainingStopped("non-finite losses")
+
+    monkeypatch.setattr("bla.train.trainer.run", stopped)
+    assert cli.main(["tiny", "steps=2", "optim.warmup_steps=1"]) == 1
+    assert not dist.is_initialized()
+    assert trainer.init_distributed()[:2] == (0, 1)  # on a fresh port: the old store's may still be held
+    trainer.shutdown_distributed()
+    assert not dist.is_initialized()
+
+
 def test_example_run_configs_load():
     repo = Path(__file__).resolve().parents[1]
     configs = {path.name: load_train_config(str(path)) for path in sorted((repo / "configs").glob("*.yaml"))}  # validates

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
                    help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")
     p.add_argument("--json", default="bench_train.json")
     args = p.parse_args(argv)
-    from .trainer import init_distributed
+    from .trainer import init_distributed, shutdown_distributed
 
     init_distributed()  # one process: a world of one
     rows = []
@@ -196,6 +196,7 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "settings": args.set, "rows": rows}, f, indent=1)
+    shutdown_distributed()
     return 0
 
 

@@ -10,7 +10,7 @@ from .config import load_train_config
 
 def _train(args) -> int:
     from .lock import OutDirLocked
-    from .trainer import TrainingStopped, run
+    from .trainer import TrainingStopped, run, shutdown_distributed
 
     config, overrides = args.config, list(args.override)
     if "=" in config:  # `bla train steps=10`: no preset named, only overrides
@@ -21,6 +21,8 @@ def _train(args) -> int:
     except (OutDirLocked, TrainingStopped) as exc:  # another run holds out_dir; non-finite losses
         print(f"bla train: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -40,23 +40,36 @@ from .schedule import lr_lambda
 # ----------------------------------------------------------------------------- setup
 
 
+_made_lone_world = False  # init_distributed set RANK etc. itself (a module flag: children do not inherit it)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Rank, world size and device; a lone process gets a world of one (gloo on CPU)."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    global _made_lone_world
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
+        if "RANK" not in os.environ or _made_lone_world:  # a fresh port for every world of one
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            _made_lone_world = True
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group before the interpreter exits: gloo's worker threads, left
+    running at exit, abort the process ("terminate called without an active exception",
+    pytorch/pytorch#190489) after a run that finished, failing its launcher."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the run
