@@ -157,24 +157,8 @@ def _print(r: dict, base: dict | None) -> None:
         print(f"{'':>30}{k['ms']:8.2f} ms {100 * k['share']:5.1f}% x{k['calls']:<4} {k['kernel']}")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bla.train.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--presets", nargs="+", default=["125m", "350m"])
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 16384])
-    p.add_argument("--mixers", nargs="+", default=["bla", "attn"])
-    p.add_argument("--tokens-per-step", type=int, default=16384)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--baseline", action="store_true", help="also the plain compiled transformer of each preset's shape")
-    p.add_argument("--profile", action="store_true", help="print each row's top kernels of one step")
-    p.add_argument("--plain-loop", action="store_true", help="also each mixer's model in the baseline's loop (no DeepSpeed)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")
-    p.add_argument("--json", default="bench_train.json")
-    args = p.parse_args(argv)
-    from .trainer import init_distributed, shutdown_distributed
-
-    init_distributed()  # one process: a world of one
+def _measure_all(args) -> list[dict]:
+    """Every (preset, T, mixer) row the arguments ask for, printed as measured."""
     rows = []
     for preset in args.presets:
         for T in args.seq_lens:
@@ -194,9 +178,33 @@ def main(argv=None) -> int:
                     rows.append(measure_plain_loop(preset, mixer, T, args.tokens_per_step, args.steps, TrainConfig().loss_chunk))
                     _print(rows[-1], base)
                     torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bla.train.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--presets", nargs="+", default=["125m", "350m"])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 16384])
+    p.add_argument("--mixers", nargs="+", default=["bla", "attn"])
+    p.add_argument("--tokens-per-step", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--baseline", action="store_true", help="also the plain compiled transformer of each preset's shape")
+    p.add_argument("--profile", action="store_true", help="print each row's top kernels of one step")
+    p.add_argument("--plain-loop", action="store_true", help="also each mixer's model in the baseline's loop (no DeepSpeed)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")
+    p.add_argument("--json", default="bench_train.json")
+    args = p.parse_args(argv)
+    from .trainer import init_distributed, shutdown_distributed
+
+    init_distributed()  # one process: a world of one
+    try:
+        rows = _measure_all(args)
+    finally:
+        shutdown_distributed()
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "settings": args.set, "rows": rows}, f, indent=1)
-    shutdown_distributed()
     return 0
 
 
