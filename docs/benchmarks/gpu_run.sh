@@ -122,6 +122,12 @@ print('step 1:', a[0]['loss'], b[0]['loss'], ' step 200:', a[-1]['loss'], b[-1][
       done; done; wait
       for f in /tmp/rbnan_*/summary.json; do python3 -c "import json,sys; print(sys.argv[1], [round(h['loss'], 4) for h in json.load(open(sys.argv[1]))['losses']])" "$f"; done > "$OUT/rbnan_losses.txt"
       cat "$OUT"/rbnan_*.txt | tee "$OUT/regbench_nan.txt" ;;
+    profile)  # issue 17: per-kernel CUDA times, registers and spills at m = 64 and 128 (W = 512)
+      for m in 64 128; do python3 docs/benchmarks/kernel_profile.py 512 $m 2>&1 | grep -v Warning | tee -a "$OUT/kernel_profile.txt"; done ;;
+    ncu)  # issue 17: what bounds each kernel (Nsight Compute's speed-of-light and occupancy), m = 64, W = 512
+      # and 4096, clocks left free as in the timings (ncu reads no counters under gVisor: the log says so)
+      for W in 512 4096; do NCU=1 timeout 200 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+        --section LaunchStats -k regex:"_kernel" python3 docs/benchmarks/kernel_profile.py $W 64 2>&1 | grep -v Warning | tee -a "$OUT/ncu_$W.txt"; done ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;

@@ -29,6 +29,18 @@ VARIANTS = [  # (W, m, knobs); 030793b's run also had SUB=128 (4 and 8 warps) an
     (4096, 64, {}),
     (512, 128, {}),
     (512, 32, {}),
+    # m >= 128 (issue 17: m = 128 at most 2x m = 64): smaller sub-chunks and fewer warps, whose
+    # [S, m] tiles may not spill as [64, 128] at 8 warps did
+    (512, 128, {"BLA_TRITON_SUB": "32"}),
+    (512, 128, {"BLA_TRITON_WARPS": "4"}),
+    (512, 128, {"BLA_TRITON_SUB": "32", "BLA_TRITON_WARPS": "4"}),
+    (4096, 128, {}),
+    (4096, 128, {"BLA_TRITON_SUB": "32"}),
+    (512, 256, {}),
+    (512, 256, {"BLA_TRITON_SUB": "16"}),
+    # m <= 16 runs as 64-slot tiles (a Triton miscompile of smaller ones): what that costs
+    (512, 16, {}),
+    (512, 4, {}),
 ]
 
 
