@@ -467,7 +467,7 @@ def _chunk_end_grad(own_ptr, seg_ptr, after_ptr, chunk_item_ptr, i, g, j_M, d_D,
 @triton.jit
 def _scan_kernel(
     xk_ptr, xv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr, after_ptr,
-    HKV: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    HKV: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ROWS: tl.constexpr,
     USE_H: tl.constexpr, REVERSE: tl.constexpr, DECAYS: tl.constexpr,
 ):  # fmt: skip
     """(2)/(B) Carry a state through the items of one group (a sequence, or a segment's chunks), in
@@ -475,12 +475,15 @@ def _scan_kernel(
     dec(x) * carry + x. Forward: x = an item's own end state, carry = its start state; REVERSE:
     x = an item's own start-state gradient, carry = the gradient of its end state. hk/hv: the
     initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
-    the decays of the items carried before it (``after``)."""
+    the decays of the items carried before it (``after``). Every slot row is carried on its own,
+    so a program takes ROWS of them (grid axis 2): more programs and fewer registers than one
+    program per state, whose [256, 64] fp32 carries spilled (6.8 of 16.3 ms per forward+backward at
+    m = 256 on an H200, docs/benchmarks.md)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     first = tl.load(first_ptr + n)
     count = tl.load(count_ptr + n)
-    j_M = tl.arange(0, BM)
+    j_M = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
     dk_D, dv_D = tl.arange(0, BDK), tl.arange(0, BDV)
     sk = _state_offsets((n * HKV + g) * BM, j_M, dk_D, BDK)
     sv = _state_offsets((n * HKV + g) * BM, j_M, dv_D, BDV)
@@ -488,9 +491,9 @@ def _scan_kernel(
         K = tl.load(hk_ptr + sk)
         V = tl.load(hv_ptr + sv)
     else:
-        K = tl.zeros([BM, BDK], dtype=tl.float32)
-        V = tl.zeros([BM, BDV], dtype=tl.float32)
-    carried = tl.full([BM], 1.0, dtype=tl.float32)
+        K = tl.zeros([ROWS, BDK], dtype=tl.float32)
+        V = tl.zeros([ROWS, BDV], dtype=tl.float32)
+    carried = tl.full([ROWS], 1.0, dtype=tl.float32)
     for ii in range(0, count):
         if REVERSE:
             x = first + count - 1 - ii
@@ -816,8 +819,9 @@ def _pick(consts: dict, *names: str) -> dict:
 
 
 def _launch_opts(problem: Problem, kernel: str) -> dict:
-    """4 warps up to 64 slots (measured faster than 8 at S = 64, 32 and 16 on H100, m = 64:
-    docs/benchmarks.md), 8 above. BLA_TRITON_WARPS / BLA_TRITON_STAGES override them: a number
+    """4 warps up to 128 slots (measured faster than 8 at S = 64, 32 and 16 on H100, m = 64; at
+    m = 128 on an H200, 4.01 against 4.82 ms of kernels per forward+backward: docs/benchmarks.md),
+    8 above. BLA_TRITON_WARPS / BLA_TRITON_STAGES override them: a number
     for every kernel, or per kernel as ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
 
     def knob(name: str, default: int) -> int:
@@ -827,7 +831,17 @@ def _launch_opts(problem: Problem, kernel: str) -> dict:
         table = dict(item.split("=") for item in value.split(","))
         return int(table.get(kernel, default))
 
-    return dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 64 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
+    return dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
+
+
+SCAN_ROWS = 16  # slot rows per scan program (BLA_TRITON_SCAN_ROWS overrides it)
+
+
+def _scan_rows(bm: int) -> int:
+    rows = int(os.environ.get("BLA_TRITON_SCAN_ROWS", SCAN_ROWS))
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"BLA_TRITON_SCAN_ROWS must be a power of two, got {rows}")
+    return min(rows, bm)
 
 
 MIN_PROGRAMS = 512  # segments x kv heads below which segments shrink (about 4 per SM of an H100)
@@ -853,23 +867,24 @@ def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, de
     return out
 
 
-def _scan(xk, xv, dec, hk, hv, first, count, reverse: bool, decays: bool = False):
-    """Launch the scan over [items, H_kv, BM, BD] buffers; returns the last carries [N, H_kv, BM, BD]
-    and, with ``decays``, each item's product of the decays carried before it."""
+def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: bool = False):
+    """Launch the scan over [items, H_kv, BM, BD] buffers, ``rows`` slot rows a program; returns the
+    last carries [N, H_kv, BM, BD] and, with ``decays``, each item's product of the decays carried
+    before it."""
     n, hkv, bm = count.numel(), xk.shape[1], xk.shape[2]
     out_k = torch.empty(n, hkv, bm, xk.shape[3], device=xk.device, dtype=torch.float32)
     out_v = torch.empty(n, hkv, bm, xv.shape[3], device=xk.device, dtype=torch.float32)
     after = torch.empty_like(dec) if decays else dec
     use_h = hk is not None
-    _scan_kernel[(n, hkv)](
+    _scan_kernel[(n, hkv, bm // rows)](
         xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after,
-        HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], USE_H=use_h, REVERSE=reverse, DECAYS=decays,
+        HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], ROWS=rows, USE_H=use_h, REVERSE=reverse, DECAYS=decays,
     )  # fmt: skip
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
-          "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS")  # fmt: skip
+          "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -884,6 +899,7 @@ class _Plan:
         p = problem
         self.consts = consts = _constants(p, dtype)
         self.seg_chunks = _segment_chunks(p, consts["C"])
+        self.scan_rows = _scan_rows(consts["BM"])
         self.fwd_local = {**_pick(consts, *_LOCAL), **_launch_opts(p, "fwd_local")}
         self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
         self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
@@ -977,7 +993,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     use_h0 = h0k is not None
     h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
     h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
-    hk, hv = _scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay.item_base, lay.item_count, reverse=False)
+    hk, hv = _scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay.item_base, lay.item_count, plan.scan_rows, reverse=False)
     seg_k, seg_v = seg_k.to(ck.dtype), seg_v.to(ck.dtype)  # now each segment's start state: operands
 
     # (3) outputs, every chunk in parallel from its start state
@@ -1028,8 +1044,8 @@ def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
     # (B) two short scans instead of one over every chunk of a sequence (latency-bound): the
     # chunks of each forward segment from a zero carry, then the segments (by the forward's decays)
     seg_k, seg_v, after = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
-                                reverse=True, decays=True)  # fmt: skip
-    dh0k, dh0v = _scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay.item_base, lay.item_count, reverse=True)
+                                plan.scan_rows, reverse=True, decays=True)  # fmt: skip
+    dh0k, dh0v = _scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay.item_base, lay.item_count, plan.scan_rows, reverse=True)
     if lay.total_chunks:
         dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
         dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)

@@ -283,6 +283,45 @@ def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, jobs: int = 1, c
     return report(spec, out)
 
 
+def restore_runs(spec: SweepSpec, out: str | Path, sources: list[str | Path] = ()) -> int:
+    """Rebuild ``runs/<name>/result.json`` of this spec's runs from the sweep's ``results.csv``
+    (and those of the sweep directories ``sources``: run names are shared by sweeps whose runs are
+    set up alike) where it is missing; returns how many. runs/ stays out of git (checkpoints,
+    logs) while the report is committed, so a fresh clone, or a bare GPU machine handed the
+    report, resumes the sweep without retraining what it lists. A restored result has the
+    report's columns (metrics, state, parameters, overrides) and ``restored_from``; not its
+    config or training curve."""
+    out = Path(out)
+    rows = {}
+    for table in [Path(s) / "results.csv" for s in sources] + [out / "results.csv"]:  # the sweep's own last: it wins
+        if Path(table).exists():
+            with open(table, newline="") as f:
+                rows.update({row["run"]: (row, table) for row in csv.DictReader(f)})
+    ints, floats = ("state_elements", "state_bytes", "params"), ("accuracy", "val_accuracy", "loss", "tvd", "train_seconds")
+    restored = 0
+    for mixer, overrides in spec.runs():
+        name = run_name(spec, mixer, overrides)
+        target = out / "runs" / name / "result.json"
+        if name not in rows or target.exists():
+            continue
+        row, table = rows[name]
+        listed = {k: json.loads(v) for k, v in row.items() if k not in ints + floats + ("run", "mixer", "diverged") and v}
+        listed = {k: v for k, v in listed.items() if v is not None}
+        if row["mixer"] != mixer or listed != overrides:
+            raise ValueError(f"bla sweep --restore: {table} lists run {name} as {row['mixer']} {listed}, but the spec "
+                             f"names it {mixer} {overrides}; was the file edited?")  # fmt: skip
+        result = {"run": name, "mixer": mixer, "overrides": overrides, "restored_from": str(table),
+                  **{k: int(row[k]) for k in ints if row.get(k)},
+                  **{k: (float(row[k]) if row.get(k) else None) for k in floats},
+                  "diverged": row.get("diverged") or None}  # fmt: skip
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, target)
+        restored += 1
+    return restored
+
+
 # ---- the report ----
 def _results(spec: SweepSpec, out: Path) -> list[dict]:
     """Finished runs of this spec (runs of an edited spec's old grid stay out of the report)."""
@@ -450,6 +489,9 @@ def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = {p["run"]: learning_curves(out, p) for p in points}
+    if not any(curves.values()):  # every run restored from a report (no summaries): keep the figure there is
+        return
     mixers = [m for m in spec.mixers if any(p["mixer"] == m for p in points)]
     cols = min(4, len(mixers))
     rows = -(-len(mixers) // cols)
@@ -458,7 +500,7 @@ def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> N
         mine = sorted((p for p in points if p["mixer"] == mixer), key=lambda p: p["state_elements"])
         colours = plt.cm.viridis([i / max(1, len(mine) - 1) for i in range(len(mine))])
         for point, colour in zip(mine, colours):
-            for i, (steps, losses) in enumerate(learning_curves(out, point)):
+            for i, (steps, losses) in enumerate(curves[point["run"]]):
                 width = max(1, len(losses) // 50)
                 smooth = [sum(losses[max(0, j - width + 1) : j + 1]) / len(losses[max(0, j - width + 1) : j + 1]) for j in range(len(losses))]
                 label = f"state {point['state_elements']:,}, {spec.metric} {point[spec.metric]:.3f}" if i == 0 else None
@@ -466,12 +508,15 @@ def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> N
         ax.set_title(mixer)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
     for ax in axes.flat[len(mixers) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("train loss")
-    fig.suptitle(f"{spec.name}: training loss at each point's chosen learning rate")
+    missing = sum(not c for c in curves.values())
+    fig.suptitle(f"{spec.name}: training loss at each point's chosen learning rate"
+                 + (f" ({missing} points restored from the report, without curves)" if missing else ""))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -489,10 +534,16 @@ def add_sweep_command(sub) -> None:
                    help="start no run later than this after the sweep began (started runs finish; run again to resume)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state sizes, train nothing")
     p.add_argument("--report", action="store_true", help="rebuild the table and plots from finished runs only")
+    p.add_argument("--restore", nargs="*", metavar="SWEEP_DIR", default=None,
+                   help="first rebuild the result.json of runs that the sweep's results.csv lists, or those of these other "
+                        "sweep directories (runs/ is not in git: a fresh clone resumes from the committed reports); no curves")
 
     def run(args) -> int:
         spec = load_spec(args.spec)
         out = Path(args.out or f"sweeps/{spec.name}")
+        if args.restore is not None:
+            print(f"[bla sweep] {spec.name}: {restore_runs(spec, out, args.restore)} runs restored from the results.csv "
+                  f"of {[str(out), *args.restore]}", flush=True)  # fmt: skip
         if args.dry_run:
             for mixer, overrides in spec.runs():
                 cfg = train_config(spec, overrides)

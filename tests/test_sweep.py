@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bla.launch.sweep import (
-    SweepSpec, best_over_lr, child_visible_devices, job_gpus, load_spec, report, run_name, run_sweep, state_efficiency,
+    SweepSpec, best_over_lr, child_visible_devices, job_gpus, load_spec, report, restore_runs, run_name, run_sweep,
+    state_efficiency,
 )  # fmt: skip
 
 pytestmark = pytest.mark.slow
@@ -120,6 +121,35 @@ def test_the_learning_rate_is_chosen_on_validation_not_on_the_test(tmp_path):
     (point,) = best_over_lr(spec, [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")])
     assert point["overrides"]["optim.lr"] == 3e-3 and point["selected_on"] == "val_accuracy"
     assert point["accuracy"] == 0.7 and point["val_accuracy"] == 0.6  # the test figure reported, not chosen on
+
+
+def test_a_fresh_clone_restores_finished_runs_from_the_committed_report(tmp_path):
+    """runs/ is not in git, results.csv is: the runs it lists are not trained again, and the
+    report rebuilt from restored runs is the one they were restored from."""
+    import shutil
+
+    spec = SweepSpec("fake", "mqar", {"bla": [{"size": 64}, {"size": 128}]}, grid={"optim.lr": [1e-3, 3e-3], "seed": [0]})
+    _fake(spec, tmp_path, "bla", 64, 1e-3, 0.4, seed=0, val=0.45)
+    _fake(spec, tmp_path, "bla", 64, 3e-3, None, seed=0, diverged="stopped on 20 non-finite losses in a row")
+    _fake(spec, tmp_path, "bla", 128, 1e-3, 0.8, seed=0, val=0.75)  # (128, 3e-3) not run yet
+    first = report(spec, tmp_path)
+    table = (tmp_path / "results.csv").read_text()
+    shutil.rmtree(tmp_path / "runs")
+    assert restore_runs(spec, tmp_path) == 3 and restore_runs(spec, tmp_path) == 0  # never overwrites
+    todo = [o for m, o in spec.runs() if not (tmp_path / "runs" / run_name(spec, m, o) / "result.json").exists()]
+    assert todo == [{"size": 128, "optim.lr": 3e-3, "seed": 0}]
+    again = report(spec, tmp_path)
+    assert (tmp_path / "results.csv").read_text() == table
+    assert again["best_over_lr"] == first["best_over_lr"] and again["diverged"] == first["diverged"]
+    restored = json.loads(next((tmp_path / "runs").glob("*/result.json")).read_text())
+    assert restored["restored_from"].endswith("results.csv")
+    other = SweepSpec("seeds", "mqar", {"bla": [{"size": 64}]}, grid={"optim.lr": [1e-3], "seed": [0, 1]})
+    assert restore_runs(other, tmp_path / "seeds", [tmp_path]) == 1  # seed 0 is the first sweep's run: shared by name
+
+    shutil.rmtree(tmp_path / "runs")  # a row that does not match the spec's run of that name: refused
+    (tmp_path / "results.csv").write_text(table.replace("bla,", "swa,", 1))
+    with pytest.raises(ValueError, match="was the file edited"):
+        restore_runs(spec, tmp_path)
 
 
 @pytest.mark.parametrize(
