@@ -42,6 +42,18 @@ VARIANTS = [  # (W, m, knobs); 030793b's run also had SUB=128 (4 and 8 warps) an
     (512, 16, {}),
     (512, 4, {}),
 ]
+SCAN_VARIANTS = [  # the scan over slot-row blocks (16 rows a program) against one program per state (the rows = BM of before)
+    (512, 64, {}),
+    (512, 64, {"BLA_TRITON_SCAN_ROWS": "64"}),
+    (512, 64, {"BLA_TRITON_SCAN_ROWS": "32"}),
+    (4096, 64, {}),
+    (512, 128, {}),
+    (512, 128, {"BLA_TRITON_SCAN_ROWS": "128", "BLA_TRITON_WARPS": "8"}),
+    (512, 256, {}),
+    (512, 256, {"BLA_TRITON_SCAN_ROWS": "256"}),
+    (512, 16, {}),
+]
+SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS}
 
 
 def run_variant(W, m, env, q, k, v, do):
@@ -76,17 +88,19 @@ def run_variant(W, m, env, q, k, v, do):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--set", choices=sorted(SETS), default="all", help="which list of variants")
     args = ap.parse_args()
+    variants = SETS[args.set]
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = [torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)]
     do = torch.randn_like(q)
     rows = []
-    for W in sorted({w for w, _, _ in VARIANTS}):
+    for W in sorted({w for w, _, _ in variants}):
         flex = _flex_swa_fn(q, k, v, W)
         rows.append(dict(W=W, op="flex", fwd_ms=do_bench(flex, warmup=10, rep=50),
                          fwd_bwd_ms=do_bench(lambda: flex().backward(do), warmup=10, rep=50)))  # fmt: skip
         print("flex", rows[-1], flush=True)
-    for W, m, env in VARIANTS:
+    for W, m, env in variants:
         rows.append(run_variant(W, m, env, q, k, v, do))
         print(rows[-1], flush=True)
     print(f"{'W':>5} {'m':>4} {'variant':<44} {'S/pairs':>8} {'fwd':>7} {'fwd+bwd':>8} {'kernels':>8} {'host':>6}")
