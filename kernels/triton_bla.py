@@ -476,9 +476,7 @@ def _scan_kernel(
     x = an item's own start-state gradient, carry = the gradient of its end state. hk/hv: the
     initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
     the decays of the items carried before it (``after``). Every slot row is carried on its own,
-    so a program takes ROWS of them (grid axis 2): more programs and fewer registers than one
-    program per state, whose [256, 64] fp32 carries spilled (6.8 of 16.3 ms per forward+backward at
-    m = 256 on an H200, docs/benchmarks.md)."""
+    so a program takes ROWS of them (grid axis 2; SCAN_ROWS says how many)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     first = tl.load(first_ptr + n)
@@ -834,7 +832,11 @@ def _launch_opts(problem: Problem, kernel: str) -> dict:
     return dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
 
 
-SCAN_ROWS = 16  # slot rows per scan program (BLA_TRITON_SCAN_ROWS overrides it)
+# Slot rows per scan program (BLA_TRITON_SCAN_ROWS overrides it). Scan kernel time per forward+backward,
+# W = 512, H200 (docs/benchmarks.md): m = 64: 0.17 ms at 64 rows, 0.32 at 32, 0.42 at 16 (more, smaller
+# programs each wait on the same chain of loads); m = 256: 0.81 ms at 64 rows, 1.66 at 32, 6.88 as one
+# program per state (its [256, 64] fp32 carries spill).
+SCAN_ROWS = 64
 
 
 def _scan_rows(bm: int) -> int:

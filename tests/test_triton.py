@@ -191,6 +191,14 @@ def test_triton_segments_carry_the_state(monkeypatch, gates, segment):
     _compare((2, 300, 2, 2, 8, 8, 96, 6), gates)
 
 
+def test_scan_rows_must_be_a_power_of_two(monkeypatch):
+    from bla.kernels import triton_bla
+
+    monkeypatch.setenv("BLA_TRITON_SCAN_ROWS", "24")
+    with pytest.raises(ValueError, match="BLA_TRITON_SCAN_ROWS must be a power of two, got 24"):
+        triton_bla._scan_rows(64)
+
+
 def test_triton_summed_chunk_states(monkeypatch):
     """Above BLA_TRITON_SPLIT_SLOTS slots (128 and up by default) a chunk's state and its segment's
     are summed into one before use, instead of used apart."""
@@ -199,9 +207,14 @@ def test_triton_summed_chunk_states(monkeypatch):
     _compare((2, 300, 2, 2, 8, 8, 96, 6), "dirichlet")
 
 
-def test_triton_varlen_segments(monkeypatch):
-    """Segments of several chunks inside documents of several segments, and empty documents."""
+@pytest.mark.parametrize("scan_rows", [None, "16"])
+def test_triton_varlen_segments(monkeypatch, scan_rows):
+    """Segments of several chunks inside documents of several segments, and empty documents; with
+    16 scan rows every scan (the forward's, both of the backward's, the initial state's gradient)
+    runs as 4 programs over the 64-slot tile's row blocks."""
     monkeypatch.setenv("BLA_TRITON_SEGMENT", "128")
+    if scan_rows:
+        monkeypatch.setenv("BLA_TRITON_SCAN_ROWS", scan_rows)
     lengths = [0, 300, 1, 140, 0]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
     q, k, v = random_qkv(1, int(cu[-1]), 2, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)

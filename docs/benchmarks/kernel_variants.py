@@ -53,7 +53,14 @@ SCAN_VARIANTS = [  # the scan over slot-row blocks (16 rows a program) against o
     (512, 256, {"BLA_TRITON_SCAN_ROWS": "256"}),
     (512, 16, {}),
 ]
-SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS}
+SCAN_ROWS_VARIANTS = [  # after the first scan run: the rows per program at m >= 128 (64 slots and below keep one program per state)
+    (512, 64, {}),
+    (512, 128, {"BLA_TRITON_SCAN_ROWS": "64"}),
+    (512, 128, {"BLA_TRITON_SCAN_ROWS": "32"}),
+    (512, 256, {"BLA_TRITON_SCAN_ROWS": "64"}),
+    (512, 256, {"BLA_TRITON_SCAN_ROWS": "32"}),
+]
+SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS}
 
 
 def run_variant(W, m, env, q, k, v, do):
