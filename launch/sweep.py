@@ -292,9 +292,12 @@ def restore_runs(spec: SweepSpec, out: str | Path, sources: list[str | Path] = (
     report's columns (metrics, state, parameters, overrides) and ``restored_from``; not its
     config or training curve."""
     out = Path(out)
+    missing = [str(s) for s in sources if not (Path(s) / "results.csv").exists()]
+    if missing:
+        raise FileNotFoundError(f"bla sweep --restore: no results.csv in {missing} (expected sweep directories with a report)")
     rows = {}
     for table in [Path(s) / "results.csv" for s in sources] + [out / "results.csv"]:  # the sweep's own last: it wins
-        if Path(table).exists():
+        if table.exists():
             with open(table, newline="") as f:
                 rows.update({row["run"]: (row, table) for row in csv.DictReader(f)})
     ints, floats = ("state_elements", "state_bytes", "params"), ("accuracy", "val_accuracy", "loss", "tvd", "train_seconds")

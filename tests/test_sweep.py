@@ -145,6 +145,8 @@ def test_a_fresh_clone_restores_finished_runs_from_the_committed_report(tmp_path
     assert restored["restored_from"].endswith("results.csv")
     other = SweepSpec("seeds", "mqar", {"bla": [{"size": 64}]}, grid={"optim.lr": [1e-3], "seed": [0, 1]})
     assert restore_runs(other, tmp_path / "seeds", [tmp_path]) == 1  # seed 0 is the first sweep's run: shared by name
+    with pytest.raises(FileNotFoundError, match="no results.csv in"):
+        restore_runs(other, tmp_path / "seeds", [tmp_path / "nowhere"])
 
     shutil.rmtree(tmp_path / "runs")  # a row that does not match the spec's run of that name: refused
     (tmp_path / "results.csv").write_text(table.replace("bla,", "swa,", 1))
