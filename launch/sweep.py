@@ -517,9 +517,9 @@ def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> N
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("train loss")
-    missing = sum(not c for c in curves.values())
+    missing = sum(len(p["run"].split(",")) - len(curves[p["run"]]) for p in points)  # runs without a summary (restored)
     fig.suptitle(f"{spec.name}: training loss at each point's chosen learning rate"
-                 + (f" ({missing} points restored from the report, without curves)" if missing else ""))  # fmt: skip
+                 + (f"\n({missing} runs restored from reports, without curves)" if missing else ""))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
