@@ -49,6 +49,7 @@ BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=element
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 import os
@@ -906,32 +907,68 @@ class _Plan:
         self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
         self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
         self.bwd_tokens = {**_pick(consts, *_LOCAL), **_launch_opts(p, "bwd_tokens")}
-        chunks, items = saved_rows(p, consts["C"], self.seg_chunks)
-        hkv, bm, bdk, bdv = p.num_kv_heads, consts["BM"], consts["BDK"], consts["BDV"]
-        st, f32 = (torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32), torch.float32
-        self.saved = [((chunks, hkv, bm, bdk), st), ((chunks, hkv, bm, bdv), st), ((chunks, hkv, bm), f32),
-                      ((chunks, hkv, bm), f32), ((items, hkv, bm, bdk), st), ((items, hkv, bm, bdv), st), ((items, hkv, bm), f32)]  # fmt: skip
+        self.saved = _saved_shapes(p, consts, self.seg_chunks)
         _check_32_bit_offsets(p, self.saved)
+
+
+def _saved_shapes(p: Problem, consts: dict, seg_chunks: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    chunks, items = saved_rows(p, consts["C"], seg_chunks)
+    hkv, bm, bdk, bdv = p.num_kv_heads, consts["BM"], consts["BDK"], consts["BDV"]
+    st, f32 = (torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32), torch.float32
+    return [((chunks, hkv, bm, bdk), st), ((chunks, hkv, bm, bdv), st), ((chunks, hkv, bm), f32),
+            ((chunks, hkv, bm), f32), ((items, hkv, bm, bdk), st), ((items, hkv, bm, bdv), st), ((items, hkv, bm), f32)]  # fmt: skip
 
 
 INT32_ELEMENTS = 2**31  # the kernels address every tensor with int32 element offsets: 0 .. 2^31 - 1
 
 
+def rows_per_call(problem: Problem, dtype: torch.dtype) -> int | None:
+    """How many batch rows one launch of the kernels can take: None (all of them) unless some
+    tensor would pass their int32 offsets (2^31 elements), then the most that fit (``bla_attention``
+    runs the batch in pieces of that many rows: each row is its own sequence). Packed documents
+    (cu_seqlens) are one row and are not split here; a row too large on its own is refused by the
+    plan, by name. Symbolic shapes (a compiler's trace) are not split: no comparison guards them."""
+    p = problem
+    if p.cu_seqlens is not None or not all(isinstance(x, int) for x in (p.batch, p.seq_len)):
+        return None
+    bm, bd = _slot_block(p.slots), _pow2(max(p.head_dim_k, p.head_dim_v))
+    tokens_bound = p.batch * p.seq_len * max(p.num_heads, p.num_kv_heads) * bd  # q, k, v, o
+    states_bound = p.batch * -(-p.seq_len // 16) * p.num_kv_heads * bm * bd  # saved states: chunks of >= 16 tokens
+    if max(tokens_bound, states_bound) <= INT32_ELEMENTS:  # the common case: no plan built per call
+        return None
+    rows = p.batch
+    while rows > 1:
+        part = dataclasses.replace(p, batch=rows, num_seqs=rows, offset=p.offset[:rows])
+        consts = _constants(part, dtype)
+        if _oversized(part, _saved_shapes(part, consts, _segment_chunks(part, consts["C"]))) is None:
+            break
+        rows = (rows + 1) // 2
+    return None if rows == p.batch else rows
+
+
 def _check_32_bit_offsets(p: Problem, saved: list) -> None:
     """Refuse, by name, a tensor too large for the kernels' int32 offsets: past 2^31 elements they
     would wrap and read or write the wrong memory without any error."""
+    problem = _oversized(p, saved)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _oversized(p: Problem, saved: list) -> str | None:
+    """Why a tensor of this problem is too large for int32 offsets, or None."""
     tokens = p.batch * p.seq_len
     tensors = {"q": (tokens, p.num_heads, p.head_dim_k), "k": (tokens, p.num_kv_heads, p.head_dim_k),
                "v": (tokens, p.num_kv_heads, p.head_dim_v), "o": (tokens, p.num_heads, p.head_dim_v),
                **{f"saved buffer {i}": shape for i, (shape, _) in enumerate(saved)}}  # fmt: skip
     for name, shape in tensors.items():
         if any(not isinstance(d, int) for d in shape):  # symbolic shapes: checked again at the real call
-            return
+            return None
         elements = math.prod(shape)
         if elements > INT32_ELEMENTS:
-            raise ValueError(f"bla_attention backend='triton': {name} would hold {elements:,} elements ({'x'.join(map(str, shape))}), "
-                             f"more than the kernels' 32-bit offsets address (2^31); split the batch (fewer tokens per call) "
-                             f"or use backend='torch'")  # fmt: skip
+            return (f"bla_attention backend='triton': {name} would hold {elements:,} elements ({'x'.join(map(str, shape))}), "
+                    f"more than the kernels' 32-bit offsets address (2^31), and one batch row (or the packed documents) "
+                    f"cannot be split further; pass fewer tokens per row or document per call, or use backend='torch'")  # fmt: skip
+    return None
 
 
 def _plan(problem: Problem, dtype: torch.dtype) -> _Plan:

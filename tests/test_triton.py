@@ -297,6 +297,24 @@ def test_tensors_past_32_bit_offsets_are_refused_by_name():
         _Plan(problem(2, 2**20), torch.bfloat16)
 
 
+def test_a_batch_past_32_bit_offsets_runs_in_pieces(monkeypatch):
+    """Rows are independent sequences, so a batch whose buffers would pass 2^31 elements runs in
+    pieces of rows that fit, with each row's initial state, offset, final state and gradients.
+    Here the limit is lowered so that 2 of the 3 rows fit (one row's saved chunk states: 2,048
+    elements): pieces of 2 and 1 rows."""
+    from bla.kernels import triton_bla, triton_ops
+
+    monkeypatch.setattr(triton_bla, "INT32_ELEMENTS", 4200)
+    calls = []
+    real = triton_ops.bla_triton
+    monkeypatch.setattr(triton_ops, "bla_triton", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    _compare((3, 40, 4, 2, 8, 8, 16, 4), "dirichlet")
+    assert calls == [2, 1]
+    q, k, v = random_qkv(1, 120, 4, 2, 8, 8, device=DEVICE)  # packed documents are one row: refused by name
+    with pytest.raises(ValueError, match="would hold .* elements .*cannot be split further"):
+        bla_attention(q, k, v, 16, 4, cu_seqlens=torch.tensor([0, 40, 120], device=DEVICE), backend="triton")
+
+
 def test_slots_run_in_tiles_of_at_least_64():
     """Triton 3.6 miscompiles 16- and 32-slot tiles on Hopper's tensor cores (reads of memory
     never written: NaN outputs at d = 32, outputs that change from call to call at d = 64), so
