@@ -104,26 +104,15 @@ def bla_attention(
         from .triton_ops import bla_triton
 
         rows = rows_per_call(problem, q.dtype)
-        if rows is not None:
-            return _in_batch_pieces(q, k, v, problem, initial_state, output_final_state, rows)
-        o, state = bla_triton(q, k, v, problem, initial_state)
+        if rows is None:
+            o, state = bla_triton(q, k, v, problem, initial_state)
+        else:  # past the kernels' int32 offsets: pieces of rows that fit (rows are independent sequences)
+            pieces = [(slice(s, s + rows), problem.rows(s, s + rows)) for s in range(0, problem.batch, rows)]
+            done = [bla_triton(q[r], k[r], v[r], part, None if initial_state is None else (initial_state[0][r], initial_state[1][r]))
+                    for r, part in pieces]  # fmt: skip
+            o = torch.cat([piece[0] for piece in done])
+            state = (torch.cat([piece[1][0] for piece in done]), torch.cat([piece[1][1] for piece in done]))
     return o, (state if output_final_state else None)
-
-
-def _in_batch_pieces(q, k, v, problem, initial_state, output_final_state: bool, rows: int):
-    """The Triton backend over ``rows`` batch rows at a time (rows are independent sequences): a
-    batch whose tensors would pass the kernels' int32 offsets runs in pieces that do not."""
-    outs, states = [], []
-    for start in range(0, problem.batch, rows):
-        part = slice(start, start + rows)
-        h0 = None if initial_state is None else (initial_state[0][part], initial_state[1][part])
-        o, state = bla_attention(q[part], k[part], v[part], list(problem.windows), problem.slots, problem.scale, h0,
-                                 output_final_state, offset=problem.offset[part], backend="triton", gates=problem.gates,
-                                 validate_values=False)  # fmt: skip
-        outs.append(o)
-        states.append(state)
-    state = (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states])) if output_final_state else None
-    return torch.cat(outs), state
 
 
 def bla_step(

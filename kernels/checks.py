@@ -6,6 +6,7 @@ the result is a normalised description of the problem that the backends consume.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +41,13 @@ class Problem:
 
     def window_tensor(self, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.windows, dtype=torch.int64, device=device)
+
+    def rows(self, start: int, stop: int) -> "Problem":
+        """The same problem over batch rows [start, stop) (equal-length rows: each its own sequence)."""
+        if self.cu_seqlens is not None:
+            raise ValueError("Problem.rows: packed documents (cu_seqlens) are one batch row, not split by rows")
+        n = min(stop, self.batch) - start
+        return dataclasses.replace(self, batch=n, num_seqs=n, offset=self.offset[start:stop])
 
 
 def normalise_windows(window: int | Sequence[int], slots: int, num_heads: int, num_kv_heads: int) -> tuple[int, ...]:

@@ -49,7 +49,6 @@ BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=element
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import math
 import os
@@ -938,7 +937,7 @@ def rows_per_call(problem: Problem, dtype: torch.dtype) -> int | None:
         return None
     rows = p.batch
     while rows > 1:
-        part = dataclasses.replace(p, batch=rows, num_seqs=rows, offset=p.offset[:rows])
+        part = p.rows(0, rows)
         consts = _constants(part, dtype)
         if _oversized(part, _saved_shapes(part, consts, _segment_chunks(part, consts["C"]))) is None:
             break

@@ -308,8 +308,7 @@ def restore_runs(spec: SweepSpec, out: str | Path, sources: list[str | Path] = (
         if name not in rows or target.exists():
             continue
         row, table = rows[name]
-        listed = {k: json.loads(v) for k, v in row.items() if k not in ints + floats + ("run", "mixer", "diverged") and v}
-        listed = {k: v for k, v in listed.items() if v is not None}
+        listed = {k: json.loads(v) for k, v in row.items() if k not in ints + floats + ("run", "mixer", "diverged") and v not in ("", "null")}
         if row["mixer"] != mixer or listed != overrides:
             raise ValueError(f"bla sweep --restore: {table} lists run {name} as {row['mixer']} {listed}, but the spec "
                              f"names it {mixer} {overrides}; was the file edited?")  # fmt: skip

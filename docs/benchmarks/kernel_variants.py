@@ -42,7 +42,7 @@ VARIANTS = [  # (W, m, knobs); 030793b's run also had SUB=128 (4 and 8 warps) an
     (512, 16, {}),
     (512, 4, {}),
 ]
-SCAN_VARIANTS = [  # the scan over slot-row blocks (16 rows a program) against one program per state (the rows = BM of before)
+SCAN_VARIANTS = [  # run at f9bbe0a, whose default was 16 scan rows a program, against one program per state (rows = BM)
     (512, 64, {}),
     (512, 64, {"BLA_TRITON_SCAN_ROWS": "64"}),
     (512, 64, {"BLA_TRITON_SCAN_ROWS": "32"}),
