@@ -67,9 +67,17 @@ for stage in "$@"; do
       timeout 240 python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "long_window or half_inputs" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests.txt" ;;
     fla)  # issue 17's benchmark with fla's chunk_gsa beside it (its wheels, fla-core and einops, in .whl-fla:
       # carry it too; fla autotunes at its first call, for minutes, so the shapes are few)
+      # fla's autotuning (36 configs a kernel) ran past 400 s twice: its choices persist (Triton's cache_results)
+      # in $OUT/fla_tune.tgz even when the stage is cut; unpack that into .fla-tune (git-ignored) and carry it
+      # to start where the last call stopped. FLA_LIMIT bounds the benchmark (default 420 s).
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-fla .whl-fla/*.whl || exit 1
-      PYTHONPATH=$PYTHONPATH:/tmp/site-fla python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 \
-        --window 512 4096 --json "$OUT/kernel_fla.json" 2>&1 | grep -v Warning | tee "$OUT/kernel_fla.txt" ;;
+      export TRITON_CACHE_DIR=/tmp/triton-fla; mkdir -p "$TRITON_CACHE_DIR"
+      [ -d .fla-tune ] && cp -r .fla-tune/. "$TRITON_CACHE_DIR/"
+      PYTHONPATH=$PYTHONPATH:/tmp/site-fla TRITON_PRINT_AUTOTUNING=1 timeout "${FLA_LIMIT:-420}" python3 -m bla.kernels.benchmark gpu \
+        --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 --window 512 4096 --json "$OUT/kernel_fla.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/kernel_fla.txt"
+      (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar czf "$OUT/fla_tune.tgz" -T -)
+      unset TRITON_CACHE_DIR ;;
     accuracy)  # issue 17: the bf16 kernel against the fp32 torch backend at W=4096 (the halves form's sub-chunks)
       timeout 150 python3 -m bla.kernels.benchmark accuracy --head-dims 64 128 --slots 64 --window 4096 --all-gates dirichlet fejer \
         --json "$OUT/accuracy_4096.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_4096.txt" ;;
