@@ -112,6 +112,8 @@ def gpu_benchmark(args) -> list[dict]:
                 if not args.no_flex:
                     row["flex_swa_fwd_ms"], row["flex_swa_fwdbwd_ms"] = _bench(_flex_swa_fn(q, k, v, W), do)
             if have_fla:
+                if not rows:  # fla autotunes 19 kernels at its first call (343 s on an H200): say why nothing prints
+                    print(f"{_fmt(row)}; timing fla's chunk_gsa (its first call autotunes, for minutes)", flush=True)
                 row["fla_gsa_fwd_ms"], row["fla_gsa_fwdbwd_ms"] = _bench(_fla_gsa_fn(q, k, v, W, m, args.gates), do)
             io_bytes = 4 * B * T * H * d * 2  # q, k, v, o in bf16
             row["bla_fwd_tflops"] = bla_flops(B, T, H, d, m, False) / row["bla_fwd_ms"] / 1e9
