@@ -66,10 +66,9 @@ for stage in "$@"; do
       # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here)
       timeout 240 python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "long_window or half_inputs" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests.txt" ;;
     fla)  # issue 17's benchmark with fla's chunk_gsa beside it (its wheels, fla-core and einops, in .whl-fla:
-      # carry it too; fla autotunes at its first call, for minutes, so the shapes are few)
-      # fla's autotuning (36 configs a kernel) ran past 400 s twice: its choices persist (Triton's cache_results)
-      # in $OUT/fla_tune.tgz even when the stage is cut; unpack that into .fla-tune (git-ignored) and carry it
-      # to start where the last call stopped. FLA_LIMIT bounds the benchmark (default 420 s).
+      # carry it too). fla autotunes 19 kernels at its first call (343 s on an H200, so the shapes are few); its
+      # choices persist (Triton's cache_results) in $OUT/fla_tune.tgz even when the stage is cut: unpack that into
+      # .fla-tune (git-ignored) and carry it, and the next call starts tuned. FLA_LIMIT bounds the benchmark (420 s).
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-fla .whl-fla/*.whl || exit 1
       export TRITON_CACHE_DIR=/tmp/triton-fla; mkdir -p "$TRITON_CACHE_DIR"
       [ -d .fla-tune ] && cp -r .fla-tune/. "$TRITON_CACHE_DIR/"
