@@ -54,7 +54,9 @@ def _flex_swa_fn(q, k, v, W):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     B, T, H, _ = q.shape
-    block_mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < W), None, None, T, T, device="cuda")
+    # compiled, the block mask is built tile by tile: eagerly it materialises a T x T boolean
+    # (128 GiB at T = 131,072)
+    block_mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < W), None, None, T, T, device="cuda", _compile=True)
     flex = torch.compile(flex_attention)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     return lambda: flex(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
