@@ -755,6 +755,34 @@ class _Layout:
         self.item_chunk_count = _as32((n_chunks[item_seq] - item_chunk).clamp(0, seg_chunks), device)
         self.chunk_item = _as32(item_base[chunk_seq] + chunk_idx // seg_chunks, device)
         self.windows = _as32(torch.tensor(windows), device)
+        self._n_items, self._device, self._groups = n_items, device, {}
+
+    def segment_groups(self, group: int) -> "_SegmentGroups":
+        """The segments cut into runs of ``group`` for the two-level segment scan (built once)."""
+        if group not in self._groups:
+            self._groups[group] = _SegmentGroups(self._n_items, group, self._device)
+        return self._groups[group]
+
+
+class _SegmentGroups:
+    """Each sequence's segments in runs of at most ``group`` (the last run shorter), for a scan in
+    two levels: every run from a zero carry (all runs in parallel), then the runs' totals along
+    each sequence (a chain ``group`` times shorter), then each segment's share of its run's carry."""
+
+    def __init__(self, n_items: torch.Tensor, group: int, device):
+        n_runs = (n_items + group - 1) // group
+        run_base = torch.cumsum(n_runs, 0) - n_runs
+        run_seq = torch.repeat_interleave(torch.arange(len(n_items)), n_runs)
+        item_base = torch.cumsum(n_items, 0) - n_items
+        in_seq = (torch.arange(int(n_runs.sum())) - run_base[run_seq]) * group  # a run's first segment in its sequence
+        first = item_base[run_seq] + in_seq
+        count = torch.minimum(n_items[run_seq] - in_seq, torch.tensor(group))
+        self.first, self.count = _as32(first, device), _as32(count, device)
+        self.last = (first + count - 1).to(device)  # int64: index tensors
+        self.first_index = first.to(device)
+        self.run_base, self.run_count = _as32(run_base, device), _as32(n_runs, device)
+        self.item_run = torch.repeat_interleave(torch.arange(len(first)), count).to(device)
+        self.longest = int(n_items.max()) if len(n_items) else 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -885,8 +913,41 @@ def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: b
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
+def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool):
+    """The scan over each sequence's segments (the forward's (2), the backward's second level of
+    (B)). With ``plan.scan_group`` (BLA_TRITON_SCAN_GROUP, off by default) and a sequence longer
+    than that many segments, in two levels, so that no program walks more than about
+    group + segments / group of them: at B=1, T=128k (128 segments, 16 programs at m = 64) the
+    one-level chains are the suspected cause of the B=1 row's +20% (docs/benchmarks.md)."""
+    group = plan.scan_group
+    if not group or lay.segment_groups(group).longest <= group:
+        return _scan(xk, xv, dec, hk, hv, lay.item_base, lay.item_count, plan.scan_rows, reverse=reverse)
+    runs = lay.segment_groups(group)
+    # level 1: each run from a zero carry; xk, xv become the state carried within the run, ``after``
+    # the product of the decays carried before each segment in its run
+    run_k, run_v, after = _scan(xk, xv, dec, None, None, runs.first, runs.count, plan.scan_rows, reverse=reverse,
+                                decays=True)  # fmt: skip
+    end = runs.first_index if reverse else runs.last  # the run's segment carried last
+    run_dec = after[end] * dec[end]
+    # level 2: the runs' totals along each sequence; run_k, run_v become each run's carry-in
+    hk_out, hv_out = _scan(run_k, run_v, run_dec, hk, hv, runs.run_base, runs.run_count, plan.scan_rows, reverse=reverse)
+    # each segment's carried state gains its run's carry-in, decayed through the run's segments before it
+    n = runs.item_run.numel()  # packed documents' buffers have rows to spare past their segments
+    xk[:n] += after[:n, ..., None] * run_k[runs.item_run]
+    xv[:n] += after[:n, ..., None] * run_v[runs.item_run]
+    return hk_out, hv_out
+
+
+def _scan_group() -> int:
+    group = int(os.environ.get("BLA_TRITON_SCAN_GROUP", 0))
+    if group < 0 or group == 1:
+        raise ValueError(f"BLA_TRITON_SCAN_GROUP must be 0 (one level) or at least 2 segments, got {group}")
+    return group
+
+
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
-          "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS")  # fmt: skip
+          "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
+          "BLA_TRITON_SCAN_GROUP")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -902,6 +963,7 @@ class _Plan:
         self.consts = consts = _constants(p, dtype)
         self.seg_chunks = _segment_chunks(p, consts["C"])
         self.scan_rows = _scan_rows(consts["BM"])
+        self.scan_group = _scan_group()
         self.fwd_local = {**_pick(consts, *_LOCAL), **_launch_opts(p, "fwd_local")}
         self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
         self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
@@ -1031,7 +1093,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     use_h0 = h0k is not None
     h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
     h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
-    hk, hv = _scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay.item_base, lay.item_count, plan.scan_rows, reverse=False)
+    hk, hv = _segment_scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay, plan, reverse=False)
     seg_k, seg_v = seg_k.to(ck.dtype), seg_v.to(ck.dtype)  # now each segment's start state: operands
 
     # (3) outputs, every chunk in parallel from its start state
@@ -1083,7 +1145,7 @@ def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
     # chunks of each forward segment from a zero carry, then the segments (by the forward's decays)
     seg_k, seg_v, after = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
                                 plan.scan_rows, reverse=True, decays=True)  # fmt: skip
-    dh0k, dh0v = _scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay.item_base, lay.item_count, plan.scan_rows, reverse=True)
+    dh0k, dh0v = _segment_scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay, plan, reverse=True)
     if lay.total_chunks:
         dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
         dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)

@@ -191,6 +191,22 @@ def test_triton_segments_carry_the_state(monkeypatch, gates, segment):
     _compare((2, 300, 2, 2, 8, 8, 96, 6), gates)
 
 
+def test_triton_two_level_segment_scan(monkeypatch):
+    """BLA_TRITON_SCAN_GROUP=2: the 5 segments of each sequence (64 tokens each) scanned as runs of
+    2, 2 and 1, then the runs' totals, forward and backward, with an initial state."""
+    monkeypatch.setenv("BLA_TRITON_SEGMENT", "64")
+    monkeypatch.setenv("BLA_TRITON_SCAN_GROUP", "2")
+    _compare((2, 300, 2, 2, 8, 8, 96, 6), "fejer")
+
+
+def test_scan_group_must_be_zero_or_at_least_two(monkeypatch):
+    from bla.kernels import triton_bla
+
+    monkeypatch.setenv("BLA_TRITON_SCAN_GROUP", "1")
+    with pytest.raises(ValueError, match="BLA_TRITON_SCAN_GROUP must be 0 .* got 1"):
+        triton_bla._scan_group()
+
+
 def test_scan_rows_must_be_a_power_of_two(monkeypatch):
     from bla.kernels import triton_bla
 
@@ -207,14 +223,17 @@ def test_triton_summed_chunk_states(monkeypatch):
     _compare((2, 300, 2, 2, 8, 8, 96, 6), "dirichlet")
 
 
-@pytest.mark.parametrize("scan_rows", [None, "16"])
-def test_triton_varlen_segments(monkeypatch, scan_rows):
+@pytest.mark.parametrize("scan_rows, scan_group", [(None, None), ("16", None), (None, "2")])
+def test_triton_varlen_segments(monkeypatch, scan_rows, scan_group):
     """Segments of several chunks inside documents of several segments, and empty documents; with
     16 scan rows every scan (the forward's, both of the backward's, the initial state's gradient)
-    runs as 4 programs over the 64-slot tile's row blocks."""
+    runs as 4 programs over the 64-slot tile's row blocks; with a scan group of 2 the documents'
+    segments (3, 2 and one each) are scanned in runs of 2 (the one-segment documents as runs of one)."""
     monkeypatch.setenv("BLA_TRITON_SEGMENT", "128")
     if scan_rows:
         monkeypatch.setenv("BLA_TRITON_SCAN_ROWS", scan_rows)
+    if scan_group:
+        monkeypatch.setenv("BLA_TRITON_SCAN_GROUP", scan_group)
     lengths = [0, 300, 1, 140, 0]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
     q, k, v = random_qkv(1, int(cu[-1]), 2, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)

@@ -60,7 +60,7 @@ for stage in "$@"; do
       for c in false true; do cp /tmp/curve350m_$c/summary.json "$OUT/curve350m_$c.json"; done ;;
     hostparts)  # the host time of each part of a BLA call
       python3 docs/benchmarks/host_parts.py 2>&1 | grep -v Warn | tee "$OUT/host_parts.txt" ;;
-    variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps; VARIANTS=scan: the scan's rows) beside flex SWA, one process
+    variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps; VARIANTS=scan: the scan's rows; VARIANTS=scan_group: the two-level segment scan at B=1, T=128k) beside flex SWA, one process
       python3 docs/benchmarks/kernel_variants.py --set "${VARIANTS:-all}" --json "$OUT/kernel_variants.json" 2>&1 | grep -v Warning | tee "$OUT/kernel_variants.txt" ;;
     triton)  # a few Triton kernel tests on the GPU (each case compiles its own kernels, 10-60 s: at
       # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here)

@@ -1,6 +1,6 @@
 """The BLA Triton kernels' tuning variants side by side, in one process (used for docs/benchmarks.md).
 
-B=4, T=8192, H=16, d=64, bf16. Each variant is (W, m, environment knobs of kernels/triton_bla.py);
+B=4, T=8192 (or the set's own shape, or ``--shape B T``), H=16, d=64, bf16. Each variant is (W, m, environment knobs of kernels/triton_bla.py);
 the knobs are read per call, so every variant runs in the same process and run. For each: do_bench
 medians of the forward and of forward+backward; the kernels' CUDA time of one forward+backward
 (torch profiler, mean of 5); the host's time to issue one forward+backward (no synchronisation);
@@ -22,7 +22,7 @@ from bla.kernels.benchmark_gpu import _flex_swa_fn
 from bla.kernels.triton_bla import sub_chunking
 from bla.kernels.checks import check_problem
 
-B, T, H, d = 4, 8192, 16, 64
+H, d = 16, 64
 VARIANTS = [  # (W, m, knobs); 030793b's run also had SUB=128 (4 and 8 warps) and halves at W=512, 8 warps at W=4096
     (512, 64, {}),
     (4096, 64, {"BLA_TRITON_PAIRS": "centred"}),
@@ -60,7 +60,16 @@ SCAN_ROWS_VARIANTS = [  # after the first scan run: the rows per program at m >=
     (512, 256, {"BLA_TRITON_SCAN_ROWS": "64"}),
     (512, 256, {"BLA_TRITON_SCAN_ROWS": "32"}),
 ]
-SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS}
+SCAN_GROUP_VARIANTS = [  # the two-level segment scan (BLA_TRITON_SCAN_GROUP) at B=1, T=131,072: 128 segments a sequence
+    (512, 64, {}),
+    (512, 64, {"BLA_TRITON_SCAN_GROUP": "8"}),
+    (512, 64, {"BLA_TRITON_SCAN_GROUP": "16"}),
+    (4096, 64, {}),
+    (4096, 64, {"BLA_TRITON_SCAN_GROUP": "8"}),
+    (4096, 64, {"BLA_TRITON_SCAN_GROUP": "16"}),
+]
+SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS}
+SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
 def run_variant(W, m, env, q, k, v, do):
@@ -96,8 +105,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--set", choices=sorted(SETS), default="all", help="which list of variants")
+    ap.add_argument("--shape", type=int, nargs=2, metavar=("B", "T"), help="batch and length (default: the set's)")
     args = ap.parse_args()
     variants = SETS[args.set]
+    B, T = args.shape or SHAPES.get(args.set, (4, 8192))
+    print(f"B={B} T={T} H={H} d={d}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = [torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)]
     do = torch.randn_like(q)
@@ -124,7 +136,7 @@ def main():
             print(r["W"], r["m"], json.dumps(r["env"]), {k: round(v, 3) for k, v in r["top"].items()})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), B=B, T=T, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
