@@ -755,12 +755,12 @@ class _Layout:
         self.item_chunk_count = _as32((n_chunks[item_seq] - item_chunk).clamp(0, seg_chunks), device)
         self.chunk_item = _as32(item_base[chunk_seq] + chunk_idx // seg_chunks, device)
         self.windows = _as32(torch.tensor(windows), device)
-        self._n_items, self._device, self._groups = n_items, device, {}
+        self._n_items, self._item_base, self._device, self._groups = n_items, item_base, device, {}
 
     def segment_groups(self, group: int) -> "_SegmentGroups":
         """The segments cut into runs of ``group`` for the two-level segment scan (built once)."""
         if group not in self._groups:
-            self._groups[group] = _SegmentGroups(self._n_items, group, self._device)
+            self._groups[group] = _SegmentGroups(self._n_items, self._item_base, group, self._device)
         return self._groups[group]
 
 
@@ -769,11 +769,10 @@ class _SegmentGroups:
     two levels: every run from a zero carry (all runs in parallel), then the runs' totals along
     each sequence (a chain ``group`` times shorter), then each segment's share of its run's carry."""
 
-    def __init__(self, n_items: torch.Tensor, group: int, device):
+    def __init__(self, n_items: torch.Tensor, item_base: torch.Tensor, group: int, device):
         n_runs = (n_items + group - 1) // group
         run_base = torch.cumsum(n_runs, 0) - n_runs
         run_seq = torch.repeat_interleave(torch.arange(len(n_items)), n_runs)
-        item_base = torch.cumsum(n_items, 0) - n_items
         in_seq = (torch.arange(int(n_runs.sum())) - run_base[run_seq]) * group  # a run's first segment in its sequence
         first = item_base[run_seq] + in_seq
         count = torch.minimum(n_items[run_seq] - in_seq, torch.tensor(group))
@@ -920,9 +919,9 @@ def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool):
     group + segments / group of them: at B=1, T=128k (128 segments, 16 programs at m = 64) the
     one-level chains are the suspected cause of the B=1 row's +20% (docs/benchmarks.md)."""
     group = plan.scan_group
-    if not group or lay.segment_groups(group).longest <= group:
+    runs = lay.segment_groups(group) if group else None
+    if runs is None or runs.longest <= group:
         return _scan(xk, xv, dec, hk, hv, lay.item_base, lay.item_count, plan.scan_rows, reverse=reverse)
-    runs = lay.segment_groups(group)
     # level 1: each run from a zero carry; xk, xv become the state carried within the run, ``after``
     # the product of the decays carried before each segment in its run
     run_k, run_v, after = _scan(xk, xv, dec, None, None, runs.first, runs.count, plan.scan_rows, reverse=reverse,
