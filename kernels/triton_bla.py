@@ -756,6 +756,7 @@ class _Layout:
         self.chunk_item = _as32(item_base[chunk_seq] + chunk_idx // seg_chunks, device)
         self.windows = _as32(torch.tensor(windows), device)
         self._n_items, self._item_base, self._device, self._groups = n_items, item_base, device, {}
+        self.longest_items = int(n_items.max()) if len(n_items) else 0  # segments of the longest sequence
 
     def segment_groups(self, group: int) -> "_SegmentGroups":
         """The segments cut into runs of ``group`` for the two-level segment scan (built once)."""
@@ -914,11 +915,13 @@ def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: b
 
 def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool):
     """The scan over each sequence's segments (the forward's (2), the backward's second level of
-    (B)). With ``plan.scan_group`` (BLA_TRITON_SCAN_GROUP, off by default) and a sequence longer
-    than that many segments, in two levels, so that no program walks more than about
-    group + segments / group of them: at B=1, T=128k (128 segments, 16 programs at m = 64) the
-    one-level chains are the suspected cause of the B=1 row's +20% (docs/benchmarks.md)."""
+    (B)): in one level (each program walks its sequence's segments in order), or, where a
+    sequence has many segments, in two (no program walks more than about G + segments / G). At
+    B=1, T=128k (128 segments, 16 programs at m = 64) the one-level chains cost 12% of a forward+
+    backward (docs/benchmarks.md, "The segment scan in two levels")."""
     group = plan.scan_group
+    if group is None:  # the default: two levels only where they were measured faster
+        group = SCAN_GROUP if lay.longest_items >= SCAN_GROUP_FROM else 0
     runs = lay.segment_groups(group) if group else None
     if runs is None or runs.longest <= group:
         return _scan(xk, xv, dec, hk, hv, lay.item_base, lay.item_count, plan.scan_rows, reverse=reverse)
@@ -937,8 +940,22 @@ def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool):
     return hk_out, hv_out
 
 
-def _scan_group() -> int:
-    group = int(os.environ.get("BLA_TRITON_SCAN_GROUP", 0))
+# The two-level segment scan's runs (G) and the segments a sequence needs before it is used by
+# default. fwd+bwd on an H200, m = 64, W = 512 / 4096 (docs/benchmarks.md): at B=1, T=128k (128
+# segments) G = 8 took 6.08 / 7.32 ms against 6.96 / 8.20 in one level, G = 16 6.16 / 7.41; at
+# B=2, T=64k (64 segments) 6.05 / 7.31 against 6.44 / 7.68; at B=1, T=32k (32 segments) its
+# kernels gain 2% but its extra host work (0.6 ms a call: gathers, a multiply-add) made the
+# call slower (1.89 / 2.21 against 1.64 / 1.97 ms), so short sequences keep one level.
+SCAN_GROUP, SCAN_GROUP_FROM = 8, 64
+
+
+def _scan_group() -> int | None:
+    """BLA_TRITON_SCAN_GROUP: unset, the default rule (None); 0, always one level; G >= 2, runs of G
+    wherever a sequence has more than G segments."""
+    value = os.environ.get("BLA_TRITON_SCAN_GROUP", "")
+    if value == "":
+        return None
+    group = int(value)
     if group < 0 or group == 1:
         raise ValueError(f"BLA_TRITON_SCAN_GROUP must be 0 (one level) or at least 2 segments, got {group}")
     return group

@@ -199,6 +199,25 @@ def test_triton_two_level_segment_scan(monkeypatch):
     _compare((2, 300, 2, 2, 8, 8, 96, 6), "fejer")
 
 
+@pytest.mark.parametrize("threshold, two_levels", [(5, True), (6, False)])
+def test_default_scan_group_applies_from_its_segment_count(monkeypatch, threshold, two_levels):
+    """Unset, BLA_TRITON_SCAN_GROUP follows the default rule: two levels (runs of SCAN_GROUP) only for
+    a sequence of at least SCAN_GROUP_FROM segments (5 here: 300 tokens in 64-token segments)."""
+    from bla.kernels import triton_bla
+
+    monkeypatch.delenv("BLA_TRITON_SCAN_GROUP", raising=False)
+    monkeypatch.setenv("BLA_TRITON_SEGMENT", "64")
+    monkeypatch.setattr(triton_bla, "SCAN_GROUP", 2)
+    monkeypatch.setattr(triton_bla, "SCAN_GROUP_FROM", threshold)
+    built = []
+    original = triton_bla._SegmentGroups.__init__
+    monkeypatch.setattr(triton_bla._SegmentGroups, "__init__", lambda self, *a: (built.append(a[2]), original(self, *a))[1])
+    triton_bla._dense_layout.cache_clear()  # a layout keeps the groups it built
+    triton_bla._PLANS.clear()
+    _compare((2, 300, 2, 2, 8, 8, 96, 6), "dirichlet")
+    assert built == ([2] if two_levels else [])
+
+
 def test_scan_group_must_be_zero_or_at_least_two(monkeypatch):
     from bla.kernels import triton_bla
 

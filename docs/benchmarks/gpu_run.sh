@@ -61,7 +61,8 @@ for stage in "$@"; do
     hostparts)  # the host time of each part of a BLA call
       python3 docs/benchmarks/host_parts.py 2>&1 | grep -v Warn | tee "$OUT/host_parts.txt" ;;
     variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps; VARIANTS=scan: the scan's rows; VARIANTS=scan_group: the two-level segment scan at B=1, T=128k) beside flex SWA, one process
-      python3 docs/benchmarks/kernel_variants.py --set "${VARIANTS:-all}" --json "$OUT/kernel_variants.json" 2>&1 | grep -v Warning | tee "$OUT/kernel_variants.txt" ;;
+      # VARIANT_ARGS: more options, e.g. "--shape 1 32768 --dtype float32"; TAG names the files apart
+      python3 docs/benchmarks/kernel_variants.py --set "${VARIANTS:-all}" $VARIANT_ARGS --json "$OUT/kernel_variants$TAG.json" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/kernel_variants$TAG.txt" ;;
     triton)  # a few Triton kernel tests on the GPU (each case compiles its own kernels, 10-60 s: at
       # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here)
       timeout 240 python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "long_window or half_inputs" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests.txt" ;;

@@ -4,7 +4,10 @@ B=4, T=8192 (or the set's own shape, or ``--shape B T``), H=16, d=64, bf16. Each
 the knobs are read per call, so every variant runs in the same process and run. For each: do_bench
 medians of the forward and of forward+backward; the kernels' CUDA time of one forward+backward
 (torch profiler, mean of 5); the host's time to issue one forward+backward (no synchronisation);
-and flex-attention SWA at the same W beside it. Prints a table; ``--json PATH`` writes it.
+and flex-attention SWA at the same W beside it; a variant with knobs set also reports how far its
+output and gradients are from the default knobs' (max |difference| / max |default|: a knob
+changes the schedule, not the result). ``--dtype float32`` runs fp32 inputs (the products in
+tf32), where that distance is rounding, not bf16's. Prints a table; ``--json PATH`` writes it.
 
     python docs/benchmarks/kernel_variants.py --json kernel_variants.json
 """
@@ -61,12 +64,17 @@ SCAN_ROWS_VARIANTS = [  # after the first scan run: the rows per program at m >=
     (512, 256, {"BLA_TRITON_SCAN_ROWS": "32"}),
 ]
 SCAN_GROUP_VARIANTS = [  # the two-level segment scan (BLA_TRITON_SCAN_GROUP) at B=1, T=131,072: 128 segments a sequence
+    # ({} is the default rule: at 956ee83 one level, since then two levels of G = 8 from 64 segments)
     (512, 64, {}),
+    (512, 64, {"BLA_TRITON_SCAN_GROUP": "0"}),
     (512, 64, {"BLA_TRITON_SCAN_GROUP": "8"}),
     (512, 64, {"BLA_TRITON_SCAN_GROUP": "16"}),
     (4096, 64, {}),
+    (4096, 64, {"BLA_TRITON_SCAN_GROUP": "0"}),
     (4096, 64, {"BLA_TRITON_SCAN_GROUP": "8"}),
     (4096, 64, {"BLA_TRITON_SCAN_GROUP": "16"}),
+    (512, 64, {"BLA_TRITON_SCAN_GROUP": "4"}),
+    (4096, 64, {"BLA_TRITON_SCAN_GROUP": "4"}),
 ]
 SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
@@ -88,9 +96,11 @@ def run_variant(W, m, env, q, k, v, do):
         t_f = do_bench(fwd, warmup=10, rep=50)
         t_fb = do_bench(fwd_bwd, warmup=10, rep=50)
         kernels = kernel_times(fwd_bwd, width=40)
+        out = fwd()
+        result = [out.detach(), *torch.autograd.grad(out, (q, k, v), do)]  # compared with the default knobs' below
         return dict(W=W, m=m, env=env, sub=sub, pairs=pairs, fwd_ms=t_f, fwd_bwd_ms=t_fb,
                     kernels_ms=sum(kernels.values()), host_ms=host_ms(fwd_bwd),
-                    top=dict(sorted(kernels.items(), key=lambda x: -x[1])[:8]))  # fmt: skip
+                    top=dict(sorted(kernels.items(), key=lambda x: -x[1])[:8]), tensors=result)  # fmt: skip
     except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
         return dict(W=W, m=m, env=env, error=f"{type(exc).__name__}: {exc}"[:300])
     finally:
@@ -106,12 +116,14 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--set", choices=sorted(SETS), default="all", help="which list of variants")
     ap.add_argument("--shape", type=int, nargs=2, metavar=("B", "T"), help="batch and length (default: the set's)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = ap.parse_args()
     variants = SETS[args.set]
     B, T = args.shape or SHAPES.get(args.set, (4, 8192))
-    print(f"B={B} T={T} H={H} d={d}", flush=True)
+    dtype = getattr(torch, args.dtype)
+    print(f"B={B} T={T} H={H} d={d} {args.dtype}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = [torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)]
+    q, k, v = [torch.randn(B, T, H, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
     do = torch.randn_like(q)
     rows = []
     for W in sorted({w for w, _, _ in variants}):
@@ -119,10 +131,18 @@ def main():
         rows.append(dict(W=W, op="flex", fwd_ms=do_bench(flex, warmup=10, rep=50),
                          fwd_bwd_ms=do_bench(lambda: flex().backward(do), warmup=10, rep=50)))  # fmt: skip
         print("flex", rows[-1], flush=True)
+    defaults = {}  # (W, m) -> the output and gradients with no knobs set
     for W, m, env in variants:
-        rows.append(run_variant(W, m, env, q, k, v, do))
+        row = run_variant(W, m, env, q, k, v, do)
+        tensors = row.pop("tensors", None)
+        if tensors is not None and not env:
+            defaults[W, m] = tensors
+        elif tensors is not None and (W, m) in defaults:  # a knob changes the schedule, not the result: how far apart
+            row["max_rel_diff"] = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+                                      for a, b in zip(tensors, defaults[W, m]))  # fmt: skip
+        rows.append(row)
         print(rows[-1], flush=True)
-    print(f"{'W':>5} {'m':>4} {'variant':<44} {'S/pairs':>8} {'fwd':>7} {'fwd+bwd':>8} {'kernels':>8} {'host':>6}")
+    print(f"{'W':>5} {'m':>4} {'variant':<44} {'S/pairs':>8} {'fwd':>7} {'fwd+bwd':>8} {'kernels':>8} {'host':>6} {'rel diff':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['W']:>5} {r['m']:>4} {json.dumps(r['env']):<44} ERROR {r['error']}")
@@ -130,13 +150,14 @@ def main():
         name = "flex SWA" if r.get("op") == "flex" else json.dumps(r["env"])
         sp = f"{r['sub']}/{r['pairs']}" if "sub" in r else ""
         extra = f" {r['kernels_ms']:8.3f} {r['host_ms']:6.3f}" if "kernels_ms" in r else ""
+        extra += f" {r['max_rel_diff']:9.2e}" if "max_rel_diff" in r else ""
         print(f"{r['W']:>5} {r.get('m', ''):>4} {name:<44} {sp:>8} {r['fwd_ms']:7.3f} {r['fwd_bwd_ms']:8.3f}{extra}")
     for r in rows:
         if "top" in r:
             print(r["W"], r["m"], json.dumps(r["env"]), {k: round(v, 3) for k, v in r["top"].items()})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), B=B, T=T, rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), B=B, T=T, dtype=args.dtype, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
