@@ -6,6 +6,7 @@ A sweep spec (YAML; named ones live in ``launch/sweeps/``):
     name: mqar_budget
     preset: mqar                     # the train preset every run starts from
     overrides: [steps=2000]          # for every run (train config keys, dotted)
+    pinned: [model.bla.gates=dirichlet]  # defaults of the time the sweep ran, restated (not in run names)
     mixers:                          # per mixer: a grid (key -> values) or a list of override dicts
       bla: {model.layer_pattern: [[bla]], model.bla.slots: [4, 8, 16], model.bla.window: [256]}
       swa: {model.layer_pattern: [[swa]], model.swa_window: [16, 32, 64]}
@@ -65,6 +66,9 @@ class SweepSpec:
     eval: dict = field(default_factory=dict)
     targets: list[float] = field(default_factory=list)
     baseline: str = "swa"
+    # Overrides that restate a default as it was when the sweep ran, so that a later change of the
+    # default does not change what the sweep trains; left out of run names, so finished runs keep theirs.
+    pinned: list[str] = field(default_factory=list)
 
     def runs(self) -> list[tuple[str, dict]]:
         """(mixer, overrides) of every run: each mixer's runs crossed with the shared grid."""
@@ -101,7 +105,7 @@ def load_spec(name_or_path: str) -> SweepSpec:
         data = yaml.safe_load(named.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"sweep spec {name_or_path}: expected a mapping")
-    unknown = set(data) - {"name", "preset", "overrides", "mixers", "grid", "metric", "eval", "targets", "baseline"}
+    unknown = set(data) - {"name", "preset", "overrides", "pinned", "mixers", "grid", "metric", "eval", "targets", "baseline"}
     if unknown:
         raise ValueError(f"sweep spec {name_or_path}: unknown keys {sorted(unknown)}")
     for key in ("name", "preset", "mixers"):
@@ -109,6 +113,9 @@ def load_spec(name_or_path: str) -> SweepSpec:
             raise ValueError(f"sweep spec {name_or_path}: missing {key!r}")
     if data.get("targets") and data.get("baseline", "swa") not in data["mixers"]:
         raise ValueError(f"sweep spec {name_or_path}: baseline {data.get('baseline', 'swa')!r} is not one of its mixers")
+    pinned = data.get("pinned", [])
+    if not isinstance(pinned, list) or not all(isinstance(o, str) and "=" in o for o in pinned):
+        raise ValueError(f"sweep spec {name_or_path}: pinned must be a list of key=value overrides, got {pinned!r}")
     if data.get("metric", "accuracy") not in METRICS:
         raise ValueError(f"sweep spec {name_or_path}: metric must be one of {sorted(METRICS)}")
     data["mixers"] = {m: expand(g) for m, g in data["mixers"].items()}
@@ -118,13 +125,14 @@ def load_spec(name_or_path: str) -> SweepSpec:
     return spec
 
 
-def run_args(spec: SweepSpec, overrides: dict) -> list[str]:
-    """The train-config overrides of one run: the sweep's, then the run's own."""
+def run_args(spec: SweepSpec, overrides: dict, pinned: bool = True) -> list[str]:
+    """The train-config overrides of one run: the sweep's pinned defaults, its overrides, then the
+    run's own."""
 
     def text(v):
         return json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)
 
-    return [*spec.overrides, *(f"{k}={text(v)}" for k, v in overrides.items())]
+    return [*(spec.pinned if pinned else []), *spec.overrides, *(f"{k}={text(v)}" for k, v in overrides.items())]
 
 
 def train_config(spec: SweepSpec, overrides: dict):
@@ -135,8 +143,8 @@ def train_config(spec: SweepSpec, overrides: dict):
 
 def run_name(spec: SweepSpec, mixer: str, overrides: dict) -> str:
     """The mixer and a hash of everything that sets the run up: editing the sweep's shared
-    overrides makes new runs, while adding grid points keeps the finished ones."""
-    digest = hashlib.sha1(json.dumps([spec.preset, run_args(spec, overrides)]).encode()).hexdigest()[:8]
+    overrides makes new runs, while adding grid points (or pinning a default) keeps the finished ones."""
+    digest = hashlib.sha1(json.dumps([spec.preset, run_args(spec, overrides, pinned=False)]).encode()).hexdigest()[:8]
     return f"{mixer}-{digest}"
 
 

@@ -226,8 +226,8 @@ def test_a_saved_config_without_gates_computes_what_it_was_trained_with():
     cfg = ModelConfig.from_saved(golden["config"])
     assert cfg.bla.gates == "dirichlet_v1"
     assert legacy_loss(cfg) == pytest.approx(golden["loss"], rel=1e-12)
-    v2 = legacy_loss(ModelConfig.from_dict(golden["config"]))  # a new config: the v2 default
-    assert ModelConfig.from_dict(golden["config"]).bla.gates == "dirichlet"
+    v2 = legacy_loss(ModelConfig.from_dict(golden["config"]))  # a new config: the model's default
+    assert ModelConfig.from_dict(golden["config"]).bla.gates == "fejer"
     assert abs(v2 - golden["loss"]) > 1e-4
 
 

@@ -163,6 +163,7 @@ def test_a_fresh_clone_restores_finished_runs_from_the_committed_report(tmp_path
         ("name: x\npreset: mqar\nmixers: {bla: {optim.lr: []}}\n", "non-empty list"),
         ("name: x\npreset: mqar\nmixers: {bla: [{}]}\nmetric: f1\n", "metric must be one of"),
         ("name: x\npreset: mqar\nmixers: {bla: [{}]}\ntargets: [0.5]\n", "baseline 'swa' is not one of its mixers"),
+        ("name: x\npreset: mqar\nmixers: {bla: [{}]}\npinned: model.bla.gates=dirichlet\n", "pinned must be a list of key=value"),
     ],
 )
 def test_bad_specs_are_refused(tmp_path, text, match):
@@ -219,6 +220,26 @@ def test_gates_are_a_grid_key(tmp_path):
     path.write_text("name: g\npreset: mqar\nmixers: {bla: {model.bla.gates: [v3]}}\n")
     with pytest.raises(ValueError, match="bla.gates must be one of"):
         load_spec(str(path))
+
+
+def test_a_pinned_default_is_trained_but_keeps_the_run_names():
+    """A sweep that ran before the model's default gates changed pins the old rule: its runs train
+    with it, and their names (those of its committed report) do not change."""
+    import dataclasses
+
+    from bla.launch.sweep import train_config
+
+    spec = load_spec("mqar_ablations")
+    assert spec.pinned == ["model.bla.gates=dirichlet"]
+    mixer, overrides = spec.runs()[0]
+    assert train_config(spec, overrides).model.bla.gates == "dirichlet"
+    unpinned = dataclasses.replace(spec, pinned=[])
+    assert train_config(unpinned, overrides).model.bla.gates == "fejer"  # today's default
+    assert run_name(spec, mixer, overrides) == run_name(unpinned, mixer, overrides)
+    report = Path(__file__).parents[1] / "docs" / "sweeps" / "mqar_ablations" / "results.csv"
+    with open(report) as f:
+        committed = {row["run"] for row in csv.DictReader(f)}
+    assert committed <= {run_name(spec, m, o) for m, o in spec.runs()}
 
 
 def test_a_diverged_run_is_a_result_not_an_error(tmp_path):
