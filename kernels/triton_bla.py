@@ -135,8 +135,9 @@ def cum_table_fits(problem: Problem, sub: int) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _cum_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, device: str) -> torch.Tensor:
-    """float32 [sum of distinct W, sub, BM], rows in the order of the gate table's."""
+def _cum_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, device: str, bm: int) -> torch.Tensor:
+    """float32 [sum of distinct W, sub, BM], rows in the order of the gate table's (``bm`` keys
+    the cache: the tables' width follows BLA_TRITON_SLOT_BLOCK)."""
     rows = [_phase_cumsums(w, slots, gates, sub) for w in sorted(set(windows))]
     return torch.cat(rows).float().contiguous().to(device)
 
@@ -145,7 +146,7 @@ def cum_table(problem: Problem, sub: int, device: torch.device) -> torch.Tensor:
     """The cumulative log-decay of a sub-chunk starting at every phase (what (3) and (A) would
     otherwise sum per program: 29% of (3)'s time at W=512 on an H100), built once per (windows,
     m, gates, S, device)."""
-    return _cum_table_on(problem.windows, problem.slots, problem.gates, sub, str(device))
+    return _cum_table_on(problem.windows, problem.slots, problem.gates, sub, str(device), _slot_block(problem.slots))
 
 
 ELEMENTWISE, CENTRED, HALVES = 0, 1, 2  # the in-sub-chunk pair forms (the kernels' PAIRS)
@@ -168,20 +169,24 @@ def sub_chunking(problem: Problem) -> tuple[int, int]:
         for sub in (s for s in (128, 64, 32, 16) if s <= largest and s * _slot_block(p.slots) <= 8192):
             if forced != "halves" and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE:
                 return sub, CENTRED
-            if forced != "centred" and sub >= 32 and diag_log_range(p.windows, p.slots, p.gates, sub // 2) < FACTOR_LOG_RANGE:
+            # the halves form clamps its cross factors at the boundary, exact only where log-decays
+            # never rise (v2 rules); v1's can (alpha up to 1.22), so it takes smaller sub-chunks instead
+            halves_exact = p.gates != "dirichlet_v1"
+            if forced != "centred" and halves_exact and sub >= 32 and diag_log_range(p.windows, p.slots, p.gates, sub // 2) < FACTOR_LOG_RANGE:
                 return sub, HALVES
     return 16, ELEMENTWISE
 
 
 @functools.lru_cache(maxsize=32)
-def _gate_table_on(windows: tuple[int, ...], slots: int, gates: str, device: str):
-    s, la, starts = _gate_table_cpu(windows, slots, gates, _slot_block(slots))
+def _gate_table_on(windows: tuple[int, ...], slots: int, gates: str, device: str, bm: int):
+    s, la, starts = _gate_table_cpu(windows, slots, gates, bm)
     return s.to(device), la.to(device), torch.tensor(starts, dtype=torch.int32, device=device)
 
 
 def gate_tables(problem: Problem, device: torch.device):
-    """The gate tables of a problem on ``device``, built once per (windows, m, gates, device)."""
-    return _gate_table_on(problem.windows, problem.slots, problem.gates, str(device))
+    """The gate tables of a problem on ``device``, built once per (windows, m, gates, device, slot
+    block: BLA_TRITON_SLOT_BLOCK changes the tables' row width)."""
+    return _gate_table_on(problem.windows, problem.slots, problem.gates, str(device), _slot_block(problem.slots))
 
 
 # ----------------------------------------------------------------------------- shared device code
@@ -351,6 +356,15 @@ def _scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, ma
 def _softmax(z):
     p = tl.exp(z - tl.max(z, axis=1)[:, None])
     return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _softmax_lse(z):
+    """softmax over slots and its log-sum-exp per row (what a slot-tiled backward needs)."""
+    mx = tl.max(z, axis=1)
+    e = tl.exp(z - mx[:, None])
+    total = tl.sum(e, axis=1)
+    return e / total[:, None], mx + tl.log(total)
 
 
 @triton.jit
@@ -531,19 +545,20 @@ def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq
 
 @triton.jit
 def _fwd_out_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, cum_ptr, gs_ptr, gl_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, cum_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr,
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
     """(3) Outputs of a chunk, from its start state: its own from the segment's zero start (Kl)
     plus the segment's start state (Ks) times the decay before the chunk. The two are used apart,
     in two products each, never summed into one fp32 [m, d] tile (that sum cost 0.24 of 0.65 ms
     at 32-token chunks on an H100). No state is carried from chunk to chunk, so every chunk runs
-    in parallel."""
+    in parallel. With NT > 1 slot tiles in the backward, each query's log-sum-exp over slots is
+    stored for it (lse, fp32 [tokens, H])."""
     HPG: tl.constexpr = H // HKV
     i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_M, dk_D, dv_D, causal, second, mask_M = _chunk_program(
         chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, S, BM, BDK, BDV, M,
@@ -559,7 +574,12 @@ def _fwd_out_kernel(
         for hh in tl.static_range(HPG):
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
-            p = _softmax(_scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT))
+            z = _scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT)
+            if NT > 1:
+                p, lse = _softmax_lse(z)
+                tl.store(lse_ptr + tok * H + h, lse, mask=valid)
+            else:
+                p = _softmax(z)
             o = _to_state(p * el, Vl, Vs, before, DT, SPLIT) + _mm(_pairs(p, A, B, r1, r2, E, causal, second, PAIRS, DT), v, DT)
             _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
         if a < NS - 1:
@@ -573,72 +593,98 @@ def _fwd_out_kernel(
 
 @triton.jit
 def _bwd_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, dks_ptr, dvs_ptr,
-    cum_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
-    chunk_item_ptr, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, dq_ptr, dq32_ptr, dk_ptr, dv_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr,
+    sv_ptr, dks_ptr, dvs_ptr, cum_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr,
+    chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr, scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
     """(A) dq, the in-chunk parts of dk and dv (fp32), and the gradient of the chunk's start state
-    from the chunk's own outputs. Sub-chunks run in reverse, their states recomputed."""
+    from the chunk's own outputs. Sub-chunks run in reverse, their states recomputed.
+
+    With NT > 1 the slots run as NT tiles of BM / NT, one after another, so that no tile larger
+    than 64 slots is live (a [64, 128] tile took 255 registers and half of m = 128's backward).
+    The softmax then comes from the forward's log-sum-exp, and its row term sum_j p dp is
+    do . o (o = sum_j p_j u_j and dp_j = do . u_j), as in flash attention's backward. Each tile's
+    share of dq (fp32 scratch), dk and dv (fp32) is added to the previous tiles' in memory: the
+    same program wrote them, after a barrier."""
     HPG: tl.constexpr = H // HKV
-    i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_M, dk_D, dv_D, causal, second, mask_M = _chunk_program(
-        chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, S, BM, BDK, BDV, M,
+    TILE: tl.constexpr = BM // NT
+    i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_T, dk_D, dv_D, causal, second, _ = _chunk_program(
+        chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, S, TILE, BDK, BDV, M,
         PAIRS)
     mask_DK, mask_DV = dk_D < DK, dv_D < DV
     row = (i * HKV + g) * BM
-    sk = _state_offsets(row, j_M, dk_D, BDK)
-    sv = _state_offsets(row, j_M, dv_D, BDV)
-    Kl0, Vl0, Ks, Vs, before0 = _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g,
-                                             j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
-    dK = tl.zeros([BM, BDK], dtype=tl.float32)  # gradient of the state after the current sub-chunk
-    dV = tl.zeros([BM, BDV], dtype=tl.float32)
-    for a in tl.static_range(NS - 1, -1, -1):
-        Kl = Kl0
-        Vl = Vl0
-        before = before0
-        for b in tl.static_range(a):  # the state before sub-chunk a
-            tb = c * C + b * S
-            vb = (tb + t_S) < seq_len
-            sb, lb, Tb = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + tb, t_S, seq_len - tb, W, j_M, S, BM, CUM)
-            Kl = _write_state(Kl, sb, lb, Tb, _load_tokens(k_ptr, bos + tb + t_S, vb, g, dk_D, mask_DK, HKV, DK), DT)
-            Vl = _write_state(Vl, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
-            before = before * tl.exp(Tb)
-        t0 = c * C + a * S
-        valid, tok, s, l, T, el, A, B, r1, r2, E, k, v = _sub_chunk(
-            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
-            HKV, BM, DK, DV, S, CUM, PAIRS,
-        )  # fmt: skip
-        if a == NS - 1:  # the chunk's last sub-chunk: no later one to reach through the state
-            b_dk = tl.zeros([S, BDK], dtype=tl.float32)
-            b_dv = tl.zeros([S, BDV], dtype=tl.float32)
-        else:
-            B_end = s * tl.exp(T[None, :] - l)  # weight of token u in the sub-chunk's end state
-            b_dk = _mm(B_end, dK, DT)  # the state path to later sub-chunks of this chunk
-            b_dv = _mm(B_end, dV, DT)
-            dK = tl.exp(T)[:, None] * dK
-            dV = tl.exp(T)[:, None] * dV
-        for hh in tl.static_range(HPG):
-            h = g * HPG + hh
-            q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
-            do = _load_tokens(do_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
-            p = _softmax(_scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT))
-            dp = el * _from_state(do, Vl, Vs, before, DT, SPLIT) + _through(_mm(do, tl.trans(v), DT), A, B, r1, r2, E, causal, second, PAIRS, DT)
-            Y = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])  # d(scale z)/dz times dz
-            P = _pairs(p, A, B, r1, r2, E, causal, second, PAIRS, DT)
-            Pz = _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS, DT)
-            dq = _to_state(Y * el, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
-            _store_tokens(dq_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
-            b_dk += _mm(tl.trans(Pz), q, DT)
-            b_dv += _mm(tl.trans(P), do, DT)
-            dK += _mm(tl.trans(Y * el), q, DT)
-            dV += _mm(tl.trans(p * el), do, DT)
-        _store_tokens(dk_ptr, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
-        _store_tokens(dv_ptr, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
-    tl.store(dks_ptr + sk, dK.to(dks_ptr.dtype.element_ty))
-    tl.store(dvs_ptr + sv, dV.to(dvs_ptr.dtype.element_ty))
+    for tile in tl.static_range(NT):
+        if tile > 0:
+            tl.debug_barrier()  # the previous tile's dq, dk, dv partials, stored by other threads, are read below
+        j_M = tile * TILE + j_T
+        mask_M = j_M < M
+        Kl0, Vl0, Ks, Vs, before0 = _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g,
+                                                 j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
+        dK = tl.zeros([TILE, BDK], dtype=tl.float32)  # gradient of the state after the current sub-chunk
+        dV = tl.zeros([TILE, BDV], dtype=tl.float32)
+        for a in tl.static_range(NS - 1, -1, -1):
+            Kl = Kl0
+            Vl = Vl0
+            before = before0
+            for b in tl.static_range(a):  # the state before sub-chunk a
+                tb = c * C + b * S
+                vb = (tb + t_S) < seq_len
+                sb, lb, Tb = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + tb, t_S, seq_len - tb, W, j_M, S, BM, CUM)
+                Kl = _write_state(Kl, sb, lb, Tb, _load_tokens(k_ptr, bos + tb + t_S, vb, g, dk_D, mask_DK, HKV, DK), DT)
+                Vl = _write_state(Vl, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
+                before = before * tl.exp(Tb)
+            t0 = c * C + a * S
+            valid, tok, s, l, T, el, A, B, r1, r2, E, k, v = _sub_chunk(
+                k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
+                HKV, BM, DK, DV, S, CUM, PAIRS,
+            )  # fmt: skip
+            if a == NS - 1:  # the chunk's last sub-chunk: no later one to reach through the state
+                b_dk = tl.zeros([S, BDK], dtype=tl.float32)
+                b_dv = tl.zeros([S, BDV], dtype=tl.float32)
+            else:
+                B_end = s * tl.exp(T[None, :] - l)  # weight of token u in the sub-chunk's end state
+                b_dk = _mm(B_end, dK, DT)  # the state path to later sub-chunks of this chunk
+                b_dv = _mm(B_end, dV, DT)
+                dK = tl.exp(T)[:, None] * dK
+                dV = tl.exp(T)[:, None] * dV
+            for hh in tl.static_range(HPG):
+                h = g * HPG + hh
+                q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
+                do = _load_tokens(do_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
+                z = _scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT)
+                dp = el * _from_state(do, Vl, Vs, before, DT, SPLIT) + _through(_mm(do, tl.trans(v), DT), A, B, r1, r2, E, causal, second, PAIRS, DT)
+                if NT > 1:
+                    p = tl.exp(z - tl.load(lse_ptr + tok * H + h, mask=valid, other=0.0)[:, None])
+                    o = _load_tokens(o_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
+                    row_term = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+                else:
+                    p = _softmax(z)
+                    row_term = tl.sum(p * dp, axis=1)
+                Y = scale * p * (dp - row_term[:, None])  # d(scale z)/dz times dz
+                P = _pairs(p, A, B, r1, r2, E, causal, second, PAIRS, DT)
+                Pz = _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS, DT)
+                dq = _to_state(Y * el, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
+                if tile > 0:
+                    dq += _load_tokens(dq32_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
+                if tile == NT - 1:
+                    _store_tokens(dq_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
+                else:
+                    _store_tokens(dq32_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
+                b_dk += _mm(tl.trans(Pz), q, DT)
+                b_dv += _mm(tl.trans(P), do, DT)
+                dK += _mm(tl.trans(Y * el), q, DT)
+                dV += _mm(tl.trans(p * el), do, DT)
+            if tile > 0:
+                b_dk += _load_tokens(dk_ptr, tok, valid, g, dk_D, mask_DK, HKV, DK)
+                b_dv += _load_tokens(dv_ptr, tok, valid, g, dv_D, mask_DV, HKV, DV)
+            _store_tokens(dk_ptr, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
+            _store_tokens(dv_ptr, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
+        tl.store(dks_ptr + _state_offsets(row, j_M, dk_D, BDK), dK.to(dks_ptr.dtype.element_ty))
+        tl.store(dvs_ptr + _state_offsets(row, j_M, dv_D, BDV), dV.to(dvs_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -831,8 +877,21 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
         # the chunk's and segment's states used apart (2 products each): measured faster up to 64
         # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
         SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
+        NT=_slot_tiles(_slot_block(p.slots)),
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
+
+
+# The backward's slot tile: states of more slots run through it in tiles of this many (the forward
+# stores each query's log-sum-exp for it). BLA_TRITON_SLOT_TILE overrides it (a power of two >= 16).
+SLOT_TILE = 64
+
+
+def _slot_tiles(bm: int) -> int:
+    tile = int(os.environ.get("BLA_TRITON_SLOT_TILE", SLOT_TILE))
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"BLA_TRITON_SLOT_TILE must be a power of two of at least 16, got {tile}")
+    return max(1, bm // tile)
 
 
 def _cum_or(problem: Problem, consts: dict, device, placeholder: torch.Tensor) -> torch.Tensor:
@@ -963,7 +1022,7 @@ def _scan_group() -> int | None:
 
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
-          "BLA_TRITON_SCAN_GROUP")  # fmt: skip
+          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -982,7 +1041,7 @@ class _Plan:
         self.scan_group = _scan_group()
         self.fwd_local = {**_pick(consts, *_LOCAL), **_launch_opts(p, "fwd_local")}
         self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
-        self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
+        self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
         self.bwd_tokens = {**_pick(consts, *_LOCAL), **_launch_opts(p, "bwd_tokens")}
         self.saved = _saved_shapes(p, consts, self.seg_chunks)
         _check_32_bit_offsets(p, self.saved)
@@ -992,8 +1051,10 @@ def _saved_shapes(p: Problem, consts: dict, seg_chunks: int) -> list[tuple[tuple
     chunks, items = saved_rows(p, consts["C"], seg_chunks)
     hkv, bm, bdk, bdv = p.num_kv_heads, consts["BM"], consts["BDK"], consts["BDV"]
     st, f32 = (torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32), torch.float32
+    lse = (p.batch * p.seq_len, p.num_heads) if consts["NT"] > 1 else (1,)  # read only by a slot-tiled backward
     return [((chunks, hkv, bm, bdk), st), ((chunks, hkv, bm, bdv), st), ((chunks, hkv, bm), f32),
-            ((chunks, hkv, bm), f32), ((items, hkv, bm, bdk), st), ((items, hkv, bm, bdv), st), ((items, hkv, bm), f32)]  # fmt: skip
+            ((chunks, hkv, bm), f32), ((items, hkv, bm, bdk), st), ((items, hkv, bm, bdv), st), ((items, hkv, bm), f32),
+            (lse, f32)]  # fmt: skip
 
 
 INT32_ELEMENTS = 2**31  # the kernels address every tensor with int32 element offsets: 0 .. 2^31 - 1
@@ -1076,12 +1137,12 @@ def saved_rows(problem: Problem, chunk: int, seg_chunks: int) -> tuple[int, int]
 
 
 def saved_layout(problem: Problem, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of ``forward``'s saved buffers: ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec."""
+    """Shapes and dtypes of ``forward``'s saved buffers: ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec, lse."""
     return _plan(problem, dtype).saved
 
 
 def forward(q, k, v, h0k, h0v, problem: Problem):
-    """o, the final state (hk, hv; fp32, contiguous) and the 7 buffers the backward reads."""
+    """o, the final state (hk, hv; fp32, contiguous) and the 8 buffers the backward reads."""
     p = problem
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -1100,7 +1161,9 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     new = torch.empty if p.cu_seqlens is None else torch.zeros  # rows past the documents' chunks stay defined
     ck, cv, before, chunk_dec = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[:4])
     # the segments' end states from (1), in fp32 for the scan
-    seg_k, seg_v, seg_dec = (new(shape, device=dev, dtype=torch.float32) for shape, _ in layout[4:])
+    seg_k, seg_v, seg_dec = (new(shape, device=dev, dtype=torch.float32) for shape, _ in layout[4:7])
+    # each query's log-sum-exp over slots (every row written); unused, a defined one-element placeholder
+    lse = (new if consts["NT"] > 1 else torch.zeros)(layout[7][0], device=dev, dtype=torch.float32)
     items, chunks = lay.total_items, lay.total_chunks
     _fwd_local_kernel[(items, HKV)](
         k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, *common[:5], lay.chunk_base, *common[5:],
@@ -1116,18 +1179,19 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
     if chunks:
         _fwd_out_kernel[(chunks, HKV)](
-            q, k, v, o, ck, cv, before, seg_k, seg_v, _cum_or(p, consts, dev, gl), *common, lay.chunk_seq,
+            q, k, v, o, lse, ck, cv, before, seg_k, seg_v, _cum_or(p, consts, dev, gl), *common, lay.chunk_seq,
             lay.chunk_idx, lay.chunk_item,
             p.scale, **plan.fwd_out,
         )  # fmt: skip
     hk = hk[:, :, : p.slots, : p.head_dim_k].contiguous()
     hv = hv[:, :, : p.slots, : p.head_dim_v].contiguous()
-    return o, hk, hv, (ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec)
+    return o, hk, hv, (ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec, lse)
 
 
-def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
-    """dq, dk, dv (in the inputs' dtypes) and the initial state's gradients (None without one)."""
-    ck, cv, before, chunk_dec, seg_start_k, seg_start_v, seg_dec = saved
+def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
+    """dq, dk, dv (in the inputs' dtypes) and the initial state's gradients (None without one).
+    ``o`` is the forward's output (read by a slot-tiled backward only)."""
+    ck, cv, before, chunk_dec, seg_start_k, seg_start_v, seg_dec, lse = saved
     p = problem
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -1138,6 +1202,7 @@ def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff = gate_tables(p, dev)
     dq = torch.empty_like(q)
+    dq32 = torch.empty(q.shape, device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq partials
     dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
     dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
     # each chunk's own share of its start-state gradient, then (after the scan) the gradient of
@@ -1148,7 +1213,7 @@ def backward(do, dhk, dhv, q, k, v, saved, problem: Problem, use_h0: bool):
     grid = (lay.total_chunks, HKV)
     if lay.total_chunks:
         _bwd_chunk_kernel[grid](
-            q, k, v, do.contiguous(), dq, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
+            q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
             _cum_or(p, consts, dev, gl), *common,
             lay.chunk_item, p.scale, **plan.bwd_chunk,
         )  # fmt: skip

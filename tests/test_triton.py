@@ -234,6 +234,73 @@ def test_scan_rows_must_be_a_power_of_two(monkeypatch):
         triton_bla._scan_rows(64)
 
 
+SLOT_TILE_KNOBS = [{}, {"BLA_TRITON_SPLIT_SLOTS": "0"}, {"BLA_TRITON_PAIRS": "halves"}, {"BLA_TRITON_PAIRS": "elementwise"},
+                   {"BLA_TRITON_CHUNK": "32", "BLA_TRITON_SUB": "16"}]
+
+
+@pytest.mark.parametrize("knobs", SLOT_TILE_KNOBS, ids=str)
+@pytest.mark.parametrize("case, gates", [((1, 70, 2, 2, 16, 16, 48, 24), "dirichlet"), ((2, 45, 4, 2, 8, 8, 96, 24), "fejer"),
+                                         ((1, 40, 2, 1, 8, 8, 96, 48), "dirichlet_v1")], ids=str)
+def test_triton_backward_in_slot_tiles(monkeypatch, case, gates, knobs):
+    """States wider than the slot tile (64 on a GPU; 16 here, on 32- and 64-slot blocks) run the
+    backward tile by tile from the forward's log-sum-exp: m = 24 (a second tile half padded), m = 48
+    (a fourth tile all padding), GQA, the summed chunk state, every pair form, chunks of two sub-chunks."""
+    from bla.kernels import triton_bla
+    from bla.kernels.checks import check_problem
+
+    monkeypatch.setenv("BLA_TRITON_SLOT_BLOCK", "16")
+    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "16")
+    for name, value in knobs.items():
+        monkeypatch.setenv(name, value)
+    B, T, H, Hkv, dk, dv, W, m = case
+    x = torch.zeros(1, 8, Hkv, dk)
+    assert triton_bla._constants(check_problem(x, x, x, W, m, None, None, None, 0, gates), torch.float32)["NT"] == (2 if m == 24 else 4)
+    _compare(case, gates)
+
+
+def test_triton_varlen_in_slot_tiles(monkeypatch):
+    """Packed documents (empty and 1-token ones too) through the slot-tiled backward."""
+    monkeypatch.setenv("BLA_TRITON_SLOT_BLOCK", "16")
+    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "16")
+    lengths = [0, 1, 17, 0, 70, 2]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
+    T, N, W, m = int(cu[-1]), len(lengths), 48, 24
+    q, k, v = random_qkv(1, T, 4, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(N, 2, m, 8, 8, dtype=torch.float32))
+    off = torch.tensor([0, 3, 0, 5, 11, 1], device=DEVICE)
+    outs = _run("triton", q, k, v, W, m, cu_seqlens=cu, initial_state=(K0, V0), offset=off)
+    cot = [torch.randn_like(x) for x in outs]
+    grads = torch.autograd.grad(outs, (q, k, v, K0, V0), cot)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, K0, V0)]
+    ref = _run("torch", *leaves[:3], W, m, cu_seqlens=cu, initial_state=tuple(leaves[3:]), offset=off)
+    ref_grads = torch.autograd.grad(ref, leaves, [c.double() for c in cot])
+    for name, a, b in zip(["o", "K", "V", "dq", "dk", "dv", "dK0", "dV0"], [*outs, *grads], [*ref, *ref_grads]):
+        assert_close(name, a, b, atol=2e-4, rtol=2e-4)
+
+
+def test_v1_gates_never_take_the_halves_form(monkeypatch):
+    """The halves form clamps its cross factors, exact only where log-decays never rise; v1's
+    alpha reaches 1.22, so its plan takes another form even when halves are asked for (a forced
+    halves form at W = 96, m = 48 gave o off by 0.1 before this rule)."""
+    from bla.kernels.checks import check_problem
+    from bla.kernels.triton_bla import HALVES, sub_chunking
+
+    x = torch.zeros(1, 8, 1, 8)
+    monkeypatch.setenv("BLA_TRITON_PAIRS", "halves")
+    assert sub_chunking(check_problem(x, x, x, 96, 48, None, None, None, 0, "dirichlet"))[1] == HALVES
+    assert sub_chunking(check_problem(x, x, x, 96, 48, None, None, None, 0, "dirichlet_v1"))[1] != HALVES
+
+
+def test_slot_tile_must_be_a_power_of_two(monkeypatch):
+    from bla.kernels import triton_bla
+
+    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "24")
+    with pytest.raises(ValueError, match="BLA_TRITON_SLOT_TILE must be a power of two of at least 16, got 24"):
+        triton_bla._slot_tiles(128)
+    monkeypatch.delenv("BLA_TRITON_SLOT_TILE")
+    assert [triton_bla._slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 4]  # the default tile: 64 slots
+
+
 def test_triton_summed_chunk_states(monkeypatch):
     """Above BLA_TRITON_SPLIT_SLOTS slots (128 and up by default) a chunk's state and its segment's
     are summed into one before use, instead of used apart."""

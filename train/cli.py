@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import load_train_config
@@ -54,5 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``. A launcher's worker (WORLD_SIZE > 1) skips the interpreter's teardown:
+    threads that gloo and DeepSpeed leave behind even after the process group is destroyed can
+    abort a run that finished ("terminate called without an active exception", exit -6: seen once
+    in CI's ZeRO-3 test after its checkpoint and summary were written), failing its launcher.
+    Everything the run writes is closed by then (checkpoints, summary, TensorBoard)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

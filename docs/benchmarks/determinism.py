@@ -90,8 +90,8 @@ def nan_report(dtype, B, T, H, d, m, W) -> dict:
     q, k, v, do = (torch.randn(B, T, H, d, device=DEV, dtype=dtype, generator=g) for _ in range(4))
     p = check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet")
     o, hk, hv, saved = triton_bla.forward(q, k, v, None, None, p)
-    dq, dk, dv, _, _ = triton_bla.backward(do, None, None, q, k, v, saved, p, False)
-    names = ["o", "hk", "hv", "ck", "cv", "before", "chunk_dec", "seg_k", "seg_v", "seg_dec", "dq", "dk", "dv"]
+    dq, dk, dv, _, _ = triton_bla.backward(do, None, None, q, k, v, o, saved, p, False)
+    names = ["o", "hk", "hv", "ck", "cv", "before", "chunk_dec", "seg_k", "seg_v", "seg_dec", "lse", "dq", "dk", "dv"]
     return {n: int(t.isnan().sum()) for n, t in zip(names, [o, hk, hv, *saved, dq, dk, dv])}
 
 

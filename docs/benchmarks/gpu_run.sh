@@ -64,8 +64,14 @@ for stage in "$@"; do
       # VARIANT_ARGS: more options, e.g. "--shape 1 32768 --dtype float32"; TAG names the files apart
       python3 docs/benchmarks/kernel_variants.py --set "${VARIANTS:-all}" $VARIANT_ARGS --json "$OUT/kernel_variants$TAG.json" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/kernel_variants$TAG.txt" ;;
     triton)  # a few Triton kernel tests on the GPU (each case compiles its own kernels, 10-60 s: at
-      # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here)
-      timeout 240 python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "long_window or half_inputs" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests.txt" ;;
+      # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here).
+      # TRITON_K picks others (pytest -k), TRITON_LIMIT bounds them (240 s)
+      timeout "${TRITON_LIMIT:-240}" python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "${TRITON_K:-long_window or half_inputs}" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests$TAG.txt" ;;
+    gates)  # issue 17's benchmark at its shape for each gate rule (the model trains with fejer, the operator defaults to dirichlet)
+      for gates in dirichlet fejer; do
+        python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 --window 512 4096 --gates $gates \
+          --json "$OUT/kernel_gates_$gates.json" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/kernel_gates_$gates.txt"
+      done ;;
     fla)  # issue 17's benchmark with fla's chunk_gsa beside it (its wheels, fla-core and einops, in .whl-fla:
       # carry it too). fla autotunes 19 kernels at its first call (343 s on an H200, so the shapes are few); its
       # choices persist (Triton's cache_results) in $OUT/fla_tune.tgz even when the stage is cut: unpack that into

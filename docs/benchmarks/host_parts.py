@@ -20,13 +20,13 @@ o, hk, hv, saved = triton_bla.forward(q.detach(), k.detach(), v.detach(), None, 
 x = torch.zeros(64, 16, 64, 64, device="cuda")
 parts = {
     "triton_bla.forward (raw launches)": lambda: triton_bla.forward(q.detach(), k.detach(), v.detach(), None, None, p),
-    "triton_bla.backward (raw launches)": lambda: triton_bla.backward(do, None, None, q, k, v, saved, p, False),
+    "triton_bla.backward (raw launches)": lambda: triton_bla.backward(do, None, None, q, k, v, o, saved, p, False),
     "chunk_fwd op, no grad": lambda: chunk_fwd(q.detach(), k.detach(), v.detach(), None, None, None, p.offset, list(p.windows), m, p.scale, "dirichlet"),
     "chunk_fwd op forward+backward (the compiled path's op)": lambda: chunk_fwd(q, k, v, None, None, None, p.offset, list(p.windows), m, p.scale, "dirichlet")[0].backward(do),
     "check_problem": lambda: check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet", False),
     "bla_attention forward, grad": lambda: bla_attention(q, k, v, W, m, backend="triton", validate_values=False),
     "bla_attention forward+backward (eager: _Chunk)": lambda: bla_attention(q, k, v, W, m, backend="triton", validate_values=False)[0].backward(do),
-    "one _scan_kernel launch": lambda: triton_bla._scan(x, x, x[..., 0].contiguous(), None, None, torch.zeros(64, dtype=torch.int32, device="cuda"), torch.ones(64, dtype=torch.int32, device="cuda"), reverse=False),
+    "one _scan_kernel launch": lambda: triton_bla._scan(x, x, x[..., 0].contiguous(), None, None, torch.zeros(64, dtype=torch.int32, device="cuda"), torch.ones(64, dtype=torch.int32, device="cuda"), 64, reverse=False),
     "torch.zeros(4 MB)": lambda: torch.zeros(64, 16, 64, 64, device="cuda"),
     "torch.empty(4 MB)": lambda: torch.empty(64, 16, 64, 64, device="cuda"),
 }
