@@ -883,14 +883,18 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
 
 
 # The backward's slot tile: states of more slots run through it in tiles of this many (the forward
-# stores each query's log-sum-exp for it). BLA_TRITON_SLOT_TILE overrides it (a power of two >= 16).
-SLOT_TILE = 64
+# stores each query's log-sum-exp for it). 0: one tile of every slot, the default until the tiled
+# backward (tested on the CPU) is timed on a GPU against it; BLA_TRITON_SLOT_TILE=64 turns it on
+# (`VARIANTS=slot_tile bash docs/benchmarks/gpu_run.sh variants` measures both).
+SLOT_TILE = 0
 
 
 def _slot_tiles(bm: int) -> int:
     tile = int(os.environ.get("BLA_TRITON_SLOT_TILE", SLOT_TILE))
+    if tile == 0:
+        return 1
     if tile < 16 or tile & (tile - 1):
-        raise ValueError(f"BLA_TRITON_SLOT_TILE must be a power of two of at least 16, got {tile}")
+        raise ValueError(f"BLA_TRITON_SLOT_TILE must be 0 (off) or a power of two of at least 16, got {tile}")
     return max(1, bm // tile)
 
 

@@ -295,10 +295,12 @@ def test_slot_tile_must_be_a_power_of_two(monkeypatch):
     from bla.kernels import triton_bla
 
     monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "24")
-    with pytest.raises(ValueError, match="BLA_TRITON_SLOT_TILE must be a power of two of at least 16, got 24"):
+    with pytest.raises(ValueError, match="BLA_TRITON_SLOT_TILE must be 0 .off. or a power of two of at least 16, got 24"):
         triton_bla._slot_tiles(128)
-    monkeypatch.delenv("BLA_TRITON_SLOT_TILE")
-    assert [triton_bla._slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 4]  # the default tile: 64 slots
+    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "64")
+    assert [triton_bla._slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 4]
+    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "0")
+    assert triton_bla._slot_tiles(256) == 1  # off: one tile of every slot
 
 
 def test_triton_summed_chunk_states(monkeypatch):

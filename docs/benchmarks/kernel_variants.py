@@ -76,7 +76,17 @@ SCAN_GROUP_VARIANTS = [  # the two-level segment scan (BLA_TRITON_SCAN_GROUP) at
     (512, 64, {"BLA_TRITON_SCAN_GROUP": "4"}),
     (4096, 64, {"BLA_TRITON_SCAN_GROUP": "4"}),
 ]
-SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS}
+SLOT_TILE_VARIANTS = [  # the backward in 64-slot tiles against the default, one tile of every slot
+    (512, 64, {}),
+    (512, 128, {}),
+    (512, 128, {"BLA_TRITON_SLOT_TILE": "64"}),
+    (4096, 128, {}),
+    (4096, 128, {"BLA_TRITON_SLOT_TILE": "64"}),
+    (512, 256, {}),
+    (512, 256, {"BLA_TRITON_SLOT_TILE": "64"}),
+]
+SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS,
+        "slot_tile": SLOT_TILE_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
