@@ -43,7 +43,8 @@ program walking a segment's chunks in reverse, the state gradient in registers, 
 first level but spilled 354 registers and took 1.5 ms against (A) + (B)'s 1.1 ms on an H100, as
 a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchmarks.md.)
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
-BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred.
+BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
+BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles).
 """
 
 from __future__ import annotations
@@ -882,15 +883,20 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     )  # fmt: skip
 
 
-# The backward's slot tile: states of more slots run through it in tiles of this many (the forward
-# stores each query's log-sum-exp for it). 0: one tile of every slot, the default until the tiled
-# backward (tested on the CPU) is timed on a GPU against it; BLA_TRITON_SLOT_TILE=64 turns it on
-# (`VARIANTS=slot_tile bash docs/benchmarks/gpu_run.sh variants` measures both).
-SLOT_TILE = 0
+# The backward's slot tile: wider states run through it in tiles of this many (the forward stores
+# each query's log-sum-exp for it), by default only at 128-slot blocks, where it was measured
+# faster. fwd+bwd on an H200, B=4, T=8192, bf16 (docs/benchmarks.md, "The backward in slot tiles"):
+# m = 128 3.947 -> 3.436 ms at W=512 (`_bwd_chunk` 2.001 -> 1.434), 5.204 -> 4.385 at W=4096; at
+# m = 256 (four tiles of 32-token sub-chunks) 9.999 -> 10.817, so 256 slots stay in one tile.
+# BLA_TRITON_SLOT_TILE overrides it: 0, one tile of every slot; a power of two >= 16, tiles of that many.
+SLOT_TILE, SLOT_TILE_BLOCKS = 64, (128,)
 
 
 def _slot_tiles(bm: int) -> int:
-    tile = int(os.environ.get("BLA_TRITON_SLOT_TILE", SLOT_TILE))
+    value = os.environ.get("BLA_TRITON_SLOT_TILE", "")
+    if value == "":
+        return bm // SLOT_TILE if bm in SLOT_TILE_BLOCKS else 1
+    tile = int(value)
     if tile == 0:
         return 1
     if tile < 16 or tile & (tile - 1):

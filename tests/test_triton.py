@@ -301,6 +301,8 @@ def test_slot_tile_must_be_a_power_of_two(monkeypatch):
     assert [triton_bla._slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 4]
     monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "0")
     assert triton_bla._slot_tiles(256) == 1  # off: one tile of every slot
+    monkeypatch.delenv("BLA_TRITON_SLOT_TILE")
+    assert [triton_bla._slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 1]  # the default: tiles at 128 slots only
 
 
 def test_triton_summed_chunk_states(monkeypatch):

@@ -76,7 +76,8 @@ SCAN_GROUP_VARIANTS = [  # the two-level segment scan (BLA_TRITON_SCAN_GROUP) at
     (512, 64, {"BLA_TRITON_SCAN_GROUP": "4"}),
     (4096, 64, {"BLA_TRITON_SCAN_GROUP": "4"}),
 ]
-SLOT_TILE_VARIANTS = [  # the backward in 64-slot tiles against the default, one tile of every slot
+SLOT_TILE_VARIANTS = [  # the backward in 64-slot tiles against one tile of every slot (the default at 48c2f6b, when
+    # this ran; since then 128-slot blocks take the tiles by default: BLA_TRITON_SLOT_TILE=0 is the one tile)
     (512, 64, {}),
     (512, 128, {}),
     (512, 128, {"BLA_TRITON_SLOT_TILE": "64"}),
