@@ -166,13 +166,13 @@ def sub_chunking(problem: Problem) -> tuple[int, int]:
     forced = os.environ.get("BLA_TRITON_PAIRS", "")
     if forced not in ("", "elementwise", "halves", "centred"):
         raise ValueError(f"BLA_TRITON_PAIRS must be elementwise, halves or centred, got {forced!r}")
+    # the halves form clamps its cross factors at the boundary, exact only where log-decays never
+    # rise (v2 rules); v1's can (alpha up to 1.22), so v1 takes smaller sub-chunks instead
+    halves_exact = p.gates != "dirichlet_v1"
     if forced != "elementwise":
         for sub in (s for s in (128, 64, 32, 16) if s <= largest and s * _slot_block(p.slots) <= 8192):
             if forced != "halves" and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE:
                 return sub, CENTRED
-            # the halves form clamps its cross factors at the boundary, exact only where log-decays
-            # never rise (v2 rules); v1's can (alpha up to 1.22), so it takes smaller sub-chunks instead
-            halves_exact = p.gates != "dirichlet_v1"
             if forced != "centred" and halves_exact and sub >= 32 and diag_log_range(p.windows, p.slots, p.gates, sub // 2) < FACTOR_LOG_RANGE:
                 return sub, HALVES
     return 16, ELEMENTWISE

@@ -64,9 +64,15 @@ def test_triton_equals_torch(case, gates):
 def test_triton_varlen_with_empty_and_single_token_documents(monkeypatch, gates, pairs):
     if pairs == "halves":
         monkeypatch.setenv("BLA_TRITON_PAIRS", "halves")
+    _compare_packed(12, 4, gates)
+
+
+def _compare_packed(W, m, gates):
+    """Packed documents (empty and 1-token ones among them) with initial states and offsets: the
+    Triton backend against the float64 torch backend, outputs, states and every gradient."""
     lengths = [0, 1, 17, 0, 70, 2]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
-    T, N, W, m = int(cu[-1]), len(lengths), 12, 4
+    T, N = int(cu[-1]), len(lengths)
     q, k, v = random_qkv(1, T, 4, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
     K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(N, 2, m, 8, 8, dtype=torch.float32))
     off = torch.tensor([0, 3, 0, 5, 11, 1], device=DEVICE)
@@ -262,20 +268,7 @@ def test_triton_varlen_in_slot_tiles(monkeypatch):
     """Packed documents (empty and 1-token ones too) through the slot-tiled backward."""
     monkeypatch.setenv("BLA_TRITON_SLOT_BLOCK", "16")
     monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "16")
-    lengths = [0, 1, 17, 0, 70, 2]
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
-    T, N, W, m = int(cu[-1]), len(lengths), 48, 24
-    q, k, v = random_qkv(1, T, 4, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
-    K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(N, 2, m, 8, 8, dtype=torch.float32))
-    off = torch.tensor([0, 3, 0, 5, 11, 1], device=DEVICE)
-    outs = _run("triton", q, k, v, W, m, cu_seqlens=cu, initial_state=(K0, V0), offset=off)
-    cot = [torch.randn_like(x) for x in outs]
-    grads = torch.autograd.grad(outs, (q, k, v, K0, V0), cot)
-    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, K0, V0)]
-    ref = _run("torch", *leaves[:3], W, m, cu_seqlens=cu, initial_state=tuple(leaves[3:]), offset=off)
-    ref_grads = torch.autograd.grad(ref, leaves, [c.double() for c in cot])
-    for name, a, b in zip(["o", "K", "V", "dq", "dk", "dv", "dK0", "dV0"], [*outs, *grads], [*ref, *ref_grads]):
-        assert_close(name, a, b, atol=2e-4, rtol=2e-4)
+    _compare_packed(48, 24, "dirichlet")
 
 
 def test_v1_gates_never_take_the_halves_form(monkeypatch):

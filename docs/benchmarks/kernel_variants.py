@@ -76,12 +76,14 @@ SCAN_GROUP_VARIANTS = [  # the two-level segment scan (BLA_TRITON_SCAN_GROUP) at
     (512, 64, {"BLA_TRITON_SCAN_GROUP": "4"}),
     (4096, 64, {"BLA_TRITON_SCAN_GROUP": "4"}),
 ]
-SLOT_TILE_VARIANTS = [  # the backward in 64-slot tiles against one tile of every slot (the default at 48c2f6b, when
-    # this ran; since then 128-slot blocks take the tiles by default: BLA_TRITON_SLOT_TILE=0 is the one tile)
+SLOT_TILE_VARIANTS = [  # the backward in 64-slot tiles against one tile of every slot (BLA_TRITON_SLOT_TILE=0). At
+    # 48c2f6b, when it ran, one tile was the default ({}); since then 128 slots take the tiles by default
     (512, 64, {}),
     (512, 128, {}),
+    (512, 128, {"BLA_TRITON_SLOT_TILE": "0"}),
     (512, 128, {"BLA_TRITON_SLOT_TILE": "64"}),
     (4096, 128, {}),
+    (4096, 128, {"BLA_TRITON_SLOT_TILE": "0"}),
     (4096, 128, {"BLA_TRITON_SLOT_TILE": "64"}),
     (512, 256, {}),
     (512, 256, {"BLA_TRITON_SLOT_TILE": "64"}),
