@@ -3,9 +3,10 @@
 The gates depend only on positions, so they come from a table built once per (W, m, gates):
 the write ``s`` and the log-decay ``log alpha`` of every phase of the period (floored at
 ``LOG_FLOOR`` where alpha = 0: products across a reset are then below 1e-13, zero in every
-output). Kernels gather their rows by phase; no gate tensor per token exists. The output and
-backward-chunk kernels read each sub-chunk's cumulative log-decay from a second table, one
-[S, m] tile per phase built once per (W, m, gates, S), instead of summing it per program.
+output). Kernels gather their rows by phase; no gate tensor per token exists. Every chunked
+kernel reads each sub-chunk's cumulative log-decay from a second table, one [S, m] tile per
+phase built once per (W, m, gates, S), instead of summing it per program (except a sequence's
+last, partial sub-chunk where the state after it is carried: (1) and (C)).
 
 Work runs in sub-chunks of S = 64, 32 or 16 tokens, the unit of every matrix product. Inside
 one, with l the cumulative log-decay from the sub-chunk's start and T its total:
@@ -44,7 +45,8 @@ first level but spilled 354 registers and took 1.5 ms against (A) + (B)'s 1.1 ms
 a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchmarks.md.)
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
-BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles).
+BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles),
+BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit).
 """
 
 from __future__ import annotations
@@ -132,7 +134,11 @@ CUM_TABLE_BYTES = 64 << 20  # above this the kernels sum the log-decays themselv
 
 
 def cum_table_fits(problem: Problem, sub: int) -> bool:
-    return sum(set(problem.windows)) * sub * _slot_block(problem.slots) * 4 <= CUM_TABLE_BYTES
+    """Whether the kernels read the per-phase table (at most CUM_TABLE_BYTES, or BLA_TRITON_CUM_MB
+    MiB: 0 sums the log-decays in every kernel, the schedule the table replaced, to time it)."""
+    limit = os.environ.get("BLA_TRITON_CUM_MB", "")
+    limit = CUM_TABLE_BYTES if limit == "" else int(limit) << 20
+    return sum(set(problem.windows)) * sub * _slot_block(problem.slots) * 4 <= limit
 
 
 @functools.lru_cache(maxsize=16)
@@ -216,6 +222,23 @@ def _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, pos0, t_S, n_valid, W, j_M, S: tl.
         l = tl.load(cum_ptr + (row + t_S)[:, None] * BM + j_M[None, :])
         return s, l, tl.load(cum_ptr + (row + S - 1) * BM + j_M)
     return _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
+
+
+@triton.jit
+def _exact_gates(gs_ptr, gl_ptr, cum_ptr, toff, pos0, t_S, n_valid, W, j_M, S: tl.constexpr, BM: tl.constexpr,
+                 CUM: tl.constexpr):  # fmt: skip
+    """s, l, T of a sub-chunk as _sub_gates, exact for its valid tokens whatever lies past the
+    sequence's end (for callers that carry the state after it: (1) and (C)): a whole sub-chunk's
+    from the per-phase table when CUM (no cumulative sum: (1) took 0.17 ms summing them), the
+    sequence's last, partial one summed over its valid tokens."""
+    if CUM:
+        if n_valid >= S:
+            s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, pos0, t_S, n_valid, W, j_M, S, BM, True)
+        else:
+            s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
+    else:
+        s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
+    return s, l, T
 
 
 @triton.jit
@@ -405,10 +428,10 @@ def _chunk_program(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, off
 
 @triton.jit
 def _fwd_local_kernel(
-    k_ptr, v_ptr, lk_ptr, lv_ptr, dec_ptr, ck_ptr, cv_ptr, before_ptr, cdec_ptr, gs_ptr, gl_ptr,
+    k_ptr, v_ptr, lk_ptr, lv_ptr, dec_ptr, ck_ptr, cv_ptr, before_ptr, cdec_ptr, cum_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr, toff_ptr, item_seq_ptr, item_chunk_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr, CUM: tl.constexpr,
 ):  # fmt: skip
     """(1) A segment's end state from a zero start, and its decay (per slot); on the way, every
     chunk's start state from the segment's zero start (in the operands' dtype), the decay of the
@@ -433,7 +456,7 @@ def _fwd_local_kernel(
         for a in tl.static_range(NS):
             t0 = c * C + a * S
             valid = (t0 + t_S) < seq_len
-            s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
+            s, l, T = _exact_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
             k = _load_tokens(k_ptr, bos + t0 + t_S, valid, g, dk_D, dk_D < DK, HKV, DK)
             v = _load_tokens(v_ptr, bos + t0 + t_S, valid, g, dv_D, dv_D < DV, HKV, DV)
             K = _write_state(K, s, l, T, k, DT)
@@ -691,9 +714,9 @@ def _bwd_chunk_kernel(
 @triton.jit
 def _bwd_tokens_kernel(
     dk_ptr, dv_ptr, dk_out_ptr, dv_out_ptr, dks_ptr, dvs_ptr, segk_ptr, segv_ptr, after_ptr, chunk_item_ptr,
-    gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
+    cum_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, CUM: tl.constexpr,
 ):  # fmt: skip
     """(C) dk, dv (fp32 partials) + the tokens' share of the chunk's end-state gradient, written in
     the inputs' dtype. That gradient: the part from the later chunks of its segment (dks, dvs)
@@ -709,7 +732,7 @@ def _bwd_tokens_kernel(
         t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
         tok = bos + t0 + t_S
-        s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, BM)
+        s, l, T = _exact_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
         B_end = s * tl.exp(T[None, :] - l)
         b_dk = _load_tokens(dk_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK) + _mm(B_end, dK, DT)
         b_dv = _load_tokens(dv_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV) + _mm(B_end, dV, DT)
@@ -1032,7 +1055,7 @@ def _scan_group() -> int | None:
 
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
-          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE")  # fmt: skip
+          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -1049,10 +1072,10 @@ class _Plan:
         self.seg_chunks = _segment_chunks(p, consts["C"])
         self.scan_rows = _scan_rows(consts["BM"])
         self.scan_group = _scan_group()
-        self.fwd_local = {**_pick(consts, *_LOCAL), **_launch_opts(p, "fwd_local")}
+        self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "fwd_local")}
         self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
         self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
-        self.bwd_tokens = {**_pick(consts, *_LOCAL), **_launch_opts(p, "bwd_tokens")}
+        self.bwd_tokens = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "bwd_tokens")}
         self.saved = _saved_shapes(p, consts, self.seg_chunks)
         _check_32_bit_offsets(p, self.saved)
 
@@ -1162,6 +1185,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     lay = _layout(p, dev, C, seg_chunks)
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     gs, gl, toff = gate_tables(p, dev)
+    cum = _cum_or(p, consts, dev, gl)
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
     # (1) each segment's own end state and decay, and each chunk's start state from the
@@ -1176,7 +1200,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     lse = (new if consts["NT"] > 1 else torch.zeros)(layout[7][0], device=dev, dtype=torch.float32)
     items, chunks = lay.total_items, lay.total_chunks
     _fwd_local_kernel[(items, HKV)](
-        k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, *common[:5], lay.chunk_base, *common[5:],
+        k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, cum, *common[:5], lay.chunk_base, *common[5:],
         lay.item_seq, lay.item_chunk, SEG_CHUNKS=seg_chunks, **plan.fwd_local,
     )  # fmt: skip
     use_h0 = h0k is not None
@@ -1189,7 +1213,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
     if chunks:
         _fwd_out_kernel[(chunks, HKV)](
-            q, k, v, o, lse, ck, cv, before, seg_k, seg_v, _cum_or(p, consts, dev, gl), *common, lay.chunk_seq,
+            q, k, v, o, lse, ck, cv, before, seg_k, seg_v, cum, *common, lay.chunk_seq,
             lay.chunk_idx, lay.chunk_item,
             p.scale, **plan.fwd_out,
         )  # fmt: skip
@@ -1211,6 +1235,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff = gate_tables(p, dev)
+    cum = _cum_or(p, consts, dev, gl)
     dq = torch.empty_like(q)
     dq32 = torch.empty(q.shape, device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq partials
     dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
@@ -1224,7 +1249,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     if lay.total_chunks:
         _bwd_chunk_kernel[grid](
             q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
-            _cum_or(p, consts, dev, gl), *common,
+            cum, *common,
             lay.chunk_item, p.scale, **plan.bwd_chunk,
         )  # fmt: skip
     # the final state's gradients (None when it was not used: the scan then starts from zeros)
@@ -1241,7 +1266,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
         dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
         dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)
         _bwd_tokens_kernel[grid](
-            dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item,
+            dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum,
             gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
             lay.chunk_seq, lay.chunk_idx, **plan.bwd_tokens,
         )  # fmt: skip

@@ -58,6 +58,8 @@ for stage in "$@"; do
       done
       wait
       for c in false true; do cp /tmp/curve350m_$c/summary.json "$OUT/curve350m_$c.json"; done ;;
+    hostprofile)  # where the host's time goes in one eager forward+backward (torch profiler's CPU ops, cProfile)
+      python3 docs/benchmarks/host_profile.py 2>&1 | grep -v Warn | tee "$OUT/host_profile$TAG.txt" ;;
     hostparts)  # the host time of each part of a BLA call
       python3 docs/benchmarks/host_parts.py 2>&1 | grep -v Warn | tee "$OUT/host_parts.txt" ;;
     variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps; VARIANTS=scan: the scan's rows; VARIANTS=scan_group: the two-level segment scan at B=1, T=128k) beside flex SWA, one process

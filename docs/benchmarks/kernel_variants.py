@@ -88,8 +88,17 @@ SLOT_TILE_VARIANTS = [  # the backward in 64-slot tiles against one tile of ever
     (512, 256, {}),
     (512, 256, {"BLA_TRITON_SLOT_TILE": "64"}),
 ]
+CUM_VARIANTS = [  # every chunked kernel reads the per-phase cumulative log-decays (the table) against (1) and (C)
+    # summing them as before the change (BLA_TRITON_CUM_MB=0 sums them in every kernel: (3) and (A) too)
+    (512, 64, {}),
+    (512, 64, {"BLA_TRITON_CUM_MB": "0"}),
+    (4096, 64, {}),
+    (4096, 64, {"BLA_TRITON_CUM_MB": "0"}),
+    (512, 128, {}),
+    (512, 128, {"BLA_TRITON_CUM_MB": "0"}),
+]
 SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS,
-        "slot_tile": SLOT_TILE_VARIANTS}
+        "slot_tile": SLOT_TILE_VARIANTS, "cum": CUM_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
