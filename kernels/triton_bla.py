@@ -141,18 +141,32 @@ def cum_table_fits(problem: Problem, sub: int) -> bool:
     return sum(set(problem.windows)) * sub * _slot_block(problem.slots) * 4 <= limit
 
 
+def _phase_centres(win: torch.Tensor) -> torch.Tensor:
+    """[W, 4, BM] from a window's phase cumsums [W, sub, BM]: the centre of the whole sub-chunk's
+    log-decays (the centred form's mid), then the halves form's mid1, mid2 (the centres of its first
+    and second half) and c (the first half's lowest value, at the boundary)."""
+    half = win.shape[1] // 2
+    first, second = win[:, :half], win[:, half:]
+    mid = (win.amax(1) + win.amin(1)) * 0.5
+    mid1 = (first.amax(1) + first.amin(1)) * 0.5
+    mid2 = (second.amax(1) + second.amin(1)) * 0.5
+    return torch.stack([mid, mid1, mid2, first.amin(1)], dim=1)
+
+
 @functools.lru_cache(maxsize=16)
-def _cum_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, device: str, bm: int) -> torch.Tensor:
-    """float32 [sum of distinct W, sub, BM], rows in the order of the gate table's (``bm`` keys
-    the cache: the tables' width follows BLA_TRITON_SLOT_BLOCK)."""
+def _cum_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, device: str, bm: int):
+    """float32 [sum of distinct W, sub, BM] and its centres [sum of distinct W, 4, BM], rows in the
+    order of the gate table's (``bm`` keys the cache: the tables' width follows BLA_TRITON_SLOT_BLOCK)."""
     rows = [_phase_cumsums(w, slots, gates, sub) for w in sorted(set(windows))]
-    return torch.cat(rows).float().contiguous().to(device)
+    centres = torch.cat([_phase_centres(win) for win in rows])
+    return torch.cat(rows).float().contiguous().to(device), centres.float().contiguous().to(device)
 
 
-def cum_table(problem: Problem, sub: int, device: torch.device) -> torch.Tensor:
-    """The cumulative log-decay of a sub-chunk starting at every phase (what (3) and (A) would
-    otherwise sum per program: 29% of (3)'s time at W=512 on an H100), built once per (windows,
-    m, gates, S, device)."""
+def cum_table(problem: Problem, sub: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cumulative log-decay of a sub-chunk starting at every phase (what the kernels would
+    otherwise sum per program: 29% of (3)'s time at W=512 on an H100), and the centres its pairs
+    are factorised on (what (3) and (A) would otherwise reduce over the sub-chunk's tokens), built
+    once per (windows, m, gates, S, device)."""
     return _cum_table_on(problem.windows, problem.slots, problem.gates, sub, str(device), _slot_block(problem.slots))
 
 
@@ -257,18 +271,24 @@ def _centred(s, l, mid):
 
 
 @triton.jit
-def _split_factors(s, l, second):
+def _split_factors(s, l, second, cen_ptr, crow, j_M, BM: tl.constexpr, CUM: tl.constexpr):
     """The halves form (PAIRS = 2), for sub-chunks whose decays' range is too wide for one centre.
     Pairs inside a half: A, B centred on that half's mid log-decay (their products are valid inside
     a half only). Pairs across the halves (t in the second, u in the first) are centred on the
     log-decay c at the boundary, where e^{l_t - c} <= 1 and e^{c - l_u} <= 1, so nothing can
     overflow at any stride: A2_t = A_t r2 (t in the second half) and B2_u = B_u r1 (u in the
     first), with r2 = e^{mid2 - c} <= 1 and r1 = e^{c - mid1} <= 1 (per slot). Only r1, r2 are
-    kept: A2 and B2 are formed where they are used (fewer live tiles)."""
-    lo = tl.where(second, float("inf"), l)
-    mid1 = (tl.max(tl.where(second, float("-inf"), l), axis=0) + tl.min(lo, axis=0)) * 0.5
-    mid2 = (tl.max(tl.where(second, l, float("-inf")), axis=0) + tl.min(tl.where(second, l, float("inf")), axis=0)) * 0.5
-    c = tl.min(lo, axis=0)  # l is non-increasing: its last value in the first half
+    kept: A2 and B2 are formed where they are used (fewer live tiles). mid1, mid2 and c come from
+    the per-phase table of centres when CUM (row ``crow``), else are reduced here."""
+    if CUM:
+        mid1 = tl.load(cen_ptr + (crow * 4 + 1) * BM + j_M)
+        mid2 = tl.load(cen_ptr + (crow * 4 + 2) * BM + j_M)
+        c = tl.load(cen_ptr + (crow * 4 + 3) * BM + j_M)
+    else:
+        lo = tl.where(second, float("inf"), l)
+        mid1 = (tl.max(tl.where(second, float("-inf"), l), axis=0) + tl.min(lo, axis=0)) * 0.5
+        mid2 = (tl.max(tl.where(second, l, float("-inf")), axis=0) + tl.min(tl.where(second, l, float("inf")), axis=0)) * 0.5
+        c = tl.min(lo, axis=0)  # l is non-increasing: its last value in the first half
     A, B = _centred(s, l, tl.where(second, mid2[None, :], mid1[None, :]))
     return A, B, tl.exp(tl.minimum(c - mid1, 0.0)), tl.exp(tl.minimum(mid2 - c, 0.0))
 
@@ -298,9 +318,11 @@ def _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.const
 
 
 @triton.jit
-def _sub_tiles(s, l, t_S, second, PAIRS: tl.constexpr):
+def _sub_tiles(s, l, t_S, second, cen_ptr, crow, j_M, BM: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr):
     """What the in-sub-chunk pairs need: the elementwise decay tile E (PAIRS = 0), one centre's
-    factors A, B (1), or the halves' A, B, r1, r2 (2). Unused names repeat a used value."""
+    factors A, B (1), or the halves' A, B, r1, r2 (2). Unused names repeat a used value. The
+    centres are the table's (row ``crow``: the sub-chunk's phase) when CUM: no reductions over
+    the sub-chunk's tokens."""
     if PAIRS == 0:
         E = _pair_decays(s, l, t_S)
         A = E
@@ -308,12 +330,16 @@ def _sub_tiles(s, l, t_S, second, PAIRS: tl.constexpr):
         r1 = E
         r2 = E
     elif PAIRS == 1:
-        A, B = _centred(s, l, ((tl.max(l, axis=0) + tl.min(l, axis=0)) * 0.5)[None, :])
+        if CUM:
+            mid = tl.load(cen_ptr + crow * 4 * BM + j_M)
+        else:
+            mid = (tl.max(l, axis=0) + tl.min(l, axis=0)) * 0.5
+        A, B = _centred(s, l, mid[None, :])
         r1 = A
         r2 = A
         E = A
     else:
-        A, B, r1, r2 = _split_factors(s, l, second)
+        A, B, r1, r2 = _split_factors(s, l, second, cen_ptr, crow, j_M, BM, CUM)
         E = A
     return A, B, r1, r2, E
 
@@ -553,7 +579,7 @@ def _scan_kernel(
 
 
 @triton.jit
-def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
+def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
                HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, S: tl.constexpr,
                CUM: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
     """What (3) and (A) need of the sub-chunk starting at token t0 of a sequence: its valid tokens
@@ -561,7 +587,7 @@ def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq
     valid = (t0 + t_S) < seq_len
     tok = bos + t0 + t_S
     s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
-    A, B, r1, r2, E = _sub_tiles(s, l, t_S, second, PAIRS)
+    A, B, r1, r2, E = _sub_tiles(s, l, t_S, second, cen_ptr, toff + (offset + t0) % W, j_M, BM, PAIRS, CUM)
     k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
     v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
     return valid, tok, s, l, T, tl.exp(l), A, B, r1, r2, E, k, v
@@ -569,7 +595,7 @@ def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq
 
 @triton.jit
 def _fwd_out_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, cum_ptr, gs_ptr, gl_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, cum_ptr, cen_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr,
     scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
@@ -592,7 +618,7 @@ def _fwd_out_kernel(
     for a in tl.static_range(NS):
         t0 = c * C + a * S
         valid, tok, s, l, T, el, A, B, r1, r2, E, k, v = _sub_chunk(
-            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
+            k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
             HKV, BM, DK, DV, S, CUM, PAIRS,
         )  # fmt: skip
         for hh in tl.static_range(HPG):
@@ -618,7 +644,7 @@ def _fwd_out_kernel(
 @triton.jit
 def _bwd_chunk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, dq_ptr, dq32_ptr, dk_ptr, dv_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr,
-    sv_ptr, dks_ptr, dvs_ptr, cum_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr,
+    sv_ptr, dks_ptr, dvs_ptr, cum_ptr, cen_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr,
     chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr, scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
@@ -663,7 +689,7 @@ def _bwd_chunk_kernel(
                 before = before * tl.exp(Tb)
             t0 = c * C + a * S
             valid, tok, s, l, T, el, A, B, r1, r2, E, k, v = _sub_chunk(
-                k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
+                k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
                 HKV, BM, DK, DV, S, CUM, PAIRS,
             )  # fmt: skip
             if a == NS - 1:  # the chunk's last sub-chunk: no later one to reach through the state
@@ -927,9 +953,9 @@ def _slot_tiles(bm: int) -> int:
     return max(1, bm // tile)
 
 
-def _cum_or(problem: Problem, consts: dict, device, placeholder: torch.Tensor) -> torch.Tensor:
-    """The cumulative log-decay table when the kernels read it (CUM), else any tensor."""
-    return cum_table(problem, consts["S"], device) if consts["CUM"] else placeholder
+def _cum_or(problem: Problem, consts: dict, device, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cumulative log-decay table and its centres when the kernels read them (CUM), else any tensors."""
+    return cum_table(problem, consts["S"], device) if consts["CUM"] else (placeholder, placeholder)
 
 
 def _pick(consts: dict, *names: str) -> dict:
@@ -1185,7 +1211,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     lay = _layout(p, dev, C, seg_chunks)
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     gs, gl, toff = gate_tables(p, dev)
-    cum = _cum_or(p, consts, dev, gl)
+    cum, cen = _cum_or(p, consts, dev, gl)
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
     # (1) each segment's own end state and decay, and each chunk's start state from the
@@ -1213,7 +1239,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
     if chunks:
         _fwd_out_kernel[(chunks, HKV)](
-            q, k, v, o, lse, ck, cv, before, seg_k, seg_v, cum, *common, lay.chunk_seq,
+            q, k, v, o, lse, ck, cv, before, seg_k, seg_v, cum, cen, *common, lay.chunk_seq,
             lay.chunk_idx, lay.chunk_item,
             p.scale, **plan.fwd_out,
         )  # fmt: skip
@@ -1235,7 +1261,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff = gate_tables(p, dev)
-    cum = _cum_or(p, consts, dev, gl)
+    cum, cen = _cum_or(p, consts, dev, gl)
     dq = torch.empty_like(q)
     dq32 = torch.empty(q.shape, device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq partials
     dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
@@ -1249,7 +1275,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     if lay.total_chunks:
         _bwd_chunk_kernel[grid](
             q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
-            cum, *common,
+            cum, cen, *common,
             lay.chunk_item, p.scale, **plan.bwd_chunk,
         )  # fmt: skip
     # the final state's gradients (None when it was not used: the scan then starts from zeros)

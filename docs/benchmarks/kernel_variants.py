@@ -88,12 +88,15 @@ SLOT_TILE_VARIANTS = [  # the backward in 64-slot tiles against one tile of ever
     (512, 256, {}),
     (512, 256, {"BLA_TRITON_SLOT_TILE": "64"}),
 ]
-CUM_VARIANTS = [  # every chunked kernel reads the per-phase cumulative log-decays (the table) against (1) and (C)
-    # summing them as before the change (BLA_TRITON_CUM_MB=0 sums them in every kernel: (3) and (A) too)
+CUM_VARIANTS = [  # every chunked kernel reads the per-phase cumulative log-decays and the pairs' centres from tables,
+    # against BLA_TRITON_CUM_MB=0 (no table: each kernel sums its log-decays and reduces its centres, as before 6455561
+    # in (1) and (C), before this set's commit in (3) and (A)); and at W=4096, 64-token chunks of two 32-token centred
+    # sub-chunks against the halves form's one 64-token sub-chunk
     (512, 64, {}),
     (512, 64, {"BLA_TRITON_CUM_MB": "0"}),
     (4096, 64, {}),
     (4096, 64, {"BLA_TRITON_CUM_MB": "0"}),
+    (4096, 64, {"BLA_TRITON_CHUNK": "64", "BLA_TRITON_SUB": "32", "BLA_TRITON_PAIRS": "centred"}),
     (512, 128, {}),
     (512, 128, {"BLA_TRITON_CUM_MB": "0"}),
 ]
