@@ -170,6 +170,31 @@ def cum_table(problem: Problem, sub: int, device: torch.device) -> tuple[torch.T
     return _cum_table_on(problem.windows, problem.slots, problem.gates, sub, str(device), _slot_block(problem.slots))
 
 
+@functools.lru_cache(maxsize=16)
+def _end_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, device: str, bm: int, dtype: torch.dtype):
+    """[sum of distinct W, sub, BM] in the products' operand dtype: each token's weight s_t e^{T - l_t}
+    in the state after a whole sub-chunk starting at every phase (the matrix (1) writes states with
+    and (C) reads their gradients through), rows in the order of the gate table's."""
+    tables = []
+    for w in sorted(set(windows)):
+        win = _phase_cumsums(w, slots, gates, sub)
+        s_tab = _gate_table_cpu((w,), slots, gates, bm)[0].double()
+        s_at = s_tab[(torch.arange(w)[:, None] + torch.arange(sub)[None, :]) % w]  # [W, sub, BM]: s of each token
+        tables.append(s_at * torch.exp(win[:, -1:, :] - win))
+    return torch.cat(tables).to(dtype).contiguous().to(device)
+
+
+def phase_tables(problem: Problem, consts: dict, device, placeholder: torch.Tensor):
+    """The per-phase tables the kernels read when CUM (the cumulative log-decays, the pairs'
+    centres, the end-state weights in the operands' dtype), else placeholders."""
+    if not consts["CUM"]:
+        return placeholder, placeholder, placeholder
+    cum, centres = cum_table(problem, consts["S"], device)
+    dtype = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
+    end = _end_table_on(problem.windows, problem.slots, problem.gates, consts["S"], str(device), _slot_block(problem.slots), dtype)
+    return cum, centres, end
+
+
 ELEMENTWISE, CENTRED, HALVES = 0, 1, 2  # the in-sub-chunk pair forms (the kernels' PAIRS)
 
 
@@ -239,20 +264,25 @@ def _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, pos0, t_S, n_valid, W, j_M, S: tl.
 
 
 @triton.jit
-def _exact_gates(gs_ptr, gl_ptr, cum_ptr, toff, pos0, t_S, n_valid, W, j_M, S: tl.constexpr, BM: tl.constexpr,
-                 CUM: tl.constexpr):  # fmt: skip
-    """s, l, T of a sub-chunk as _sub_gates, exact for its valid tokens whatever lies past the
-    sequence's end (for callers that carry the state after it: (1) and (C)): a whole sub-chunk's
-    from the per-phase table when CUM (no cumulative sum: (1) took 0.17 ms summing them), the
-    sequence's last, partial one summed over its valid tokens."""
+def _end_weights(gs_ptr, gl_ptr, cum_ptr, end_ptr, toff, pos0, t_S, n_valid, W, j_M, S: tl.constexpr, BM: tl.constexpr,
+                 CUM: tl.constexpr, DT: tl.constexpr):  # fmt: skip
+    """Each token's weight s e^{T - l} in the state after a sub-chunk ([S, BM], in DT) and the
+    sub-chunk's total log-decay T, exact for its valid tokens whatever lies past the sequence's
+    end (for the kernels that carry the state after it: (1) and (C)): a whole sub-chunk's from the
+    per-phase tables when CUM (no cumulative sum, no exponentials), the sequence's last, partial
+    one from its gates."""
     if CUM:
         if n_valid >= S:
-            s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, pos0, t_S, n_valid, W, j_M, S, BM, True)
+            row = (toff + pos0 % W) * S
+            w = tl.load(end_ptr + (row + t_S)[:, None] * BM + j_M[None, :])
+            T = tl.load(cum_ptr + (row + S - 1) * BM + j_M)
         else:
             s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
+            w = (s * tl.exp(T[None, :] - l)).to(DT)
     else:
         s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
-    return s, l, T
+        w = (s * tl.exp(T[None, :] - l)).to(DT)
+    return w, T
 
 
 @triton.jit
@@ -377,6 +407,12 @@ def _write_state(X, s, l, T, x, DT: tl.constexpr):
 
 
 @triton.jit
+def _write_weighted(X, w_end, T, x, DT: tl.constexpr):
+    """The state after a sub-chunk from its tokens' end weights (``_end_weights``): e^T X + w_end^T x."""
+    return tl.exp(T)[:, None] * X + _mm(tl.trans(w_end), x, DT)
+
+
+@triton.jit
 def _from_state(x, Xl, Xs, before, DT: tl.constexpr, SPLIT: tl.constexpr):
     """x against each slot of the state Xl + before * Xs (kept apart when SPLIT: no [m, d] sum is
     formed; else Xl is the whole state): [SUB, D] -> [SUB, BM]."""
@@ -454,7 +490,7 @@ def _chunk_program(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, off
 
 @triton.jit
 def _fwd_local_kernel(
-    k_ptr, v_ptr, lk_ptr, lv_ptr, dec_ptr, ck_ptr, cv_ptr, before_ptr, cdec_ptr, cum_ptr, gs_ptr, gl_ptr,
+    k_ptr, v_ptr, lk_ptr, lv_ptr, dec_ptr, ck_ptr, cv_ptr, before_ptr, cdec_ptr, cum_ptr, end_ptr, gs_ptr, gl_ptr,
     seq_start_ptr, seq_len_ptr, offset_ptr, chunk_base_ptr, window_ptr, toff_ptr, item_seq_ptr, item_chunk_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, SEG_CHUNKS: tl.constexpr, DT: tl.constexpr, CUM: tl.constexpr,
@@ -482,11 +518,11 @@ def _fwd_local_kernel(
         for a in tl.static_range(NS):
             t0 = c * C + a * S
             valid = (t0 + t_S) < seq_len
-            s, l, T = _exact_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
+            w_end, T = _end_weights(gs_ptr, gl_ptr, cum_ptr, end_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM, DT)
             k = _load_tokens(k_ptr, bos + t0 + t_S, valid, g, dk_D, dk_D < DK, HKV, DK)
             v = _load_tokens(v_ptr, bos + t0 + t_S, valid, g, dv_D, dv_D < DV, HKV, DV)
-            K = _write_state(K, s, l, T, k, DT)
-            V = _write_state(V, s, l, T, v, DT)
+            K = _write_weighted(K, w_end, T, k, DT)
+            V = _write_weighted(V, w_end, T, v, DT)
             chunk_log_dec += T
         tl.store(cdec_ptr + crow + j_M, tl.exp(chunk_log_dec))
         log_dec += chunk_log_dec
@@ -740,7 +776,7 @@ def _bwd_chunk_kernel(
 @triton.jit
 def _bwd_tokens_kernel(
     dk_ptr, dv_ptr, dk_out_ptr, dv_out_ptr, dks_ptr, dvs_ptr, segk_ptr, segv_ptr, after_ptr, chunk_item_ptr,
-    cum_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
+    cum_ptr, end_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, CUM: tl.constexpr,
 ):  # fmt: skip
@@ -758,8 +794,7 @@ def _bwd_tokens_kernel(
         t0 = c * C + a * S
         valid = (t0 + t_S) < seq_len
         tok = bos + t0 + t_S
-        s, l, T = _exact_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
-        B_end = s * tl.exp(T[None, :] - l)
+        B_end, T = _end_weights(gs_ptr, gl_ptr, cum_ptr, end_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM, DT)
         b_dk = _load_tokens(dk_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK) + _mm(B_end, dK, DT)
         b_dv = _load_tokens(dv_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV) + _mm(B_end, dV, DT)
         _store_tokens(dk_out_ptr, b_dk, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
@@ -951,11 +986,6 @@ def _slot_tiles(bm: int) -> int:
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"BLA_TRITON_SLOT_TILE must be 0 (off) or a power of two of at least 16, got {tile}")
     return max(1, bm // tile)
-
-
-def _cum_or(problem: Problem, consts: dict, device, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cumulative log-decay table and its centres when the kernels read them (CUM), else any tensors."""
-    return cum_table(problem, consts["S"], device) if consts["CUM"] else (placeholder, placeholder)
 
 
 def _pick(consts: dict, *names: str) -> dict:
@@ -1211,7 +1241,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     lay = _layout(p, dev, C, seg_chunks)
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     gs, gl, toff = gate_tables(p, dev)
-    cum, cen = _cum_or(p, consts, dev, gl)
+    cum, cen, end = phase_tables(p, consts, dev, gl)
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
     # (1) each segment's own end state and decay, and each chunk's start state from the
@@ -1226,7 +1256,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     lse = (new if consts["NT"] > 1 else torch.zeros)(layout[7][0], device=dev, dtype=torch.float32)
     items, chunks = lay.total_items, lay.total_chunks
     _fwd_local_kernel[(items, HKV)](
-        k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, cum, *common[:5], lay.chunk_base, *common[5:],
+        k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, cum, end, *common[:5], lay.chunk_base, *common[5:],
         lay.item_seq, lay.item_chunk, SEG_CHUNKS=seg_chunks, **plan.fwd_local,
     )  # fmt: skip
     use_h0 = h0k is not None
@@ -1261,7 +1291,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff = gate_tables(p, dev)
-    cum, cen = _cum_or(p, consts, dev, gl)
+    cum, cen, end = phase_tables(p, consts, dev, gl)
     dq = torch.empty_like(q)
     dq32 = torch.empty(q.shape, device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq partials
     dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
@@ -1292,7 +1322,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
         dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
         dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)
         _bwd_tokens_kernel[grid](
-            dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum,
+            dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum, end,
             gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
             lay.chunk_seq, lay.chunk_idx, **plan.bwd_tokens,
         )  # fmt: skip
