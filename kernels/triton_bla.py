@@ -46,7 +46,7 @@ a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchma
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
 BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles),
-BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit).
+BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit), BLA_TRITON_MAXNREG (a register cap).
 """
 
 from __future__ import annotations
@@ -995,17 +995,19 @@ def _pick(consts: dict, *names: str) -> dict:
 def _launch_opts(problem: Problem, kernel: str) -> dict:
     """4 warps up to 128 slots (measured faster than 8 at S = 64, 32 and 16 on H100, m = 64; at
     m = 128 on an H200, 4.01 against 4.82 ms of kernels per forward+backward: docs/benchmarks.md),
-    8 above. BLA_TRITON_WARPS / BLA_TRITON_STAGES override them: a number
-    for every kernel, or per kernel as ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
+    8 above. BLA_TRITON_WARPS / BLA_TRITON_STAGES / BLA_TRITON_MAXNREG (a cap on registers a thread,
+    the rest spilled; none by default) override them: a number for every kernel, or per kernel as
+    ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
 
-    def knob(name: str, default: int) -> int:
+    def knob(name: str, default: int | None) -> int | None:
         value = os.environ.get(name, "")
-        if "=" not in value:
-            return int(value or default)
-        table = dict(item.split("=") for item in value.split(","))
-        return int(table.get(kernel, default))
+        if "=" in value:
+            value = dict(item.split("=") for item in value.split(",")).get(kernel, "")
+        return int(value) if value else default
 
-    return dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
+    opts = dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
+    maxnreg = knob("BLA_TRITON_MAXNREG", None)
+    return opts if maxnreg is None else dict(opts, maxnreg=maxnreg)
 
 
 # Slot rows per scan program (BLA_TRITON_SCAN_ROWS overrides it). Scan kernel time per forward+backward,
@@ -1111,7 +1113,7 @@ def _scan_group() -> int | None:
 
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
-          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB")  # fmt: skip
+          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 

@@ -100,8 +100,18 @@ CUM_VARIANTS = [  # every chunked kernel reads the per-phase cumulative log-deca
     (512, 128, {}),
     (512, 128, {"BLA_TRITON_CUM_MB": "0"}),
 ]
+REGISTER_VARIANTS = [  # registers a thread capped (ptxas spills the rest): 168 lets 3 programs of 4 warps share an SM
+    # (the big kernels took 232-255, so 2), 128 lets 4; per kernel too (docs/benchmarks/registers.py shows the spills)
+    (512, 64, {}),
+    (512, 64, {"BLA_TRITON_MAXNREG": "168"}),
+    (512, 64, {"BLA_TRITON_MAXNREG": "128"}),
+    (512, 64, {"BLA_TRITON_MAXNREG": "fwd_local=168,bwd_tokens=168"}),
+    (4096, 64, {}),
+    (4096, 64, {"BLA_TRITON_MAXNREG": "168"}),
+]
 SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS,
-        "slot_tile": SLOT_TILE_VARIANTS, "cum": CUM_VARIANTS}
+        "slot_tile": SLOT_TILE_VARIANTS, "cum": CUM_VARIANTS,
+        "registers": REGISTER_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
