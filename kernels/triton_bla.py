@@ -310,7 +310,7 @@ def _split_factors(s, l, second, cen_ptr, crow, j_M, BM: tl.constexpr, CUM: tl.c
     first), with r2 = e^{mid2 - c} <= 1 and r1 = e^{c - mid1} <= 1 (per slot). Only r1, r2 are
     kept: A2 and B2 are formed where they are used (fewer live tiles). mid1, mid2 and c come from
     the per-phase table of centres when CUM (row ``crow``), else are reduced here."""
-    if CUM:
+    if CUM == 2:
         mid1 = tl.load(cen_ptr + (crow * 4 + 1) * BM + j_M)
         mid2 = tl.load(cen_ptr + (crow * 4 + 2) * BM + j_M)
         c = tl.load(cen_ptr + (crow * 4 + 3) * BM + j_M)
@@ -360,7 +360,7 @@ def _sub_tiles(s, l, t_S, second, cen_ptr, crow, j_M, BM: tl.constexpr, PAIRS: t
         r1 = E
         r2 = E
     elif PAIRS == 1:
-        if CUM:
+        if CUM == 2:
             mid = tl.load(cen_ptr + crow * 4 * BM + j_M)
         else:
             mid = (tl.max(l, axis=0) + tl.min(l, axis=0)) * 0.5
@@ -958,7 +958,9 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_slot_block(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
-        C=chunk, S=sub, NS=chunk // sub, PAIRS=pairs, CUM=cum_table_fits(p, sub),
+        C=chunk, S=sub, NS=chunk // sub, PAIRS=pairs,
+        # 0: no per-phase tables; 1: the tables but the pairs' centres reduced in the kernels; 2: all tables
+        CUM=(1 if os.environ.get("BLA_TRITON_CENTRES") == "0" else 2) if cum_table_fits(p, sub) else 0,
         # the chunk's and segment's states used apart (2 products each): measured faster up to 64
         # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
         SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
@@ -1113,7 +1115,7 @@ def _scan_group() -> int | None:
 
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
-          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG")  # fmt: skip
+          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG", "BLA_TRITON_CENTRES")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 

@@ -96,6 +96,8 @@ CUM_VARIANTS = [  # every chunked kernel reads the per-phase cumulative log-deca
     (512, 64, {"BLA_TRITON_CUM_MB": "0"}),
     (4096, 64, {}),
     (4096, 64, {"BLA_TRITON_CUM_MB": "0"}),
+    (512, 64, {"BLA_TRITON_CENTRES": "0"}),
+    (4096, 64, {"BLA_TRITON_CENTRES": "0"}),
     (4096, 64, {"BLA_TRITON_CHUNK": "64", "BLA_TRITON_SUB": "32", "BLA_TRITON_PAIRS": "centred"}),
     (512, 128, {}),
     (512, 128, {"BLA_TRITON_CUM_MB": "0"}),
