@@ -73,7 +73,8 @@ SEGMENT_TOKENS = 1024  # work item of (1) and of (B)'s first level: tokens run w
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    """The power of two at or above n, at least 16 (bit arithmetic: it runs several times a call)."""
+    return max(16, 1 << (int(n) - 1).bit_length())
 
 
 def _slot_block(slots: int) -> int:
@@ -1138,6 +1139,16 @@ class _Plan:
         self.bwd_tokens = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "bwd_tokens")}
         self.saved = _saved_shapes(p, consts, self.seg_chunks)
         _check_32_bit_offsets(p, self.saved)
+        self._tables: dict = {}
+
+    def tables(self, problem: Problem, device) -> tuple:
+        """(s, log alpha, each kv head's first row, cumulative log-decays, centres, end weights) on
+        ``device``: looked up once per plan and device, not per call."""
+        hit = self._tables.get(device)
+        if hit is None:
+            gs, gl, toff = gate_tables(problem, device)
+            hit = self._tables[device] = (gs, gl, toff, *phase_tables(problem, self.consts, device, gl))
+        return hit
 
 
 def _saved_shapes(p: Problem, consts: dict, seg_chunks: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -1202,10 +1213,23 @@ def _oversized(p: Problem, saved: list) -> str | None:
     return None
 
 
+_ENVIRON = getattr(os.environ, "_data", None)  # POSIX: the encoded environment, read directly
+_KNOB_KEYS = tuple(os.environ.encodekey(k) for k in _KNOBS) if _ENVIRON is not None else None
+
+
+def _knob_values() -> tuple:
+    """The tuning knobs' values, read every call (a test or benchmark may set one between calls);
+    straight from the encoded environment where there is one: 13 ``os.environ.get`` calls were
+    about 20 us of host time a call."""
+    if _ENVIRON is not None:
+        return tuple(map(_ENVIRON.get, _KNOB_KEYS))
+    return tuple(os.environ.get(k) for k in _KNOBS)
+
+
 def _plan(problem: Problem, dtype: torch.dtype) -> _Plan:
     p = problem
     key = (p.batch, p.seq_len, p.num_heads, p.num_kv_heads, p.head_dim_k, p.head_dim_v, p.slots, p.windows, p.gates,
-           p.num_seqs, p.cu_seqlens is None, dtype, tuple(os.environ.get(k) for k in _KNOBS))  # fmt: skip
+           p.num_seqs, p.cu_seqlens is None, dtype, _knob_values())  # fmt: skip
     if any(isinstance(x, torch.SymInt) for x in key):  # symbolic shapes (a compiler's fake run): not cached
         return _Plan(p, dtype)
     plan = _PLANS.get(key)
@@ -1244,8 +1268,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     lay = _layout(p, dev, C, seg_chunks)
     offsets = p.offset.to(device=dev, dtype=torch.int32)
-    gs, gl, toff = gate_tables(p, dev)
-    cum, cen, end = phase_tables(p, consts, dev, gl)
+    gs, gl, toff, cum, cen, end = plan.tables(p, dev)
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
     # (1) each segment's own end state and decay, and each chunk's start state from the
@@ -1294,8 +1317,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     lay = _layout(p, dev, consts["C"], plan.seg_chunks)
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
-    gs, gl, toff = gate_tables(p, dev)
-    cum, cen, end = phase_tables(p, consts, dev, gl)
+    gs, gl, toff, cum, cen, end = plan.tables(p, dev)
     dq = torch.empty_like(q)
     dq32 = torch.empty(q.shape, device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq partials
     dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
