@@ -46,7 +46,8 @@ a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchma
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
 BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles),
-BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit), BLA_TRITON_MAXNREG (a register cap).
+BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit), BLA_TRITON_MAXNREG (a register cap),
+BLA_TRITON_LAUNCH=jit (every launch through Triton's JIT, not the direct one).
 """
 
 from __future__ import annotations
@@ -68,6 +69,20 @@ from .checks import Problem
 from .gates import dirichlet_gates
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+_ENVIRON = getattr(os.environ, "_data", None)  # POSIX: the encoded environment, which os.environ reads through
+
+
+@functools.lru_cache(maxsize=None)
+def _env_key(name: str):
+    return os.environ.encodekey(name)
+
+
+def _env(name: str):
+    """os.environ.get(name), several times faster (the knobs are read on every call: through
+    os.environ, 14 of them were about 20 us of host time a call); the value is bytes on POSIX."""
+    if _ENVIRON is not None:
+        return _ENVIRON.get(_env_key(name))
+    return os.environ.get(name)
 LOG_FLOOR = -30.0  # log alpha where alpha = 0 (a reset): e^-30 ~ 1e-13
 SEGMENT_TOKENS = 1024  # work item of (1) and of (B)'s first level: tokens run with a state in registers
 
@@ -1050,6 +1065,65 @@ def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, de
     return out
 
 
+class _Launcher:
+    """One kernel at one set of constants. The first call goes through Triton's JIT (which
+    compiles, or finds the kernel compiled for these arguments' specialisation: their dtypes and
+    whether each pointer is 16-byte aligned); later calls whose arguments specialise the same
+    way (every pointer aligned, the same dtypes and scalars, the same device) launch the compiled
+    kernel directly. Triton's per-call binding and cache lookup cost about 50 us of host time a
+    launch, seven launches a forward+backward (docs/benchmarks.md). BLA_TRITON_LAUNCH=jit takes
+    Triton's path every call."""
+
+    __slots__ = ("kernel", "consts", "tail", "runtime", "compiled", "spec")
+
+    def __init__(self, kernel, consts: dict):
+        self.kernel, self.consts = kernel, consts
+        names = list(kernel.arg_names)
+        self.runtime = len(names) - sum(name in consts for name in names)  # arguments before the constexprs
+        # the constexprs' values in the kernel's order, after its runtime arguments (None: another order, never direct)
+        in_order = all(name in consts for name in names[self.runtime:])
+        self.tail = tuple(consts[name] for name in names[self.runtime:]) if in_order else None
+        self.compiled = self.spec = None
+
+    def __call__(self, grid, args: tuple, direct: bool = True) -> None:
+        spec = _specialisation(args)
+        if direct and spec is not None and spec == self.spec:
+            self.compiled[grid](*args, *self.tail)
+            return
+        compiled = self.kernel[grid](*args, **self.consts)
+        if direct and spec is not None and self.tail is not None and len(args) == self.runtime and hasattr(compiled, "packed_metadata"):
+            self.compiled, self.spec = compiled, spec
+
+
+def _specialisation(args: tuple):
+    """What Triton specialises a kernel on, for arguments that take the direct launch: the device,
+    the tensors' dtypes and the scalars; None if any pointer is not 16-byte aligned (Triton's JIT
+    then decides)."""
+    kinds = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.data_ptr() % 16:
+                return None
+            kinds.append(a.dtype)
+        else:
+            kinds.append(a)
+    return args[0].get_device(), tuple(kinds)
+
+
+_LAUNCHERS: dict = {}
+
+
+def _launch(kernel, grid, args: tuple, consts: dict) -> None:
+    """Launch ``kernel`` over ``grid`` through its launcher at these constants (made once)."""
+    key = (kernel, tuple(consts.items()))
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None:
+        if len(_LAUNCHERS) > 512:
+            _LAUNCHERS.clear()
+        launcher = _LAUNCHERS[key] = _Launcher(kernel, consts)
+    launcher(grid, args, direct=_env("BLA_TRITON_LAUNCH") not in (b"jit", "jit"))
+
+
 def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: bool = False):
     """Launch the scan over [items, H_kv, BM, BD] buffers, ``rows`` slot rows a program; returns the
     last carries [N, H_kv, BM, BD] and, with ``decays``, each item's product of the decays carried
@@ -1059,10 +1133,9 @@ def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: b
     out_v = torch.empty(n, hkv, bm, xv.shape[3], device=xk.device, dtype=torch.float32)
     after = torch.empty_like(dec) if decays else dec
     use_h = hk is not None
-    _scan_kernel[(n, hkv, bm // rows)](
-        xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after,
-        HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], ROWS=rows, USE_H=use_h, REVERSE=reverse, DECAYS=decays,
-    )  # fmt: skip
+    _launch(_scan_kernel, (n, hkv, bm // rows),
+            (xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after),
+            dict(HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], ROWS=rows, USE_H=use_h, REVERSE=reverse, DECAYS=decays))
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
@@ -1116,7 +1189,7 @@ def _scan_group() -> int | None:
 
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
-          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG", "BLA_TRITON_CENTRES")  # fmt: skip
+          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG", "BLA_TRITON_CENTRES", "BLA_TRITON_LAUNCH")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -1133,7 +1206,7 @@ class _Plan:
         self.seg_chunks = _segment_chunks(p, consts["C"])
         self.scan_rows = _scan_rows(consts["BM"])
         self.scan_group = _scan_group()
-        self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "fwd_local")}
+        self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), "SEG_CHUNKS": self.seg_chunks, **_launch_opts(p, "fwd_local")}
         self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
         self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
         self.bwd_tokens = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "bwd_tokens")}
@@ -1213,17 +1286,9 @@ def _oversized(p: Problem, saved: list) -> str | None:
     return None
 
 
-_ENVIRON = getattr(os.environ, "_data", None)  # POSIX: the encoded environment, read directly
-_KNOB_KEYS = tuple(os.environ.encodekey(k) for k in _KNOBS) if _ENVIRON is not None else None
-
-
 def _knob_values() -> tuple:
-    """The tuning knobs' values, read every call (a test or benchmark may set one between calls);
-    straight from the encoded environment where there is one: 13 ``os.environ.get`` calls were
-    about 20 us of host time a call."""
-    if _ENVIRON is not None:
-        return tuple(map(_ENVIRON.get, _KNOB_KEYS))
-    return tuple(os.environ.get(k) for k in _KNOBS)
+    """The tuning knobs' values, read every call (a test or benchmark may set one between calls)."""
+    return tuple(map(_env, _KNOBS))
 
 
 def _plan(problem: Problem, dtype: torch.dtype) -> _Plan:
@@ -1282,10 +1347,9 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     # each query's log-sum-exp over slots (every row written); unused, a defined one-element placeholder
     lse = (new if consts["NT"] > 1 else torch.zeros)(layout[7][0], device=dev, dtype=torch.float32)
     items, chunks = lay.total_items, lay.total_chunks
-    _fwd_local_kernel[(items, HKV)](
-        k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, cum, end, *common[:5], lay.chunk_base, *common[5:],
-        lay.item_seq, lay.item_chunk, SEG_CHUNKS=seg_chunks, **plan.fwd_local,
-    )  # fmt: skip
+    _launch(_fwd_local_kernel, (items, HKV),
+            (k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, cum, end, *common[:5], lay.chunk_base, *common[5:],
+             lay.item_seq, lay.item_chunk), plan.fwd_local)  # fmt: skip
     use_h0 = h0k is not None
     h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
     h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
@@ -1295,11 +1359,9 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     # (3) outputs, every chunk in parallel from its start state
     o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
     if chunks:
-        _fwd_out_kernel[(chunks, HKV)](
-            q, k, v, o, lse, ck, cv, before, seg_k, seg_v, cum, cen, *common, lay.chunk_seq,
-            lay.chunk_idx, lay.chunk_item,
-            p.scale, **plan.fwd_out,
-        )  # fmt: skip
+        _launch(_fwd_out_kernel, (chunks, HKV),
+                (q, k, v, o, lse, ck, cv, before, seg_k, seg_v, cum, cen, *common, lay.chunk_seq, lay.chunk_idx,
+                 lay.chunk_item, p.scale), plan.fwd_out)  # fmt: skip
     hk = hk[:, :, : p.slots, : p.head_dim_k].contiguous()
     hv = hv[:, :, : p.slots, : p.head_dim_v].contiguous()
     return o, hk, hv, (ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec, lse)
@@ -1329,11 +1391,9 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
     grid = (lay.total_chunks, HKV)
     if lay.total_chunks:
-        _bwd_chunk_kernel[grid](
-            q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v, dks, dvs,
-            cum, cen, *common,
-            lay.chunk_item, p.scale, **plan.bwd_chunk,
-        )  # fmt: skip
+        _launch(_bwd_chunk_kernel, grid,
+                (q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v,
+                 dks, dvs, cum, cen, *common, lay.chunk_item, p.scale), plan.bwd_chunk)  # fmt: skip
     # the final state's gradients (None when it was not used: the scan then starts from zeros)
     dhk_p = dhv_p = None
     if dhk is not None or dhv is not None:
@@ -1347,11 +1407,9 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     if lay.total_chunks:
         dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
         dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)
-        _bwd_tokens_kernel[grid](
-            dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum, end,
-            gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff,
-            lay.chunk_seq, lay.chunk_idx, **plan.bwd_tokens,
-        )  # fmt: skip
+        _launch(_bwd_tokens_kernel, grid,
+                (dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum, end, gs, gl, lay.starts,
+                 lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx), plan.bwd_tokens)  # fmt: skip
     else:
         dk_out, dv_out = dk.to(k.dtype), dv.to(v.dtype)  # no tokens: empty tensors
     if not use_h0:

@@ -452,3 +452,43 @@ def test_triton_bf16_with_few_slots_is_finite_and_repeats_itself():
                 assert all(torch.equal(a, b) for a, b in zip(runs[0], later)), f"m={m}: a second call differs"
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def test_direct_launch_only_for_the_specialisation_it_was_compiled_for():
+    """Later launches skip Triton's JIT only while the arguments specialise as the first did (dtypes,
+    scalars, every pointer 16-byte aligned); the constexprs follow in the kernel's order."""
+    from bla.kernels.triton_bla import _Launcher
+
+    calls = []
+
+    class Compiled:
+        packed_metadata = ()
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args))
+
+    class Kernel:
+        arg_names = ["x", "y", "scale", "A", "B"]
+
+        def __getitem__(self, grid):
+            def jit(*args, **consts):
+                calls.append(("jit", grid, args, consts))
+                return Compiled()
+
+            return jit
+
+    launcher = _Launcher(Kernel(), {"A": 1, "B": 2, "num_warps": 4})
+    x, y = torch.zeros(8), torch.zeros(8, dtype=torch.int32)
+    launcher((1,), (x, y, 0.5))
+    launcher((2,), (x, y, 0.5))
+    assert [c[0] for c in calls] == ["jit", "direct"] and calls[1][2][3:] == (1, 2)
+    assert calls[0][3] == {"A": 1, "B": 2, "num_warps": 4}
+    for args in [(x, y.float(), 0.5), (x, y, 0.25), (torch.zeros(9)[1:], y, 0.5)]:  # a dtype, a scalar, misaligned
+        calls.clear()
+        launcher((1,), (x, y, 0.5))  # back to the first specialisation (compiled again by the JIT, or direct)
+        calls.clear()
+        launcher((1,), args)
+        assert [c[0] for c in calls] == ["jit"], args
+    calls.clear()
+    launcher((1,), (x, y, 0.5), direct=False)  # BLA_TRITON_LAUNCH=jit
+    assert [c[0] for c in calls] == ["jit"]
