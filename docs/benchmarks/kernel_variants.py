@@ -94,6 +94,7 @@ CUM_VARIANTS = [  # every chunked kernel reads the per-phase cumulative log-deca
     # sub-chunks against the halves form's one 64-token sub-chunk
     (512, 64, {}),
     (512, 64, {"BLA_TRITON_CUM_MB": "0"}),
+    (512, 64, {"BLA_TRITON_LAUNCH": "jit"}),  # the host's time with every launch through Triton's JIT
     (4096, 64, {}),
     (4096, 64, {"BLA_TRITON_CUM_MB": "0"}),
     (512, 64, {"BLA_TRITON_CENTRES": "0"}),
