@@ -1088,7 +1088,7 @@ class _Launcher:
     def __call__(self, grid, args: tuple, direct: bool = True) -> None:
         spec = _specialisation(args)
         if direct and spec is not None and spec == self.spec:
-            self.compiled[grid](*args, *self.tail)
+            self.compiled[(*grid, 1, 1)[:3]](*args, *self.tail)  # the compiled kernel's launcher takes three grid axes
             return
         compiled = self.kernel[grid](*args, **self.consts)
         if direct and spec is not None and self.tail is not None and len(args) == self.runtime and hasattr(compiled, "packed_metadata"):

@@ -465,6 +465,7 @@ def test_direct_launch_only_for_the_specialisation_it_was_compiled_for():
         packed_metadata = ()
 
         def __getitem__(self, grid):
+            assert len(grid) == 3  # Triton's compiled kernels index all three axes
             return lambda *args: calls.append(("direct", grid, args))
 
     class Kernel:
