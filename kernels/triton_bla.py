@@ -3,10 +3,14 @@
 The gates depend only on positions, so they come from a table built once per (W, m, gates):
 the write ``s`` and the log-decay ``log alpha`` of every phase of the period (floored at
 ``LOG_FLOOR`` where alpha = 0: products across a reset are then below 1e-13, zero in every
-output). Kernels gather their rows by phase; no gate tensor per token exists. Every chunked
-kernel reads each sub-chunk's cumulative log-decay from a second table, one [S, m] tile per
-phase built once per (W, m, gates, S), instead of summing it per program (except a sequence's
-last, partial sub-chunk where the state after it is carried: (1) and (C)).
+output). Kernels gather their rows by phase; no gate tensor per token exists. What the chunked
+kernels would otherwise compute per program from those gates comes from per-phase tables built
+once per (W, m, gates, S) on the host in float64: each sub-chunk's cumulative log-decay ([S, m]
+a phase), the centres its pairs are factorised on ([4, m]), and each token's weight in the state
+after it ([S, m], in the operands' dtype). (A sequence's last, partial sub-chunk is summed from
+its gates where the state after it is carried: (1) and (C).) Reading them instead of summing,
+reducing and exponentiating took 1.685 -> 1.287 ms of kernels per forward+backward at W=512,
+m=64 on an H200 (docs/benchmarks.md).
 
 Work runs in sub-chunks of S = 64, 32 or 16 tokens, the unit of every matrix product. Inside
 one, with l the cumulative log-decay from the sub-chunk's start and T its total:
@@ -326,7 +330,7 @@ def _split_factors(s, l, second, cen_ptr, crow, j_M, BM: tl.constexpr, CUM: tl.c
     first), with r2 = e^{mid2 - c} <= 1 and r1 = e^{c - mid1} <= 1 (per slot). Only r1, r2 are
     kept: A2 and B2 are formed where they are used (fewer live tiles). mid1, mid2 and c come from
     the per-phase table of centres when CUM (row ``crow``), else are reduced here."""
-    if CUM == 2:
+    if CUM:
         mid1 = tl.load(cen_ptr + (crow * 4 + 1) * BM + j_M)
         mid2 = tl.load(cen_ptr + (crow * 4 + 2) * BM + j_M)
         c = tl.load(cen_ptr + (crow * 4 + 3) * BM + j_M)
@@ -376,7 +380,7 @@ def _sub_tiles(s, l, t_S, second, cen_ptr, crow, j_M, BM: tl.constexpr, PAIRS: t
         r1 = E
         r2 = E
     elif PAIRS == 1:
-        if CUM == 2:
+        if CUM:
             mid = tl.load(cen_ptr + crow * 4 * BM + j_M)
         else:
             mid = (tl.max(l, axis=0) + tl.min(l, axis=0)) * 0.5
@@ -974,9 +978,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_slot_block(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
-        C=chunk, S=sub, NS=chunk // sub, PAIRS=pairs,
-        # 0: no per-phase tables; 1: the tables but the pairs' centres reduced in the kernels; 2: all tables
-        CUM=(1 if os.environ.get("BLA_TRITON_CENTRES") == "0" else 2) if cum_table_fits(p, sub) else 0,
+        C=chunk, S=sub, NS=chunk // sub, PAIRS=pairs, CUM=cum_table_fits(p, sub),
         # the chunk's and segment's states used apart (2 products each): measured faster up to 64
         # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
         SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
@@ -1010,12 +1012,18 @@ def _pick(consts: dict, *names: str) -> dict:
     return {k: consts[k] for k in names}
 
 
+# Register caps measured faster, by (kernel, slot block); none elsewhere. H200, B=4, T=8192, m = 64
+# (docs/benchmarks.md, "Per-phase tables and direct launches"): (C) 0.190 -> 0.172 ms at 168 (3
+# programs an SM); 168 for every kernel cost 1.290 -> 1.542 ms of kernels per forward+backward.
+MAXNREG = {("bwd_tokens", 64): 168}
+
+
 def _launch_opts(problem: Problem, kernel: str) -> dict:
     """4 warps up to 128 slots (measured faster than 8 at S = 64, 32 and 16 on H100, m = 64; at
     m = 128 on an H200, 4.01 against 4.82 ms of kernels per forward+backward: docs/benchmarks.md),
-    8 above. BLA_TRITON_WARPS / BLA_TRITON_STAGES / BLA_TRITON_MAXNREG (a cap on registers a thread,
-    the rest spilled; none by default) override them: a number for every kernel, or per kernel as
-    ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
+    8 above; registers capped as MAXNREG says. BLA_TRITON_WARPS / BLA_TRITON_STAGES / BLA_TRITON_MAXNREG
+    (a cap on registers a thread, the rest spilled) override them: a number for every kernel, or
+    per kernel as ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
 
     def knob(name: str, default: int | None) -> int | None:
         value = os.environ.get(name, "")
@@ -1024,7 +1032,7 @@ def _launch_opts(problem: Problem, kernel: str) -> dict:
         return int(value) if value else default
 
     opts = dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
-    maxnreg = knob("BLA_TRITON_MAXNREG", None)
+    maxnreg = knob("BLA_TRITON_MAXNREG", MAXNREG.get((kernel, _slot_block(problem.slots))))
     return opts if maxnreg is None else dict(opts, maxnreg=maxnreg)
 
 
@@ -1189,7 +1197,7 @@ def _scan_group() -> int | None:
 
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
-          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG", "BLA_TRITON_CENTRES", "BLA_TRITON_LAUNCH")  # fmt: skip
+          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG", "BLA_TRITON_LAUNCH")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
