@@ -481,9 +481,13 @@ def _ranges(S: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.conste
 
 @triton.jit
 def _item(seq_ptr, idx_ptr, start_ptr, len_ptr, off_ptr, win_ptr, toff_ptr, i, g):
+    """A work item's sequence, index, first token, length, offset and its kv head's window and
+    first gate row. The offsets come as the caller's int64 (no cast launched per call) and are
+    only ever used modulo W (the phase), so they are reduced here to int32."""
     n = tl.load(seq_ptr + i)
-    return (n, tl.load(idx_ptr + i), tl.load(start_ptr + n), tl.load(len_ptr + n), tl.load(off_ptr + n),
-            tl.load(win_ptr + g), tl.load(toff_ptr + g))  # fmt: skip
+    W = tl.load(win_ptr + g)
+    offset = (tl.load(off_ptr + n) % W).to(tl.int32)
+    return n, tl.load(idx_ptr + i), tl.load(start_ptr + n), tl.load(len_ptr + n), offset, W, tl.load(toff_ptr + g)
 
 
 @triton.jit
@@ -586,13 +590,13 @@ def _chunk_end_grad(own_ptr, seg_ptr, after_ptr, chunk_item_ptr, i, g, j_M, d_D,
 
 @triton.jit
 def _scan_kernel(
-    xk_ptr, xv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr, after_ptr,
+    xk_ptr, xv_ptr, yk_ptr, yv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr, after_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ROWS: tl.constexpr,
     USE_H: tl.constexpr, REVERSE: tl.constexpr, DECAYS: tl.constexpr,
 ):  # fmt: skip
-    """(2)/(B) Carry a state through the items of one group (a sequence, or a segment's chunks), in
-    place: item x is replaced by the carried state before it, and the carry becomes
-    dec(x) * carry + x. Forward: x = an item's own end state, carry = its start state; REVERSE:
+    """(2)/(B) Carry a state through the items of one group (a sequence, or a segment's chunks):
+    item x's carried state before it is written to y (x itself where y is x: in place, or a copy
+    in y's dtype), and the carry becomes dec(x) * carry + x. Forward: x = an item's own end state, carry = its start state; REVERSE:
     x = an item's own start-state gradient, carry = the gradient of its end state. hk/hv: the
     initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
     the decays of the items carried before it (``after``). Every slot row is carried on its own,
@@ -623,8 +627,8 @@ def _scan_kernel(
         own_k = tl.load(xk_ptr + ok).to(tl.float32)
         own_v = tl.load(xv_ptr + ov).to(tl.float32)
         dec = tl.load(dec_ptr + row + j_M)
-        tl.store(xk_ptr + ok, K.to(xk_ptr.dtype.element_ty))
-        tl.store(xv_ptr + ov, V.to(xv_ptr.dtype.element_ty))
+        tl.store(yk_ptr + ok, K.to(yk_ptr.dtype.element_ty))
+        tl.store(yv_ptr + ov, V.to(yv_ptr.dtype.element_ty))
         if DECAYS:
             tl.store(after_ptr + row + j_M, carried)
             carried = carried * dec
@@ -1132,24 +1136,25 @@ def _launch(kernel, grid, args: tuple, consts: dict) -> None:
     launcher(grid, args, direct=_env("BLA_TRITON_LAUNCH") not in (b"jit", "jit"))
 
 
-def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: bool = False):
-    """Launch the scan over [items, H_kv, BM, BD] buffers, ``rows`` slot rows a program; returns the
-    last carries [N, H_kv, BM, BD] and, with ``decays``, each item's product of the decays carried
-    before it."""
+def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: bool = False, out=None):
+    """Launch the scan over [items, H_kv, BM, BD] buffers, ``rows`` slot rows a program, the carried
+    states into ``out`` (yk, yv; default in place); returns the last carries [N, H_kv, BM, BD]
+    and, with ``decays``, each item's product of the decays carried before it."""
+    yk, yv = (xk, xv) if out is None else out
     n, hkv, bm = count.numel(), xk.shape[1], xk.shape[2]
     out_k = torch.empty(n, hkv, bm, xk.shape[3], device=xk.device, dtype=torch.float32)
     out_v = torch.empty(n, hkv, bm, xv.shape[3], device=xk.device, dtype=torch.float32)
     after = torch.empty_like(dec) if decays else dec
     use_h = hk is not None
     _launch(_scan_kernel, (n, hkv, bm // rows),
-            (xk, xv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after),
+            (xk, xv, yk, yv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after),
             dict(HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], ROWS=rows, USE_H=use_h, REVERSE=reverse, DECAYS=decays))
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
-def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool):
+def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool, out=None):
     """The scan over each sequence's segments (the forward's (2), the backward's second level of
-    (B)): in one level (each program walks its sequence's segments in order), or, where a
+    (B)), the carried states into ``out`` (default in place): in one level (each program walks its sequence's segments in order), or, where a
     sequence has many segments, in two (no program walks more than about G + segments / G). At
     B=1, T=128k (128 segments, 16 programs at m = 64) the one-level chains cost 12% of a forward+
     backward (docs/benchmarks.md, "The segment scan in two levels")."""
@@ -1158,7 +1163,7 @@ def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool):
         group = SCAN_GROUP if lay.longest_items >= SCAN_GROUP_FROM else 0
     runs = lay.segment_groups(group) if group else None
     if runs is None or runs.longest <= group:
-        return _scan(xk, xv, dec, hk, hv, lay.item_base, lay.item_count, plan.scan_rows, reverse=reverse)
+        return _scan(xk, xv, dec, hk, hv, lay.item_base, lay.item_count, plan.scan_rows, reverse=reverse, out=out)
     # level 1: each run from a zero carry; xk, xv become the state carried within the run, ``after``
     # the product of the decays carried before each segment in its run
     run_k, run_v, after = _scan(xk, xv, dec, None, None, runs.first, runs.count, plan.scan_rows, reverse=reverse,
@@ -1171,6 +1176,9 @@ def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool):
     n = runs.item_run.numel()  # packed documents' buffers have rows to spare past their segments
     xk[:n] += after[:n, ..., None] * run_k[runs.item_run]
     xv[:n] += after[:n, ..., None] * run_v[runs.item_run]
+    if out is not None:
+        out[0].copy_(xk)
+        out[1].copy_(xv)
     return hk_out, hv_out
 
 
@@ -1340,7 +1348,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     consts, seg_chunks = plan.consts, plan.seg_chunks
     C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     lay = _layout(p, dev, C, seg_chunks)
-    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    offsets = p.offset  # int64 [N] on the device: the kernels reduce it modulo W
     gs, gl, toff, cum, cen, end = plan.tables(p, dev)
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
@@ -1350,8 +1358,10 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     layout = plan.saved
     new = torch.empty if p.cu_seqlens is None else torch.zeros  # rows past the documents' chunks stay defined
     ck, cv, before, chunk_dec = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[:4])
-    # the segments' end states from (1), in fp32 for the scan
+    # the segments' end states from (1), in fp32 for the scan; then (from the scan) their start
+    # states, in the operands' dtype
     seg_k, seg_v, seg_dec = (new(shape, device=dev, dtype=torch.float32) for shape, _ in layout[4:7])
+    start_k, start_v = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[4:6])
     # each query's log-sum-exp over slots (every row written); unused, a defined one-element placeholder
     lse = (new if consts["NT"] > 1 else torch.zeros)(layout[7][0], device=dev, dtype=torch.float32)
     items, chunks = lay.total_items, lay.total_chunks
@@ -1361,18 +1371,17 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     use_h0 = h0k is not None
     h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
     h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
-    hk, hv = _segment_scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay, plan, reverse=False)
-    seg_k, seg_v = seg_k.to(ck.dtype), seg_v.to(ck.dtype)  # now each segment's start state: operands
+    hk, hv = _segment_scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay, plan, reverse=False, out=(start_k, start_v))
 
     # (3) outputs, every chunk in parallel from its start state
     o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
     if chunks:
         _launch(_fwd_out_kernel, (chunks, HKV),
-                (q, k, v, o, lse, ck, cv, before, seg_k, seg_v, cum, cen, *common, lay.chunk_seq, lay.chunk_idx,
+                (q, k, v, o, lse, ck, cv, before, start_k, start_v, cum, cen, *common, lay.chunk_seq, lay.chunk_idx,
                  lay.chunk_item, p.scale), plan.fwd_out)  # fmt: skip
     hk = hk[:, :, : p.slots, : p.head_dim_k].contiguous()
     hv = hv[:, :, : p.slots, : p.head_dim_v].contiguous()
-    return o, hk, hv, (ck, cv, before, chunk_dec, seg_k, seg_v, seg_dec, lse)
+    return o, hk, hv, (ck, cv, before, chunk_dec, start_k, start_v, seg_dec, lse)
 
 
 def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
@@ -1385,7 +1394,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     plan = _plan(p, q.dtype)
     consts = plan.consts
     lay = _layout(p, dev, consts["C"], plan.seg_chunks)
-    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    offsets = p.offset  # int64 [N] on the device: the kernels reduce it modulo W
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff, cum, cen, end = plan.tables(p, dev)
     dq = torch.empty_like(q)
