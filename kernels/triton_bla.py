@@ -82,8 +82,8 @@ def _env_key(name: str):
 
 
 def _env(name: str):
-    """os.environ.get(name), several times faster (the knobs are read on every call: through
-    os.environ, 14 of them were about 20 us of host time a call); the value is bytes on POSIX."""
+    """os.environ.get(name) without encoding the key and decoding the value on every call (the
+    knobs are read on every call); the value is bytes on POSIX, str elsewhere."""
     if _ENVIRON is not None:
         return _ENVIRON.get(_env_key(name))
     return os.environ.get(name)
@@ -157,6 +157,8 @@ def cum_table_fits(problem: Problem, sub: int) -> bool:
     """Whether the kernels read the per-phase table (at most CUM_TABLE_BYTES, or BLA_TRITON_CUM_MB
     MiB: 0 sums the log-decays in every kernel, the schedule the table replaced, to time it)."""
     limit = os.environ.get("BLA_TRITON_CUM_MB", "")
+    if limit and not limit.isdigit():
+        raise ValueError(f"BLA_TRITON_CUM_MB must be a whole number of MiB (0: no tables), got {limit!r}")
     limit = CUM_TABLE_BYTES if limit == "" else int(limit) << 20
     return sum(set(problem.windows)) * sub * _slot_block(problem.slots) * 4 <= limit
 
@@ -1030,10 +1032,12 @@ def _launch_opts(problem: Problem, kernel: str) -> dict:
     per kernel as ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
 
     def knob(name: str, default: int | None) -> int | None:
-        value = os.environ.get(name, "")
-        if "=" in value:
-            value = dict(item.split("=") for item in value.split(",")).get(kernel, "")
-        return int(value) if value else default
+        raw = os.environ.get(name, "")
+        try:
+            value = dict(item.split("=") for item in raw.split(",")).get(kernel, "") if "=" in raw else raw
+            return int(value) if value else default
+        except ValueError:
+            raise ValueError(f"{name} must be a number, or kernel=number pairs such as fwd_out=8,bwd_chunk=4, got {raw!r}") from None
 
     opts = dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
     maxnreg = knob("BLA_TRITON_MAXNREG", MAXNREG.get((kernel, _slot_block(problem.slots))))
@@ -1082,9 +1086,9 @@ class _Launcher:
     compiles, or finds the kernel compiled for these arguments' specialisation: their dtypes and
     whether each pointer is 16-byte aligned); later calls whose arguments specialise the same
     way (every pointer aligned, the same dtypes and scalars, the same device) launch the compiled
-    kernel directly. Triton's per-call binding and cache lookup cost about 50 us of host time a
-    launch, seven launches a forward+backward (docs/benchmarks.md). BLA_TRITON_LAUNCH=jit takes
-    Triton's path every call."""
+    kernel directly. Triton's per-call binding and cache lookup were 0.45 ms of the host's 1.51 ms
+    per eager forward+backward (seven launches) on an H200 (docs/benchmarks.md, "Per-phase tables
+    and direct launches"). BLA_TRITON_LAUNCH=jit takes Triton's path every call."""
 
     __slots__ = ("kernel", "consts", "tail", "runtime", "compiled", "spec")
 
@@ -1133,7 +1137,13 @@ def _launch(kernel, grid, args: tuple, consts: dict) -> None:
         if len(_LAUNCHERS) > 512:
             _LAUNCHERS.clear()
         launcher = _LAUNCHERS[key] = _Launcher(kernel, consts)
-    launcher(grid, args, direct=_env("BLA_TRITON_LAUNCH") not in (b"jit", "jit"))
+    mode = _env("BLA_TRITON_LAUNCH")
+    if mode not in _LAUNCH_MODES:
+        raise ValueError(f"BLA_TRITON_LAUNCH must be 'direct' or 'jit', got {mode!r}")
+    launcher(grid, args, direct=_LAUNCH_MODES[mode])
+
+
+_LAUNCH_MODES = {None: True, b"": True, "": True, b"direct": True, "direct": True, b"jit": False, "jit": False}
 
 
 def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: bool = False, out=None):

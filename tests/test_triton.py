@@ -493,3 +493,16 @@ def test_direct_launch_only_for_the_specialisation_it_was_compiled_for():
     calls.clear()
     launcher((1,), (x, y, 0.5), direct=False)  # BLA_TRITON_LAUNCH=jit
     assert [c[0] for c in calls] == ["jit"]
+
+
+@pytest.mark.parametrize("knob, value, message", [
+    ("BLA_TRITON_LAUNCH", "fast", "BLA_TRITON_LAUNCH must be 'direct' or 'jit'"),
+    ("BLA_TRITON_CUM_MB", "lots", "BLA_TRITON_CUM_MB must be a whole number of MiB"),
+    ("BLA_TRITON_MAXNREG", "fwd_out=many", "BLA_TRITON_MAXNREG must be a number, or kernel=number pairs"),
+    ("BLA_TRITON_WARPS", "fwd_out", "BLA_TRITON_WARPS must be a number, or kernel=number pairs"),
+])  # fmt: skip
+def test_bad_tuning_knobs_are_refused_by_name(monkeypatch, knob, value, message):
+    monkeypatch.setenv(knob, value)
+    q = torch.randn(1, 20, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        bla_attention(q, q, q, 8, 4, backend="triton")
