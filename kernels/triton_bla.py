@@ -213,7 +213,7 @@ def phase_tables(problem: Problem, consts: dict, device, placeholder: torch.Tens
         return placeholder, placeholder, placeholder
     cum, centres = cum_table(problem, consts["S"], device)
     dtype = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
-    end = _end_table_on(problem.windows, problem.slots, problem.gates, consts["S"], str(device), _slot_block(problem.slots), dtype)
+    end = _end_table_on(problem.windows, problem.slots, problem.gates, consts["S"], str(device), consts["BM"], dtype)
     return cum, centres, end
 
 
@@ -484,12 +484,12 @@ def _ranges(S: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.conste
 @triton.jit
 def _item(seq_ptr, idx_ptr, start_ptr, len_ptr, off_ptr, win_ptr, toff_ptr, i, g):
     """A work item's sequence, index, first token, length, offset and its kv head's window and
-    first gate row. The offsets come as the caller's int64 (no cast launched per call) and are
-    only ever used modulo W (the phase), so they are reduced here to int32."""
+    first gate row. (Offsets passed as int64 and reduced modulo W here, saving the host a cast
+    per call, made ptxas spill more in (A): 456 -> 528 stack bytes, docs/benchmarks/registers.py;
+    not timed, so not taken.)"""
     n = tl.load(seq_ptr + i)
-    W = tl.load(win_ptr + g)
-    offset = (tl.load(off_ptr + n) % W).to(tl.int32)
-    return n, tl.load(idx_ptr + i), tl.load(start_ptr + n), tl.load(len_ptr + n), offset, W, tl.load(toff_ptr + g)
+    return (n, tl.load(idx_ptr + i), tl.load(start_ptr + n), tl.load(len_ptr + n), tl.load(off_ptr + n),
+            tl.load(win_ptr + g), tl.load(toff_ptr + g))  # fmt: skip
 
 
 @triton.jit
@@ -544,7 +544,8 @@ def _fwd_local_kernel(
         for a in tl.static_range(NS):
             t0 = c * C + a * S
             valid = (t0 + t_S) < seq_len
-            w_end, T = _end_weights(gs_ptr, gl_ptr, cum_ptr, end_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM, DT)
+            w_end, T = _end_weights(gs_ptr, gl_ptr, cum_ptr, end_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM,
+                                    CUM, DT)  # fmt: skip
             k = _load_tokens(k_ptr, bos + t0 + t_S, valid, g, dk_D, dk_D < DK, HKV, DK)
             v = _load_tokens(v_ptr, bos + t0 + t_S, valid, g, dv_D, dv_D < DV, HKV, DV)
             K = _write_weighted(K, w_end, T, k, DT)
@@ -597,9 +598,10 @@ def _scan_kernel(
     USE_H: tl.constexpr, REVERSE: tl.constexpr, DECAYS: tl.constexpr,
 ):  # fmt: skip
     """(2)/(B) Carry a state through the items of one group (a sequence, or a segment's chunks):
-    item x's carried state before it is written to y (x itself where y is x: in place, or a copy
-    in y's dtype), and the carry becomes dec(x) * carry + x. Forward: x = an item's own end state, carry = its start state; REVERSE:
-    x = an item's own start-state gradient, carry = the gradient of its end state. hk/hv: the
+    the carried state before item x is written to y (in place where y is x, or a copy in y's
+    dtype), and the carry becomes dec(x) * carry + x. Forward: x = an item's own end state, carry =
+    its start state; REVERSE: x = an item's own start-state gradient, carry = the gradient of its
+    end state. hk/hv: the
     initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
     the decays of the items carried before it (``after``). Every slot row is carried on its own,
     so a program takes ROWS of them (grid axis 2; SCAN_ROWS says how many)."""
@@ -1037,7 +1039,8 @@ def _launch_opts(problem: Problem, kernel: str) -> dict:
             value = dict(item.split("=") for item in raw.split(",")).get(kernel, "") if "=" in raw else raw
             return int(value) if value else default
         except ValueError:
-            raise ValueError(f"{name} must be a number, or kernel=number pairs such as fwd_out=8,bwd_chunk=4, got {raw!r}") from None
+            raise ValueError(f"{name} must be a number, or kernel=number pairs such as fwd_out=8,bwd_chunk=4, "
+                             f"got {raw!r}") from None
 
     opts = dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
     maxnreg = knob("BLA_TRITON_MAXNREG", MAXNREG.get((kernel, _slot_block(problem.slots))))
@@ -1090,7 +1093,7 @@ class _Launcher:
     per eager forward+backward (seven launches) on an H200 (docs/benchmarks.md, "Per-phase tables
     and direct launches"). BLA_TRITON_LAUNCH=jit takes Triton's path every call."""
 
-    __slots__ = ("kernel", "consts", "tail", "runtime", "compiled", "spec")
+    __slots__ = ("kernel", "consts", "tail", "runtime", "cached")
 
     def __init__(self, kernel, consts: dict):
         self.kernel, self.consts = kernel, consts
@@ -1099,16 +1102,18 @@ class _Launcher:
         # the constexprs' values in the kernel's order, after its runtime arguments (None: another order, never direct)
         in_order = all(name in consts for name in names[self.runtime:])
         self.tail = tuple(consts[name] for name in names[self.runtime:]) if in_order else None
-        self.compiled = self.spec = None
+        self.cached = None  # (specialisation, compiled kernel), replaced as one (the backward runs on another thread)
 
     def __call__(self, grid, args: tuple, direct: bool = True) -> None:
         spec = _specialisation(args)
-        if direct and spec is not None and spec == self.spec:
-            self.compiled[(*grid, 1, 1)[:3]](*args, *self.tail)  # the compiled kernel's launcher takes three grid axes
+        cached = self.cached
+        if direct and spec is not None and cached is not None and cached[0] == spec:
+            cached[1][(*grid, 1, 1)[:3]](*args, *self.tail)  # the compiled kernel's launcher takes three grid axes
             return
         compiled = self.kernel[grid](*args, **self.consts)
-        if direct and spec is not None and self.tail is not None and len(args) == self.runtime and hasattr(compiled, "packed_metadata"):
-            self.compiled, self.spec = compiled, spec
+        takes_direct = self.tail is not None and len(args) == self.runtime and hasattr(compiled, "packed_metadata")
+        if direct and spec is not None and takes_direct:
+            self.cached = (spec, compiled)
 
 
 def _specialisation(args: tuple):
@@ -1164,9 +1169,9 @@ def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: b
 
 def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool, out=None):
     """The scan over each sequence's segments (the forward's (2), the backward's second level of
-    (B)), the carried states into ``out`` (default in place): in one level (each program walks its sequence's segments in order), or, where a
-    sequence has many segments, in two (no program walks more than about G + segments / G). At
-    B=1, T=128k (128 segments, 16 programs at m = 64) the one-level chains cost 12% of a forward+
+    (B)), the carried states into ``out`` (default in place): in one level (each program walks its
+    sequence's segments in order), or, where a sequence has many segments, in two (no program
+    walks more than about G + segments / G). At B=1, T=128k (128 segments, 16 programs at m = 64) the one-level chains cost 12% of a forward+
     backward (docs/benchmarks.md, "The segment scan in two levels")."""
     group = plan.scan_group
     if group is None:  # the default: two levels only where they were measured faster
@@ -1215,7 +1220,8 @@ def _scan_group() -> int | None:
 
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
-          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG", "BLA_TRITON_LAUNCH")  # fmt: skip
+          "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG",
+          "BLA_TRITON_LAUNCH")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -1358,7 +1364,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     consts, seg_chunks = plan.consts, plan.seg_chunks
     C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     lay = _layout(p, dev, C, seg_chunks)
-    offsets = p.offset  # int64 [N] on the device: the kernels reduce it modulo W
+    offsets = p.offset.to(device=dev, dtype=torch.int32)
     gs, gl, toff, cum, cen, end = plan.tables(p, dev)
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
@@ -1368,16 +1374,17 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     layout = plan.saved
     new = torch.empty if p.cu_seqlens is None else torch.zeros  # rows past the documents' chunks stay defined
     ck, cv, before, chunk_dec = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[:4])
-    # the segments' end states from (1), in fp32 for the scan; then (from the scan) their start
-    # states, in the operands' dtype
+    # the segments' end states from (1), in fp32 for the scan
     seg_k, seg_v, seg_dec = (new(shape, device=dev, dtype=torch.float32) for shape, _ in layout[4:7])
-    start_k, start_v = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[4:6])
-    # each query's log-sum-exp over slots (every row written); unused, a defined one-element placeholder
-    lse = (new if consts["NT"] > 1 else torch.zeros)(layout[7][0], device=dev, dtype=torch.float32)
     items, chunks = lay.total_items, lay.total_chunks
     _launch(_fwd_local_kernel, (items, HKV),
             (k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, cum, end, *common[:5], lay.chunk_base, *common[5:],
              lay.item_seq, lay.item_chunk), plan.fwd_local)  # fmt: skip
+    # what later steps write is allocated while (1) runs: less host time before the GPU's first kernel.
+    # The segments' start states, from the scan, in the operands' dtype; each query's log-sum-exp over
+    # slots (every row written), else a defined one-element placeholder
+    start_k, start_v = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[4:6])
+    lse = (new if consts["NT"] > 1 else torch.zeros)(layout[7][0], device=dev, dtype=torch.float32)
     use_h0 = h0k is not None
     h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
     h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
@@ -1404,7 +1411,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     plan = _plan(p, q.dtype)
     consts = plan.consts
     lay = _layout(p, dev, consts["C"], plan.seg_chunks)
-    offsets = p.offset  # int64 [N] on the device: the kernels reduce it modulo W
+    offsets = p.offset.to(device=dev, dtype=torch.int32)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff, cum, cen, end = plan.tables(p, dev)
     dq = torch.empty_like(q)

@@ -34,6 +34,7 @@ class _Capture:
 
     def __init__(self, fn, seen):
         self.fn, self.seen = fn, seen
+        self.arg_names = fn.arg_names  # what the kernels' launcher reads
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
