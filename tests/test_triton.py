@@ -506,3 +506,31 @@ def test_bad_tuning_knobs_are_refused_by_name(monkeypatch, knob, value, message)
     q = torch.randn(1, 20, 2, 8, device=DEVICE)
     with pytest.raises(ValueError, match=message):
         bla_attention(q, q, q, 8, 4, backend="triton")
+
+
+@pytest.mark.parametrize("gates", GATES)
+def test_phase_tables_hold_what_the_kernels_would_compute(gates):
+    """The per-phase tables against a direct float64 walk over each sub-chunk's gates: the cumulative
+    log-decay l, the centres (mid of l; the halves' mid1, mid2 and c, the first half's lowest l),
+    and each token's end-state weight s_t e^(T - l_t), stored in the operands' dtype."""
+    from bla.kernels.triton_bla import LOG_FLOOR, _cum_table_on, _end_table_on
+    from bla.kernels.gates import dirichlet_gates
+
+    W, m, S, bm = 24, 6, 16, 64
+    cum, centres = _cum_table_on((W,), m, gates, S, "cpu", bm)
+    end = _end_table_on((W,), m, gates, S, "cpu", bm, torch.bfloat16)
+    assert cum.shape == (W, S, bm) and centres.shape == (W, 4, bm) and end.shape == (W, S, bm) and end.dtype == torch.bfloat16
+    s, alpha, reset = dirichlet_gates(torch.arange(W), torch.tensor([W]), m, gates=gates)
+    la = torch.where(reset, torch.full_like(alpha, LOG_FLOOR), torch.log(alpha.clamp_min(1e-300))).clamp_min(LOG_FLOOR)
+    s, la = s[:, 0].double(), la[:, 0].double()  # [W, m]
+    for phase in range(W):
+        rows = (phase + torch.arange(S)) % W
+        l = la[rows].cumsum(0)
+        half = l[: S // 2], l[S // 2 :]
+        assert_close("cum", cum[phase, :, :m], l, atol=1e-5, rtol=1e-6)
+        assert_close("mid", centres[phase, 0, :m], (l.amax(0) + l.amin(0)) / 2, atol=1e-5, rtol=1e-6)
+        assert_close("mid1", centres[phase, 1, :m], (half[0].amax(0) + half[0].amin(0)) / 2, atol=1e-5, rtol=1e-6)
+        assert_close("mid2", centres[phase, 2, :m], (half[1].amax(0) + half[1].amin(0)) / 2, atol=1e-5, rtol=1e-6)
+        assert_close("c", centres[phase, 3, :m], half[0].amin(0), atol=1e-5, rtol=1e-6)
+        assert_close("end", end[phase, :, :m].double(), s[rows] * torch.exp(l[-1] - l), atol=1e-2, rtol=1e-2)
+    assert not cum[..., m:].any() and not end[..., m:].any()  # padded slots: no decay, no writes
