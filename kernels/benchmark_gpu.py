@@ -1,9 +1,10 @@
 """GPU benchmarks and large-shape accuracy of the Triton backend (``python -m bla.kernels.benchmark gpu|accuracy``).
 
-``gpu``: forward and forward+backward medians (``triton.testing.do_bench``) of BLA against
+``gpu``: forward and forward+backward times (``triton.testing.do_bench``) of BLA against
 causal SDPA (flash), sliding-window attention at the same W (``flex_attention``) and fla's
-``chunk_gsa`` when installed; T swept at a fixed token count per batch; first-call times at a
-new shape with an empty Triton cache.
+``chunk_gsa`` when installed, with flex's time over BLA's for every row and BLA's kernel time
+per forward+backward (what the GPU spends, where do_bench may include host waits); T swept at a
+fixed token count per batch; first-call times at a new shape with an empty Triton cache.
 ``accuracy``: the Triton backend in bf16 against the torch backend in fp32 (outputs, final
 states, gradients) at B=4, T=8192, H=16.
 """
@@ -39,6 +40,47 @@ def _bench(fn, grad_of=None):
         out.backward(grad_of)
 
     return fwd, do_bench(fwd_bwd, warmup=10, rep=50)
+
+
+def _kernel_ms(fn, grad_of, calls: int = 5) -> float:
+    """The GPU's time (ms) of one forward+backward of fn: the CUDA time of the kernels it launches
+    (torch profiler), mean of ``calls``. Beside do_bench's time, which includes any wait on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn().backward(grad_of)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn().backward(grad_of)
+        torch.cuda.synchronize()
+    return sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA") / 1000 / calls
+
+
+def add_ratios(row: dict, flex: dict | None) -> dict:
+    """flex SWA's time over BLA's (above 1: BLA is faster) for the forward and forward+backward,
+    from the flex timings at the same (W, d, T) (``flex``: flex_swa_fwd_ms, flex_swa_fwdbwd_ms)."""
+    if flex is None:
+        return row
+    for part in ("fwd", "fwdbwd"):
+        bla, other = row.get(f"bla_{part}_ms"), flex.get(f"flex_swa_{part}_ms")
+        if bla and other:
+            row[f"flex_over_bla_{part}"] = other / bla
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """The benchmark's rows as a table: BLA's do_bench and kernel times, flex SWA's, their ratios."""
+    head = f"{'W':>5} {'m':>4} {'d':>4} {'B':>3} {'T':>7} | {'BLA fwd':>8} {'fwd+bwd':>8} {'kernels':>8} | " \
+           f"{'flex fwd':>8} {'fwd+bwd':>8} | {'flex/BLA fwd':>12} {'fwd+bwd':>8}"  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "bla_fwd_ms" not in r:
+            continue
+        cell = lambda key, width, fmt=".3f": f"{r[key]:>{width}{fmt}}" if key in r else " " * (width - 1) + "-"  # noqa: E731
+        lines.append(f"{r['W']:>5} {r['m']:>4} {r['d']:>4} {r['B']:>3} {r['T']:>7} | {cell('bla_fwd_ms', 8)} "
+                     f"{cell('bla_fwdbwd_ms', 8)} {cell('bla_fwdbwd_kernels_ms', 8)} | {cell('flex_swa_fwd_ms', 8)} "
+                     f"{cell('flex_swa_fwdbwd_ms', 8)} | {cell('flex_over_bla_fwd', 12, '.2f')} {cell('flex_over_bla_fwdbwd', 8, '.2f')}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _bla_fn(q, k, v, W, m, gates):
@@ -98,7 +140,7 @@ def first_call_seconds(B, T, H, d, m, W) -> dict:
 
 def gpu_benchmark(args) -> list[dict]:
     """Operator timings: BLA (Triton) against SDPA flash, flex_attention SWA and fla GSA."""
-    rows = []
+    rows, flex_at = [], {}  # flex SWA's timings per (W, d, T), for the ratios of every m
     have_fla = importlib.util.find_spec("fla") is not None
     dtype = torch.bfloat16
     H = args.heads
@@ -108,11 +150,15 @@ def gpu_benchmark(args) -> list[dict]:
             q, k, v = _inputs(B, T, H, d, dtype, grad=True)
             do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
             row = dict(B=B, T=T, H=H, d=d, m=m, W=W, gates=args.gates)
-            row["bla_fwd_ms"], row["bla_fwdbwd_ms"] = _bench(_bla_fn(q, k, v, W, m, args.gates), do)
+            bla = _bla_fn(q, k, v, W, m, args.gates)
+            row["bla_fwd_ms"], row["bla_fwdbwd_ms"] = _bench(bla, do)
+            row["bla_fwdbwd_kernels_ms"] = _kernel_ms(bla, do)
             if m == args.slots[0]:  # the softmax baselines do not depend on m
                 row["sdpa_fwd_ms"], row["sdpa_fwdbwd_ms"] = _bench(_sdpa_fn(q, k, v), do)
                 if not args.no_flex:
                     row["flex_swa_fwd_ms"], row["flex_swa_fwdbwd_ms"] = _bench(_flex_swa_fn(q, k, v, W), do)
+                    flex_at[W, d, T] = row
+            add_ratios(row, flex_at.get((W, d, T)))
             if have_fla:
                 if not rows:  # fla autotunes 19 kernels at its first call (343 s on an H200): say why nothing prints
                     print(f"{_fmt(row)}; timing fla's chunk_gsa (its first call autotunes, for minutes)", flush=True)
@@ -130,12 +176,14 @@ def gpu_benchmark(args) -> list[dict]:
         print(f"first call at a new shape (empty Triton cache): forward {fc['first_fwd_s']:.2f} s, "
               f"backward {fc['first_bwd_s']:.2f} s")  # fmt: skip
         rows.append(fc)
+    print(table(rows), flush=True)
     return rows
 
 
 def _fmt(r: dict) -> str:
-    keys = ["B", "T", "H", "d", "m", "W", "bla_fwd_ms", "bla_fwdbwd_ms", "sdpa_fwd_ms", "sdpa_fwdbwd_ms",
-            "flex_swa_fwd_ms", "flex_swa_fwdbwd_ms", "fla_gsa_fwd_ms", "fla_gsa_fwdbwd_ms", "bla_fwd_tflops", "bla_fwd_gbps"]  # fmt: skip
+    keys = ["B", "T", "H", "d", "m", "W", "bla_fwd_ms", "bla_fwdbwd_ms", "bla_fwdbwd_kernels_ms", "sdpa_fwd_ms",
+            "sdpa_fwdbwd_ms", "flex_swa_fwd_ms", "flex_swa_fwdbwd_ms", "flex_over_bla_fwd", "flex_over_bla_fwdbwd",
+            "fla_gsa_fwd_ms", "fla_gsa_fwdbwd_ms", "bla_fwd_tflops", "bla_fwd_gbps"]  # fmt: skip
     return " ".join(f"{k}={r[k]:.3f}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r)
 
 

@@ -379,3 +379,20 @@ def test_a_model_training_step_has_no_host_sync_from_the_operators_checks():
             check_problem(q, q, q, 16, 4, None, None, cu, offset)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_gpu_benchmark_reports_flex_over_bla_for_every_row():
+    """The GPU benchmark's ratios (flex SWA's time over BLA's, above 1 when BLA is faster), for rows
+    of every m from the flex timing at the same (W, d, T), and its table of them."""
+    from bla.kernels.benchmark_gpu import add_ratios, table
+
+    flex = dict(W=512, m=64, d=64, B=4, T=8192, bla_fwd_ms=0.4, bla_fwdbwd_ms=1.3, bla_fwdbwd_kernels_ms=1.28,
+                flex_swa_fwd_ms=0.32, flex_swa_fwdbwd_ms=1.56)  # fmt: skip
+    add_ratios(flex, flex)
+    wider = add_ratios(dict(W=512, m=128, d=64, B=4, T=8192, bla_fwd_ms=0.8, bla_fwdbwd_ms=3.12), flex)
+    alone = add_ratios(dict(W=512, m=64, d=64, B=4, T=8192, bla_fwd_ms=0.4, bla_fwdbwd_ms=1.3), None)
+    assert flex["flex_over_bla_fwd"] == pytest.approx(0.8) and flex["flex_over_bla_fwdbwd"] == pytest.approx(1.2)
+    assert wider["flex_over_bla_fwdbwd"] == pytest.approx(0.5) and "flex_over_bla_fwd" in wider
+    assert "flex_over_bla_fwd" not in alone
+    lines = table([flex, wider, alone, dict(first_fwd_s=3.0)]).splitlines()
+    assert len(lines) == 5 and "1.20" in lines[2] and "0.50" in lines[3] and lines[4].rstrip().endswith("-")
