@@ -44,7 +44,8 @@ def _bench(fn, grad_of=None):
 
 def _kernel_ms(fn, grad_of, calls: int = 5) -> float:
     """The GPU's time (ms) of one forward+backward of fn: the CUDA time of the kernels it launches
-    (torch profiler), mean of ``calls``. Beside do_bench's time, which includes any wait on the host."""
+    (torch profiler), mean of ``calls``, the leaves' ``.grad`` accumulation included as in do_bench's.
+    Beside do_bench's time, which also holds any wait on the host."""
     from torch.profiler import ProfilerActivity, profile
 
     fn().backward(grad_of)
