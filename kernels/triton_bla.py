@@ -199,10 +199,13 @@ def _end_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, de
     and (C) reads their gradients through), rows in the order of the gate table's."""
     tables = []
     for w in sorted(set(windows)):
-        win = _phase_cumsums(w, slots, gates, sub)
-        s_tab = _gate_table_cpu((w,), slots, gates, bm)[0].double()
-        s_at = s_tab[(torch.arange(w)[:, None] + torch.arange(sub)[None, :]) % w]  # [W, sub, BM]: s of each token
-        tables.append(s_at * torch.exp(win[:, -1:, :] - win))
+        s_tab, la_tab, _ = _gate_table_cpu((w,), slots, gates, bm)
+        run = torch.arange(w + sub) % w  # the phases of a sub-chunk starting at any phase, back to back
+        cum = torch.cat([torch.zeros(1, bm, dtype=torch.float64), la_tab.double()[run].cumsum(0)])  # cum[i]: the first i
+        tok = torch.arange(w)[:, None] + torch.arange(sub)[None, :]  # [W, sub]: each token's place in the run
+        # T - l_t = cum[p + sub] - cum[p + t + 1], the log-decay from after token t to the sub-chunk's end:
+        # contiguous gathers (the difference of the phase cumsums' strided views took 3.3 s at W=4096, m=128)
+        tables.append(s_tab.double()[run][tok] * torch.exp(cum[torch.arange(w) + sub][:, None, :] - cum[tok + 1]))
     return torch.cat(tables).to(dtype).contiguous().to(device)
 
 
