@@ -87,6 +87,8 @@ def _env(name: str):
     if _ENVIRON is not None:
         return _ENVIRON.get(_env_key(name))
     return os.environ.get(name)
+
+
 LOG_FLOOR = -30.0  # log alpha where alpha = 0 (a reset): e^-30 ~ 1e-13
 SEGMENT_TOKENS = 1024  # work item of (1) and of (B)'s first level: tokens run with a state in registers
 
@@ -302,12 +304,17 @@ def _end_weights(gs_ptr, gl_ptr, cum_ptr, end_ptr, toff, pos0, t_S, n_valid, W, 
             w = tl.load(end_ptr + (row + t_S)[:, None] * BM + j_M[None, :])
             T = tl.load(cum_ptr + (row + S - 1) * BM + j_M)
         else:
-            s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
-            w = (s * tl.exp(T[None, :] - l)).to(DT)
+            w, T = _end_weights_summed(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM, DT)
     else:
-        s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
-        w = (s * tl.exp(T[None, :] - l)).to(DT)
+        w, T = _end_weights_summed(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM, DT)
     return w, T
+
+
+@triton.jit
+def _end_weights_summed(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM: tl.constexpr, DT: tl.constexpr):
+    """_end_weights from the sub-chunk's gates, summed here (its valid tokens only)."""
+    s, l, T = _sub_gates(gs_ptr, gl_ptr, toff, pos0, t_S, n_valid, W, j_M, BM)
+    return (s * tl.exp(T[None, :] - l)).to(DT), T
 
 
 @triton.jit
@@ -1024,7 +1031,7 @@ def _pick(consts: dict, *names: str) -> dict:
 
 
 # Register caps measured faster, by (kernel, slot block); none elsewhere. H200, B=4, T=8192, m = 64
-# (docs/benchmarks.md, "Per-phase tables and direct launches"): (C) 0.190 -> 0.172 ms at 168 (3
+# (docs/benchmarks.md, "Per-phase tables and direct launches"): (C) 0.190 -> 0.173 ms at 168 (3
 # programs an SM); 168 for every kernel cost 1.290 -> 1.542 ms of kernels per forward+backward.
 MAXNREG = {("bwd_tokens", 64): 168}
 
@@ -1174,8 +1181,9 @@ def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool, out=No
     """The scan over each sequence's segments (the forward's (2), the backward's second level of
     (B)), the carried states into ``out`` (default in place): in one level (each program walks its
     sequence's segments in order), or, where a sequence has many segments, in two (no program
-    walks more than about G + segments / G). At B=1, T=128k (128 segments, 16 programs at m = 64) the one-level chains cost 12% of a forward+
-    backward (docs/benchmarks.md, "The segment scan in two levels")."""
+    walks more than about G + segments / G). At B=1, T=128k (128 segments, 16 programs at m = 64)
+    the one-level chains cost 12% of a forward+backward (docs/benchmarks.md, "The segment scan in
+    two levels")."""
     group = plan.scan_group
     if group is None:  # the default: two levels only where they were measured faster
         group = SCAN_GROUP if lay.longest_items >= SCAN_GROUP_FROM else 0
