@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,33 @@ def test_imports_only_go_downwards():
                 if private:
                     wrong.append(f"{where} imports private {private} from bla.{target}")
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("other_installed", [True, False])
+def test_a_plain_import_kernels_from_the_repository_root_is_not_bla(tmp_path, other_installed):
+    """Started in the repository root, `import kernels` finds the kernels folder first; it hands the
+    name to an installed `kernels` package (Hugging Face's, which transformers >= 5.25 imports) or
+    says why it cannot, and `bla.kernels` still works beside it."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'the other one'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if other_installed:
+        env["PYTHONPATH"] = str(site)
+    # Without it, the only `kernels` left on sys.path is the folder itself (the root, as '').
+    trim = "" if other_installed else "sys.path[:] = ['']\n"
+    code = ("import importlib.machinery, importlib.util, sys\nimport bla.kernels\n" + trim +
+            "try:\n    import kernels\nexcept ImportError as e:\n    print('refused:', e)\n"
+            "else:\n    print('got:', kernels.CUDAProperties)\n"
+            "print(bla.kernels.bla_attention.__module__)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, module = done.stdout.strip().splitlines()
+    assert module == "bla.kernels.api"
+    if other_installed:
+        assert first == "got: the other one"
+    else:
+        assert first.startswith("refused:") and "bla.kernels" in first
 
 
 def test_eval_and_data_do_not_reach_into_the_trainer():
