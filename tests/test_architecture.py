@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,12 +63,14 @@ def test_a_plain_import_kernels_from_the_repository_root_is_not_bla(tmp_path, ot
     """Started in the repository root, `import kernels` finds the kernels folder first; it hands the
     name to an installed `kernels` package (Hugging Face's, which transformers >= 5.25 imports) or
     says why it cannot, and `bla.kernels` still works beside it."""
-    site = tmp_path / "site"
-    (site / "kernels").mkdir(parents=True)
-    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'the other one'\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if other_installed:
-        env["PYTHONPATH"] = str(site)
+    from bla.launch.layout import fresh_process_env
+
+    env = fresh_process_env()
+    env.pop("PYTHONPATH", None)
+    if other_installed:  # a stand-in for Hugging Face's package, after the root on sys.path
+        (tmp_path / "kernels").mkdir()
+        (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'the other one'\n")
+        env["PYTHONPATH"] = str(tmp_path)
     # Without it, the only `kernels` left on sys.path is the folder itself (the root, as '').
     trim = "" if other_installed else "sys.path[:] = ['']\n"
     code = ("import importlib.machinery, importlib.util, sys\nimport bla.kernels\n" + trim +
