@@ -841,297 +841,6 @@ def _bwd_tokens_kernel(
         dV = tl.exp(T)[:, None] * dV
 
 
-# ----------------------------------------------------------------------------- halved sub-chunks
-#
-# (3) and (A) with every sub-chunk run as two halves of S / 2 tokens (HALVED, the default where the
-# pairs factorise: CENTRED and HALVES). A sub-chunk's pairs u <= t then are three blocks of
-# [S / 2, S / 2]: inside the first half, inside the second, and across (t in the second, u in the
-# first); the fourth block (t in the first, u in the second) is all zero and never formed. The
-# pair products cost 3/4 of the whole sub-chunk's masked [S, S] ones in the centred form and 3/8
-# of the halves form's two, so both forms cost the same: the halves form's factors only change
-# what the cross block is centred on (the boundary: A2c = A2 r2, B1c = B1 r1), not its size.
-# Everything per token (states, softmax over slots) runs per half, on the same products as before.
-
-
-@triton.jit
-def _half_gates(gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, pos0, t_H, n_valid, W, j_M, S: tl.constexpr, BM: tl.constexpr,
-                CUM: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
-    """The gates of the sub-chunk of S tokens at position pos0 as two halves: s1, l1, s2, l2
-    ([S / 2, BM]; l cumulative from the sub-chunk's start, non-increasing), the total T, and the
-    pair factors A1, B1, A2, B2 (each half centred on its own mid log-decay in the halves form,
-    PAIRS = 2, on the sub-chunk's in the centred form) with r1, r2 (per slot) that centre the
-    cross block on the boundary: A2 r2 <= 1 and B1 r1 <= s (the centred form needs none; r1 = r2
-    = 1). From the per-phase tables when CUM, else summed and reduced here (valid tokens only)."""
-    HS: tl.constexpr = S // 2
-    if CUM:
-        crow = toff + pos0 % W
-        s1 = tl.load(gs_ptr + (toff + (pos0 + t_H) % W)[:, None] * BM + j_M[None, :])
-        s2 = tl.load(gs_ptr + (toff + (pos0 + HS + t_H) % W)[:, None] * BM + j_M[None, :])
-        l1 = tl.load(cum_ptr + (crow * S + t_H)[:, None] * BM + j_M[None, :])
-        l2 = tl.load(cum_ptr + (crow * S + HS + t_H)[:, None] * BM + j_M[None, :])
-        T = tl.load(cum_ptr + (crow * S + S - 1) * BM + j_M)
-        if PAIRS == 2:
-            mid1 = tl.load(cen_ptr + (crow * 4 + 1) * BM + j_M)
-            mid2 = tl.load(cen_ptr + (crow * 4 + 2) * BM + j_M)
-            c = tl.load(cen_ptr + (crow * 4 + 3) * BM + j_M)
-        else:
-            mid1 = tl.load(cen_ptr + crow * 4 * BM + j_M)
-            mid2 = mid1
-            c = mid1
-    else:
-        s1, la1 = _half_gate_rows(gs_ptr, gl_ptr, toff, pos0, t_H, n_valid, W, j_M, BM)
-        s2, la2 = _half_gate_rows(gs_ptr, gl_ptr, toff, pos0 + HS, t_H, n_valid - HS, W, j_M, BM)
-        l1 = tl.cumsum(la1, axis=0)
-        T1 = tl.sum(la1, axis=0)
-        l2 = T1[None, :] + tl.cumsum(la2, axis=0)
-        T = T1 + tl.sum(la2, axis=0)
-        if PAIRS == 2:
-            mid1 = (tl.max(l1, axis=0) + tl.min(l1, axis=0)) * 0.5
-            mid2 = (tl.max(l2, axis=0) + tl.min(l2, axis=0)) * 0.5
-            c = tl.min(l1, axis=0)  # l is non-increasing: its last value in the first half
-        else:
-            mid1 = (tl.maximum(tl.max(l1, axis=0), tl.max(l2, axis=0)) + tl.minimum(tl.min(l1, axis=0), tl.min(l2, axis=0))) * 0.5
-            mid2 = mid1
-            c = mid1
-    A1, B1 = _centred(s1, l1, mid1[None, :])
-    A2, B2 = _centred(s2, l2, mid2[None, :])
-    return s1, l1, s2, l2, T, A1, B1, A2, B2, tl.exp(tl.minimum(c - mid1, 0.0)), tl.exp(tl.minimum(mid2 - c, 0.0))
-
-
-@triton.jit
-def _half_gate_rows(gs_ptr, gl_ptr, toff, pos0, t_H, n_valid, W, j_M, BM: tl.constexpr):
-    """s and log alpha of the tokens at pos0 + t_H, zero past the first n_valid."""
-    valid = t_H < n_valid
-    offs = (toff + (pos0 + t_H) % W)[:, None] * BM + j_M[None, :]
-    return tl.load(gs_ptr + offs, mask=valid[:, None], other=0.0), tl.load(gl_ptr + offs, mask=valid[:, None], other=0.0)
-
-
-@triton.jit
-def _cross(A2, B1, r1, r2, PAIRS: tl.constexpr):
-    """The cross block's factors: A2c_t B1c_u = s_u e^{l_t - l_u} for t in the second half, u in the first."""
-    if PAIRS == 2:
-        return A2 * r2[None, :], B1 * r1[None, :]
-    return A2, B1
-
-
-@triton.jit
-def _halves_through(X11, X22, X21, A1, B1, A2, B2, r1, r2, causal, PAIRS: tl.constexpr, DT: tl.constexpr):
-    """_through on halves: sum_{u<=t} X[t, u] s_u e^{l_t - l_u} for t in each half, from the
-    blocks X11 (first half against itself), X22 and X21 (second against first): two [S / 2, BM]."""
-    A2c, B1c = _cross(A2, B1, r1, r2, PAIRS)
-    out1 = A1 * _mm(tl.where(causal, X11, 0.0), B1, DT)
-    out2 = A2 * _mm(tl.where(causal, X22, 0.0), B2, DT) + A2c * _mm(X21, B1c, DT)
-    return out1, out2
-
-
-@triton.jit
-def _halves_pairs(Y1, Y2, A1, B1, A2, B2, r1, r2, causal, PAIRS: tl.constexpr, DT: tl.constexpr):
-    """_pairs on halves: the blocks [S / 2, S / 2] of sum_j Y[t, j] s_u,j e^{l_t,j - l_u,j}, u <= t:
-    first half against itself, second against itself, second against first."""
-    A2c, B1c = _cross(A2, B1, r1, r2, PAIRS)
-    P11 = tl.where(causal, _mm(Y1 * A1, tl.trans(B1), DT), 0.0)
-    P22 = tl.where(causal, _mm(Y2 * A2, tl.trans(B2), DT), 0.0)
-    return P11, P22, _mm(Y2 * A2c, tl.trans(B1c), DT)
-
-
-@triton.jit
-def _halves_scores(q1, q2, k1, k2, Kl, Ks, before, el1, el2, A1, B1, A2, B2, r1, r2, causal, scale, mask_M,
-                   PAIRS: tl.constexpr, DT: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
-    """_scores of both halves' queries: [S / 2, BM] each, -inf at padded slots."""
-    i1, i2 = _halves_through(_mm(q1, tl.trans(k1), DT), _mm(q2, tl.trans(k2), DT), _mm(q2, tl.trans(k1), DT),
-                             A1, B1, A2, B2, r1, r2, causal, PAIRS, DT)  # fmt: skip
-    z1 = el1 * _from_state(q1, Kl, Ks, before, DT, SPLIT) + i1
-    z2 = el2 * _from_state(q2, Kl, Ks, before, DT, SPLIT) + i2
-    return tl.where(mask_M[None, :], scale * z1, float("-inf")), tl.where(mask_M[None, :], scale * z2, float("-inf"))
-
-
-@triton.jit
-def _halves_tokens(k_ptr, v_ptr, bos, t0, seq_len, g, t_H, dk_D, dv_D, HKV: tl.constexpr, DK: tl.constexpr,
-                   DV: tl.constexpr, HS: tl.constexpr):  # fmt: skip
-    """Rows, validity, keys and values of a sub-chunk's two halves."""
-    tok1 = bos + t0 + t_H
-    valid1 = (t0 + t_H) < seq_len
-    valid2 = (t0 + HS + t_H) < seq_len
-    k1 = _load_tokens(k_ptr, tok1, valid1, g, dk_D, dk_D < DK, HKV, DK)
-    k2 = _load_tokens(k_ptr, tok1 + HS, valid2, g, dk_D, dk_D < DK, HKV, DK)
-    v1 = _load_tokens(v_ptr, tok1, valid1, g, dv_D, dv_D < DV, HKV, DV)
-    v2 = _load_tokens(v_ptr, tok1 + HS, valid2, g, dv_D, dv_D < DV, HKV, DV)
-    return tok1, tok1 + HS, valid1, valid2, k1, k2, v1, v2
-
-
-@triton.jit
-def _write_halves(X, s1, l1, s2, l2, T, x1, x2, DT: tl.constexpr):
-    """_write_state from a sub-chunk's halves."""
-    X = tl.exp(T)[:, None] * X + _mm(tl.trans(s1 * tl.exp(T[None, :] - l1)), x1, DT)
-    return X + _mm(tl.trans(s2 * tl.exp(T[None, :] - l2)), x2, DT)
-
-
-@triton.jit
-def _fwd_out_halved_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr, sv_ptr, cum_ptr, cen_ptr, gs_ptr, gl_ptr,
-    seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr,
-    scale,
-    H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
-    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
-    SPLIT: tl.constexpr, NT: tl.constexpr,
-):  # fmt: skip
-    """(3) as _fwd_out_kernel, each sub-chunk in two halves."""
-    HPG: tl.constexpr = H // HKV
-    HS: tl.constexpr = S // 2
-    i, g, n, c, bos, seq_len, offset, W, toff, t_H, j_M, dk_D, dv_D, causal, _, mask_M = _chunk_program(
-        chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, HS, BM, BDK, BDV, M, 1)
-    Kl, Vl, Ks, Vs, before = _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g,
-                                          j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
-    for a in tl.static_range(NS):
-        t0 = c * C + a * S
-        s1, l1, s2, l2, T, A1, B1, A2, B2, r1, r2 = _half_gates(gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset + t0, t_H,
-                                                                seq_len - t0, W, j_M, S, BM, CUM, PAIRS)  # fmt: skip
-        el1, el2 = tl.exp(l1), tl.exp(l2)
-        tok1, tok2, valid1, valid2, k1, k2, v1, v2 = _halves_tokens(k_ptr, v_ptr, bos, t0, seq_len, g, t_H, dk_D, dv_D,
-                                                                    HKV, DK, DV, HS)  # fmt: skip
-        for hh in tl.static_range(HPG):
-            h = g * HPG + hh
-            q1 = _load_tokens(q_ptr, tok1, valid1, h, dk_D, dk_D < DK, H, DK)
-            q2 = _load_tokens(q_ptr, tok2, valid2, h, dk_D, dk_D < DK, H, DK)
-            z1, z2 = _halves_scores(q1, q2, k1, k2, Kl, Ks, before, el1, el2, A1, B1, A2, B2, r1, r2, causal, scale,
-                                    mask_M, PAIRS, DT, SPLIT)  # fmt: skip
-            if NT > 1:
-                p1, lse1 = _softmax_lse(z1)
-                p2, lse2 = _softmax_lse(z2)
-                tl.store(lse_ptr + tok1 * H + h, lse1, mask=valid1)
-                tl.store(lse_ptr + tok2 * H + h, lse2, mask=valid2)
-            else:
-                p1 = _softmax(z1)
-                p2 = _softmax(z2)
-            P11, P22, P21 = _halves_pairs(p1, p2, A1, B1, A2, B2, r1, r2, causal, PAIRS, DT)
-            o1 = _to_state(p1 * el1, Vl, Vs, before, DT, SPLIT) + _mm(P11, v1, DT)
-            o2 = _to_state(p2 * el2, Vl, Vs, before, DT, SPLIT) + _mm(P22, v2, DT) + _mm(P21, v1, DT)
-            _store_tokens(o_ptr, o1, tok1, valid1, h, dv_D, dv_D < DV, H, DV)
-            _store_tokens(o_ptr, o2, tok2, valid2, h, dv_D, dv_D < DV, H, DV)
-        if a < NS - 1:
-            Kl = _write_halves(Kl, s1, l1, s2, l2, T, k1, k2, DT)
-            Vl = _write_halves(Vl, s1, l1, s2, l2, T, v1, v2, DT)
-            before = before * tl.exp(T)
-
-
-@triton.jit
-def _bwd_chunk_halved_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, dq_ptr, dq32_ptr, dk_ptr, dv_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr,
-    sv_ptr, dks_ptr, dvs_ptr, cum_ptr, cen_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr,
-    chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr, scale,
-    H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
-    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
-    SPLIT: tl.constexpr, NT: tl.constexpr,
-):  # fmt: skip
-    """(A) as _bwd_chunk_kernel, each sub-chunk in two halves (slot tiles as there)."""
-    HPG: tl.constexpr = H // HKV
-    TILE: tl.constexpr = BM // NT
-    HS: tl.constexpr = S // 2
-    i, g, n, c, bos, seq_len, offset, W, toff, t_H, j_T, dk_D, dv_D, causal, _, _ = _chunk_program(
-        chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, HS, TILE, BDK, BDV, M, 1)
-    t_S = tl.arange(0, S)
-    mask_DK, mask_DV = dk_D < DK, dv_D < DV
-    row = (i * HKV + g) * BM
-    for tile in tl.static_range(NT):
-        if tile > 0:
-            tl.debug_barrier()  # the previous tile's dq, dk, dv partials, stored by other threads, are read below
-        j_M = tile * TILE + j_T
-        mask_M = j_M < M
-        Kl0, Vl0, Ks, Vs, before0 = _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g,
-                                                 j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
-        dK = tl.zeros([TILE, BDK], dtype=tl.float32)  # gradient of the state after the current sub-chunk
-        dV = tl.zeros([TILE, BDV], dtype=tl.float32)
-        for a in tl.static_range(NS - 1, -1, -1):
-            Kl = Kl0
-            Vl = Vl0
-            before = before0
-            for b in tl.static_range(a):  # the state before sub-chunk a, from whole sub-chunks
-                tb = c * C + b * S
-                vb = (tb + t_S) < seq_len
-                sb, lb, Tb = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + tb, t_S, seq_len - tb, W, j_M, S, BM, CUM)
-                Kl = _write_state(Kl, sb, lb, Tb, _load_tokens(k_ptr, bos + tb + t_S, vb, g, dk_D, mask_DK, HKV, DK), DT)
-                Vl = _write_state(Vl, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
-                before = before * tl.exp(Tb)
-            t0 = c * C + a * S
-            s1, l1, s2, l2, T, A1, B1, A2, B2, r1, r2 = _half_gates(gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset + t0,
-                                                                    t_H, seq_len - t0, W, j_M, S, BM, CUM, PAIRS)  # fmt: skip
-            el1, el2 = tl.exp(l1), tl.exp(l2)
-            tok1, tok2, valid1, valid2, k1, k2, v1, v2 = _halves_tokens(k_ptr, v_ptr, bos, t0, seq_len, g, t_H, dk_D, dv_D,
-                                                                        HKV, DK, DV, HS)  # fmt: skip
-            if a == NS - 1:  # the chunk's last sub-chunk: no later one to reach through the state
-                b_dk1 = tl.zeros([HS, BDK], dtype=tl.float32)
-                b_dk2 = tl.zeros([HS, BDK], dtype=tl.float32)
-                b_dv1 = tl.zeros([HS, BDV], dtype=tl.float32)
-                b_dv2 = tl.zeros([HS, BDV], dtype=tl.float32)
-            else:  # the state path to later sub-chunks of this chunk (each token's weight in the end state)
-                end1 = s1 * tl.exp(T[None, :] - l1)
-                end2 = s2 * tl.exp(T[None, :] - l2)
-                b_dk1 = _mm(end1, dK, DT)
-                b_dk2 = _mm(end2, dK, DT)
-                b_dv1 = _mm(end1, dV, DT)
-                b_dv2 = _mm(end2, dV, DT)
-                dK = tl.exp(T)[:, None] * dK
-                dV = tl.exp(T)[:, None] * dV
-            for hh in tl.static_range(HPG):
-                h = g * HPG + hh
-                q1 = _load_tokens(q_ptr, tok1, valid1, h, dk_D, mask_DK, H, DK)
-                q2 = _load_tokens(q_ptr, tok2, valid2, h, dk_D, mask_DK, H, DK)
-                do1 = _load_tokens(do_ptr, tok1, valid1, h, dv_D, mask_DV, H, DV)
-                do2 = _load_tokens(do_ptr, tok2, valid2, h, dv_D, mask_DV, H, DV)
-                z1, z2 = _halves_scores(q1, q2, k1, k2, Kl, Ks, before, el1, el2, A1, B1, A2, B2, r1, r2, causal, scale,
-                                        mask_M, PAIRS, DT, SPLIT)  # fmt: skip
-                i1, i2 = _halves_through(_mm(do1, tl.trans(v1), DT), _mm(do2, tl.trans(v2), DT), _mm(do2, tl.trans(v1), DT),
-                                         A1, B1, A2, B2, r1, r2, causal, PAIRS, DT)  # fmt: skip
-                dp1 = el1 * _from_state(do1, Vl, Vs, before, DT, SPLIT) + i1
-                dp2 = el2 * _from_state(do2, Vl, Vs, before, DT, SPLIT) + i2
-                if NT > 1:
-                    p1 = tl.exp(z1 - tl.load(lse_ptr + tok1 * H + h, mask=valid1, other=0.0)[:, None])
-                    p2 = tl.exp(z2 - tl.load(lse_ptr + tok2 * H + h, mask=valid2, other=0.0)[:, None])
-                    o1 = _load_tokens(o_ptr, tok1, valid1, h, dv_D, mask_DV, H, DV)
-                    o2 = _load_tokens(o_ptr, tok2, valid2, h, dv_D, mask_DV, H, DV)
-                    row1 = tl.sum(do1.to(tl.float32) * o1.to(tl.float32), axis=1)
-                    row2 = tl.sum(do2.to(tl.float32) * o2.to(tl.float32), axis=1)
-                else:
-                    p1 = _softmax(z1)
-                    p2 = _softmax(z2)
-                    row1 = tl.sum(p1 * dp1, axis=1)
-                    row2 = tl.sum(p2 * dp2, axis=1)
-                Y1 = scale * p1 * (dp1 - row1[:, None])  # d(scale z)/dz times dz
-                Y2 = scale * p2 * (dp2 - row2[:, None])
-                P11, P22, P21 = _halves_pairs(p1, p2, A1, B1, A2, B2, r1, r2, causal, PAIRS, DT)
-                Z11, Z22, Z21 = _halves_pairs(Y1, Y2, A1, B1, A2, B2, r1, r2, causal, PAIRS, DT)
-                dq1 = _to_state(Y1 * el1, Kl, Ks, before, DT, SPLIT) + _mm(Z11, k1, DT)
-                dq2 = _to_state(Y2 * el2, Kl, Ks, before, DT, SPLIT) + _mm(Z22, k2, DT) + _mm(Z21, k1, DT)
-                if tile > 0:
-                    dq1 += _load_tokens(dq32_ptr, tok1, valid1, h, dk_D, mask_DK, H, DK)
-                    dq2 += _load_tokens(dq32_ptr, tok2, valid2, h, dk_D, mask_DK, H, DK)
-                if tile == NT - 1:
-                    _store_tokens(dq_ptr, dq1, tok1, valid1, h, dk_D, mask_DK, H, DK)
-                    _store_tokens(dq_ptr, dq2, tok2, valid2, h, dk_D, mask_DK, H, DK)
-                else:
-                    _store_tokens(dq32_ptr, dq1, tok1, valid1, h, dk_D, mask_DK, H, DK)
-                    _store_tokens(dq32_ptr, dq2, tok2, valid2, h, dk_D, mask_DK, H, DK)
-                b_dk1 += _mm(tl.trans(Z11), q1, DT) + _mm(tl.trans(Z21), q2, DT)
-                b_dk2 += _mm(tl.trans(Z22), q2, DT)
-                b_dv1 += _mm(tl.trans(P11), do1, DT) + _mm(tl.trans(P21), do2, DT)
-                b_dv2 += _mm(tl.trans(P22), do2, DT)
-                dK += _mm(tl.trans(Y1 * el1), q1, DT) + _mm(tl.trans(Y2 * el2), q2, DT)
-                dV += _mm(tl.trans(p1 * el1), do1, DT) + _mm(tl.trans(p2 * el2), do2, DT)
-            if tile > 0:
-                b_dk1 += _load_tokens(dk_ptr, tok1, valid1, g, dk_D, mask_DK, HKV, DK)
-                b_dk2 += _load_tokens(dk_ptr, tok2, valid2, g, dk_D, mask_DK, HKV, DK)
-                b_dv1 += _load_tokens(dv_ptr, tok1, valid1, g, dv_D, mask_DV, HKV, DV)
-                b_dv2 += _load_tokens(dv_ptr, tok2, valid2, g, dv_D, mask_DV, HKV, DV)
-            _store_tokens(dk_ptr, b_dk1, tok1, valid1, g, dk_D, mask_DK, HKV, DK)
-            _store_tokens(dk_ptr, b_dk2, tok2, valid2, g, dk_D, mask_DK, HKV, DK)
-            _store_tokens(dv_ptr, b_dv1, tok1, valid1, g, dv_D, mask_DV, HKV, DV)
-            _store_tokens(dv_ptr, b_dv2, tok2, valid2, g, dv_D, mask_DV, HKV, DV)
-        tl.store(dks_ptr + _state_offsets(row, j_M, dk_D, BDK), dK.to(dks_ptr.dtype.element_ty))
-        tl.store(dvs_ptr + _state_offsets(row, j_M, dv_D, BDV), dV.to(dvs_ptr.dtype.element_ty))
-
-
 # ----------------------------------------------------------------------------- decode
 
 
@@ -1294,17 +1003,6 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
         NT=_slot_tiles(_slot_block(p.slots)),
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
-
-
-def halved_sub_chunks(consts: dict) -> bool:
-    """Whether (3) and (A) run each sub-chunk as two halves (their pair products in three
-    [S / 2, S / 2] blocks): for the factorised forms at sub-chunks of 32 tokens or more (halves
-    of 16 at least, the smallest tensor-core product). BLA_TRITON_HALVED=0 keeps whole sub-chunks
-    (the masked [S, S] products), to time them."""
-    value = os.environ.get("BLA_TRITON_HALVED", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"BLA_TRITON_HALVED must be 0 or 1, got {value!r}")
-    return value == "1" and consts["PAIRS"] != ELEMENTWISE and consts["S"] >= 32
 
 
 # The backward's slot tile: wider states run through it in tiles of this many (the forward stores
@@ -1534,7 +1232,7 @@ def _scan_group() -> int | None:
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
           "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG",
-          "BLA_TRITON_LAUNCH", "BLA_TRITON_HALVED")  # fmt: skip
+          "BLA_TRITON_LAUNCH")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -1553,9 +1251,6 @@ class _Plan:
         self.scan_group = _scan_group()
         self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), "SEG_CHUNKS": self.seg_chunks, **_launch_opts(p, "fwd_local")}
         self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
-        halved = halved_sub_chunks(consts)
-        self.fwd_out_kernel = _fwd_out_halved_kernel if halved else _fwd_out_kernel
-        self.bwd_chunk_kernel = _bwd_chunk_halved_kernel if halved else _bwd_chunk_kernel
         self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
         self.bwd_tokens = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "bwd_tokens")}
         self.saved = _saved_shapes(p, consts, self.seg_chunks)
@@ -1709,7 +1404,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     # (3) outputs, every chunk in parallel from its start state
     o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
     if chunks:
-        _launch(plan.fwd_out_kernel, (chunks, HKV),
+        _launch(_fwd_out_kernel, (chunks, HKV),
                 (q, k, v, o, lse, ck, cv, before, start_k, start_v, cum, cen, *common, lay.chunk_seq, lay.chunk_idx,
                  lay.chunk_item, p.scale), plan.fwd_out)  # fmt: skip
     hk = hk[:, :, : p.slots, : p.head_dim_k].contiguous()
@@ -1741,7 +1436,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
     grid = (lay.total_chunks, HKV)
     if lay.total_chunks:
-        _launch(plan.bwd_chunk_kernel, grid,
+        _launch(_bwd_chunk_kernel, grid,
                 (q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v,
                  dks, dvs, cum, cen, *common, lay.chunk_item, p.scale), plan.bwd_chunk)  # fmt: skip
     # the final state's gradients (None when it was not used: the scan then starts from zeros)

@@ -553,5 +553,5 @@ def test_every_kernel_launch_can_take_the_direct_path(monkeypatch):
     q, k, v = random_qkv(1, 40, 2, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
     o, _ = bla_attention(q, k, v, 8, 4, backend="triton")
     o.sum().backward()
-    assert set(seen) == {"_fwd_local_kernel", "_scan_kernel", "_fwd_out_halved_kernel", "_bwd_chunk_halved_kernel", "_bwd_tokens_kernel"}
+    assert set(seen) == {"_fwd_local_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_chunk_kernel", "_bwd_tokens_kernel"}
     assert all(seen.values()), seen

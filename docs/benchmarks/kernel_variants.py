@@ -111,24 +111,9 @@ REGISTER_VARIANTS = [  # registers a thread capped (ptxas spills the rest): 168 
     (4096, 64, {}),
     (4096, 64, {"BLA_TRITON_MAXNREG": "168"}),
 ]
-HALVED_VARIANTS = [  # (3) and (A) on each sub-chunk's two halves (three [S/2, S/2] pair blocks, the default since
-    # this set's run) against whole sub-chunks (BLA_TRITON_HALVED=0: masked [S, S] products, two of them in the halves form)
-    (512, 64, {}),
-    (512, 64, {"BLA_TRITON_HALVED": "0"}),
-    (4096, 64, {}),
-    (4096, 64, {"BLA_TRITON_HALVED": "0"}),
-    (512, 128, {}),
-    (512, 128, {"BLA_TRITON_HALVED": "0"}),
-    (4096, 128, {}),
-    (4096, 128, {"BLA_TRITON_HALVED": "0"}),
-    (512, 32, {}),
-    (512, 32, {"BLA_TRITON_HALVED": "0"}),
-    (512, 256, {}),
-    (512, 256, {"BLA_TRITON_HALVED": "0"}),
-]
 SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS,
         "slot_tile": SLOT_TILE_VARIANTS, "cum": CUM_VARIANTS,
-        "registers": REGISTER_VARIANTS, "halved": HALVED_VARIANTS}
+        "registers": REGISTER_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 

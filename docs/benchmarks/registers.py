@@ -25,8 +25,7 @@ import bla.kernels.triton_bla as tb
 from bla.kernels.checks import check_problem
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-KERNELS = ["_fwd_local_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_chunk_kernel", "_fwd_out_halved_kernel",
-           "_bwd_chunk_halved_kernel", "_bwd_tokens_kernel"]
+KERNELS = ["_fwd_local_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_chunk_kernel", "_bwd_tokens_kernel"]
 TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
 
 
