@@ -605,14 +605,13 @@ def _chunk_end_grad(own_ptr, seg_ptr, after_ptr, chunk_item_ptr, i, g, j_M, d_D,
 def _scan_kernel(
     xk_ptr, xv_ptr, yk_ptr, yv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr, after_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ROWS: tl.constexpr,
-    USE_H: tl.constexpr, REVERSE: tl.constexpr, DECAYS: tl.constexpr,
+    USE_H: tl.constexpr, REVERSE: tl.constexpr, DECAYS: tl.constexpr, IN_PLACE: tl.constexpr,
 ):  # fmt: skip
     """(2)/(B) Carry a state through the items of one group (a sequence, or a segment's chunks):
-    the carried state before item x is written to y (in place where y is x, or a copy in y's
-    dtype), and the carry becomes dec(x) * carry + x. Forward: x = an item's own end state, carry =
-    its start state; REVERSE: x = an item's own start-state gradient, carry = the gradient of its
-    end state. hk/hv: the
-    initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
+    the carried state before item x is written over x (IN_PLACE; y unused) or to y, in y's dtype,
+    and the carry becomes dec(x) * carry + x. Forward: x = an item's own end state, carry = its
+    start state; REVERSE: x = an item's own start-state gradient, carry = the gradient of its end
+    state. hk/hv: the initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
     the decays of the items carried before it (``after``). Every slot row is carried on its own,
     so a program takes ROWS of them (grid axis 2; SCAN_ROWS says how many)."""
     n = tl.program_id(0)
@@ -641,8 +640,14 @@ def _scan_kernel(
         own_k = tl.load(xk_ptr + ok).to(tl.float32)
         own_v = tl.load(xv_ptr + ov).to(tl.float32)
         dec = tl.load(dec_ptr + row + j_M)
-        tl.store(yk_ptr + ok, K.to(yk_ptr.dtype.element_ty))
-        tl.store(yv_ptr + ov, V.to(yv_ptr.dtype.element_ty))
+        if IN_PLACE:  # through x's own pointer: stores through a second one (y is x) cost the backward's
+            # scans 0.124 -> 0.242 ms at W=512, m=64 on an H200 (docs/benchmarks.md), likely since the
+            # compiler must then order each item's loads after the previous item's stores
+            tl.store(xk_ptr + ok, K.to(xk_ptr.dtype.element_ty))
+            tl.store(xv_ptr + ov, V.to(xv_ptr.dtype.element_ty))
+        else:
+            tl.store(yk_ptr + ok, K.to(yk_ptr.dtype.element_ty))
+            tl.store(yv_ptr + ov, V.to(yv_ptr.dtype.element_ty))
         if DECAYS:
             tl.store(after_ptr + row + j_M, carried)
             carried = carried * dec
@@ -1173,7 +1178,8 @@ def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: b
     use_h = hk is not None
     _launch(_scan_kernel, (n, hkv, bm // rows),
             (xk, xv, yk, yv, dec, hk if use_h else out_k, hv if use_h else out_v, out_k, out_v, first, count, after),
-            dict(HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], ROWS=rows, USE_H=use_h, REVERSE=reverse, DECAYS=decays))
+            dict(HKV=hkv, BM=bm, BDK=xk.shape[3], BDV=xv.shape[3], ROWS=rows, USE_H=use_h, REVERSE=reverse, DECAYS=decays,
+                 IN_PLACE=out is None))
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
