@@ -602,6 +602,18 @@ def _chunk_end_grad(own_ptr, seg_ptr, after_ptr, chunk_item_ptr, i, g, j_M, d_D,
 
 
 @triton.jit
+def _scan_item(xk_ptr, xv_ptr, dec_ptr, x, g, j_M, dk_D, dv_D, present, HKV: tl.constexpr, BM: tl.constexpr,
+               BDK: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
+    """Item x's own key and value states (fp32) and decay, zeros unless ``present``."""
+    row = (x * HKV + g) * BM
+    keep = j_M < tl.where(present, BM, 0)  # a mask of the rows' shape (Triton's interpreter takes neither a scalar
+    # mask nor one from ``vector & scalar``)
+    own_k = tl.load(xk_ptr + _state_offsets(row, j_M, dk_D, BDK), mask=keep[:, None], other=0.0).to(tl.float32)
+    own_v = tl.load(xv_ptr + _state_offsets(row, j_M, dv_D, BDV), mask=keep[:, None], other=0.0).to(tl.float32)
+    return own_k, own_v, tl.load(dec_ptr + row + j_M, mask=keep, other=0.0)
+
+
+@triton.jit
 def _scan_kernel(
     xk_ptr, xv_ptr, yk_ptr, yv_ptr, dec_ptr, hk_ptr, hv_ptr, out_k_ptr, out_v_ptr, first_ptr, count_ptr, after_ptr,
     HKV: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ROWS: tl.constexpr,
@@ -629,20 +641,25 @@ def _scan_kernel(
         K = tl.zeros([ROWS, BDK], dtype=tl.float32)
         V = tl.zeros([ROWS, BDV], dtype=tl.float32)
     carried = tl.full([ROWS], 1.0, dtype=tl.float32)
+    # each item's loads are issued before the previous item's stores (loads of the next item in
+    # flight while this one is stored): the chain of dependent loads is the scan's cost
+    if REVERSE:
+        x = first + count - 1
+    else:
+        x = first
+    own_k, own_v, dec = _scan_item(xk_ptr, xv_ptr, dec_ptr, x, g, j_M, dk_D, dv_D, count > 0, HKV, BM, BDK, BDV)
     for ii in range(0, count):
-        if REVERSE:
-            x = first + count - 1 - ii
-        else:
-            x = first + ii
         row = (x * HKV + g) * BM
+        if REVERSE:
+            x = x - 1
+        else:
+            x = x + 1
+        next_k, next_v, next_dec = _scan_item(xk_ptr, xv_ptr, dec_ptr, x, g, j_M, dk_D, dv_D, ii + 1 < count,
+                                              HKV, BM, BDK, BDV)  # fmt: skip
         ok = _state_offsets(row, j_M, dk_D, BDK)
         ov = _state_offsets(row, j_M, dv_D, BDV)
-        own_k = tl.load(xk_ptr + ok).to(tl.float32)
-        own_v = tl.load(xv_ptr + ov).to(tl.float32)
-        dec = tl.load(dec_ptr + row + j_M)
         if IN_PLACE:  # through x's own pointer: stores through a second one (y is x) cost the backward's
-            # scans 0.124 -> 0.242 ms at W=512, m=64 on an H200 (docs/benchmarks.md), likely since the
-            # compiler must then order each item's loads after the previous item's stores
+            # scans 0.124 -> 0.242 ms at W=512, m=64 on an H200 (docs/benchmarks.md)
             tl.store(xk_ptr + ok, K.to(xk_ptr.dtype.element_ty))
             tl.store(xv_ptr + ov, V.to(xv_ptr.dtype.element_ty))
         else:
@@ -653,6 +670,7 @@ def _scan_kernel(
             carried = carried * dec
         K = dec[:, None] * K + own_k
         V = dec[:, None] * V + own_v
+        own_k, own_v, dec = next_k, next_v, next_dec
     tl.store(out_k_ptr + sk, K)
     tl.store(out_v_ptr + sv, V)
 
