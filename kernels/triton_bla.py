@@ -623,9 +623,9 @@ def _scan_kernel(
     the carried state before item x is written over x (IN_PLACE; y unused) or to y, in y's dtype,
     and the carry becomes dec(x) * carry + x. Forward: x = an item's own end state, carry = its
     start state; REVERSE: x = an item's own start-state gradient, carry = the gradient of its end
-    state. hk/hv: the initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per item, the product of
-    the decays of the items carried before it (``after``). Every slot row is carried on its own,
-    so a program takes ROWS of them (grid axis 2; SCAN_ROWS says how many)."""
+    state. hk/hv: the initial carry (zeros unless USE_H); out: the last. DECAYS: also write, per
+    item, the product of the decays of the items carried before it (``after``). Every slot row is
+    carried on its own, so a program takes ROWS of them (grid axis 2; SCAN_ROWS says how many)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     first = tl.load(first_ptr + n)
