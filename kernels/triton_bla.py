@@ -427,6 +427,13 @@ def _store_tokens(ptr, val, tok, valid, head, d_D, mask_D, N_HEADS: tl.constexpr
 
 
 @triton.jit
+def _add_tokens(ptr, val, tok, valid, head, d_D, mask_D, N_HEADS: tl.constexpr, D: tl.constexpr):
+    """_store_tokens as an atomic add (fp32 buffers)."""
+    offs = tok[:, None] * (N_HEADS * D) + head * D + d_D[None, :]
+    tl.atomic_add(ptr + offs, val, mask=valid[:, None] & mask_D[None, :], sem="relaxed")
+
+
+@triton.jit
 def _state_offsets(row, j_M, d_D, D: tl.constexpr):
     """Offsets of one [m, d] state whose first slot row is ``row`` (buffers are padded to BM, BD)."""
     return (row + j_M[:, None]) * D + d_D[None, :]
@@ -746,7 +753,7 @@ def _bwd_chunk_kernel(
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
-    SPLIT: tl.constexpr, NT: tl.constexpr,
+    SPLIT: tl.constexpr, NT: tl.constexpr, TILE_GRID: tl.constexpr,
 ):  # fmt: skip
     """(A) dq, the in-chunk parts of dk and dv (fp32), and the gradient of the chunk's start state
     from the chunk's own outputs. Sub-chunks run in reverse, their states recomputed.
@@ -756,7 +763,10 @@ def _bwd_chunk_kernel(
     The softmax then comes from the forward's log-sum-exp, and its row term sum_j p dp is
     do . o (o = sum_j p_j u_j and dp_j = do . u_j), as in flash attention's backward. Each tile's
     share of dq (fp32 scratch), dk and dv (fp32) is added to the previous tiles' in memory: the
-    same program wrote them, after a barrier."""
+    same program wrote them, after a barrier. With TILE_GRID each tile is a program of its own
+    (grid axis 2) and adds its shares atomically to zeroed fp32 buffers (dq through dq32): no
+    tile's values can stay live in another's registers. (With two tiles the sum is exact in any
+    order: 0 + a + b = 0 + b + a.)"""
     HPG: tl.constexpr = H // HKV
     TILE: tl.constexpr = BM // NT
     i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_T, dk_D, dv_D, causal, second, _ = _chunk_program(
@@ -764,9 +774,13 @@ def _bwd_chunk_kernel(
         PAIRS)
     mask_DK, mask_DV = dk_D < DK, dv_D < DV
     row = (i * HKV + g) * BM
-    for tile in tl.static_range(NT):
-        if tile > 0:
-            tl.debug_barrier()  # the previous tile's dq, dk, dv partials, stored by other threads, are read below
+    for tt in tl.static_range(1 if TILE_GRID else NT):
+        if TILE_GRID:
+            tile = tl.program_id(2)
+        else:
+            tile = tt
+            if tile > 0:
+                tl.debug_barrier()  # the previous tile's dq, dk, dv partials, stored by other threads, are read below
         j_M = tile * TILE + j_T
         mask_M = j_M < M
         Kl0, Vl0, Ks, Vs, before0 = _chunk_parts(ck_ptr, cv_ptr, sk_ptr, sv_ptr, before_ptr, chunk_item_ptr, i, g,
@@ -815,21 +829,28 @@ def _bwd_chunk_kernel(
                 P = _pairs(p, A, B, r1, r2, E, causal, second, PAIRS, DT)
                 Pz = _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS, DT)
                 dq = _to_state(Y * el, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
-                if tile > 0:
-                    dq += _load_tokens(dq32_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
-                if tile == NT - 1:
-                    _store_tokens(dq_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
+                if TILE_GRID:
+                    _add_tokens(dq32_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
                 else:
-                    _store_tokens(dq32_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
+                    if tile > 0:
+                        dq += _load_tokens(dq32_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
+                    if tile == NT - 1:
+                        _store_tokens(dq_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
+                    else:
+                        _store_tokens(dq32_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
                 b_dk += _mm(tl.trans(Pz), q, DT)
                 b_dv += _mm(tl.trans(P), do, DT)
                 dK += _mm(tl.trans(Y * el), q, DT)
                 dV += _mm(tl.trans(p * el), do, DT)
-            if tile > 0:
-                b_dk += _load_tokens(dk_ptr, tok, valid, g, dk_D, mask_DK, HKV, DK)
-                b_dv += _load_tokens(dv_ptr, tok, valid, g, dv_D, mask_DV, HKV, DV)
-            _store_tokens(dk_ptr, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
-            _store_tokens(dv_ptr, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
+            if TILE_GRID:
+                _add_tokens(dk_ptr, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
+                _add_tokens(dv_ptr, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
+            else:
+                if tile > 0:
+                    b_dk += _load_tokens(dk_ptr, tok, valid, g, dk_D, mask_DK, HKV, DK)
+                    b_dv += _load_tokens(dv_ptr, tok, valid, g, dv_D, mask_DV, HKV, DV)
+                _store_tokens(dk_ptr, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
+                _store_tokens(dv_ptr, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
         tl.store(dks_ptr + _state_offsets(row, j_M, dk_D, BDK), dK.to(dks_ptr.dtype.element_ty))
         tl.store(dvs_ptr + _state_offsets(row, j_M, dv_D, BDV), dV.to(dvs_ptr.dtype.element_ty))
 
@@ -1024,6 +1045,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
         # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
         SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
         NT=_slot_tiles(_slot_block(p.slots)),
+        TILE_GRID=_tile_grid() and _slot_tiles(_slot_block(p.slots)) > 1,
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
 
@@ -1035,6 +1057,18 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
 # m = 256 (four tiles of 32-token sub-chunks) 9.999 -> 10.817, so 256 slots stay in one tile.
 # BLA_TRITON_SLOT_TILE overrides it: 0, one tile of every slot; a power of two >= 16, tiles of that many.
 SLOT_TILE, SLOT_TILE_BLOCKS = 64, (128,)
+
+
+def _tile_grid() -> bool:
+    """Whether (A)'s slot tiles run as programs of their own, adding their shares of dq, dk and dv
+    atomically (BLA_TRITON_TILE_GRID=1), instead of one program walking them (the default). Off
+    until timed on a GPU: compiled for sm_90 with Triton 3.6 on a CPU, its m = 128 `_bwd_chunk`
+    needs 528 stack bytes against 3736 (W=512; 544 against 3632 at W=4096; m = 64 takes 456), as
+    each tile's program holds only its own values (docs/benchmarks.md, "The backward's scans restored")."""
+    value = os.environ.get("BLA_TRITON_TILE_GRID", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"BLA_TRITON_TILE_GRID must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _slot_tiles(bm: int) -> int:
@@ -1256,7 +1290,7 @@ def _scan_group() -> int | None:
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
           "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG",
-          "BLA_TRITON_LAUNCH")  # fmt: skip
+          "BLA_TRITON_LAUNCH", "BLA_TRITON_TILE_GRID")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -1274,8 +1308,9 @@ class _Plan:
         self.scan_rows = _scan_rows(consts["BM"])
         self.scan_group = _scan_group()
         self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), "SEG_CHUNKS": self.seg_chunks, **_launch_opts(p, "fwd_local")}
-        self.fwd_out = {**consts, **_launch_opts(p, "fwd_out")}
-        self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL), **_launch_opts(p, "bwd_chunk")}
+        self.fwd_out = {**{k: v for k, v in consts.items() if k != "TILE_GRID"}, **_launch_opts(p, "fwd_out")}
+        self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", "NT", "TILE_GRID", *_LOCAL),
+                          **_launch_opts(p, "bwd_chunk")}
         self.bwd_tokens = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "bwd_tokens")}
         self.saved = _saved_shapes(p, consts, self.seg_chunks)
         _check_32_bit_offsets(p, self.saved)
@@ -1449,10 +1484,12 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff, cum, cen, end = plan.tables(p, dev)
+    tile_grid = consts["TILE_GRID"]
+    new = torch.zeros if tile_grid else torch.empty  # the tiles' programs add into zeros
     dq = torch.empty_like(q)
-    dq32 = torch.empty(q.shape, device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq partials
-    dk = torch.empty(k.shape, device=dev, dtype=torch.float32)
-    dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
+    dq32 = new(q.shape, device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq partials
+    dk = new(k.shape, device=dev, dtype=torch.float32)
+    dv = new(v.shape, device=dev, dtype=torch.float32)
     # each chunk's own share of its start-state gradient, then (after the scan) the gradient of
     # its end state from later chunks of its segment; in the operands' dtype, as (C) reads them
     dks = torch.empty_like(ck)
@@ -1460,9 +1497,11 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
     grid = (lay.total_chunks, HKV)
     if lay.total_chunks:
-        _launch(_bwd_chunk_kernel, grid,
+        _launch(_bwd_chunk_kernel, (*grid, consts["NT"]) if tile_grid else grid,
                 (q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v,
                  dks, dvs, cum, cen, *common, lay.chunk_item, p.scale), plan.bwd_chunk)  # fmt: skip
+        if tile_grid:
+            dq.copy_(dq32)
     # the final state's gradients (None when it was not used: the scan then starts from zeros)
     dhk_p = dhv_p = None
     if dhk is not None or dhv is not None:

@@ -111,9 +111,18 @@ REGISTER_VARIANTS = [  # registers a thread capped (ptxas spills the rest): 168 
     (4096, 64, {}),
     (4096, 64, {"BLA_TRITON_MAXNREG": "168"}),
 ]
+TILE_GRID_VARIANTS = [  # m = 128's backward: its two slot tiles in one program (the default) or each in its own
+    # (BLA_TRITON_TILE_GRID=1, shares of dq, dk, dv added atomically); not yet run on a GPU when written (2026-12-04)
+    (512, 64, {}),
+    (512, 128, {}),
+    (512, 128, {"BLA_TRITON_TILE_GRID": "1"}),
+    (4096, 64, {}),
+    (4096, 128, {}),
+    (4096, 128, {"BLA_TRITON_TILE_GRID": "1"}),
+]
 SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS,
         "slot_tile": SLOT_TILE_VARIANTS, "cum": CUM_VARIANTS,
-        "registers": REGISTER_VARIANTS}
+        "registers": REGISTER_VARIANTS, "tile_grid": TILE_GRID_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
