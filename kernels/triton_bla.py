@@ -50,6 +50,7 @@ a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchma
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
 BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles),
+BLA_TRITON_TILE_GRID (those tiles as programs of their own),
 BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit), BLA_TRITON_MAXNREG (a register cap),
 BLA_TRITON_LAUNCH=jit (every launch through Triton's JIT, not the direct one).
 """
