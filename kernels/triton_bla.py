@@ -1038,6 +1038,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     # updated inside (3) or recomputed inside (A). BLA_TRITON_CHUNK=64 keeps 64-token chunks of
     # smaller sub-chunks (half the stored states; measured slower: docs/benchmarks.md)
     chunk = max(sub, int(os.environ.get("BLA_TRITON_CHUNK", sub)))
+    tiles = _slot_tiles(_slot_block(p.slots))
     return dict(
         H=p.num_heads, HKV=p.num_kv_heads, M=p.slots, BM=_slot_block(p.slots),
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
@@ -1045,8 +1046,8 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
         # the chunk's and segment's states used apart (2 products each): measured faster up to 64
         # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
         SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
-        NT=_slot_tiles(_slot_block(p.slots)),
-        TILE_GRID=_tile_grid() and _slot_tiles(_slot_block(p.slots)) > 1,
+        NT=tiles,
+        TILE_GRID=_tile_grid() and tiles > 1,
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
 
@@ -1309,9 +1310,9 @@ class _Plan:
         self.scan_rows = _scan_rows(consts["BM"])
         self.scan_group = _scan_group()
         self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), "SEG_CHUNKS": self.seg_chunks, **_launch_opts(p, "fwd_local")}
-        self.fwd_out = {**{k: v for k, v in consts.items() if k != "TILE_GRID"}, **_launch_opts(p, "fwd_out")}
-        self.bwd_chunk = {**_pick(consts, "H", "M", "PAIRS", "CUM", "SPLIT", "NT", "TILE_GRID", *_LOCAL),
-                          **_launch_opts(p, "bwd_chunk")}
+        chunked = ("H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL)  # the constants of (3) and (A)
+        self.fwd_out = {**_pick(consts, *chunked), **_launch_opts(p, "fwd_out")}
+        self.bwd_chunk = {**_pick(consts, *chunked, "TILE_GRID"), **_launch_opts(p, "bwd_chunk")}
         self.bwd_tokens = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "bwd_tokens")}
         self.saved = _saved_shapes(p, consts, self.seg_chunks)
         _check_32_bit_offsets(p, self.saved)
