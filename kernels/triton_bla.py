@@ -50,7 +50,7 @@ a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchma
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
 BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles),
-BLA_TRITON_TILE_GRID (those tiles as programs of their own),
+BLA_TRITON_TILE_RUN (how those tiles run: grid|launches|program),
 BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit), BLA_TRITON_MAXNREG (a register cap),
 BLA_TRITON_LAUNCH=jit (every launch through Triton's JIT, not the direct one).
 """
@@ -428,13 +428,6 @@ def _store_tokens(ptr, val, tok, valid, head, d_D, mask_D, N_HEADS: tl.constexpr
 
 
 @triton.jit
-def _add_tokens(ptr, val, tok, valid, head, d_D, mask_D, N_HEADS: tl.constexpr, D: tl.constexpr):
-    """_store_tokens as an atomic add (fp32 buffers)."""
-    offs = tok[:, None] * (N_HEADS * D) + head * D + d_D[None, :]
-    tl.atomic_add(ptr + offs, val, mask=valid[:, None] & mask_D[None, :], sem="relaxed")
-
-
-@triton.jit
 def _state_offsets(row, j_M, d_D, D: tl.constexpr):
     """Offsets of one [m, d] state whose first slot row is ``row`` (buffers are padded to BM, BD)."""
     return (row + j_M[:, None]) * D + d_D[None, :]
@@ -750,24 +743,24 @@ def _fwd_out_kernel(
 def _bwd_chunk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, dq_ptr, dq32_ptr, dk_ptr, dv_ptr, ck_ptr, cv_ptr, before_ptr, sk_ptr,
     sv_ptr, dks_ptr, dvs_ptr, cum_ptr, cen_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr,
-    chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr, scale,
+    chunk_seq_ptr, chunk_idx_ptr, chunk_item_ptr, scale, part_q, part_k, part_v,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
-    SPLIT: tl.constexpr, NT: tl.constexpr, TILE_GRID: tl.constexpr,
+    SPLIT: tl.constexpr, NT: tl.constexpr, TILE_GRID: tl.constexpr, TILE0: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
     """(A) dq, the in-chunk parts of dk and dv (fp32), and the gradient of the chunk's start state
     from the chunk's own outputs. Sub-chunks run in reverse, their states recomputed.
 
-    With NT > 1 the slots run as NT tiles of BM / NT, one after another, so that no tile larger
-    than 64 slots is live (a [64, 128] tile took 255 registers and half of m = 128's backward).
-    The softmax then comes from the forward's log-sum-exp, and its row term sum_j p dp is
-    do . o (o = sum_j p_j u_j and dp_j = do . u_j), as in flash attention's backward. Each tile's
-    share of dq (fp32 scratch), dk and dv (fp32) is added to the previous tiles' in memory: the
-    same program wrote them, after a barrier. With TILE_GRID each tile is a program of its own
-    (grid axis 2) and adds its shares atomically to zeroed fp32 buffers (dq through dq32): no
-    tile's values can stay live in another's registers. (With two tiles the sum is exact in any
-    order: 0 + a + b = 0 + b + a.)"""
+    With NT > 1 the slots run as NT tiles of BM / NT, so that no tile larger than 64 slots is
+    live (a [64, 128] tile took 255 registers and half of m = 128's backward). The softmax then
+    comes from the forward's log-sum-exp, and its row term sum_j p dp is do . o (o = sum_j p_j u_j
+    and dp_j = do . u_j), as in flash attention's backward. A program runs tiles TILE0 ..
+    TILE0 + TILES - 1: each tile's share of dq (fp32 scratch), dk and dv (fp32) is added to the
+    earlier tiles' in memory, written by this program (after a barrier) or by an earlier launch.
+    With TILE_GRID each tile is a program of its own (grid axis 2) and stores its shares in its
+    own part of fp32 buffers of NT parts (dq32, dk, dv; part_q, part_k, part_v elements apart),
+    which (C) sums in a fixed order. Either way the sums run in one order: the same bits every run."""
     HPG: tl.constexpr = H // HKV
     TILE: tl.constexpr = BM // NT
     i, g, n, c, bos, seq_len, offset, W, toff, t_S, j_T, dk_D, dv_D, causal, second, _ = _chunk_program(
@@ -775,12 +768,13 @@ def _bwd_chunk_kernel(
         PAIRS)
     mask_DK, mask_DV = dk_D < DK, dv_D < DV
     row = (i * HKV + g) * BM
-    for tt in tl.static_range(1 if TILE_GRID else NT):
+    for tt in tl.static_range(TILES):
         if TILE_GRID:
             tile = tl.program_id(2)
+            dq_part, dk_part, dv_part = dq32_ptr + tile * part_q, dk_ptr + tile * part_k, dv_ptr + tile * part_v
         else:
-            tile = tt
-            if tile > 0:
+            tile = TILE0 + tt
+            if tt > 0:
                 tl.debug_barrier()  # the previous tile's dq, dk, dv partials, stored by other threads, are read below
         j_M = tile * TILE + j_T
         mask_M = j_M < M
@@ -831,7 +825,7 @@ def _bwd_chunk_kernel(
                 Pz = _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS, DT)
                 dq = _to_state(Y * el, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
                 if TILE_GRID:
-                    _add_tokens(dq32_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
+                    _store_tokens(dq_part, dq, tok, valid, h, dk_D, mask_DK, H, DK)
                 else:
                     if tile > 0:
                         dq += _load_tokens(dq32_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
@@ -844,8 +838,8 @@ def _bwd_chunk_kernel(
                 dK += _mm(tl.trans(Y * el), q, DT)
                 dV += _mm(tl.trans(p * el), do, DT)
             if TILE_GRID:
-                _add_tokens(dk_ptr, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
-                _add_tokens(dv_ptr, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
+                _store_tokens(dk_part, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
+                _store_tokens(dv_part, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
             else:
                 if tile > 0:
                     b_dk += _load_tokens(dk_ptr, tok, valid, g, dk_D, mask_DK, HKV, DK)
@@ -858,14 +852,18 @@ def _bwd_chunk_kernel(
 
 @triton.jit
 def _bwd_tokens_kernel(
-    dk_ptr, dv_ptr, dk_out_ptr, dv_out_ptr, dks_ptr, dvs_ptr, segk_ptr, segv_ptr, after_ptr, chunk_item_ptr,
+    dk_ptr, dv_ptr, dk_out_ptr, dv_out_ptr, dq32_ptr, dq_ptr, dks_ptr, dvs_ptr, segk_ptr, segv_ptr, after_ptr, chunk_item_ptr,
     cum_ptr, end_ptr, gs_ptr, gl_ptr, seq_start_ptr, seq_len_ptr, offset_ptr, window_ptr, toff_ptr, chunk_seq_ptr, chunk_idx_ptr,
-    HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, CUM: tl.constexpr,
+    part_q, part_k, part_v,
+    H: tl.constexpr, HKV: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr,
+    BDV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, CUM: tl.constexpr,
+    PARTS: tl.constexpr,
 ):  # fmt: skip
     """(C) dk, dv (fp32 partials) + the tokens' share of the chunk's end-state gradient, written in
     the inputs' dtype. That gradient: the part from the later chunks of its segment (dks, dvs)
-    plus the decayed gradient of the segment's end state (seg k, v)."""
+    plus the decayed gradient of the segment's end state (seg k, v). With PARTS > 1, (A)'s slot
+    tiles left dk, dv and dq in that many parts: summed here, in order, and dq written too."""
+    HPG: tl.constexpr = H // HKV
     i = tl.program_id(0)
     g = tl.program_id(1)
     n, c, bos, seq_len, offset, W, toff = _item(chunk_seq_ptr, chunk_idx_ptr, seq_start_ptr, seq_len_ptr,
@@ -878,8 +876,18 @@ def _bwd_tokens_kernel(
         valid = (t0 + t_S) < seq_len
         tok = bos + t0 + t_S
         B_end, T = _end_weights(gs_ptr, gl_ptr, cum_ptr, end_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM, DT)
-        b_dk = _load_tokens(dk_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK) + _mm(B_end, dK, DT)
-        b_dv = _load_tokens(dv_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV) + _mm(B_end, dV, DT)
+        b_dk = _mm(B_end, dK, DT)
+        b_dv = _mm(B_end, dV, DT)
+        for part in tl.static_range(PARTS):
+            b_dk += _load_tokens(dk_ptr + part * part_k, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
+            b_dv += _load_tokens(dv_ptr + part * part_v, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
+        if PARTS > 1:
+            for hh in tl.static_range(HPG):
+                h = g * HPG + hh
+                dq = _load_tokens(dq32_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
+                for part in tl.static_range(1, PARTS):
+                    dq += _load_tokens(dq32_ptr + part * part_q, tok, valid, h, dk_D, dk_D < DK, H, DK)
+                _store_tokens(dq_ptr, dq, tok, valid, h, dk_D, dk_D < DK, H, DK)
         _store_tokens(dk_out_ptr, b_dk, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
         _store_tokens(dv_out_ptr, b_dv, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
         dK = tl.exp(T)[:, None] * dK
@@ -1047,7 +1055,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
         # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
         SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
         NT=tiles,
-        TILE_GRID=_tile_grid() and tiles > 1,
+        TILE_RUN=_tile_run() if tiles > 1 else "program",
         DT=tl.float32 if _INTERPRETING else _DOT_DTYPES.get(dtype, tl.float32),
     )  # fmt: skip
 
@@ -1061,16 +1069,20 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
 SLOT_TILE, SLOT_TILE_BLOCKS = 64, (128,)
 
 
-def _tile_grid() -> bool:
-    """Whether (A)'s slot tiles run as programs of their own, adding their shares of dq, dk and dv
-    atomically (BLA_TRITON_TILE_GRID=1), instead of one program walking them (the default). Off
-    until timed on a GPU: compiled for sm_90 with Triton 3.6 on a CPU, its m = 128 `_bwd_chunk`
-    needs 528 stack bytes against 3736 (W=512; 544 against 3632 at W=4096; m = 64 takes 456), as
-    each tile's program holds only its own values (docs/benchmarks.md, "The backward's scans restored")."""
-    value = os.environ.get("BLA_TRITON_TILE_GRID", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"BLA_TRITON_TILE_GRID must be 0 or 1, got {value!r}")
-    return value == "1"
+TILE_RUNS = ("grid", "launches", "program")
+
+
+def _tile_run() -> str:
+    """How (A)'s slot tiles run (BLA_TRITON_TILE_RUN): "grid", each a program of its own (grid axis
+    2) storing its shares of dq, dk and dv in a part of its own, which (C) sums; "launches", one
+    launch per tile, each adding its shares to the earlier launches'; "program", one program
+    walking them (the default until 2026-12-04). One program's two unrolled tiles keep each other's
+    values live: compiled for sm_90 (Triton 3.6), m = 128's `_bwd_chunk` needs 3736 stack bytes,
+    against 528 a tile (docs/benchmarks.md, "m = 128's slot tiles as programs of their own")."""
+    value = os.environ.get("BLA_TRITON_TILE_RUN", "grid")
+    if value not in TILE_RUNS:
+        raise ValueError(f"BLA_TRITON_TILE_RUN must be one of {', '.join(TILE_RUNS)}, got {value!r}")
+    return value
 
 
 def _slot_tiles(bm: int) -> int:
@@ -1292,7 +1304,7 @@ def _scan_group() -> int | None:
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
           "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG",
-          "BLA_TRITON_LAUNCH", "BLA_TRITON_TILE_GRID")  # fmt: skip
+          "BLA_TRITON_LAUNCH", "BLA_TRITON_TILE_RUN")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -1312,10 +1324,15 @@ class _Plan:
         self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), "SEG_CHUNKS": self.seg_chunks, **_launch_opts(p, "fwd_local")}
         chunked = ("H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL)  # the constants of (3) and (A)
         self.fwd_out = {**_pick(consts, *chunked), **_launch_opts(p, "fwd_out")}
-        self.bwd_chunk = {**_pick(consts, *chunked, "TILE_GRID"), **_launch_opts(p, "bwd_chunk")}
-        self.bwd_tokens = {**_pick(consts, "CUM", *_LOCAL), **_launch_opts(p, "bwd_tokens")}
+        # (A)'s launches: one, or one per slot tile (each its tile's constants)
+        run, tiles = consts["TILE_RUN"], consts["NT"]
+        bwd_chunk = {**_pick(consts, *chunked), "TILE_GRID": run == "grid", **_launch_opts(p, "bwd_chunk")}
+        self.bwd_chunk = ([{**bwd_chunk, "TILE0": t, "TILES": 1} for t in range(tiles)] if run == "launches"
+                          else [{**bwd_chunk, "TILE0": 0, "TILES": 1 if run == "grid" else tiles}])  # fmt: skip
+        self.bwd_tokens = {**_pick(consts, "H", "CUM", *_LOCAL), "PARTS": _grad_parts(consts),
+                           **_launch_opts(p, "bwd_tokens")}
         self.saved = _saved_shapes(p, consts, self.seg_chunks)
-        _check_32_bit_offsets(p, self.saved)
+        _check_32_bit_offsets(p, self.saved, _grad_parts(consts))
         self._tables: dict = {}
 
     def tables(self, problem: Problem, device) -> tuple:
@@ -1351,7 +1368,8 @@ def rows_per_call(problem: Problem, dtype: torch.dtype) -> int | None:
     if p.cu_seqlens is not None or not all(isinstance(x, int) for x in (p.batch, p.seq_len)):
         return None
     bm, bd = _slot_block(p.slots), _pow2(max(p.head_dim_k, p.head_dim_v))
-    tokens_bound = p.batch * p.seq_len * max(p.num_heads, p.num_kv_heads) * bd  # q, k, v, o
+    parts = _slot_tiles(bm) if _tile_run() == "grid" else 1  # the backward's dq, dk, dv parts
+    tokens_bound = parts * p.batch * p.seq_len * max(p.num_heads, p.num_kv_heads) * bd  # q, k, v, o
     states_bound = p.batch * -(-p.seq_len // 16) * p.num_kv_heads * bm * bd  # saved states: chunks of >= 16 tokens
     if max(tokens_bound, states_bound) <= INT32_ELEMENTS:  # the common case: no plan built per call
         return None
@@ -1359,25 +1377,33 @@ def rows_per_call(problem: Problem, dtype: torch.dtype) -> int | None:
     while rows > 1:
         part = p.rows(0, rows)
         consts = _constants(part, dtype)
-        if _oversized(part, _saved_shapes(part, consts, _segment_chunks(part, consts["C"]))) is None:
+        if _oversized(part, _saved_shapes(part, consts, _segment_chunks(part, consts["C"])), _grad_parts(consts)) is None:
             break
         rows = (rows + 1) // 2
     return None if rows == p.batch else rows
 
 
-def _check_32_bit_offsets(p: Problem, saved: list) -> None:
+def _grad_parts(consts: dict) -> int:
+    """How many parts the backward's fp32 dq, dk, dv buffers have: one per slot tile when (A)'s
+    tiles run as programs of their own, else one."""
+    return consts["NT"] if consts["TILE_RUN"] == "grid" else 1
+
+
+def _check_32_bit_offsets(p: Problem, saved: list, parts: int) -> None:
     """Refuse, by name, a tensor too large for the kernels' int32 offsets: past 2^31 elements they
     would wrap and read or write the wrong memory without any error."""
-    problem = _oversized(p, saved)
+    problem = _oversized(p, saved, parts)
     if problem is not None:
         raise ValueError(problem)
 
 
-def _oversized(p: Problem, saved: list) -> str | None:
+def _oversized(p: Problem, saved: list, parts: int) -> str | None:
     """Why a tensor of this problem is too large for int32 offsets, or None."""
     tokens = p.batch * p.seq_len
     tensors = {"q": (tokens, p.num_heads, p.head_dim_k), "k": (tokens, p.num_kv_heads, p.head_dim_k),
                "v": (tokens, p.num_kv_heads, p.head_dim_v), "o": (tokens, p.num_heads, p.head_dim_v),
+               "the backward's fp32 dq parts": (parts, tokens, p.num_heads, p.head_dim_k),
+               "the backward's fp32 dv parts": (parts, tokens, p.num_kv_heads, p.head_dim_v),
                **{f"saved buffer {i}": shape for i, (shape, _) in enumerate(saved)}}  # fmt: skip
     for name, shape in tensors.items():
         if any(not isinstance(d, int) for d in shape):  # symbolic shapes: checked again at the real call
@@ -1486,12 +1512,12 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     offsets = p.offset.to(device=dev, dtype=torch.int32)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff, cum, cen, end = plan.tables(p, dev)
-    tile_grid = consts["TILE_GRID"]
-    new = torch.zeros if tile_grid else torch.empty  # the tiles' programs add into zeros
+    parts = _grad_parts(consts)  # (A)'s tiles as programs leave dq, dk, dv in parts, (C) sums them
     dq = torch.empty_like(q)
-    dq32 = new(q.shape, device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq partials
-    dk = new(k.shape, device=dev, dtype=torch.float32)
-    dv = new(v.shape, device=dev, dtype=torch.float32)
+    dq32 = torch.empty((parts, *q.shape), device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq
+    dk = torch.empty((parts, *k.shape), device=dev, dtype=torch.float32)
+    dv = torch.empty((parts, *v.shape), device=dev, dtype=torch.float32)
+    part_sizes = (q.numel(), k.numel(), v.numel())  # elements between two parts
     # each chunk's own share of its start-state gradient, then (after the scan) the gradient of
     # its end state from later chunks of its segment; in the operands' dtype, as (C) reads them
     dks = torch.empty_like(ck)
@@ -1499,11 +1525,10 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
     grid = (lay.total_chunks, HKV)
     if lay.total_chunks:
-        _launch(_bwd_chunk_kernel, (*grid, consts["NT"]) if tile_grid else grid,
-                (q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v,
-                 dks, dvs, cum, cen, *common, lay.chunk_item, p.scale), plan.bwd_chunk)  # fmt: skip
-        if tile_grid:
-            dq.copy_(dq32)
+        args = (q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v,
+                dks, dvs, cum, cen, *common, lay.chunk_item, p.scale, *part_sizes)  # fmt: skip
+        for tile_consts in plan.bwd_chunk:  # one launch, or one per slot tile, in order
+            _launch(_bwd_chunk_kernel, (*grid, parts), args, tile_consts)
     # the final state's gradients (None when it was not used: the scan then starts from zeros)
     dhk_p = dhv_p = None
     if dhk is not None or dhv is not None:
@@ -1515,13 +1540,13 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
                                 plan.scan_rows, reverse=True, decays=True)  # fmt: skip
     dh0k, dh0v = _segment_scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay, plan, reverse=True)
     if lay.total_chunks:
-        dk_out = dk if k.dtype == torch.float32 else torch.empty_like(k)
-        dv_out = dv if v.dtype == torch.float32 else torch.empty_like(v)
+        dk_out = dk[0] if k.dtype == torch.float32 and parts == 1 else torch.empty_like(k)
+        dv_out = dv[0] if v.dtype == torch.float32 and parts == 1 else torch.empty_like(v)
         _launch(_bwd_tokens_kernel, grid,
-                (dk, dv, dk_out, dv_out, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum, end, gs, gl, lay.starts,
-                 lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx), plan.bwd_tokens)  # fmt: skip
+                (dk, dv, dk_out, dv_out, dq32, dq, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum, end, gs, gl, lay.starts,
+                 lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx, *part_sizes), plan.bwd_tokens)  # fmt: skip
     else:
-        dk_out, dv_out = dk.to(k.dtype), dv.to(v.dtype)  # no tokens: empty tensors
+        dk_out, dv_out = dk[0].to(k.dtype), dv[0].to(v.dtype)  # no tokens: empty tensors
     if not use_h0:
         return dq, dk_out, dv_out, None, None
     return dq, dk_out, dv_out, dh0k[:, :, : p.slots, : p.head_dim_k].contiguous(), dh0v[:, :, : p.slots, : p.head_dim_v].contiguous()

@@ -111,18 +111,23 @@ REGISTER_VARIANTS = [  # registers a thread capped (ptxas spills the rest): 168 
     (4096, 64, {}),
     (4096, 64, {"BLA_TRITON_MAXNREG": "168"}),
 ]
-TILE_GRID_VARIANTS = [  # m = 128's backward: its two slot tiles in one program (the default) or each in its own
-    # (BLA_TRITON_TILE_GRID=1, shares of dq, dk, dv added atomically); not yet run on a GPU when written (2026-12-04)
+TILE_RUN_VARIANTS = [  # how (A)'s slot tiles run (BLA_TRITON_TILE_RUN): each a program of its own, their shares of dq,
+    # dk, dv in parts that (C) sums ("grid", the default since 2026-12-04); one launch per tile, each adding to the
+    # earlier's ("launches"); one program walking them ("program", the default before). The first run (88703bd) had
+    # the tiles' programs add atomically into zeroed buffers: m = 128 2.920 -> 2.672 ms at W=512, 4.372 -> 3.350 at
+    # W=4096; the second (parts) also m = 256 in four 64-slot tiles: 11.728 -> 12.689 ms, not taken
     (512, 64, {}),
     (512, 128, {}),
-    (512, 128, {"BLA_TRITON_TILE_GRID": "1"}),
+    (512, 128, {"BLA_TRITON_TILE_RUN": "launches"}),
+    (512, 128, {"BLA_TRITON_TILE_RUN": "program"}),
     (4096, 64, {}),
     (4096, 128, {}),
-    (4096, 128, {"BLA_TRITON_TILE_GRID": "1"}),
+    (4096, 128, {"BLA_TRITON_TILE_RUN": "launches"}),
+    (4096, 128, {"BLA_TRITON_TILE_RUN": "program"}),
 ]
 SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS,
         "slot_tile": SLOT_TILE_VARIANTS, "cum": CUM_VARIANTS,
-        "registers": REGISTER_VARIANTS, "tile_grid": TILE_GRID_VARIANTS}
+        "registers": REGISTER_VARIANTS, "tile_run": TILE_RUN_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
