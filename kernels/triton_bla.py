@@ -50,7 +50,7 @@ a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchma
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
 BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles),
-BLA_TRITON_TILE_RUN (how those tiles run: grid|launches|program),
+BLA_TRITON_TILE_RUN (how those tiles run: launches|grid|program),
 BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit), BLA_TRITON_MAXNREG (a register cap),
 BLA_TRITON_LAUNCH=jit (every launch through Triton's JIT, not the direct one).
 """
@@ -1069,17 +1069,20 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
 SLOT_TILE, SLOT_TILE_BLOCKS = 64, (128,)
 
 
-TILE_RUNS = ("grid", "launches", "program")
+TILE_RUNS = ("launches", "grid", "program")
 
 
 def _tile_run() -> str:
-    """How (A)'s slot tiles run (BLA_TRITON_TILE_RUN): "grid", each a program of its own (grid axis
-    2) storing its shares of dq, dk and dv in a part of its own, which (C) sums; "launches", one
-    launch per tile, each adding its shares to the earlier launches'; "program", one program
-    walking them (the default until 2026-12-04). One program's two unrolled tiles keep each other's
-    values live: compiled for sm_90 (Triton 3.6), m = 128's `_bwd_chunk` needs 3736 stack bytes,
-    against 528 a tile (docs/benchmarks.md, "m = 128's slot tiles as programs of their own")."""
-    value = os.environ.get("BLA_TRITON_TILE_RUN", "grid")
+    """How (A)'s slot tiles run (BLA_TRITON_TILE_RUN): "launches" (the default), one launch per
+    tile, each adding its shares of dq, dk and dv to the earlier launches'; "grid", each a program
+    of its own (grid axis 2) storing its shares in a part of its own, which (C) sums; "program",
+    one program walking them (the default before 2026-12-04). One program's two unrolled tiles keep
+    each other's values live: compiled for sm_90 (Triton 3.6), m = 128's `_bwd_chunk` needs 3736
+    stack bytes, against 528 a tile. On an H200 (B=4, T=8192, bf16, fwd+bwd kernels) m = 128 took
+    2.950 / 2.576 / 2.516 ms (program / grid / launches) at W=512, 4.272 / 3.194 / 3.067 at W=4096:
+    the grid's parts cost (C) more reads than the second launch's (docs/benchmarks.md, "m = 128's
+    slot tiles apart")."""
+    value = os.environ.get("BLA_TRITON_TILE_RUN", "launches")
     if value not in TILE_RUNS:
         raise ValueError(f"BLA_TRITON_TILE_RUN must be one of {', '.join(TILE_RUNS)}, got {value!r}")
     return value

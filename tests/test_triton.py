@@ -243,7 +243,7 @@ def test_scan_rows_must_be_a_power_of_two(monkeypatch):
 SLOT_TILE_KNOBS = [{}, {"BLA_TRITON_SPLIT_SLOTS": "0"}, {"BLA_TRITON_PAIRS": "halves"}, {"BLA_TRITON_PAIRS": "elementwise"},
                    {"BLA_TRITON_CHUNK": "32", "BLA_TRITON_SUB": "16"},
                    {"BLA_TRITON_TILE_RUN": "program"}, {"BLA_TRITON_TILE_RUN": "program", "BLA_TRITON_CHUNK": "32", "BLA_TRITON_SUB": "16"},
-                   {"BLA_TRITON_TILE_RUN": "launches"}, {"BLA_TRITON_TILE_RUN": "launches", "BLA_TRITON_SPLIT_SLOTS": "0"}]
+                   {"BLA_TRITON_TILE_RUN": "grid"}, {"BLA_TRITON_TILE_RUN": "grid", "BLA_TRITON_SPLIT_SLOTS": "0"}]
 
 
 @pytest.mark.parametrize("knobs", SLOT_TILE_KNOBS, ids=str)
@@ -253,8 +253,8 @@ def test_triton_backward_in_slot_tiles(monkeypatch, case, gates, knobs):
     """States wider than the slot tile (64 on a GPU; 16 here, on 32- and 64-slot blocks) run the
     backward tile by tile from the forward's log-sum-exp: m = 24 (a second tile half padded), m = 48
     (a fourth tile all padding), GQA, the summed chunk state, every pair form, chunks of two sub-chunks,
-    each tile a program of its own (the default: its shares of dq, dk, dv in parts that (C) sums),
-    one launch per tile and all tiles in one program (BLA_TRITON_TILE_RUN)."""
+    one launch per tile (the default, each adding to the earlier's shares of dq, dk, dv), each tile
+    a program of its own (its shares in parts that (C) sums) and all in one program (BLA_TRITON_TILE_RUN)."""
     from bla.kernels import triton_bla
     from bla.kernels.checks import check_problem
 
@@ -507,7 +507,7 @@ def test_direct_launch_only_for_the_specialisation_it_was_compiled_for():
     ("BLA_TRITON_CUM_MB", "lots", "BLA_TRITON_CUM_MB must be a whole number of MiB"),
     ("BLA_TRITON_MAXNREG", "fwd_out=many", "BLA_TRITON_MAXNREG must be a number, or kernel=number pairs"),
     ("BLA_TRITON_WARPS", "fwd_out", "BLA_TRITON_WARPS must be a number, or kernel=number pairs"),
-    ("BLA_TRITON_TILE_RUN", "yes", "BLA_TRITON_TILE_RUN must be one of grid, launches, program"),
+    ("BLA_TRITON_TILE_RUN", "yes", "BLA_TRITON_TILE_RUN must be one of launches, grid, program"),
 ])  # fmt: skip
 def test_bad_tuning_knobs_are_refused_by_name(monkeypatch, knob, value, message):
     monkeypatch.setenv(knob, value)

@@ -111,11 +111,12 @@ REGISTER_VARIANTS = [  # registers a thread capped (ptxas spills the rest): 168 
     (4096, 64, {}),
     (4096, 64, {"BLA_TRITON_MAXNREG": "168"}),
 ]
-TILE_RUN_VARIANTS = [  # how (A)'s slot tiles run (BLA_TRITON_TILE_RUN): each a program of its own, their shares of dq,
-    # dk, dv in parts that (C) sums ("grid", the default since 2026-12-04); one launch per tile, each adding to the
-    # earlier's ("launches"); one program walking them ("program", the default before). The first run (88703bd) had
-    # the tiles' programs add atomically into zeroed buffers: m = 128 2.920 -> 2.672 ms at W=512, 4.372 -> 3.350 at
-    # W=4096; the second (parts) also m = 256 in four 64-slot tiles: 11.728 -> 12.689 ms, not taken
+TILE_RUN_VARIANTS = [  # how (A)'s slot tiles run (BLA_TRITON_TILE_RUN), as run at f9cbbeb (default "grid" then): each
+    # a program of its own, their shares of dq, dk, dv in parts that (C) sums ("grid"); one launch per tile, each
+    # adding to the earlier's ("launches", the default since); one program walking them ("program", the default
+    # before). The first run (88703bd) had the tiles' programs add atomically into zeroed buffers: m = 128 2.920 ->
+    # 2.672 ms at W=512, 4.372 -> 3.350 at W=4096; the second (parts) also m = 256 in four 64-slot tiles: 11.728 ->
+    # 12.689 ms, not taken
     (512, 64, {}),
     (512, 128, {}),
     (512, 128, {"BLA_TRITON_TILE_RUN": "launches"}),
