@@ -119,13 +119,14 @@ def test_bf16_zero1_two_processes_tensorboard_and_weights(tmp_path):
     these files), which round to exactly the bf16 weights the engine trained with."""
     import torch
 
+    from bla.model import flops_per_token
     from bla.train.checkpoint import load_run, safe_load
 
     run = train(tmp_path, "z1", 2, "precision=bf16", "steps=4", "eval_every=2")
     assert run["zero_stage"] == 1 and run["world_size"] == 2
     tag = tmp_path / "z1" / "checkpoints" / "step_0000004"
     assert len(list(tag.glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
-    model, _, _ = load_run(tmp_path / "z1")
+    model, _, cfg = load_run(tmp_path / "z1")
     trained = safe_load(tag / "mp_rank_00_model_states.pt", deepspeed_types=True)["module"]
     weights = model.state_dict()
     assert set(weights) == set(trained)
@@ -136,9 +137,13 @@ def test_bf16_zero1_two_processes_tensorboard_and_weights(tmp_path):
     # bits per byte = nats per token / ln 2 / bytes per token, with 1 to 8 bytes per token of code
     assert len(bpb) == 2 and bpb[-1] == pytest.approx(run["val_bits_per_byte"])
     assert run["val_loss"] / 8 / math.log(2) < bpb[-1] < run["val_loss"] / math.log(2)
-    mfu = scalars(run, "train/mfu")  # against the CPU's peak, measured once and cached
-    assert len(mfu) == 4 and all(0 < x < 1 for x in mfu)
-    assert json.loads((tmp_path / "cache" / "peak_flops.json").read_text())
+    # MFU against the CPU's peak, measured once and cached: the logged figure is its definition (model
+    # FLOPs x logged throughput / (peak x ranks)); it is not bounded by 1, since a CPU peak measured
+    # while the other rank (or another test) shares the machine can fall below what training reaches
+    mfu, tps = scalars(run, "train/mfu"), scalars(run, "train/tokens_per_s")
+    (peak,) = json.loads((tmp_path / "cache" / "peak_flops.json").read_text()).values()
+    want = [flops_per_token(cfg.model, cfg.data.seq_len) * t / (peak * 2) for t in tps]
+    assert len(mfu) == 4 and all(x > 0 for x in mfu) and mfu == pytest.approx(want, rel=1e-5)
 
 
 def test_safe_load_from_threads_at_once(tmp_path, monkeypatch):
