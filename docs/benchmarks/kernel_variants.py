@@ -126,9 +126,23 @@ TILE_RUN_VARIANTS = [  # how (A)'s slot tiles run (BLA_TRITON_TILE_RUN), as run 
     (4096, 128, {"BLA_TRITON_TILE_RUN": "launches"}),
     (4096, 128, {"BLA_TRITON_TILE_RUN": "program"}),
 ]
+WARPS_128_VARIANTS = [  # m = 128 with 8 warps in some kernels: compiled offline for sm_90 (registers.py, Triton 3.6), 8
+    # warps take (C)'s stack bytes 672 -> 0, (3)'s 1392 -> 576, (2)'s 240 -> 0, (A)'s 584 -> 152 (8 warps everywhere
+    # was slower at 48c2f6b, before (A)'s slot tiles ran apart)
+    (512, 64, {}),
+    (512, 128, {}),
+    (512, 128, {"BLA_TRITON_WARPS": "bwd_tokens=8"}),
+    (512, 128, {"BLA_TRITON_WARPS": "fwd_out=8,bwd_tokens=8"}),
+    (512, 128, {"BLA_TRITON_WARPS": "fwd_local=8,fwd_out=8,bwd_tokens=8"}),
+    (512, 128, {"BLA_TRITON_WARPS": "8"}),
+    (4096, 64, {}),
+    (4096, 128, {}),
+    (4096, 128, {"BLA_TRITON_WARPS": "fwd_local=8,fwd_out=8,bwd_tokens=8"}),
+    (4096, 128, {"BLA_TRITON_WARPS": "8"}),
+]
 SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS,
         "slot_tile": SLOT_TILE_VARIANTS, "cum": CUM_VARIANTS,
-        "registers": REGISTER_VARIANTS, "tile_run": TILE_RUN_VARIANTS}
+        "registers": REGISTER_VARIANTS, "tile_run": TILE_RUN_VARIANTS, "warps128": WARPS_128_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
