@@ -137,13 +137,12 @@ def test_bf16_zero1_two_processes_tensorboard_and_weights(tmp_path):
     # bits per byte = nats per token / ln 2 / bytes per token, with 1 to 8 bytes per token of code
     assert len(bpb) == 2 and bpb[-1] == pytest.approx(run["val_bits_per_byte"])
     assert run["val_loss"] / 8 / math.log(2) < bpb[-1] < run["val_loss"] / math.log(2)
-    # MFU against the CPU's peak, measured once and cached: the logged figure is its definition (model
-    # FLOPs x logged throughput / (peak x ranks)); it is not bounded by 1, since a CPU peak measured
-    # while the other rank (or another test) shares the machine can fall below what training reaches
+    # MFU against the CPU's peak, measured once (the best over several matrix sizes) and cached: the
+    # logged figure is model FLOPs x logged throughput / (peak x ranks), and below 1
     mfu, tps = scalars(run, "train/mfu"), scalars(run, "train/tokens_per_s")
     (peak,) = json.loads((tmp_path / "cache" / "peak_flops.json").read_text()).values()
     want = [flops_per_token(cfg.model, cfg.data.seq_len) * t / (peak * 2) for t in tps]
-    assert len(mfu) == 4 and all(x > 0 for x in mfu) and mfu == pytest.approx(want, rel=1e-5)
+    assert len(mfu) == 4 and all(0 < x < 1 for x in mfu) and mfu == pytest.approx(want, rel=1e-5)
 
 
 def test_safe_load_from_threads_at_once(tmp_path, monkeypatch):
