@@ -32,9 +32,10 @@ def datasheet_peak(name: str) -> float | None:
 
 
 # Matrix sizes a measured peak is the best of. A CPU's best size depends on its caches and the dtype:
-# one thread of the CI machine did bf16 products at 2.9 GFLOP/s at n = 128 but 0.9 at n = 1024
-# (fp32: 94 at 512, 46 at 64), so one size there read as a "peak" that training beat (MFU 1.05).
-PEAK_SIZES = {"cuda": (8192,), "cpu": (128, 256, 512, 1024)}
+# one thread of a 2-core x86 machine (2026-12-04) did bf16 products at 2.9 GFLOP/s at n = 128, 1.3
+# at 512 and 0.9 at 1024 (fp32: 46, 94 and 92), so n = 1024 alone read as a "peak" that training
+# beat (MFU 1.05 in CI); past 512 no size did better, and bf16's 1024 took 14 s to measure.
+PEAK_SIZES = {"cuda": (8192,), "cpu": (128, 256, 512)}
 
 
 def measure_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
