@@ -128,7 +128,7 @@ TILE_RUN_VARIANTS = [  # how (A)'s slot tiles run (BLA_TRITON_TILE_RUN), as run 
 ]
 WARPS_128_VARIANTS = [  # m = 128 with 8 warps in some kernels: compiled offline for sm_90 (registers.py, Triton 3.6), 8
     # warps take (C)'s stack bytes 672 -> 0, (3)'s 1392 -> 576, (2)'s 240 -> 0, (A)'s 584 -> 152 (8 warps everywhere
-    # was slower at 48c2f6b, before (A)'s slot tiles ran apart)
+    # was slower at 46d4c06, and in (A) at e61e223, both before (A)'s slot tiles ran apart). Run at 882423f: 4 warps stay
     (512, 64, {}),
     (512, 128, {}),
     (512, 128, {"BLA_TRITON_WARPS": "bwd_tokens=8"}),
