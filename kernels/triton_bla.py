@@ -353,29 +353,39 @@ def _split_factors(s, l, second, cen_ptr, crow, j_M, BM: tl.constexpr, CUM: tl.c
         mid2 = (tl.max(tl.where(second, l, float("-inf")), axis=0) + tl.min(tl.where(second, l, float("inf")), axis=0)) * 0.5
         c = tl.min(lo, axis=0)  # l is non-increasing: its last value in the first half
     A, B = _centred(s, l, tl.where(second, mid2[None, :], mid1[None, :]))
-    return A, B, tl.exp(tl.minimum(c - mid1, 0.0)), tl.exp(tl.minimum(mid2 - c, 0.0))
+    em = tl.where(second, tl.exp(mid2)[None, :], tl.exp(mid1)[None, :])
+    return A, B, tl.exp(tl.minimum(c - mid1, 0.0)), tl.exp(tl.minimum(mid2 - c, 0.0)), em
 
 
 @triton.jit
-def _through(X, A, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr):
-    """sum_{u<=t} X[t, u] s_u,j e^{l_t,j - l_u,j}: [SUB, SUB] -> [SUB, BM]. (With PAIRS = 2,
-    ``causal`` keeps only pairs inside a half; r1, r2 carry the pairs across the halves.)"""
+def _mix(F, X, A, em, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr):
+    """e^{l_t,j} F[t, j] + sum_{u<=t} X[t, u] s_u,j e^{l_t,j - l_u,j}: [SUB, BM] and [SUB, SUB] -> [SUB, BM].
+    In the factorised forms e^l = A em, so A multiplies once, outside: A (em F + X (B)). (With
+    PAIRS = 2, ``causal`` keeps only pairs inside a half; r1, r2 carry the pairs across the halves.)"""
     if PAIRS == 0:
-        return tl.sum(X[:, :, None] * E, axis=1)
-    out = A * _mm(tl.where(causal, X, 0.0), B, DT)
+        return em * F + tl.sum(X[:, :, None] * E, axis=1)
+    out = em * F + _mm(tl.where(causal, X, 0.0), B, DT)
     if PAIRS == 2:
-        out += tl.where(second, A * r2[None, :], 0.0) * _mm(X, tl.where(second, 0.0, B * r1[None, :]), DT)
-    return out
+        out += tl.where(second, r2[None, :], 0.0) * _mm(X, tl.where(second, 0.0, B * r1[None, :]), DT)
+    return A * out
 
 
 @triton.jit
-def _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr):
-    """sum_j Y[t, j] s_u,j e^{l_t,j - l_u,j} for u <= t: [SUB, BM] -> [SUB, SUB]."""
+def _times_a(Y, A, PAIRS: tl.constexpr):
+    """Y A, what _pairs and the state products take (Y itself in the elementwise form)."""
     if PAIRS == 0:
-        return tl.sum(Y[:, None, :] * E, axis=2)
-    out = tl.where(causal, _mm(Y * A, tl.trans(B), DT), 0.0)
+        return Y
+    return Y * A
+
+
+@triton.jit
+def _pairs(YA, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr):
+    """sum_j Y[t, j] s_u,j e^{l_t,j - l_u,j} for u <= t, from YA = _times_a(Y): [SUB, BM] -> [SUB, SUB]."""
+    if PAIRS == 0:
+        return tl.sum(YA[:, None, :] * E, axis=2)
+    out = tl.where(causal, _mm(YA, tl.trans(B), DT), 0.0)
     if PAIRS == 2:
-        cross = _mm(tl.where(second, Y * A * r2[None, :], 0.0), tl.trans(tl.where(second, 0.0, B * r1[None, :])), DT)
+        cross = _mm(tl.where(second, YA * r2[None, :], 0.0), tl.trans(tl.where(second, 0.0, B * r1[None, :])), DT)
         out += cross
     return out
 
@@ -388,23 +398,25 @@ def _sub_tiles(s, l, t_S, second, cen_ptr, crow, j_M, BM: tl.constexpr, PAIRS: t
     the sub-chunk's tokens."""
     if PAIRS == 0:
         E = _pair_decays(s, l, t_S)
-        A = E
-        B = E
-        r1 = E
-        r2 = E
+        em = tl.exp(l)
+        A = em
+        B = em
+        r1 = em
+        r2 = em
     elif PAIRS == 1:
         if CUM:
             mid = tl.load(cen_ptr + crow * 4 * BM + j_M)
         else:
             mid = (tl.max(l, axis=0) + tl.min(l, axis=0)) * 0.5
         A, B = _centred(s, l, mid[None, :])
+        em = tl.exp(mid)[None, :]
         r1 = A
         r2 = A
         E = A
     else:
-        A, B, r1, r2 = _split_factors(s, l, second, cen_ptr, crow, j_M, BM, CUM)
+        A, B, r1, r2, em = _split_factors(s, l, second, cen_ptr, crow, j_M, BM, CUM)
         E = A
-    return A, B, r1, r2, E
+    return A, B, r1, r2, E, em
 
 
 @triton.jit
@@ -463,11 +475,11 @@ def _to_state(w, Xl, Xs, before, DT: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS: tl.constexpr, DT: tl.constexpr,
+def _scores(q, k, Kl, Ks, before, em, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS: tl.constexpr, DT: tl.constexpr,
             SPLIT: tl.constexpr):
     """scale * z of a sub-chunk's queries against the state Kl + before * Ks and the sub-chunk's
     keys, -inf at padded slots: [SUB, BM]."""
-    z = el * _from_state(q, Kl, Ks, before, DT, SPLIT) + _through(_mm(q, tl.trans(k), DT), A, B, r1, r2, E, causal, second, PAIRS, DT)
+    z = _mix(_from_state(q, Kl, Ks, before, DT, SPLIT), _mm(q, tl.trans(k), DT), A, em, B, r1, r2, E, causal, second, PAIRS, DT)
     return tl.where(mask_M[None, :], scale * z, float("-inf"))
 
 
@@ -685,10 +697,10 @@ def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos
     valid = (t0 + t_S) < seq_len
     tok = bos + t0 + t_S
     s, l, T = _all_gates(gs_ptr, gl_ptr, cum_ptr, toff, offset + t0, t_S, seq_len - t0, W, j_M, S, BM, CUM)
-    A, B, r1, r2, E = _sub_tiles(s, l, t_S, second, cen_ptr, toff + (offset + t0) % W, j_M, BM, PAIRS, CUM)
+    A, B, r1, r2, E, em = _sub_tiles(s, l, t_S, second, cen_ptr, toff + (offset + t0) % W, j_M, BM, PAIRS, CUM)
     k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
     v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
-    return valid, tok, s, l, T, tl.exp(l), A, B, r1, r2, E, k, v
+    return valid, tok, s, l, T, em, A, B, r1, r2, E, k, v
 
 
 @triton.jit
@@ -715,20 +727,21 @@ def _fwd_out_kernel(
                                           j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
     for a in tl.static_range(NS):
         t0 = c * C + a * S
-        valid, tok, s, l, T, el, A, B, r1, r2, E, k, v = _sub_chunk(
+        valid, tok, s, l, T, em, A, B, r1, r2, E, k, v = _sub_chunk(
             k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
             HKV, BM, DK, DV, S, CUM, PAIRS,
         )  # fmt: skip
         for hh in tl.static_range(HPG):
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
-            z = _scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT)
+            z = _scores(q, k, Kl, Ks, before, em, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT)
             if NT > 1:
                 p, lse = _softmax_lse(z)
                 tl.store(lse_ptr + tok * H + h, lse, mask=valid)
             else:
                 p = _softmax(z)
-            o = _to_state(p * el, Vl, Vs, before, DT, SPLIT) + _mm(_pairs(p, A, B, r1, r2, E, causal, second, PAIRS, DT), v, DT)
+            pA = _times_a(p, A, PAIRS)
+            o = _to_state(pA * em, Vl, Vs, before, DT, SPLIT) + _mm(_pairs(pA, B, r1, r2, E, causal, second, PAIRS, DT), v, DT)
             _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
         if a < NS - 1:
             Kl = _write_state(Kl, s, l, T, k, DT)
@@ -794,7 +807,7 @@ def _bwd_chunk_kernel(
                 Vl = _write_state(Vl, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
                 before = before * tl.exp(Tb)
             t0 = c * C + a * S
-            valid, tok, s, l, T, el, A, B, r1, r2, E, k, v = _sub_chunk(
+            valid, tok, s, l, T, em, A, B, r1, r2, E, k, v = _sub_chunk(
                 k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
                 HKV, BM, DK, DV, S, CUM, PAIRS,
             )  # fmt: skip
@@ -811,8 +824,9 @@ def _bwd_chunk_kernel(
                 h = g * HPG + hh
                 q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
                 do = _load_tokens(do_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
-                z = _scores(q, k, Kl, Ks, before, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT)
-                dp = el * _from_state(do, Vl, Vs, before, DT, SPLIT) + _through(_mm(do, tl.trans(v), DT), A, B, r1, r2, E, causal, second, PAIRS, DT)
+                z = _scores(q, k, Kl, Ks, before, em, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT)
+                dp = _mix(_from_state(do, Vl, Vs, before, DT, SPLIT), _mm(do, tl.trans(v), DT), A, em, B, r1, r2, E, causal,
+                          second, PAIRS, DT)  # fmt: skip
                 if NT > 1:
                     p = tl.exp(z - tl.load(lse_ptr + tok * H + h, mask=valid, other=0.0)[:, None])
                     o = _load_tokens(o_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
@@ -821,9 +835,12 @@ def _bwd_chunk_kernel(
                     p = _softmax(z)
                     row_term = tl.sum(p * dp, axis=1)
                 Y = scale * p * (dp - row_term[:, None])  # d(scale z)/dz times dz
-                P = _pairs(p, A, B, r1, r2, E, causal, second, PAIRS, DT)
-                Pz = _pairs(Y, A, B, r1, r2, E, causal, second, PAIRS, DT)
-                dq = _to_state(Y * el, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
+                pA = _times_a(p, A, PAIRS)
+                YA = _times_a(Y, A, PAIRS)
+                P = _pairs(pA, B, r1, r2, E, causal, second, PAIRS, DT)
+                Pz = _pairs(YA, B, r1, r2, E, causal, second, PAIRS, DT)
+                Yel = YA * em
+                dq = _to_state(Yel, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
                 if TILE_GRID:
                     _store_tokens(dq_part, dq, tok, valid, h, dk_D, mask_DK, H, DK)
                 else:
@@ -835,8 +852,8 @@ def _bwd_chunk_kernel(
                         _store_tokens(dq32_ptr, dq, tok, valid, h, dk_D, mask_DK, H, DK)
                 b_dk += _mm(tl.trans(Pz), q, DT)
                 b_dv += _mm(tl.trans(P), do, DT)
-                dK += _mm(tl.trans(Y * el), q, DT)
-                dV += _mm(tl.trans(p * el), do, DT)
+                dK += _mm(tl.trans(Yel), q, DT)
+                dV += _mm(tl.trans(pA * em), do, DT)
             if TILE_GRID:
                 _store_tokens(dk_part, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
                 _store_tokens(dv_part, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
