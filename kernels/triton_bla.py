@@ -50,7 +50,7 @@ a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchma
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
 BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles),
-BLA_TRITON_TILE_RUN (how those tiles run: launches|grid|program),
+BLA_TRITON_TILE_RUN (how those tiles run: launches|grid|program), BLA_TRITON_FACTOR_EL (e^l as A e^mid),
 BLA_TRITON_CUM_MB (the cumulative log-decay table's size limit), BLA_TRITON_MAXNREG (a register cap),
 BLA_TRITON_LAUNCH=jit (every launch through Triton's JIT, not the direct one).
 """
@@ -358,16 +358,27 @@ def _split_factors(s, l, second, cen_ptr, crow, j_M, BM: tl.constexpr, CUM: tl.c
 
 
 @triton.jit
-def _mix(F, X, A, em, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr):
+def _mix(F, X, A, em, el, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr, FACTOR_EL: tl.constexpr):
     """e^{l_t,j} F[t, j] + sum_{u<=t} X[t, u] s_u,j e^{l_t,j - l_u,j}: [SUB, BM] and [SUB, SUB] -> [SUB, BM].
-    In the factorised forms e^l = A em, so A multiplies once, outside: A (em F + X (B)). (With
-    PAIRS = 2, ``causal`` keeps only pairs inside a half; r1, r2 carry the pairs across the halves.)"""
+    In the factorised forms e^l = A em, so with FACTOR_EL A multiplies once, outside: A (em F + X (B)),
+    and the [SUB, BM] tile el = e^l need not exist. (With PAIRS = 2, ``causal`` keeps only pairs
+    inside a half; r1, r2 carry the pairs across the halves.)"""
     if PAIRS == 0:
-        return em * F + tl.sum(X[:, :, None] * E, axis=1)
-    out = em * F + _mm(tl.where(causal, X, 0.0), B, DT)
+        return el * F + tl.sum(X[:, :, None] * E, axis=1)
+    out = _mm(tl.where(causal, X, 0.0), B, DT)
     if PAIRS == 2:
         out += tl.where(second, r2[None, :], 0.0) * _mm(X, tl.where(second, 0.0, B * r1[None, :]), DT)
-    return A * out
+    if FACTOR_EL:
+        return A * (em * F + out)
+    return el * F + A * out
+
+
+@triton.jit
+def _times_el(Y, YA, em, el, PAIRS: tl.constexpr, FACTOR_EL: tl.constexpr):
+    """Y e^l, from YA = _times_a(Y) when FACTOR_EL (e^l = A em)."""
+    if FACTOR_EL and PAIRS != 0:
+        return YA * em
+    return Y * el
 
 
 @triton.jit
@@ -398,11 +409,11 @@ def _sub_tiles(s, l, t_S, second, cen_ptr, crow, j_M, BM: tl.constexpr, PAIRS: t
     the sub-chunk's tokens."""
     if PAIRS == 0:
         E = _pair_decays(s, l, t_S)
-        em = tl.exp(l)
-        A = em
-        B = em
-        r1 = em
-        r2 = em
+        A = E
+        B = E
+        r1 = E
+        r2 = E
+        em = E
     elif PAIRS == 1:
         if CUM:
             mid = tl.load(cen_ptr + crow * 4 * BM + j_M)
@@ -475,11 +486,12 @@ def _to_state(w, Xl, Xs, before, DT: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, Kl, Ks, before, em, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS: tl.constexpr, DT: tl.constexpr,
-            SPLIT: tl.constexpr):
+def _scores(q, k, Kl, Ks, before, em, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS: tl.constexpr,
+            DT: tl.constexpr, SPLIT: tl.constexpr, FACTOR_EL: tl.constexpr):
     """scale * z of a sub-chunk's queries against the state Kl + before * Ks and the sub-chunk's
     keys, -inf at padded slots: [SUB, BM]."""
-    z = _mix(_from_state(q, Kl, Ks, before, DT, SPLIT), _mm(q, tl.trans(k), DT), A, em, B, r1, r2, E, causal, second, PAIRS, DT)
+    z = _mix(_from_state(q, Kl, Ks, before, DT, SPLIT), _mm(q, tl.trans(k), DT), A, em, el, B, r1, r2, E, causal, second,
+             PAIRS, DT, FACTOR_EL)  # fmt: skip
     return tl.where(mask_M[None, :], scale * z, float("-inf"))
 
 
@@ -700,7 +712,7 @@ def _sub_chunk(k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos
     A, B, r1, r2, E, em = _sub_tiles(s, l, t_S, second, cen_ptr, toff + (offset + t0) % W, j_M, BM, PAIRS, CUM)
     k = _load_tokens(k_ptr, tok, valid, g, dk_D, dk_D < DK, HKV, DK)
     v = _load_tokens(v_ptr, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
-    return valid, tok, s, l, T, em, A, B, r1, r2, E, k, v
+    return valid, tok, s, l, T, em, tl.exp(l), A, B, r1, r2, E, k, v
 
 
 @triton.jit
@@ -711,7 +723,7 @@ def _fwd_out_kernel(
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
-    SPLIT: tl.constexpr, NT: tl.constexpr,
+    SPLIT: tl.constexpr, NT: tl.constexpr, FACTOR_EL: tl.constexpr,
 ):  # fmt: skip
     """(3) Outputs of a chunk, from its start state: its own from the segment's zero start (Kl)
     plus the segment's start state (Ks) times the decay before the chunk. The two are used apart,
@@ -727,21 +739,21 @@ def _fwd_out_kernel(
                                           j_M, dk_D, dv_D, HKV, BM, BDK, BDV, SPLIT)  # fmt: skip
     for a in tl.static_range(NS):
         t0 = c * C + a * S
-        valid, tok, s, l, T, em, A, B, r1, r2, E, k, v = _sub_chunk(
+        valid, tok, s, l, T, em, el, A, B, r1, r2, E, k, v = _sub_chunk(
             k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
             HKV, BM, DK, DV, S, CUM, PAIRS,
         )  # fmt: skip
         for hh in tl.static_range(HPG):
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
-            z = _scores(q, k, Kl, Ks, before, em, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT)
+            z = _scores(q, k, Kl, Ks, before, em, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT, FACTOR_EL)
             if NT > 1:
                 p, lse = _softmax_lse(z)
                 tl.store(lse_ptr + tok * H + h, lse, mask=valid)
             else:
                 p = _softmax(z)
             pA = _times_a(p, A, PAIRS)
-            o = _to_state(pA * em, Vl, Vs, before, DT, SPLIT) + _mm(_pairs(pA, B, r1, r2, E, causal, second, PAIRS, DT), v, DT)
+            o = _to_state(_times_el(p, pA, em, el, PAIRS, FACTOR_EL), Vl, Vs, before, DT, SPLIT) + _mm(_pairs(pA, B, r1, r2, E, causal, second, PAIRS, DT), v, DT)
             _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
         if a < NS - 1:
             Kl = _write_state(Kl, s, l, T, k, DT)
@@ -761,6 +773,7 @@ def _bwd_chunk_kernel(
     DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr, CUM: tl.constexpr,
     SPLIT: tl.constexpr, NT: tl.constexpr, TILE_GRID: tl.constexpr, TILE0: tl.constexpr, TILES: tl.constexpr,
+    FACTOR_EL: tl.constexpr,
 ):  # fmt: skip
     """(A) dq, the in-chunk parts of dk and dv (fp32), and the gradient of the chunk's start state
     from the chunk's own outputs. Sub-chunks run in reverse, their states recomputed.
@@ -807,7 +820,7 @@ def _bwd_chunk_kernel(
                 Vl = _write_state(Vl, sb, lb, Tb, _load_tokens(v_ptr, bos + tb + t_S, vb, g, dv_D, mask_DV, HKV, DV), DT)
                 before = before * tl.exp(Tb)
             t0 = c * C + a * S
-            valid, tok, s, l, T, em, A, B, r1, r2, E, k, v = _sub_chunk(
+            valid, tok, s, l, T, em, el, A, B, r1, r2, E, k, v = _sub_chunk(
                 k_ptr, v_ptr, gs_ptr, gl_ptr, cum_ptr, cen_ptr, toff, offset, bos, t0, seq_len, W, g, t_S, second, j_M, dk_D, dv_D,
                 HKV, BM, DK, DV, S, CUM, PAIRS,
             )  # fmt: skip
@@ -824,9 +837,9 @@ def _bwd_chunk_kernel(
                 h = g * HPG + hh
                 q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
                 do = _load_tokens(do_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
-                z = _scores(q, k, Kl, Ks, before, em, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT)
-                dp = _mix(_from_state(do, Vl, Vs, before, DT, SPLIT), _mm(do, tl.trans(v), DT), A, em, B, r1, r2, E, causal,
-                          second, PAIRS, DT)  # fmt: skip
+                z = _scores(q, k, Kl, Ks, before, em, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT, FACTOR_EL)
+                dp = _mix(_from_state(do, Vl, Vs, before, DT, SPLIT), _mm(do, tl.trans(v), DT), A, em, el, B, r1, r2, E,
+                          causal, second, PAIRS, DT, FACTOR_EL)  # fmt: skip
                 if NT > 1:
                     p = tl.exp(z - tl.load(lse_ptr + tok * H + h, mask=valid, other=0.0)[:, None])
                     o = _load_tokens(o_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
@@ -839,7 +852,7 @@ def _bwd_chunk_kernel(
                 YA = _times_a(Y, A, PAIRS)
                 P = _pairs(pA, B, r1, r2, E, causal, second, PAIRS, DT)
                 Pz = _pairs(YA, B, r1, r2, E, causal, second, PAIRS, DT)
-                Yel = YA * em
+                Yel = _times_el(Y, YA, em, el, PAIRS, FACTOR_EL)
                 dq = _to_state(Yel, Kl, Ks, before, DT, SPLIT) + _mm(Pz, k, DT)
                 if TILE_GRID:
                     _store_tokens(dq_part, dq, tok, valid, h, dk_D, mask_DK, H, DK)
@@ -853,7 +866,7 @@ def _bwd_chunk_kernel(
                 b_dk += _mm(tl.trans(Pz), q, DT)
                 b_dv += _mm(tl.trans(P), do, DT)
                 dK += _mm(tl.trans(Yel), q, DT)
-                dV += _mm(tl.trans(pA * em), do, DT)
+                dV += _mm(tl.trans(_times_el(p, pA, em, el, PAIRS, FACTOR_EL)), do, DT)
             if TILE_GRID:
                 _store_tokens(dk_part, b_dk, tok, valid, g, dk_D, mask_DK, HKV, DK)
                 _store_tokens(dv_part, b_dv, tok, valid, g, dv_D, mask_DV, HKV, DV)
@@ -1127,6 +1140,30 @@ def _pick(consts: dict, *names: str) -> dict:
 MAXNREG = {("bwd_tokens", 64): 168}
 
 
+def _kernel_knob(name: str, kernel: str, default):
+    """An environment knob's value for ``kernel``: one number for every kernel, or per kernel as
+    ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel; kernels not named keep ``default``)."""
+    raw = os.environ.get(name, "")
+    try:
+        value = dict(item.split("=") for item in raw.split(",")).get(kernel, "") if "=" in raw else raw
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"{name} must be a number, or kernel=number pairs such as fwd_out=8,bwd_chunk=4, "
+                         f"got {raw!r}") from None
+
+
+def _factor_el(problem: Problem, kernel: str) -> bool:
+    """Whether (3) / (A) take e^l as A e^mid (FACTOR_EL, see _mix): fewer live [S, m] tiles, so fewer
+    spills where the registers run out. BLA_TRITON_FACTOR_EL overrides it: 0 or 1, or per kernel."""
+    value = _kernel_knob("BLA_TRITON_FACTOR_EL", kernel, FACTOR_EL_DEFAULT)
+    if value not in (0, 1):
+        raise ValueError(f"BLA_TRITON_FACTOR_EL must be 0 or 1 (or kernel=0|1 pairs), got {value}")
+    return bool(value)
+
+
+FACTOR_EL_DEFAULT = 1
+
+
 def _launch_opts(problem: Problem, kernel: str) -> dict:
     """4 warps up to 128 slots (measured faster than 8 at S = 64, 32 and 16 on H100, m = 64; at
     m = 128 on an H200, 4.01 against 4.82 ms of kernels per forward+backward: docs/benchmarks.md),
@@ -1135,13 +1172,7 @@ def _launch_opts(problem: Problem, kernel: str) -> dict:
     per kernel as ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
 
     def knob(name: str, default: int | None) -> int | None:
-        raw = os.environ.get(name, "")
-        try:
-            value = dict(item.split("=") for item in raw.split(",")).get(kernel, "") if "=" in raw else raw
-            return int(value) if value else default
-        except ValueError:
-            raise ValueError(f"{name} must be a number, or kernel=number pairs such as fwd_out=8,bwd_chunk=4, "
-                             f"got {raw!r}") from None
+        return _kernel_knob(name, kernel, default)
 
     opts = dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
     maxnreg = knob("BLA_TRITON_MAXNREG", MAXNREG.get((kernel, _slot_block(problem.slots))))
@@ -1324,7 +1355,7 @@ def _scan_group() -> int | None:
 _KNOBS = ("BLA_TRITON_SUB", "BLA_TRITON_CHUNK", "BLA_TRITON_SLOT_BLOCK", "BLA_TRITON_WARPS", "BLA_TRITON_STAGES",
           "BLA_TRITON_SEGMENT", "BLA_TRITON_PAIRS", "BLA_TRITON_SPLIT_SLOTS", "BLA_TRITON_SCAN_ROWS",
           "BLA_TRITON_SCAN_GROUP", "BLA_TRITON_SLOT_TILE", "BLA_TRITON_CUM_MB", "BLA_TRITON_MAXNREG",
-          "BLA_TRITON_LAUNCH", "BLA_TRITON_TILE_RUN")  # fmt: skip
+          "BLA_TRITON_LAUNCH", "BLA_TRITON_TILE_RUN", "BLA_TRITON_FACTOR_EL")  # fmt: skip
 _LOCAL = ("HKV", "BM", "DK", "BDK", "DV", "BDV", "C", "S", "NS", "DT")
 _PLANS: dict = {}
 
@@ -1343,10 +1374,11 @@ class _Plan:
         self.scan_group = _scan_group()
         self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), "SEG_CHUNKS": self.seg_chunks, **_launch_opts(p, "fwd_local")}
         chunked = ("H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL)  # the constants of (3) and (A)
-        self.fwd_out = {**_pick(consts, *chunked), **_launch_opts(p, "fwd_out")}
+        self.fwd_out = {**_pick(consts, *chunked), "FACTOR_EL": _factor_el(p, "fwd_out"), **_launch_opts(p, "fwd_out")}
         # (A)'s launches: one, or one per slot tile (each its tile's constants)
         run, tiles = consts["TILE_RUN"], consts["NT"]
-        bwd_chunk = {**_pick(consts, *chunked), "TILE_GRID": run == "grid", **_launch_opts(p, "bwd_chunk")}
+        bwd_chunk = {**_pick(consts, *chunked), "TILE_GRID": run == "grid", "FACTOR_EL": _factor_el(p, "bwd_chunk"),
+                     **_launch_opts(p, "bwd_chunk")}  # fmt: skip
         self.bwd_chunk = ([{**bwd_chunk, "TILE0": t, "TILES": 1} for t in range(tiles)] if run == "launches"
                           else [{**bwd_chunk, "TILE0": 0, "TILES": 1 if run == "grid" else tiles}])  # fmt: skip
         self.bwd_tokens = {**_pick(consts, "H", "CUM", *_LOCAL), "PARTS": _grad_parts(consts),

@@ -188,6 +188,18 @@ def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs, cum_table):
     _compare((1, 150, 4, 2, 8, 8, 24, 6), "dirichlet")
 
 
+@pytest.mark.parametrize("factor_el", ["0", "fwd_out=0", "bwd_chunk=0"])
+@pytest.mark.parametrize("pairs", ["centred", "halves", "elementwise"])
+def test_triton_e_l_as_its_own_tile_or_from_a(monkeypatch, pairs, factor_el):
+    """BLA_TRITON_FACTOR_EL: (3) and (A) take e^l as its own [S, m] tile, or (the default, tested
+    everywhere else) as A e^mid with A factored out of the pair terms; both equal the torch backend
+    in every pair form, in either kernel alone."""
+    monkeypatch.setenv("BLA_TRITON_FACTOR_EL", factor_el)
+    monkeypatch.setenv("BLA_TRITON_SUB", "32" if pairs == "halves" else "16")
+    monkeypatch.setenv("BLA_TRITON_PAIRS", pairs)
+    _compare((1, 70, 2, 1, 8, 8, 24, 6), "fejer")
+
+
 @pytest.mark.parametrize("segment", [64, 128])
 @pytest.mark.parametrize("gates", ["dirichlet", "dirichlet_v1"])
 def test_triton_segments_carry_the_state(monkeypatch, gates, segment):
@@ -508,6 +520,7 @@ def test_direct_launch_only_for_the_specialisation_it_was_compiled_for():
     ("BLA_TRITON_MAXNREG", "fwd_out=many", "BLA_TRITON_MAXNREG must be a number, or kernel=number pairs"),
     ("BLA_TRITON_WARPS", "fwd_out", "BLA_TRITON_WARPS must be a number, or kernel=number pairs"),
     ("BLA_TRITON_TILE_RUN", "yes", "BLA_TRITON_TILE_RUN must be one of launches, grid, program"),
+    ("BLA_TRITON_FACTOR_EL", "2", "BLA_TRITON_FACTOR_EL must be 0 or 1 .or kernel=0.1 pairs., got 2"),
 ])  # fmt: skip
 def test_bad_tuning_knobs_are_refused_by_name(monkeypatch, knob, value, message):
     monkeypatch.setenv(knob, value)

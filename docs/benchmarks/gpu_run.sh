@@ -62,7 +62,7 @@ for stage in "$@"; do
       python3 docs/benchmarks/host_profile.py 2>&1 | grep -v Warn | tee "$OUT/host_profile$TAG.txt" ;;
     hostparts)  # the host time of each part of a BLA call
       python3 docs/benchmarks/host_parts.py 2>&1 | grep -v Warn | tee "$OUT/host_parts.txt" ;;
-    variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps; VARIANTS=scan: the scan's rows; VARIANTS=scan_group: the two-level segment scan at B=1, T=128k; VARIANTS=tile_run: how m=128's slot tiles run; VARIANTS=warps128: 8 warps in some kernels at m=128) beside flex SWA, one process
+    variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps; VARIANTS=scan: the scan's rows; VARIANTS=scan_group: the two-level segment scan at B=1, T=128k; VARIANTS=tile_run: how m=128's slot tiles run; VARIANTS=warps128: 8 warps in some kernels at m=128; VARIANTS=factor_el: e^l as its own tile or from A) beside flex SWA, one process
       # VARIANT_ARGS: more options, e.g. "--shape 1 32768 --dtype float32"; TAG names the files apart
       python3 docs/benchmarks/kernel_variants.py --set "${VARIANTS:-all}" $VARIANT_ARGS --json "$OUT/kernel_variants$TAG.json" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/kernel_variants$TAG.txt" ;;
     triton)  # a few Triton kernel tests on the GPU (each case compiles its own kernels, 10-60 s: at
