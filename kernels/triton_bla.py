@@ -1152,16 +1152,22 @@ def _kernel_knob(name: str, kernel: str, default):
                          f"got {raw!r}") from None
 
 
-def _factor_el(problem: Problem, kernel: str) -> bool:
+def _factor_el(consts: dict, kernel: str) -> bool:
     """Whether (3) / (A) take e^l as A e^mid (FACTOR_EL, see _mix): fewer live [S, m] tiles, so fewer
-    spills where the registers run out. BLA_TRITON_FACTOR_EL overrides it: 0 or 1, or per kernel."""
-    value = _kernel_knob("BLA_TRITON_FACTOR_EL", kernel, FACTOR_EL_DEFAULT)
+    spills; on unless FACTOR_EL_OFF names (kernel, pair form, slot block). BLA_TRITON_FACTOR_EL
+    overrides it: 0 or 1 for both kernels, or per kernel as ``fwd_out=0``."""
+    default = int((kernel, consts["PAIRS"], consts["BM"]) not in FACTOR_EL_OFF)
+    value = _kernel_knob("BLA_TRITON_FACTOR_EL", kernel, default)
     if value not in (0, 1):
         raise ValueError(f"BLA_TRITON_FACTOR_EL must be 0 or 1 (or kernel=0|1 pairs), got {value}")
     return bool(value)
 
 
-FACTOR_EL_DEFAULT = 1
+# Where e^l stays a tile of its own. Kernels' CUDA time on an H200 (B=4, T=8192, bf16; factored
+# against not, ms; docs/benchmarks.md, "e^l from A"): (3) m = 64 W=512 (centred) 0.295 / 0.268 (its
+# own tile faster: no spills to save there), W=4096 (halves) 0.294 / 0.327; m = 128 W=512 0.450 /
+# 0.591, W=4096 0.495 / 0.690; (A) 0.429 / 0.435, 0.563 / 0.571, 0.996 / 1.001, 1.183 / 1.245.
+FACTOR_EL_OFF = {("fwd_out", CENTRED, 64)}
 
 
 def _launch_opts(problem: Problem, kernel: str) -> dict:
@@ -1374,10 +1380,10 @@ class _Plan:
         self.scan_group = _scan_group()
         self.fwd_local = {**_pick(consts, "CUM", *_LOCAL), "SEG_CHUNKS": self.seg_chunks, **_launch_opts(p, "fwd_local")}
         chunked = ("H", "M", "PAIRS", "CUM", "SPLIT", "NT", *_LOCAL)  # the constants of (3) and (A)
-        self.fwd_out = {**_pick(consts, *chunked), "FACTOR_EL": _factor_el(p, "fwd_out"), **_launch_opts(p, "fwd_out")}
+        self.fwd_out = {**_pick(consts, *chunked), "FACTOR_EL": _factor_el(consts, "fwd_out"), **_launch_opts(p, "fwd_out")}
         # (A)'s launches: one, or one per slot tile (each its tile's constants)
         run, tiles = consts["TILE_RUN"], consts["NT"]
-        bwd_chunk = {**_pick(consts, *chunked), "TILE_GRID": run == "grid", "FACTOR_EL": _factor_el(p, "bwd_chunk"),
+        bwd_chunk = {**_pick(consts, *chunked), "TILE_GRID": run == "grid", "FACTOR_EL": _factor_el(consts, "bwd_chunk"),
                      **_launch_opts(p, "bwd_chunk")}  # fmt: skip
         self.bwd_chunk = ([{**bwd_chunk, "TILE0": t, "TILES": 1} for t in range(tiles)] if run == "launches"
                           else [{**bwd_chunk, "TILE0": 0, "TILES": 1 if run == "grid" else tiles}])  # fmt: skip

@@ -188,7 +188,7 @@ def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs, cum_table):
     _compare((1, 150, 4, 2, 8, 8, 24, 6), "dirichlet")
 
 
-@pytest.mark.parametrize("factor_el", ["0", "fwd_out=0", "bwd_chunk=0"])
+@pytest.mark.parametrize("factor_el", ["0", "1", "fwd_out=0", "bwd_chunk=0"])
 @pytest.mark.parametrize("pairs", ["centred", "halves", "elementwise"])
 def test_triton_e_l_as_its_own_tile_or_from_a(monkeypatch, pairs, factor_el):
     """BLA_TRITON_FACTOR_EL: (3) and (A) take e^l as its own [S, m] tile, or (the default, tested
@@ -198,6 +198,20 @@ def test_triton_e_l_as_its_own_tile_or_from_a(monkeypatch, pairs, factor_el):
     monkeypatch.setenv("BLA_TRITON_SUB", "32" if pairs == "halves" else "16")
     monkeypatch.setenv("BLA_TRITON_PAIRS", pairs)
     _compare((1, 70, 2, 1, 8, 8, 24, 6), "fejer")
+
+
+def test_e_l_default_follows_its_table(monkeypatch):
+    """Unset, BLA_TRITON_FACTOR_EL is on except where FACTOR_EL_OFF names (kernel, pair form, slot block)."""
+    from bla.kernels import triton_bla as tb
+
+    monkeypatch.delenv("BLA_TRITON_FACTOR_EL", raising=False)
+    forms = ((tb.CENTRED, 64), (tb.HALVES, 64), (tb.CENTRED, 128))
+    centred64, halves64, centred128 = ({"PAIRS": pairs, "BM": bm} for pairs, bm in forms)
+    assert ("fwd_out", tb.CENTRED, 64) in tb.FACTOR_EL_OFF
+    assert not tb._factor_el(centred64, "fwd_out") and tb._factor_el(centred64, "bwd_chunk")
+    assert tb._factor_el(halves64, "fwd_out") and tb._factor_el(centred128, "fwd_out")
+    monkeypatch.setenv("BLA_TRITON_FACTOR_EL", "fwd_out=1")
+    assert tb._factor_el(centred64, "fwd_out")
 
 
 @pytest.mark.parametrize("segment", [64, 128])
