@@ -143,7 +143,8 @@ WARPS_128_VARIANTS = [  # m = 128 with 8 warps in some kernels: compiled offline
 FACTOR_EL_VARIANTS = [  # e^l as its own [S, m] tile in (3) and (A) (BLA_TRITON_FACTOR_EL=0, as the kernels before edbc426)
     # or as A e^mid with A factored out of the pair terms (1; first run at dc9b880 with 1 everywhere, then the default
     # FACTOR_EL_OFF, so the rows named {} show the default of their tree): compiled offline for sm_90 (registers.py,
-    # Triton 3.6), the factored form takes m = 128's (3) from 1392 to 544 stack bytes, (A) 584 -> 416; m = 64's (3) 168 -> 64, (A) 456 -> 248
+    # Triton 3.6), the factored form takes m = 128's (3) from 1392 to 544 stack bytes, (A) 584 -> 416; m = 64's
+    # (3) 168 -> 64, (A) 456 -> 248
     (512, 64, {}),
     (512, 64, {"BLA_TRITON_FACTOR_EL": "fwd_out=0"}),
     (512, 64, {"BLA_TRITON_FACTOR_EL": "0"}),
