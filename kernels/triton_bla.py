@@ -746,14 +746,16 @@ def _fwd_out_kernel(
         for hh in tl.static_range(HPG):
             h = g * HPG + hh
             q = _load_tokens(q_ptr, tok, valid, h, dk_D, dk_D < DK, H, DK)
-            z = _scores(q, k, Kl, Ks, before, em, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT, FACTOR_EL)
+            z = _scores(q, k, Kl, Ks, before, em, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT,
+                        FACTOR_EL)  # fmt: skip
             if NT > 1:
                 p, lse = _softmax_lse(z)
                 tl.store(lse_ptr + tok * H + h, lse, mask=valid)
             else:
                 p = _softmax(z)
             pA = _times_a(p, A, PAIRS)
-            o = _to_state(_times_el(p, pA, em, el, PAIRS, FACTOR_EL), Vl, Vs, before, DT, SPLIT) + _mm(_pairs(pA, B, r1, r2, E, causal, second, PAIRS, DT), v, DT)
+            o = _to_state(_times_el(p, pA, em, el, PAIRS, FACTOR_EL), Vl, Vs, before, DT, SPLIT)
+            o += _mm(_pairs(pA, B, r1, r2, E, causal, second, PAIRS, DT), v, DT)
             _store_tokens(o_ptr, o, tok, valid, h, dv_D, dv_D < DV, H, DV)
         if a < NS - 1:
             Kl = _write_state(Kl, s, l, T, k, DT)
@@ -837,7 +839,8 @@ def _bwd_chunk_kernel(
                 h = g * HPG + hh
                 q = _load_tokens(q_ptr, tok, valid, h, dk_D, mask_DK, H, DK)
                 do = _load_tokens(do_ptr, tok, valid, h, dv_D, mask_DV, H, DV)
-                z = _scores(q, k, Kl, Ks, before, em, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT, FACTOR_EL)
+                z = _scores(q, k, Kl, Ks, before, em, el, A, B, r1, r2, E, causal, second, scale, mask_M, PAIRS, DT, SPLIT,
+                            FACTOR_EL)  # fmt: skip
                 dp = _mix(_from_state(do, Vl, Vs, before, DT, SPLIT), _mm(do, tl.trans(v), DT), A, em, el, B, r1, r2, E,
                           causal, second, PAIRS, DT, FACTOR_EL)  # fmt: skip
                 if NT > 1:
@@ -1166,8 +1169,8 @@ def _factor_el(consts: dict, kernel: str) -> bool:
 # Where e^l stays a tile of its own. Kernels' CUDA time on an H200 (B=4, T=8192, bf16; factored
 # against not, ms; docs/benchmarks.md, "e^l from A"): (3) m = 64 W=512 (centred) 0.295 / 0.268 (its
 # own tile faster: no spills to save there), W=4096 (halves) 0.294 / 0.327; m = 128 W=512 0.450 /
-# 0.591, W=4096 0.495 / 0.690; (A) 0.429 / 0.435, 0.563 / 0.571, 0.996 / 1.001, 1.183 / 1.245; m = 256 (32-token
-# sub-chunks, 8 warps) 11.38 / 12.39 ms of kernels per forward+backward.
+# 0.591, W=4096 0.495 / 0.690; (A) 0.429 / 0.435, 0.563 / 0.571, 0.996 / 1.001, 1.183 / 1.245;
+# m = 256 (32-token sub-chunks, 8 warps) 11.38 / 12.39 ms of kernels per forward+backward.
 FACTOR_EL_OFF = {("fwd_out", CENTRED, 64)}
 
 
