@@ -360,7 +360,7 @@ def _split_factors(s, l, second, cen_ptr, crow, j_M, BM: tl.constexpr, CUM: tl.c
 @triton.jit
 def _mix(F, X, A, em, el, B, r1, r2, E, causal, second, PAIRS: tl.constexpr, DT: tl.constexpr, FACTOR_EL: tl.constexpr):
     """e^{l_t,j} F[t, j] + sum_{u<=t} X[t, u] s_u,j e^{l_t,j - l_u,j}: [SUB, BM] and [SUB, SUB] -> [SUB, BM].
-    In the factorised forms e^l = A em, so with FACTOR_EL A multiplies once, outside: A (em F + X (B)),
+    In the factorised forms e^l = A em, so with FACTOR_EL A multiplies once, outside: A (em F + X B),
     and the [SUB, BM] tile el = e^l need not exist. (With PAIRS = 2, ``causal`` keeps only pairs
     inside a half; r1, r2 carry the pairs across the halves.)"""
     if PAIRS == 0:
@@ -1181,11 +1181,9 @@ def _launch_opts(problem: Problem, kernel: str) -> dict:
     (a cap on registers a thread, the rest spilled) override them: a number for every kernel, or
     per kernel as ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
 
-    def knob(name: str, default: int | None) -> int | None:
-        return _kernel_knob(name, kernel, default)
-
-    opts = dict(num_warps=knob("BLA_TRITON_WARPS", 4 if problem.slots <= 128 else 8), num_stages=knob("BLA_TRITON_STAGES", 1))
-    maxnreg = knob("BLA_TRITON_MAXNREG", MAXNREG.get((kernel, _slot_block(problem.slots))))
+    opts = dict(num_warps=_kernel_knob("BLA_TRITON_WARPS", kernel, 4 if problem.slots <= 128 else 8),
+                num_stages=_kernel_knob("BLA_TRITON_STAGES", kernel, 1))
+    maxnreg = _kernel_knob("BLA_TRITON_MAXNREG", kernel, MAXNREG.get((kernel, _slot_block(problem.slots))))
     return opts if maxnreg is None else dict(opts, maxnreg=maxnreg)
 
 
