@@ -2,8 +2,8 @@
 
 The gates depend only on positions, so they come from a table built once per (W, m, gates):
 the write ``s`` and the log-decay ``log alpha`` of every phase of the period (floored at
-``LOG_FLOOR`` where alpha = 0: products across a reset are then below 1e-13, zero in every
-output). Kernels gather their rows by phase; no gate tensor per token exists. What the chunked
+``LOG_FLOOR`` where alpha = 0: products across a reset are then below 2e-9, 30x under fp32's
+rounding, zero in every output). Kernels gather their rows by phase; no gate tensor per token exists. What the chunked
 kernels would otherwise compute per program from those gates comes from per-phase tables built
 once per (W, m, gates, S) on the host in float64: each sub-chunk's cumulative log-decay ([S, m]
 a phase), the centres its pairs are factorised on ([4, m]), and each token's weight in the state
@@ -24,11 +24,12 @@ are factorised, e^{l_t - l_u} = e^{l_t - c} e^{c - l_u}, so they are tensor-core
 both factors must stay within e^{+-80} (fp32 and bf16 hold e^88), which a host-side check over
 all phases decides (``sub_chunking``). CENTRED: c is each slot's mid log-decay over the
 sub-chunk, valid while the decays' spread inside it is below 160. HALVES, where that spread is
-wider (W/m of a few hundred: W=4096, m=64 at 64 tokens): pairs inside each half are centred on
-that half's mid log-decay; pairs across the halves on the log-decay at the boundary, where both
-factors are <= 1 whatever the spread, one more product per pair term. (At W=4096, m=64 this runs
-64-token sub-chunks instead of 32-token centred ones: 1.84 against 2.43 ms of kernels per
-forward+backward on an H200, docs/benchmarks.md.) Strides too coarse even for 16-token halves
+wider (W/m from about 70 to a few hundred: W=6144, m=64 at 64 tokens): pairs inside each half
+are centred on that half's mid log-decay; pairs across the halves on the log-decay at the
+boundary, where both factors are <= 1 whatever the spread, one more product per pair term. (At
+W=4096, m=64, which took this form under a deeper reset floor, it ran 64-token sub-chunks instead
+of 32-token centred ones: 1.84 against 2.43 ms of kernels per forward+backward on an H200,
+docs/benchmarks.md.) Strides too coarse even for 16-token halves
 (W/m of about a thousand) take an elementwise [16, 16, m] tile of decays instead
 (ELEMENTWISE). The [S, m] scores and probabilities never leave the chip.
 
@@ -90,7 +91,12 @@ def _env(name: str):
     return os.environ.get(name)
 
 
-LOG_FLOOR = -30.0  # log alpha where alpha = 0 (a reset): e^-30 ~ 1e-13
+# log alpha where alpha = 0 (a reset): e^-20 ~ 2e-9, 30x under fp32's rounding (2^-24 ~ 6e-8), so
+# products across a reset vanish in every sum. No deeper: the floor adds to the decays' spread inside
+# a sub-chunk, and at -20 the stride W/m = 64 (W=4096, m=64) fits one centre over 64 tokens (a
+# spread of 156 against FACTOR_LOG_RANGE's 160; 166 at -30, which took the halves form's extra
+# products: docs/benchmarks.md, "A shallower reset floor").
+LOG_FLOOR = -20.0
 SEGMENT_TOKENS = 1024  # work item of (1) and of (B)'s first level: tokens run with a state in registers
 
 
@@ -934,9 +940,9 @@ def _bwd_tokens_kernel(
 def _bla_step_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr, sv_ptr, pos_ptr, window_ptr, toff_ptr, gs_ptr, gl_ptr, scale,
     H: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
-    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    DK: tl.constexpr, BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, FLOOR: tl.constexpr,
 ):  # fmt: skip
-    """One token per sequence; updates the (unpadded) state in place."""
+    """One token per sequence; updates the (unpadded) state in place. FLOOR: LOG_FLOOR."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     HPG: tl.constexpr = H // HKV
@@ -950,7 +956,7 @@ def _bla_step_kernel(
     gate_row = (toff + pos % W) * BM + j_M
     s = tl.load(gs_ptr + gate_row)
     la = tl.load(gl_ptr + gate_row)
-    alpha = tl.where(la <= -30.0, 0.0, tl.exp(la))  # LOG_FLOOR marks resets: exactly 0 here
+    alpha = tl.where(la <= FLOOR, 0.0, tl.exp(la))  # LOG_FLOOR marks resets: exactly 0 here
     sk = (b * HKV + g) * M * DK + j_M[:, None] * DK + dk_D[None, :]
     sv = (b * HKV + g) * M * DV + j_M[:, None] * DV + dv_D[None, :]
     mk = mask_M[:, None] & mask_DK[None, :]
@@ -1620,7 +1626,7 @@ def step(q, k, v, sk, sv, problem: Problem) -> torch.Tensor:
     consts = _pick(_plan(p, q.dtype).consts, "H", "HKV", "M", "BM", "DK", "BDK", "DV", "BDV")
     _bla_step_kernel[(p.batch, p.num_kv_heads)](
         q.contiguous(), k.contiguous(), v.contiguous(), o, sk, sv, p.offset.to(torch.int32).contiguous(),
-        _windows_on(p.windows, str(q.device)), toff, gs, gl, p.scale, **consts,
+        _windows_on(p.windows, str(q.device)), toff, gs, gl, p.scale, **consts, FLOOR=LOG_FLOOR,
     )  # fmt: skip
     return o
 

@@ -160,15 +160,28 @@ def test_triton_halves_pairs_equal_torch(monkeypatch, case, gates):
 
 
 def test_triton_halves_pairs_at_a_long_window():
-    """W=4096, m=64: the decays' range inside 64 tokens is too wide for one centre, so the host
-    picks 64-token sub-chunks in the halves form (not 32 tokens, centred); each output and gradient
-    equals the torch backend's."""
+    """W=6144, m=64 (W/m = 96): the decays' range inside 64 tokens is too wide for one centre, so
+    the host picks 64-token sub-chunks in the halves form (not 32 tokens, centred); each output and
+    gradient equals the torch backend's."""
     from bla.kernels.checks import check_problem
     from bla.kernels.triton_bla import HALVES, sub_chunking
 
     x = torch.zeros(1, 1, 1, 8)
-    assert sub_chunking(check_problem(x, x, x, 4096, 64, None, None, None, 0, "dirichlet")) == (64, HALVES)
-    _compare((1, 150, 2, 1, 8, 8, 4096, 64), "dirichlet")
+    assert sub_chunking(check_problem(x, x, x, 6144, 64, None, None, None, 0, "dirichlet")) == (64, HALVES)
+    _compare((1, 150, 2, 1, 8, 8, 6144, 64), "dirichlet")
+
+
+def test_triton_one_centre_at_stride_64():
+    """W=4096, m=64 (W/m = 64): with the reset floor at LOG_FLOOR the decays' spread inside 64
+    tokens fits one centre (the factors within e^+-80), so the host takes the centred form there,
+    and each output, state and gradient equals the torch backend's, resets inside the sub-chunks."""
+    from bla.kernels.checks import check_problem
+    from bla.kernels.triton_bla import CENTRED, FACTOR_LOG_RANGE, diag_log_range, sub_chunking
+
+    x = torch.zeros(1, 1, 1, 8)
+    assert diag_log_range((4096,), 64, "dirichlet", 64) < FACTOR_LOG_RANGE
+    assert sub_chunking(check_problem(x, x, x, 4096, 64, None, None, None, 0, "dirichlet")) == (64, CENTRED)
+    _compare((1, 200, 2, 1, 8, 8, 4096, 64), "fejer")
 
 
 @pytest.mark.parametrize("cum_table", [True, False])
@@ -387,7 +400,8 @@ def test_sub_chunks_follow_the_decays_range():
         return check_problem(q, q, q, W, m, None, None, None, 0, gates)
 
     assert sub_chunking(problem(512, 64)) == (64, CENTRED)
-    assert sub_chunking(problem(4096, 64)) == (64, HALVES)  # one centre fits 32 tokens only
+    assert sub_chunking(problem(4096, 64)) == (64, CENTRED)  # W/m = 64: one centre still fits 64 tokens
+    assert sub_chunking(problem(6144, 64)) == (64, HALVES)  # W/m = 96: one centre fits 32 tokens only
     assert sub_chunking(problem(4096, 4)) == (16, ELEMENTWISE)  # W/m = 1024: elementwise pairs
     assert sub_chunking(problem(40, 1)) == (16, ELEMENTWISE)  # one slot: a reset at every token
     p = problem(512, 64, "fejer")

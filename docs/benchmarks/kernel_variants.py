@@ -159,10 +159,22 @@ FACTOR_EL_VARIANTS = [  # e^l as its own [S, m] tile in (3) and (A) (BLA_TRITON_
     (512, 256, {}),
     (512, 256, {"BLA_TRITON_FACTOR_EL": "0"}),
 ]
+FLOOR_VARIANTS = [  # the reset floor at -20 (was -30): W=4096, m=64 takes one centre over 64 tokens (its default {}),
+    # against the halves form it took before (forced); m = 128 at W=4096 with its 128 MiB table of cumulative
+    # log-decays (over CUM_TABLE_BYTES, so summed in the kernels by default); W/m = 96 and 128, still in halves
+    (512, 64, {}),
+    (4096, 64, {}),
+    (4096, 64, {"BLA_TRITON_PAIRS": "halves"}),
+    (512, 128, {}),
+    (4096, 128, {}),
+    (4096, 128, {"BLA_TRITON_CUM_MB": "256"}),
+    (6144, 64, {}),
+    (8192, 64, {}),
+]
 SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS, "scan_group": SCAN_GROUP_VARIANTS,
         "slot_tile": SLOT_TILE_VARIANTS, "cum": CUM_VARIANTS,
         "registers": REGISTER_VARIANTS, "tile_run": TILE_RUN_VARIANTS, "warps128": WARPS_128_VARIANTS,
-        "factor_el": FACTOR_EL_VARIANTS}
+        "factor_el": FACTOR_EL_VARIANTS, "floor": FLOOR_VARIANTS}
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
