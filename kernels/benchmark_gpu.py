@@ -172,8 +172,8 @@ def gpu_benchmark(args) -> list[dict]:
             del q, k, v, do
             torch.cuda.empty_cache()
     if args.first_call:
-        W = args.window[0]
-        fc = dict(B=4, T=8192, H=H, d=64, m=64, W=W, **first_call_seconds(4, 8192, H, 64, 64, W))
+        W, m = args.window[0], args.slots[0]  # at the first window and slot count asked for
+        fc = dict(B=4, T=8192, H=H, d=64, m=m, W=W, **first_call_seconds(4, 8192, H, 64, m, W))
         print(f"first call at a new shape (empty Triton cache): forward {fc['first_fwd_s']:.2f} s, "
               f"backward {fc['first_bwd_s']:.2f} s")  # fmt: skip
         rows.append(fc)

@@ -159,7 +159,11 @@ def diag_log_range(windows: tuple[int, ...], slots: int, gates: str, sub: int) -
     return worst
 
 
-CUM_TABLE_BYTES = 64 << 20  # above this the kernels sum the log-decays themselves (W x S x m entries)
+# Above this the kernels sum the log-decays themselves (W x S x m fp32 entries; the end weights take
+# half as much again in bf16). 128 MiB holds m = 128 at W = 4096 (and m = 64 to W = 8192): there the
+# table took m = 128's forward+backward 2.846 -> 2.441 ms of kernels (H200, docs/benchmarks.md), for
+# 192 MiB of GPU memory shared by every layer of that (W, m, gates).
+CUM_TABLE_BYTES = 128 << 20
 
 
 def cum_table_fits(problem: Problem, sub: int) -> bool:

@@ -147,6 +147,12 @@ print('step 1:', a[0]['loss'], b[0]['loss'], ' step 200:', a[-1]['loss'], b[-1][
       # and 4096, clocks left free as in the timings (ncu reads no counters under gVisor: the log says so)
       for W in 512 4096; do NCU=1 timeout 200 ncu --clock-control none --section SpeedOfLight --section Occupancy \
         --section LaunchStats -k regex:"_kernel" python3 docs/benchmarks/kernel_profile.py $W 64 2>&1 | grep -v Warning | tee -a "$OUT/ncu_$W.txt"; done ;;
+    firstcall)  # issue 17: the first call at a new shape (empty Triton cache, tables built) at W = 4096, m = 64 and 128
+      for m in 64 128; do python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots $m --seq-lens 8192 --tokens 32768 --window 4096 \
+        --no-flex --first-call --json "$OUT/first_call_m$m.json" 2>&1 | grep -v Warning | tee -a "$OUT/first_call.txt"; done ;;
+    throughput)  # issue 17's show: 350m training throughput with BLA beside softmax attention, one run
+      python3 -m bla.train.benchmark --presets 350m --seq-lens 2048 --mixers bla attn --json "$OUT/train_2k_throughput.json" 2>&1 \
+        | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee "$OUT/train_2k_throughput.txt" ;;
     kernel)  # issue 17's benchmark at the anchor shape
       python3 -m bla.kernels.benchmark gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
         --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
