@@ -86,7 +86,7 @@ for stage in "$@"; do
         | grep -v Warning | tee "$OUT/kernel_fla.txt"
       (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar czf "$OUT/fla_tune.tgz" -T -)
       unset TRITON_CACHE_DIR ;;
-    accuracy)  # issue 17: the bf16 kernel against the fp32 torch backend at W=4096 (the halves form's sub-chunks)
+    accuracy)  # issue 17: the bf16 kernel against the fp32 torch backend at W=4096 (one centre over 64 tokens since 63bc74b; halves before)
       timeout 150 python3 -m bla.kernels.benchmark accuracy --head-dims 64 128 --slots 64 --window 4096 --all-gates dirichlet fejer \
         --json "$OUT/accuracy_4096.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_4096.txt" ;;
     accuracy128)  # issue 17: m = 128's slot tiles (one launch each, the default, then one program each) against the fp32 torch backend
