@@ -184,6 +184,26 @@ def test_triton_one_centre_at_stride_64():
     _compare((1, 200, 2, 1, 8, 8, 4096, 64), "fejer")
 
 
+def test_one_centre_at_stride_64_holds_large_logits():
+    """At W/m = 64 the centred form's factors reach e^78, in sub-chunks whose middle holds a slot's
+    reset (offset 32 puts one in each here: the widest spread, 156). With |q . k| up to about 2e4
+    (scaled logits in the thousands, far past any trained model's) outputs and gradients stay
+    finite and equal to the torch backend's. (Forced to one centre at a spread of 162, floor -26,
+    the same inputs gave NaN; at 166, the old floor's -30, from |q . k| ~ 2e3 on:
+    docs/benchmarks/headroom.py.)"""
+    g = torch.Generator().manual_seed(0)
+    q, k = (24 * torch.randn(1, 140, 1, 64, generator=g) for _ in range(2))
+    v, cot = (torch.randn(1, 140, 1, 64, generator=g) for _ in range(2))
+    assert float((q[0, :, 0] @ k[0, :, 0].T).abs().max()) > 1e4
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+        o = bla_attention(*leaves, 4096, 64, backend=backend, offset=torch.tensor([32], device=DEVICE))[0]
+        grads[backend] = [o, *torch.autograd.grad(o, leaves, cot.to(DEVICE, dtype))]
+    for name, a, b in zip(["o", "dq", "dk", "dv"], grads["triton"], grads["torch"]):
+        assert_close(name, a, b, atol=2e-4 * float(b.abs().max()))  # fails on any non-finite value too
+
+
 @pytest.mark.parametrize("cum_table", [True, False])
 @pytest.mark.parametrize("pairs", ["factorised", "elementwise", "halves"])
 def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs, cum_table):
