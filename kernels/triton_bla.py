@@ -1,16 +1,16 @@
 """BLA in Triton: chunked forward and backward for every stride, variable length, decode.
 
-The gates depend only on positions, so they come from a table built once per (W, m, gates):
-the write ``s`` and the log-decay ``log alpha`` of every phase of the period (floored at
-``LOG_FLOOR`` where alpha = 0: products across a reset are then below 2e-9, 30x under fp32's
-rounding, zero in every output). Kernels gather their rows by phase; no gate tensor per token exists. What the chunked
-kernels would otherwise compute per program from those gates comes from per-phase tables built
-once per (W, m, gates, S) on the host in float64: each sub-chunk's cumulative log-decay ([S, m]
-a phase), the centres its pairs are factorised on ([4, m]), and each token's weight in the state
-after it ([S, m], in the operands' dtype). (A sequence's last, partial sub-chunk is summed from
-its gates where the state after it is carried: (1) and (C).) Reading them instead of summing,
-reducing and exponentiating took 1.685 -> 1.287 ms of kernels per forward+backward at W=512,
-m=64 on an H200 (docs/benchmarks.md).
+The gates depend only on positions, so they come from a table built once per (W, m, gates): the
+write ``s`` and the log-decay ``log alpha`` of every phase of the period (floored at ``LOG_FLOOR``
+where alpha = 0: products across a reset are then below 2e-9, 30x under fp32's rounding, zero in
+every output). Kernels gather their rows by phase; no gate tensor per token exists. What the
+chunked kernels would otherwise compute per program from those gates comes from per-phase tables
+built once per (W, m, gates, S) on the host in float64: each sub-chunk's cumulative log-decay ([S,
+m] a phase), the centres its pairs are factorised on ([4, m]), and each token's weight in the state
+after it ([S, m], in the operands' dtype). (A sequence's last, partial sub-chunk is summed from its
+gates where the state after it is carried: (1) and (C).) Reading them instead of summing, reducing
+and exponentiating took 1.685 -> 1.287 ms of kernels per forward+backward at W=512, m=64 on an H200
+(docs/benchmarks.md).
 
 Work runs in sub-chunks of S = 64, 32 or 16 tokens, the unit of every matrix product. Inside
 one, with l the cumulative log-decay from the sub-chunk's start and T its total:
@@ -19,19 +19,18 @@ one, with l the cumulative log-decay from the sub-chunk's start and T its total:
     o_t     = sum_j p[t, j] e^{l_t,j} V[j] + sum_{u<=t} (sum_j p[t, j] s_u,j e^{l_t,j - l_u,j}) v_u,  p = softmax_j z
     K'      = e^{T} K + (s e^{T - l})^T k
 
-With v2 gates (alpha <= 1) the state terms' exponents are <= 0 at any stride. The pairs u <= t
-are factorised, e^{l_t - l_u} = e^{l_t - c} e^{c - l_u}, so they are tensor-core products too;
-both factors must stay within e^{+-80} (fp32 and bf16 hold e^88), which a host-side check over
-all phases decides (``sub_chunking``). CENTRED: c is each slot's mid log-decay over the
-sub-chunk, valid while the decays' spread inside it is below 160. HALVES, where that spread is
-wider (W/m from about 70 to a few hundred: W=6144, m=64 at 64 tokens): pairs inside each half
-are centred on that half's mid log-decay; pairs across the halves on the log-decay at the
-boundary, where both factors are <= 1 whatever the spread, one more product per pair term. (At
-W=4096, m=64, which took this form under a deeper reset floor, it ran 64-token sub-chunks instead
-of 32-token centred ones: 1.84 against 2.43 ms of kernels per forward+backward on an H200,
-docs/benchmarks.md.) Strides too coarse even for 16-token halves
-(W/m of about a thousand) take an elementwise [16, 16, m] tile of decays instead
-(ELEMENTWISE). The [S, m] scores and probabilities never leave the chip.
+With v2 gates (alpha <= 1) the state terms' exponents are <= 0 at any stride. The pairs u <= t are
+factorised, e^{l_t - l_u} = e^{l_t - c} e^{c - l_u}, so they are tensor-core products too; both
+factors must stay within e^{+-80} (fp32 and bf16 hold e^88), which a host-side check over all
+phases decides (``sub_chunking``). CENTRED: c is each slot's mid log-decay over the sub-chunk,
+valid while the decays' spread inside it is below 160. HALVES, where that spread is wider (W/m from
+about 70 to a few hundred: W=6144, m=64 at 64 tokens): pairs inside each half are centred on that
+half's mid log-decay; pairs across the halves on the log-decay at the boundary, where both factors
+are <= 1 whatever the spread, one more product per pair term. (At W=4096, m=64, which took this
+form under a deeper reset floor, it ran 64-token sub-chunks instead of 32-token centred ones: 1.84
+against 2.43 ms of kernels per forward+backward on an H200, docs/benchmarks.md.) Strides too coarse
+even for 16-token halves (W/m of about a thousand) take an elementwise [16, 16, m] tile of decays
+instead (ELEMENTWISE). The [S, m] scores and probabilities never leave the chip.
 
 Parallelism. A chunk is one sub-chunk (BLA_TRITON_CHUNK groups several): the unit of parallel
 work and of stored states. Forward: (1) each segment of chunks computes its own end state from
@@ -136,7 +135,10 @@ def _gate_table_cpu(windows: tuple[int, ...], slots: int, gates: str, bm: int):
     return table[0].contiguous(), table[1].contiguous(), [starts[w] for w in windows]
 
 
-FACTOR_LOG_RANGE = 160.0  # the factorised pairs stay within e^(+-80): fp32 and bf16 hold e^88
+# The factorised pairs stay within e^(+-80): fp32 and bf16 hold e^88. The sums over a sub-chunk
+# that carry them keep some margin for large q . k: at a spread of 156 (W/m = 64) finite to
+# |q . k| ~ 1.5e5, where 166 gave NaN from ~2e3 on (docs/benchmarks/headroom.py).
+FACTOR_LOG_RANGE = 160.0
 
 
 def _phase_cumsums(w: int, slots: int, gates: str, sub: int) -> torch.Tensor:
