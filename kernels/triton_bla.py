@@ -5,8 +5,8 @@ write ``s`` and the log-decay ``log alpha`` of every phase of the period (floore
 where alpha = 0: products across a reset are then below 2e-9, 30x under fp32's rounding, zero in
 every output). Kernels gather their rows by phase; no gate tensor per token exists. What the
 chunked kernels would otherwise compute per program from those gates comes from per-phase tables
-built once per (W, m, gates, S) on the host in float64: each sub-chunk's cumulative log-decay ([S,
-m] a phase), the centres its pairs are factorised on ([4, m]), and each token's weight in the state
+built once per (W, m, gates, S) on the host in float64: each sub-chunk's cumulative log-decay
+([S, m] a phase), the centres its pairs are factorised on ([4, m]), and each token's weight in the state
 after it ([S, m], in the operands' dtype). (A sequence's last, partial sub-chunk is summed from its
 gates where the state after it is carried: (1) and (C).) Reading them instead of summing, reducing
 and exponentiating took 1.685 -> 1.287 ms of kernels per forward+backward at W=512, m=64 on an H200
