@@ -25,10 +25,13 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,7 +68,7 @@ def tag_of(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -126,6 +129,9 @@ def safe_load(path: Path, legacy_numpy: bool = False, deepspeed_types: bool = Fa
     """``torch.load`` that only reads tensors and plain data: a checkpoint file from elsewhere
     cannot run code. Anything else is a ValueError naming the file."""
     allowed = (_LEGACY_NUMPY if legacy_numpy else []) + (_deepspeed_plain_types() if deepspeed_types else [])
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a bare pickle or a damaged file is neither
+        raise ValueError(f"refusing to load {path}: not a file written by torch.save (a zip archive was expected); "
+                         "the checkpoint is damaged or the file was put there by something else")  # fmt: skip
     try:
         # safe_globals edits one process-wide list and restores it on exit: threads loading at once
         # (a sweep evaluates its runs in threads) would drop each other's allowances mid-load
@@ -155,7 +161,7 @@ def write_rank_files(tag_dir: Path, rank: int, loader_state: dict, rng: dict | N
     """This rank's loader state and RNG state (now's, or ``rng`` taken earlier, e.g. at the
     start of a step that a signal interrupted)."""
     tag_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tag_dir / f"loader_rank{rank}.json", json.dumps(loader_state).encode())
+    atomic_write(tag_dir / f"loader_rank{rank}.json", json.dumps(loader_state).encode())
     tmp = tag_dir / f"rng_rank{rank}.pt.tmp"  # rng_state() is plain data: safe_load reads it
     torch.save(rng if rng is not None else rng_state(), tmp)
     os.replace(tmp, tag_dir / f"rng_rank{rank}.pt")
@@ -169,12 +175,64 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _manifest_digest(manifest: dict) -> str:
+    """The sha256 of a manifest's own content (everything but this digest): the metadata that
+    decides how a checkpoint is resumed (step, world size, reason) is covered like its files."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(tag_dir: Path, meta: dict) -> None:
     """complete.json: written last, it marks the checkpoint whole and records each file's size and
-    sha256 (so a changed byte is found, not only a short file)."""
+    sha256 (so a changed byte is found, not only a short file), and its own digest."""
     files = {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
-    _atomic_write(tag_dir / MANIFEST, json.dumps({**meta, "files": files}, indent=1).encode())
+    manifest = {**meta, "files": files}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What is malformed in a parsed complete.json (None: well formed)."""
+    if not isinstance(manifest, dict):
+        return f"is a JSON {type(manifest).__name__}, not an object"
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != _manifest_digest(manifest):
+        return "has changed since it was written (its own sha256 differs)"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "has no file list (\"files\": {name: {\"bytes\": ..., \"sha256\": ...}})"
+    if not files:
+        return "lists no files"
+    for name, entry in files.items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            return f"lists a file outside the checkpoint ({name!r})"
+        if isinstance(entry, dict):  # {"bytes": n, "sha256": hex}; manifests before checksums hold the size alone
+            size, digest = entry.get("bytes"), entry.get("sha256")
+            if not isinstance(digest, str) or len(digest) != 64:
+                return f"has no sha256 for {name}"
+        else:
+            size = entry
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return f"has no size for {name}"
+    for key in ("step", "world_size"):
+        value = manifest.get(key)
+        if key in manifest and (isinstance(value, bool) or not isinstance(value, int) or value < (key == "world_size")):
+            return f"has a {key} of {value!r}"
+    ranks = sum(1 for name in files if name.startswith("rng_rank") and name.endswith(".pt"))
+    if "world_size" in manifest and ranks and ranks != manifest["world_size"]:  # each rank wrote its own RNG file
+        return f"says world_size {manifest['world_size']} but lists the files of {ranks} ranks"
+    return None
+
+
+# checkpoints this process hashed already, by the (name, size, mtime) of their files: pruning at every
+# save re-checks the newest ones without reading gigabytes again
+_VERIFIED: dict[str, tuple] = {}
+
+
+def _signature(tag_dir: Path) -> tuple:
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
+    return tuple((p.relative_to(tag_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def check_complete(tag_dir: Path, hashes: bool = True) -> str | None:
@@ -184,26 +242,34 @@ def check_complete(tag_dir: Path, hashes: bool = True) -> str | None:
     if not path.exists():
         return "no complete.json (the save did not finish)"
     try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return f"{path} is unreadable or has no file list"
-    for name, entry in files.items():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{path} is not readable JSON"
+    malformed = _manifest_problem(manifest)
+    if malformed:
+        return f"{path} {malformed}"
+    key = str(tag_dir.resolve())
+    signature = _signature(tag_dir) if hashes else None
+    if hashes and _VERIFIED.get(key) == signature:
+        return None
+    for name, entry in manifest["files"].items():
         size, digest = (entry["bytes"], entry.get("sha256")) if isinstance(entry, dict) else (entry, None)
         f = tag_dir / name
-        if not f.exists():
+        if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
         if hashes and digest is not None and sha256_of(f) != digest:
             return f"{name} has changed since it was written (sha256 differs)"
+    if hashes:
+        _VERIFIED[key] = signature
     return None
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.exists():
         return []
-    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(UNIVERSAL_SUFFIX)]
+    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
     return sorted(tags, key=lambda p: p.name)
 
 
@@ -217,40 +283,109 @@ def latest_complete(ckpt_dir: Path, log=print) -> Path | None:
     return None
 
 
+def recoverable(tag_dir: Path) -> bool:
+    """Whether a whole checkpoint is one to go back to: not saved because training stopped on
+    non-finite losses (its weights gave them), and with finite losses when it was saved (its
+    manifest's ``healthy``; checkpoints written before it count as healthy)."""
+    meta = read_meta(tag_dir)
+    return meta.get("reason") != "nonfinite" and meta.get("healthy", True) is not False
+
+
+def last_recoverable(ckpt_dir: Path, before_step: int | None = None) -> Path | None:
+    """The newest verified checkpoint that is not a non-finite stop's (before ``before_step``)."""
+    for tag_dir in reversed(list_checkpoints(ckpt_dir)):
+        if before_step is not None and int(tag_dir.name.removeprefix("step_")) >= before_step:
+            continue
+        if check_complete(tag_dir) is None and recoverable(tag_dir):
+            return tag_dir
+    return None
+
+
 def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` whole checkpoints (and broken ones older than them)."""
+    """Delete all but the newest ``keep_last`` verified, healthy checkpoints (hashes checked) and
+    older ones. A non-finite stop's checkpoint, or one saved with a non-finite loss, does not count
+    towards ``keep_last``: the healthy ones before it, which a diverged run goes back to, stay.
+    Newer broken checkpoints are left for inspection (resume passes over them)."""
     tags = list_checkpoints(ckpt_dir)
-    whole = [t for t in tags if check_complete(t, hashes=False) is None]
-    keep = set(whole[-keep_last:])
-    newest_kept = min((t.name for t in keep), default="")
+    kept = []
+    for tag_dir in reversed(tags):
+        if len(kept) == keep_last:
+            break
+        if check_complete(tag_dir) is None and recoverable(tag_dir):
+            kept.append(tag_dir)
+    if not kept:  # nothing verified: nothing is removed
+        return []
     removed = []
     for t in tags:
-        if t not in keep and t.name < newest_kept:
+        if t.name < kept[-1].name:
             shutil.rmtree(t, ignore_errors=True)
             shutil.rmtree(t.with_name(t.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+            _VERIFIED.pop(str(t.resolve()), None)
             removed.append(t.name)
     return removed
+
+
+def set_aside(ckpt_dir: Path, tags: list[Path]) -> Path:
+    """Move checkpoints out of the resume path, into ``checkpoints/set_aside/<time>/``: a run
+    resumed from an older checkpoint, or started afresh on purpose, must not later resume from
+    another branch's checkpoints. Nothing is deleted."""
+    where = ckpt_dir / "set_aside" / time.strftime("%Y%m%d-%H%M%S")
+    where.mkdir(parents=True, exist_ok=True)
+    for t in tags:
+        for path in (t, t.with_name(t.name + UNIVERSAL_SUFFIX)):
+            if path.exists():
+                os.replace(path, where / path.name)
+    return where
+
+
+def write_latest(ckpt_dir: Path, tag: str) -> None:
+    """DeepSpeed's ``latest`` file (the newest tag), which its ``zero_to_fp32.py`` reads."""
+    atomic_write(ckpt_dir / "latest", tag.encode())
 
 
 def read_meta(tag_dir: Path) -> dict:
     return json.loads((tag_dir / MANIFEST).read_text())
 
 
+def read_saved_config(tag_dir: Path) -> dict:
+    """The run config a checkpoint saved (``config.yaml``), as a dict with its model section; a
+    missing or damaged file is a ValueError naming it."""
+    path = tag_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"checkpoint {tag_dir} has no readable config.yaml ({exc.strerror})") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path} is not YAML ({type(exc).__name__}): the checkpoint is damaged") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise ValueError(f"{path} is not a run config (a mapping with a model section): the checkpoint is damaged")
+    return saved
+
+
 def ensure_universal(tag_dir: Path) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format once (rank 0 only)."""
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format once (rank 0 only). A universal
+    folder is reused only if it is whole and was converted from this very checkpoint (its
+    manifest names the source's complete.json by sha256); anything else there is replaced.
+    The caller still reads every file of it with ``verify_safe`` before DeepSpeed does."""
     out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
-    if (out / MANIFEST).exists():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
+    source = sha256_of(tag_dir / MANIFEST)
+    if out.exists():
+        if check_complete(out) is None and read_meta(out).get("converted_from") == source:
+            return out
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{done.stderr[-3000:]}")
     for name in os.listdir(tag_dir):  # our client files travel along
         if name.startswith(("loader_rank", "rng_rank")) or name in ("config.yaml",):
-            shutil.copyfile(tag_dir / name, out / name)
-    write_manifest(out, read_meta(tag_dir))
+            shutil.copyfile(tag_dir / name, tmp / name)
+    meta = {k: v for k, v in read_meta(tag_dir).items() if k not in ("files", "manifest_sha256")}
+    write_manifest(tmp, {**meta, "converted_from": source})
+    os.replace(tmp, out)
     return out
 
 
@@ -366,18 +501,25 @@ def load_weights(model: BLALM, state: dict[str, torch.Tensor], where: str) -> No
     model.load_state_dict(state, strict=False)
 
 
+def saved_train_config(tag_dir: Path) -> "TrainConfig":
+    """A checkpoint's typed run config (a legacy config's gates resolved); a config.yaml that
+    parses but holds wrong values is a ValueError naming it, never a traceback."""
+    from .config import TrainConfig
+
+    saved = read_saved_config(tag_dir)
+    try:
+        return TrainConfig.from_saved(saved)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{tag_dir / 'config.yaml'} is not a valid run config ({exc}): the checkpoint is damaged") from None
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, "lm_data.Tokenizer | None", "TrainConfig"]:
     """(model in eval mode, tokenizer (None for tasks without text), the run's train config) of a
     run's newest whole checkpoint or of one checkpoint."""
     from bla.data.task import task_named
 
-    from .config import TrainConfig
-
     tag_dir = resolve_checkpoint(path)
-    cfg_path = tag_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise ValueError(f"checkpoint {tag_dir} has no config.yaml")
-    train_cfg = TrainConfig.from_saved(yaml.safe_load(cfg_path.read_text()))  # a legacy config's gates resolved
+    train_cfg = saved_train_config(tag_dir)
     model = BLALM(train_cfg.model)
     load_weights(model, fp32_state_dict(tag_dir, train_cfg.zero_stage), f"checkpoint {tag_dir}")
     if not task_named(train_cfg.data.task).needs_text:

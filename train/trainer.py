@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from bla import data as lm_data  # loads text-data modules (datasets, tokenizers) on first use only
 from bla.data.task import IGNORE, task_named
-from bla.model import BLALM, ModelConfig, flops_per_token, param_count
+from bla.model import BLALM, flops_per_token, param_count
 
 from . import checkpoint as ckpt
 from . import lock as out_lock
@@ -148,15 +148,31 @@ def forward_loss(engine, batch: dict, device, sp_ctx=None, loss_chunk: int = 0) 
     return loss + (report - loss).detach(), out.logits
 
 
-def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int, world: int, device, sp_ctx=None) -> dict:
+class _ValidationInterrupted(Exception):
+    pass
+
+
+def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int, world: int, device, sp_ctx=None,
+             stop: _StopFlag | None = None) -> dict | None:  # fmt: skip
     """The task's validation metrics; every rank scores the same number of batches (ZeRO-3
-    gathers parameters collectively) over its own part of the held-out data."""
+    gathers parameters collectively) over its own part of the held-out data. With ``stop``, a
+    signal ends validation before the next batch (on every rank at once) and None is returned:
+    a long validation does not hold up a scheduler's preemption."""
     task = task_named(cfg.data.task)
+
+    def score(batch):
+        if stop is not None and _any_rank(stop.raised is not None)[0]:
+            raise _ValidationInterrupted
+        return forward_loss(engine, batch, device, sp_ctx)
+
     engine.eval()
-    with torch.no_grad():
-        sums = task.eval_sums(lambda batch: forward_loss(engine, batch, device, sp_ctx), cfg.data, cfg.micro_batch,
-                              cfg.eval_batches, rank, world, tok)  # fmt: skip
-    engine.train()
+    try:
+        with torch.no_grad():
+            sums = task.eval_sums(score, cfg.data, cfg.micro_batch, cfg.eval_batches, rank, world, tok)
+    except _ValidationInterrupted:
+        return None
+    finally:
+        engine.train()
     return task.eval_metrics({k: _all_reduce(v) for k, v in sums.items()})
 
 
@@ -220,7 +236,7 @@ class _Run:
         if cfg.zero_stage == "auto":  # resolved once: the saved config names the stage the checkpoints have
             self.cfg = cfg = dataclasses.replace(cfg, zero_stage=cfg.zero(self.bf16))
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
-        self.writer, self.history, self.last_eval = None, [], {}
+        self.writer, self.history, self.last_eval, self.last_eval_step = None, [], {}, None
 
     def run(self) -> dict:
         self.parallel_groups()
@@ -255,28 +271,69 @@ class _Run:
             self.shards = ensure_shards(cfg, self.tok, self.rank, self.log)
 
     def find_resume_point(self) -> None:
-        """The checkpoint to resume from (if any), checked against this run's tokenizer and model."""
+        """The checkpoint to resume from (if any), checked against this run's tokenizer, model and
+        numerics. Checkpoints exist but none is usable: refused, never a silent fresh start.
+        Newer checkpoints than the one resumed (another branch of the run) are set aside."""
         cfg = self.cfg
-        self.resume_from, self.universal, self.meta = None, False, {}
-        if cfg.resume != "none":
-            found = ckpt.latest_complete(self.ckpt_dir, self.log) if cfg.resume == "auto" else Path(cfg.resume)
-            if found is not None:
-                problem = ckpt.check_complete(found)
-                if problem:
-                    raise ValueError(f"cannot resume from {found}: {problem}")
-                self.meta = ckpt.read_meta(found)
-                lm_data.check_same_tokenizer(self.tok, self.meta.get("tokenizer"), f"checkpoint {found}")
-                saved = ModelConfig.from_saved(yaml.safe_load((found / "config.yaml").read_text())["model"])
-                diff = architecture_diff(cfg.model, saved)
-                if diff:  # e.g. a run trained before bla.gates existed (dirichlet_v1), resumed with the new default
-                    theirs = architecture(saved)
-                    fix = " ".join(f"model.{k}={json.dumps(theirs.get(k))}" for k in diff)
-                    raise ValueError(
-                        f"cannot resume from {found}: its model config differs from this run's in {diff}; "
-                        f"resume with the checkpoint's settings: {fix}"
-                    )
-                self.resume_from, self.universal = found, self.meta["world_size"] != self.world
+        self.resume_from, self.universal, self.meta, self.changed = None, False, {}, []
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        found = None
+        if cfg.resume == "auto":
+            problems = []
+            found = ckpt.latest_complete(self.ckpt_dir, problems.append)
+            for line in problems:
+                self.log(line)
+            finished = [t.name for t in existing if (t / ckpt.MANIFEST).exists()]  # saves that completed once
+            if found is None and finished:
+                raise ValueError(
+                    f"{self.ckpt_dir} holds {len(finished)} checkpoint(s) and none can be resumed ({'; '.join(problems)}); "
+                    f"nothing was trained. To start afresh on purpose pass resume=none (they are moved to "
+                    f"{self.ckpt_dir / 'set_aside'}), or use another out_dir"
+                )  # fmt: skip
+        elif cfg.resume != "none":
+            found = Path(cfg.resume)
+            problem = ckpt.check_complete(found) if found.is_dir() else "not a checkpoint directory"
+            if problem:
+                raise ValueError(f"cannot resume from {found}: {problem}")
+        if found is not None:
+            self.check_resumable(found)
+        # a fresh start, or a resume from an older checkpoint: the others leave the resume path
+        aside = existing if found is None else [t for t in existing if t.name > found.name]
+        if found is not None and found.parent.resolve() != self.ckpt_dir.resolve():
+            aside = existing  # resumed from another run's checkpoint: this out_dir's own are another branch
+        dist.barrier()  # every rank has read the checkpoints before any is moved
+        if aside and self.rank == 0:
+            where = ckpt.set_aside(self.ckpt_dir, aside)
+            why = "resume=none" if found is None else f"resuming {found}"
+            self.log(f"{why}: {', '.join(t.name for t in aside)} moved to {where}")
         dist.barrier()
+
+    def check_resumable(self, found: Path) -> None:
+        """``found`` matches this run (tokenizer, model, ZeRO stage, precision); the settings that
+        may change on resume (rate, schedule, steps) are listed in ``changed`` and applied."""
+        cfg = self.cfg
+        self.meta = ckpt.read_meta(found)
+        lm_data.check_same_tokenizer(self.tok, self.meta.get("tokenizer"), f"checkpoint {found}")
+        saved = ckpt.saved_train_config(found)
+        diff = architecture_diff(cfg.model, saved.model)
+        if diff:  # e.g. a run trained before bla.gates existed (dirichlet_v1), resumed with the new default
+            theirs = architecture(saved.model)
+            fix = " ".join(f"model.{k}={json.dumps(theirs.get(k))}" for k in diff)
+            raise ValueError(
+                f"cannot resume from {found}: its model config differs from this run's in {diff}; "
+                f"resume with the checkpoint's settings: {fix}"
+            )
+        precision = self.meta.get("precision") or (saved.precision if saved.precision != "auto" else None)
+        numerics = (("zero_stage", saved.zero_stage, cfg.zero_stage), ("precision", precision, "bf16" if self.bf16 else "fp32"))
+        differ = [(name, theirs, mine) for name, theirs, mine in numerics if theirs not in (None, "auto") and theirs != mine]
+        if differ:  # DeepSpeed's optimiser states differ in layout and dtype: no exact resume across them
+            theirs, mine = (" ".join(f"{name}={d[i]}" for name, *d in differ) for i in (0, 1))
+            raise ValueError(
+                f"cannot resume from {found}: it was saved with {theirs} and this run has {mine}; resume with {theirs}, "
+                f"or start a new run from its weights with init_from={found}"
+            )  # fmt: skip
+        self.changed = changed_settings(saved, cfg)
+        self.resume_from, self.universal = found, self.meta["world_size"] != self.world
 
     def build_engine(self) -> None:
         """The model (same initial weights on every rank) in a DeepSpeed engine, and the loader."""
@@ -316,6 +373,7 @@ class _Run:
                 ckpt.ensure_universal(found)
             dist.barrier()
             load_dir = found.with_name(found.name + ckpt.UNIVERSAL_SUFFIX)
+            ckpt.verify_safe(load_dir)  # DeepSpeed unpickles the universal files too
         _, client = self.engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_module_strict=True)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {load_dir}")
@@ -324,10 +382,23 @@ class _Run:
         if not self.universal:
             ckpt.set_rng_state(ckpt.load_rng_state(found / f"rng_rank{rank}.pt"))
         self.log(f"resumed from {found} at step {self.step}")
+        if self.changed:
+            self.apply_changed_settings()
         if self.step >= self.cfg.steps and rank == 0 and (self.out / "summary.json").exists():
             self.log(f"{found} is already at step {self.step} of {self.cfg.steps}: nothing to train; summary.json left as is")
             return True  # other ranks find no step to run
         return False
+
+    def apply_changed_settings(self) -> None:
+        """Settings changed since the checkpoint (a lower rate after a spike, more steps) take
+        effect now: DeepSpeed restored the optimiser's and the scheduler's saved values over them."""
+        o, scheduler = self.cfg.optim, self.scheduler
+        scheduler.base_lrs = [o.lr for _ in scheduler.base_lrs]
+        factor = lr_lambda(self.cfg)(scheduler.last_epoch)  # the schedule of this run's steps and warmup
+        for group in scheduler.optimizer.param_groups:
+            group.update(lr=o.lr * factor, initial_lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        self.log(f"settings changed since the checkpoint, applied from step {self.step + 1}: {', '.join(self.changed)}")
 
     def open_logs(self) -> None:
         """The run's config and tokenizer beside its checkpoints, TensorBoard, and the MFU peak."""
@@ -358,9 +429,17 @@ class _Run:
         step ended, for a save from inside the next one (its micro-batches are then redone)."""
         cfg, step, tok = self.cfg, self.step, self.tok
         tag_dir = self.ckpt_dir / ckpt.tag_of(step)
-        if boundary is not None and ckpt.check_complete(tag_dir, hashes=False) is None:
+        if boundary is not None and ckpt.check_complete(tag_dir) is None:
+            if reason == "nonfinite" and self.rank == 0:  # its weights gave the loss: not one to go back to
+                meta = ckpt.read_meta(tag_dir)
+                ckpt.write_manifest(tag_dir, {k: v for k, v in meta.items() if k not in ("files", "manifest_sha256")}
+                                    | {"reason": reason})  # fmt: skip
             self.log(f"{tag_dir} already holds the state of step {step}")
+            dist.barrier()
             return tag_dir
+        if self.rank == 0:  # a save over an older one of the same step: never whole until its new manifest
+            (tag_dir / ckpt.MANIFEST).unlink(missing_ok=True)
+        dist.barrier()
         loader_state, rng = boundary if boundary is not None else (self.loader.state_dict(), None)
         ckpt.write_rank_files(tag_dir, self.rank, loader_state, rng)
         client = {"step": step, "tokens_seen": self.tokens_seen, "skipped": self.skipped, "config": cfg.to_dict(),
@@ -370,11 +449,25 @@ class _Run:
         if self.rank == 0:
             (tag_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             ckpt.write_manifest(tag_dir, {"step": step, "world_size": self.world, "reason": reason,
+                                          "precision": "bf16" if self.bf16 else "fp32", **self.health(),
                                           "tokenizer": tok.describe() if tok else None})  # fmt: skip
+            ckpt.write_latest(self.ckpt_dir, tag_dir.name)
             removed = ckpt.prune(self.ckpt_dir, cfg.keep_last)
             self.log(f"saved {tag_dir} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
         dist.barrier()
         return tag_dir
+
+    def health(self) -> dict:
+        """This step's train loss and (if validated now) validation metrics, and whether all are
+        finite: pruning keeps the newest ``keep_last`` healthy checkpoints, the ones a diverged run
+        goes back to (a run diverging at a high rate often validates to NaN steps before a
+        training loss is non-finite)."""
+        last = self.history[-1] if self.history and self.history[-1]["step"] == self.step else {}
+        metrics = {"train_loss": last.get("loss")}
+        if self.last_eval_step == self.step:
+            metrics.update(self.last_eval)
+        healthy = all(v is None or math.isfinite(v) for v in metrics.values())
+        return {"metrics": {k: (v if v is None or math.isfinite(v) else None) for k, v in metrics.items()}, "healthy": healthy}
 
     # ---- the step loop
     def train(self) -> str:
@@ -484,7 +577,11 @@ class _Run:
             self.writer.add_scalar(k, v, self.step)
 
     def validate(self, loss: float) -> None:
-        self.last_eval = evaluate(self.engine, self.cfg, self.tok, self.data_rank, self.data_world, self.device, self.sp_ctx)
+        metrics = evaluate(self.engine, self.cfg, self.tok, self.data_rank, self.data_world, self.device, self.sp_ctx, self.stop)
+        if metrics is None:
+            self.log(f"step {self.step}: validation interrupted by a signal")
+            return
+        self.last_eval, self.last_eval_step = metrics, self.step
         self.log(f"step {self.step}: train loss {loss:.4f}, " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
         if self.writer:
             for k, v in self.last_eval.items():
@@ -520,14 +617,47 @@ class _Run:
             "tokenizer": str(out / "tokenizer") if self.tok else None,
         }  # fmt: skip
         if self.rank == 0:
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            ckpt.atomic_write(out / "summary.json", json.dumps(summary, indent=1).encode())  # never half a file
             self.log(f"{status} at step {self.step}: {self.tokens_seen:,} tokens; " +
                      ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()) +
                      f"\n  config      {out / 'config.yaml'}\n  checkpoints {self.ckpt_dir}\n  tensorboard {out / 'tb'}"
                      f"\n  tokenizer   {out / 'tokenizer'}\n  summary     {out / 'summary.json'}")  # fmt: skip
         if status.startswith("stopped on"):
-            raise TrainingStopped(f"training {status}; lower optim.lr or check the data, then resume")
+            raise TrainingStopped(f"training {status}. {self.recovery_hint()}")
         return summary
+
+    def recovery_hint(self) -> str:
+        """Where a run that stopped on non-finite losses can go back to (one line)."""
+        back = ckpt.last_recoverable(self.ckpt_dir, before_step=self.step)
+        rate = self.cfg.optim.lr / 10  # or the rate the healthy checkpoint trained with, if lower
+        if back is not None:
+            rate = min(rate, ckpt.saved_train_config(back).optim.lr)
+        lower = f"optim.lr={rate:g}"
+        if back is None:
+            return (f"Checkpoint {ckpt.tag_of(self.step)} holds the weights that gave it, and no earlier checkpoint "
+                    f"is kept: check the data, or start afresh with a lower rate (resume=none {lower})")  # fmt: skip
+        loss = ckpt.read_meta(back).get("metrics", {}).get("train_loss")
+        return (f"Checkpoint {ckpt.tag_of(self.step)} holds the weights that gave it; the last healthy one before them is "
+                f"{back}" + (f" (train loss {loss:.4f})" if isinstance(loss, float) else "") +
+                f": go back there with a lower rate, resume={back} {lower}, or check the data and resume as is")  # fmt: skip
+
+
+# Settings a resumed run may change; each is applied (the rest must match or is refused above)
+RESUMABLE_SETTINGS = ("steps", "optim.lr", "optim.weight_decay", "optim.betas", "optim.warmup_steps", "optim.schedule",
+                      "optim.min_lr_ratio", "optim.decay_fraction", "optim.grad_clip")  # fmt: skip
+
+
+def changed_settings(saved: TrainConfig, now: TrainConfig) -> list[str]:
+    """``name old -> new`` for each resumable setting that differs between a checkpoint's config and this run's."""
+    changed = []
+    for name in RESUMABLE_SETTINGS:
+        section, _, key = name.rpartition(".")
+        old, new = (getattr(getattr(c, section) if section else c, key) for c in (saved, now))
+        if isinstance(old, (list, tuple)):
+            old, new = list(old), list(new)
+        if old != new:
+            changed.append(f"{name} {old} -> {new}")
+    return changed
 
 
 def _write_hparams(writer, cfg: TrainConfig, metrics: dict) -> None:
