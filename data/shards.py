@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -96,7 +97,7 @@ def _is_shard_dir(path: Path) -> bool:
 def _prepare_into(out: Path, source, tokenizer, shard_tokens, batch_docs, max_docs, progress) -> dict:
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     writer = _ShardWriter(out, dtype, shard_tokens)
-    total_docs = total_tokens = 0
+    total_docs = total_tokens = with_text = 0
     t0 = time.perf_counter()
     bar = tqdm(desc="tokenising", unit="tok", unit_scale=True, disable=not progress)
     texts = (ex["text"] for ex in itertools.islice(load_documents(source), max_docs))
@@ -106,12 +107,14 @@ def _prepare_into(out: Path, source, tokenizer, shard_tokens, batch_docs, max_do
             total_tokens += len(ids)
             bar.update(len(ids))
         total_docs += len(batch)
+        with_text += sum(1 for text in batch if not text.isspace() and text)
     writer.close()
     bar.close()
     if total_docs == 0:
         raise ValueError("prepare: the source yielded no documents (empty corpus)")
-    if total_tokens == 0:
-        raise ValueError(f"prepare: the source's {total_docs} documents hold no text (every one tokenises to nothing)")
+    if total_tokens == 0 or with_text == 0:  # whitespace alone tokenises to a token or two: nothing to learn
+        raise ValueError(f"prepare: the source's {total_docs} documents hold no text (each is empty or whitespace only)")
+    print(f"prepare: {total_docs:,} documents, {total_tokens:,} tokens in {writer.shards} shard(s)", file=sys.stderr)
     seconds = time.perf_counter() - t0
     tokenizer.save(out)
     manifest = {

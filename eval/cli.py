@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
@@ -10,6 +11,56 @@ import torch
 
 def _device(name: str) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def device_arg(name: str) -> str:
+    """--device: a device torch knows and this machine has (checked before a model is loaded)."""
+    if not name:  # the default: cuda if there is one
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            raise argparse.ArgumentTypeError(f"{name}: no CUDA device here (torch {torch.__version__} is {build}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{name!r}: expected cpu, cuda or cuda:N")
+    return name
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text}")
+    return value
 
 
 def _perplexity(args) -> int:
@@ -22,7 +73,7 @@ def _perplexity(args) -> int:
     model, tok, cfg = load_model(args.run, device)
     # none recorded: a model re-saved by transformers (no bla_export.json)
     sources = args.source or (cfg.data.val_sources if cfg else None)
-    context = (cfg.data.seq_len if cfg else None) if args.context == 0 else args.context  # 0: the training context
+    context = args.context or (cfg.data.seq_len if cfg else None)  # by default the training context
     if not sources or context is None:
         raise ValueError(f"{args.run} records no training data settings (a model re-saved without bla_export.json): "
                          f"pass --source (e.g. stdlib:validation) and --context")  # fmt: skip
@@ -98,25 +149,25 @@ def add_eval_commands(sub) -> None:
     ppl = esub.add_parser("perplexity", help="token loss, perplexity and bits per byte on held-out text")
     ppl.add_argument("--run", required=True, help="run, checkpoint or exported (bla export) directory")
     ppl.add_argument("--source", action="append", help="data source (default: the run's validation sources)")
-    ppl.add_argument("--context", type=int, default=0, help="window of the scoring passes (default: training seq_len)")
-    ppl.add_argument("--max-docs", type=int, default=None)
-    ppl.add_argument("--device", default="")
+    ppl.add_argument("--context", type=positive_int, default=None, help="window of the scoring passes (default: training seq_len)")
+    ppl.add_argument("--max-docs", type=positive_int, default=None)
+    ppl.add_argument("--device", type=device_arg, default="", help="cpu, cuda or cuda:N (default: cuda if there is one)")
     ppl.set_defaults(func=_perplexity)
 
     mq = esub.add_parser("mqar", help="MQAR accuracy per number of key-value pairs on held-out examples")
     mq.add_argument("--run", required=True)
-    mq.add_argument("--num-kv-pairs", type=int, nargs="+")
-    mq.add_argument("--seq-len", type=int, default=0)
-    mq.add_argument("--examples", type=int, default=3000)
-    mq.add_argument("--batch", type=int, default=250)
+    mq.add_argument("--num-kv-pairs", type=positive_int, nargs="+")
+    mq.add_argument("--seq-len", type=positive_int, default=None, help="default: the training seq_len")
+    mq.add_argument("--examples", type=positive_int, default=3000)
+    mq.add_argument("--batch", type=positive_int, default=250)
     mq.add_argument("--seed", type=int, default=None, help="held-out examples (default: the task's test seed)")
-    mq.add_argument("--device", default="")
+    mq.add_argument("--device", type=device_arg, default="", help="cpu, cuda or cuda:N (default: cuda if there is one)")
     mq.set_defaults(func=_mqar)
 
     rb = esub.add_parser("regbench", help="RegBench accuracy and TV distance per automaton size (held-out automata)")
     rb.add_argument("--run", required=True)
     rb.add_argument("--seed", type=int, default=None, help="held-out strings (default: the task's test seed)")
-    rb.add_argument("--device", default="")
+    rb.add_argument("--device", type=device_arg, default="", help="cpu, cuda or cuda:N (default: cuda if there is one)")
     rb.set_defaults(func=_regbench)
 
     hn = esub.add_parser("harness", help="lm-evaluation-harness tasks (the model class `bla`); other flags are lm-eval's own",
@@ -137,10 +188,10 @@ def add_eval_commands(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a checkpoint (constant-size BLA state)")
     g.add_argument("--run", required=True)
     g.add_argument("--prompt", required=True, action="append", help="repeat for several prompts: generated as one batch")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k cut")
+    g.add_argument("--top-p", type=probability, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="")
+    g.add_argument("--device", type=device_arg, default="", help="cpu, cuda or cuda:N (default: cuda if there is one)")
     g.set_defaults(func=_generate)

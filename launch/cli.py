@@ -8,6 +8,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bla", description="bla-lm: pretraining LMs on Blurry Window Attention")
+    parser.add_argument("--version", action="version", version=f"bla-lm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     from bla.data.cli import add_data_commands
     from bla.model.cli import add_model_commands
@@ -33,6 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad input: say what and exit 2, as argparse does
         print(f"bla {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bla-lm")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

@@ -156,9 +156,12 @@ def test_empty_corpus_and_missing_field(tmp_path, doc_files):
         load_documents(files_source(doc_files, "body"))
 
 
-def test_a_corpus_of_empty_documents_is_refused(tmp_path, bpe):
-    (tmp_path / "blank.jsonl").write_text('{"content": ""}\n' * 5)
-    with pytest.raises(ValueError, match="the source's 5 documents hold no text"):
+@pytest.mark.parametrize("text", ["", " \\n\\t "])
+def test_a_corpus_of_empty_documents_is_refused(tmp_path, bpe, text):
+    """Empty or whitespace-only documents (whitespace tokenises to a token or two): refused, not
+    trained on."""
+    (tmp_path / "blank.jsonl").write_text(f'{{"content": "{text}"}}\n' * 5)
+    with pytest.raises(ValueError, match="the source's 5 documents hold no text .each is empty or whitespace only"):
         prepare(files_source(tmp_path / "blank.jsonl"), bpe, tmp_path / "shards", progress=False)
     assert not (tmp_path / "shards").exists()
 

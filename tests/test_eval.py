@@ -158,13 +158,24 @@ def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tiny_run):
     done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "eval", "perplexity", "--run", str(run), "--max-docs", "3"],
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout[done.stdout.index("{") :])
+    result = json.loads(done.stdout)  # stdout holds the result alone (DeepSpeed's log goes to stderr)
     assert result["docs"] == 3 and 1.0 < result["ppl"] < 512  # below the 512-token vocabulary's uniform guess
     assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / np.log(2) / result["bytes"])
-    for bad in (["--context", "-1"], ["--max-docs", "0"]):  # meaningless: refused in one line, no 0.0 loss
-        done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "eval", "perplexity", "--run", str(run), *bad],
+    bad_args = [  # meaningless: refused in one line before the model loads, no 0.0 loss, no traceback
+        (["eval", "perplexity", "--context", "-1"], "argument --context: expected a positive integer, got -1"),
+        (["eval", "perplexity", "--context", "0"], "argument --context: expected a positive integer, got 0"),
+        (["eval", "perplexity", "--max-docs", "0"], "argument --max-docs: expected a positive integer"),
+        (["eval", "perplexity", "--device", "nonsense"], "'nonsense' is not a device: expected cpu, cuda or cuda:N"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "-3"], "argument --max-new-tokens: expected a positive integer"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "argument --top-p: expected a probability in (0, 1]"),
+    ]
+    if not torch.cuda.is_available():
+        bad_args.append((["generate", "--prompt", "x", "--device", "cuda"], "cuda: no CUDA device here"))
+    for bad, says in bad_args:
+        done = subprocess.run([sys.executable, "-m", "bla.launch.cli", *bad, "--run", str(run)],
                               capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-        assert done.returncode == 2 and "must be positive" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+        assert done.returncode == 2 and says in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
     prompts = ["def main(", "import"]  # one batch of two prompts of other lengths
     done = subprocess.run([sys.executable, "-m", "bla.launch.cli", "generate", "--run", str(run), "--prompt", prompts[0],
                            "--prompt", prompts[1], "--max-new-tokens", "8"], capture_output=True, text=True, env=env,

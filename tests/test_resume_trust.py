@@ -231,3 +231,38 @@ def test_a_diverged_run_names_the_checkpoint_to_go_back_to_and_recovers(four_ste
     assert summary["status"] == "finished" and summary["val_loss"] < 6.0
     assert all(h["loss"] < 6.5 for h in summary["losses"])
     assert [t.name for t in ckpt.list_checkpoints(run / "checkpoints")] == ["step_0000008"]
+
+
+# ----------------------------------------------------------------------------- the out_dir lock
+
+
+@pytest.mark.parametrize("content", ["", "{}", '{"pid": "abc", "host": "x"}', "[1, 2]", '{"pid": true}', "\x00\xff"])
+def test_a_lock_file_that_names_no_holder_is_taken_over(tmp_path, content):
+    from bla.train import lock
+
+    (tmp_path / lock.LOCK_NAME).write_text(content)
+    said = []
+    held = lock.acquire(tmp_path, said.append)
+    assert json.loads(held.read_text())["pid"] == os.getpid() and "taking over the stale lock" in said[0]
+    lock.release(held)
+    assert not held.exists() and list(tmp_path.iterdir()) == []  # no private file left behind
+
+
+def test_the_lock_appears_with_its_holder_in_it(tmp_path, monkeypatch):
+    """Created by linking a file already written: a racing process never reads an empty lock (before,
+    one took another's half-created lock for stale and both "held" it)."""
+    from bla.train import lock
+
+    seen = []
+    real_link = os.link
+
+    def link(src, dst):
+        seen.append(json.loads(Path(src).read_text()))
+        real_link(src, dst)
+
+    monkeypatch.setattr(lock.os, "link", link)
+    held = lock.acquire(tmp_path, print)
+    assert seen == [json.loads(held.read_text())] and seen[0]["pid"] == os.getpid()
+    with pytest.raises(lock.OutDirLocked, match="in use by another training process"):
+        lock.acquire(tmp_path, print)  # this process is alive: its own second acquire is refused
+    lock.release(held)

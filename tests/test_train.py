@@ -91,15 +91,27 @@ def test_resume_is_bit_exact_in_fp32(runs):
     assert resumed["val_loss"] == full["val_loss"]
 
 
-def test_two_process_checkpoint_resumes_in_one_process(runs):
+def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    """Through DeepSpeed's universal checkpoint, converted by us: a universal folder planted beside
+    the checkpoint (a payload DeepSpeed would unpickle, a complete.json of its own) is replaced,
+    never loaded."""
+    import torch
+
     tmp, full, _, _ = runs
     shutil.copytree(tmp / "resumed", tmp / "uni", ignore=shutil.ignore_patterns("step_0000008*"))
     for tag in ("step_0000008",):
         assert not (tmp / "uni" / "checkpoints" / tag).exists()
+    planted = tmp / "uni" / "checkpoints" / "step_0000004_universal"
+    planted.mkdir()
+    torch.save({"module": _Payload(tmp_path / "payload_ran")}, planted / "mp_rank_00_model_states.pt")
+    ckpt.write_manifest(planted, {"step": 4, "world_size": 2})
     one = train(tmp, "uni", 1, "zero_stage=2")
+    assert not (tmp_path / "payload_ran").exists()
     new = [h for h in one["losses"] if h["step"] > 4]
     assert one["world_size"] == 1 and new[0]["step"] == 5  # resumed after step 4
-    assert (tmp / "uni" / "checkpoints" / "step_0000004_universal" / "complete.json").exists()
+    source = ckpt.sha256_of(tmp / "uni" / "checkpoints" / "step_0000004" / "complete.json")
+    assert ckpt.read_meta(planted)["converted_from"] == source and ckpt.check_complete(planted) is None
+    ckpt.verify_safe(planted)  # DeepSpeed's universal files are tensors and plain data
     # the weights came along: a fresh model starts near ln(512) = 6.2, the trained one far below
     assert new[0]["loss"] < full["losses"][0]["loss"] - 0.5
 
@@ -368,7 +380,13 @@ def test_one_training_process_per_out_dir(tmp_path):
         (["model.bla.slots=5"], "bla.slots=5 must divide"),
         (["data.seq_len=0"], "data.seq_len must be a positive int"),
         (["stop_at=99"], "stop_at must be within"),
-        (["optim.lr=fast"], "optim.lr must be a non-negative number"),
+        (["optim.lr=fast"], "optim.lr must be a finite non-negative number"),
+        (["optim.lr=inf"], "optim.lr must be a finite non-negative number, got inf"),
+        (["optim.lr=nan"], "optim.lr must be a finite non-negative number, got nan"),
+        (["optim.betas=[0.9]"], r"optim.betas must be two numbers in \[0, 1\)"),
+        (["optim.betas=0.9"], r"optim.betas must be two numbers in \[0, 1\)"),
+        (["steps=true"], "steps must be a positive int, got True"),
+        ([f"out_dir={__file__}"], "is a file, not a directory"),
         (["optim.lr=0"], "optim.lr is 0"),
         (["eval_every=0"], "eval_every must be a positive int"),
         (["data.seq_len=abc"], "data.seq_len must be a positive int, got abc"),

@@ -42,6 +42,8 @@ import yaml
 from bla import data as lm_data  # the tokenizer module loads only for text models
 from bla.model import BLALM
 
+from .deepspeed_import import deepspeed
+
 if TYPE_CHECKING:
     from .config import TrainConfig
 
@@ -115,6 +117,7 @@ _LEGACY_NUMPY = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 def _deepspeed_plain_types() -> list:
     """The classes DeepSpeed pickles into ZeRO checkpoints: an enum, the loss scalers and fragment
     addresses, which hold numbers only (restored by setting attributes, never by calling code of the file's choice)."""
+    deepspeed()  # its log on stderr
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -443,6 +446,7 @@ def fp32_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
         if list(tag_dir.glob(_BF16_OPTIMIZER_FILES)):
             return _bf16_optimizer_state_dict(tag_dir)  # reads its files with safe_load itself
         verify_safe(tag_dir)
+        deepspeed()  # its log on stderr
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

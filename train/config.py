@@ -8,6 +8,7 @@ start and saved with every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -94,12 +95,20 @@ class TrainConfig:
                 if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                     bad(f"{name} must be an int, got {getattr(self, name)!r}")
                 continue
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(f"{name} must be a positive int, got {value!r}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "decay_fraction", "grad_clip"):
             value = getattr(self.optim, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                bad(f"optim.{name} must be a non-negative number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                bad(f"optim.{name} must be a finite non-negative number, got {value!r}")
+        betas = self.optim.betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):  # fmt: skip
+            bad(f"optim.betas must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.95], got {betas!r}")
+        out = Path(self.out_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            bad(f"out_dir={self.out_dir} is a file, not a directory: name a directory (it is created if missing)")
         if self.optim.lr == 0:
             bad("optim.lr is 0: the weights would never change (give a positive learning rate)")
         if isinstance(self.optim.warmup_steps, bool) or not isinstance(self.optim.warmup_steps, int):
@@ -228,7 +237,7 @@ class TrainConfig:
             unknown = set(raw) - {f.name for f in dataclasses.fields(klass)}
             if unknown:
                 raise ValueError(f"train config: unknown keys {name}.{sorted(unknown)}")
-            if "betas" in raw:
+            if isinstance(raw.get("betas"), list):  # YAML has no tuples; anything else is refused by validate
                 raw["betas"] = tuple(raw["betas"])
             for f in dataclasses.fields(klass):  # nested settings (data.mqar, ...) as their own dataclasses
                 if isinstance(raw.get(f.name), dict) and dataclasses.is_dataclass(f.default_factory):

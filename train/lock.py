@@ -1,8 +1,9 @@
 """One training process per output directory: a lock file holding the holder's pid and host.
 
 A second ``bla train`` on the same ``out_dir`` is refused with a message naming the holder; a
-lock left by a process that died (same host, pid gone) is taken over. The lock is created with
-O_EXCL, so two processes racing for it cannot both win.
+lock left by a process that died (same host, pid gone), or a lock file that names no holder, is
+taken over. The lock is a hard link to a file already holding its holder: creating it is atomic,
+so two processes racing for it cannot both win, and none ever sees it empty.
 """
 
 from __future__ import annotations
@@ -30,19 +31,35 @@ def _alive(pid: int) -> bool:
 
 
 def _holder(path: Path) -> dict | None:
+    """The lock's holder, or None for a file that names none (damaged, or not ours): treated as stale.
+    The lock is published whole (``acquire``), so a file being written is never seen."""
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # unreadable or half-written: treated as stale
+        return None
+    if not isinstance(holder, dict) or isinstance(holder.get("pid"), bool) or not isinstance(holder.get("pid"), int):
+        return None
+    return holder
 
 
 def acquire(out_dir: Path, log=print) -> Path:
     """Take ``out_dir``'s lock for this process; raises OutDirLocked if a live process holds it."""
     path = Path(out_dir) / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname()}
+    # the lock is written under a private name and linked into place: it appears with its holder
+    # in it, so a racing process never reads an empty lock and takes it for stale
+    mine = path.with_name(f"{LOCK_NAME}.{me['host']}.{me['pid']}")
+    mine.write_text(json.dumps(me))
+    try:
+        return _take(path, mine, me, out_dir, log)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _take(path: Path, mine: Path, me: dict, out_dir: Path, log) -> Path:
     for _ in range(2):  # a second try after removing a stale lock
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(mine, path)
         except FileExistsError:
             holder = _holder(path)
             if holder is not None and holder.get("host") != me["host"]:
@@ -50,7 +67,7 @@ def acquire(out_dir: Path, log=print) -> Path:
                     f"{out_dir} is locked by pid {holder.get('pid')} on host {holder.get('host')} ({path}); "
                     f"if that run is gone, delete the lock file"
                 ) from None
-            if holder is not None and _alive(int(holder.get("pid", -1))):
+            if holder is not None and _alive(holder["pid"]):
                 raise OutDirLocked(
                     f"{out_dir} is in use by another training process (pid {holder['pid']} on this host; "
                     f"lock {path}): use another out_dir, or wait for it to finish"
@@ -58,8 +75,6 @@ def acquire(out_dir: Path, log=print) -> Path:
             log(f"taking over the stale lock {path} (holder {holder} is not running)")
             path.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
         return path
     raise OutDirLocked(f"could not take the lock {path}: another process keeps creating it")
 

@@ -32,6 +32,7 @@ from . import checkpoint as ckpt
 from . import lock as out_lock
 from . import sequence_parallel
 from .config import TrainConfig
+from .deepspeed_import import deepspeed as import_deepspeed
 from .peak import peak_flops
 from .prepare import architecture, architecture_diff, ensure_shards, ensure_tokenizer, initial_weights
 from .schedule import lr_lambda
@@ -45,8 +46,7 @@ _made_lone_world = False  # init_distributed set RANK etc. itself (a module flag
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Rank, world size and device; a lone process gets a world of one (gloo on CPU)."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     global _made_lone_world
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
@@ -337,8 +337,7 @@ class _Run:
 
     def build_engine(self) -> None:
         """The model (same initial weights on every rank) in a DeepSpeed engine, and the loader."""
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = BLALM(cfg.model)
