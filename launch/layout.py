@@ -88,7 +88,7 @@ class Layout:
             f"world size           {self.world}",
             f"this node            rank {self.node_rank}: global ranks {self.node_rank * self.procs_per_node}.."
             f"{(self.node_rank + 1) * self.procs_per_node - 1}",
-            f"master               {self.master_addr}:{self.master_port}",
+            f"master               {self.master_addr or self.hosts[0] + ' (its address asked over ssh by DeepSpeed)'}:{self.master_port}",
             f"data-parallel        {dp} group(s) of ranks {groups}",
             f"sequence-parallel    {sp} rank(s) per sequence" + (f" ({self.seq_len // sp} tokens each)" if sp > 1 else ""),
             f"micro-batch          {self.micro_batch} x {self.seq_len} tokens per rank, {self.grad_accum} accumulation step(s)",

@@ -73,7 +73,7 @@ def test_dry_run_for_a_4_node_8_gpu_slurm_allocation(monkeypatch, capsys):
     [
         (["--sequence-parallel", "3"], SLURM_4x8, "sequence_parallel_size=3 does not divide the world size 32"),
         (["--global-batch", "100"], SLURM_4x8, "global batch 100 is not a multiple of micro_batch x data-parallel = 8 x 32 = 256"),
-        (["--launcher", "torchrun", "--nodes", "2", "--node-rank", "2"], {}, "node rank 2 is outside 2 node"),
+        (["--launcher", "torchrun", "--nodes", "2", "--node-rank", "2", "--master-addr", "10.0.0.1"], {}, "node rank 2 is outside 2 node"),
         (["--launcher", "slurm"], {}, "needs SLURM's variables"),
     ],
 )
@@ -124,3 +124,65 @@ def test_slurm_script_runs_a_tiny_job(tmp_path):
     assert "master               localhost:29645" in done.stdout
     s = _summary(out)
     assert s["status"] == "finished" and s["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--launcher", "torchrun", "--nodes", "4"], "4 nodes need the address of node rank 0"),
+        (["--launcher", "deepspeed", "--nodes", "2"], "the deepspeed launcher starts 2 nodes from a hostfile: pass --hostfile"),
+        (["--launcher", "deepspeed", "--nodes", "2", "--hostfile", "HOSTFILE", "--no-ssh"], "pass --master-addr"),
+        (["--launcher", "deepspeed", "--nodes", "3", "--hostfile", "HOSTFILE"], "lists 2 host(s) for --nodes 3"),
+    ],
+)
+def test_multi_node_without_a_master_address_is_refused(monkeypatch, capsys, tmp_path, args, match):
+    """Before, every such command named --master_addr 127.0.0.1: each node would have met itself."""
+    (tmp_path / "hosts").write_text("node-a slots=8\n# a comment\nnode-b slots=8\n")
+    args = [str(tmp_path / "hosts") if a == "HOSTFILE" else a for a in args]
+    code, _, err = _dry_run(["launch", "--dry-run", "--gpus-per-node", "8", *args, "main"], {}, monkeypatch, capsys)
+    assert code == 2 and match in err, err[-2000:]
+
+
+def test_deepspeed_multi_node_lets_deepspeed_ask_the_first_host(monkeypatch, capsys, tmp_path):
+    (tmp_path / "hosts").write_text("node-a slots=8\nnode-b slots=8\n")
+    code, out, _ = _dry_run(["launch", "--dry-run", "--launcher", "deepspeed", "--nodes", "2", "--gpus-per-node", "8",
+                             "--hostfile", str(tmp_path / "hosts"), "main"], {}, monkeypatch, capsys)  # fmt: skip
+    assert code == 0 and "--master_addr" not in out and "master               node-a (its address asked" in out
+    assert "nodes                2 (node-a, node-b)" in out
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_and_resume(tmp_path):
+    """Two launcher agents as two nodes (node ranks 0 and 1, one process each, loopback rendezvous,
+    gloo): torchrun trains to a checkpoint, the deepspeed launcher (--no-ssh, a hostfile of two
+    hosts) resumes it to the end."""
+    out, hosts = tmp_path / "run", tmp_path / "hosts"
+    hosts.write_text("node-a slots=1\nnode-b slots=1\n")
+    train = [*TINY, "save_every=2", "eval_every=2", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"]
+
+    def both_nodes(launcher: list[str], *extra: str) -> list[subprocess.CompletedProcess]:
+        port = str(_free_port())
+        agents = [subprocess.Popen([sys.executable, "-m", "bla.launch.cli", "launch", *launcher, "--nodes", "2",
+                                    "--node-rank", str(r), "--gpus-per-node", "1", "--master-addr", "127.0.0.1",
+                                    "--master-port", port, *train, *extra],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+                  for r in (0, 1)]  # fmt: skip
+        done = [(a, *a.communicate(timeout=600)) for a in agents]
+        for agent, stdout, stderr in done:
+            assert agent.returncode == 0, stdout[-2000:] + stderr[-3000:]
+        return [stdout for _, stdout, _ in done]
+
+    both_nodes(["--launcher", "torchrun"], "stop_at=2")
+    assert _summary(out)["step"] == 2 and _summary(out)["world_size"] == 2
+    logs = both_nodes(["--launcher", "deepspeed", "--hostfile", str(hosts), "--no-ssh"])
+    assert "resumed from" in logs[0] and "step_0000002 at step 2" in logs[0]
+    s = _summary(out)
+    assert s["status"] == "finished" and s["world_size"] == 2 and [h["step"] for h in s["losses"]] == [1, 2, 3, 4]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
