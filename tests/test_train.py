@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -425,9 +426,14 @@ def test_a_user_deepspeed_config_is_merged(tmp_path):
     user.write_text('{"zero_optimization": ')
     with pytest.raises(ValueError, match="ds.json: not JSON"):
         load_train_config("tiny", [f"deepspeed_config={user}"])
-    user.write_text('{"train_micro_batch_size_per_gpu": 4}')
-    with pytest.raises(ValueError, match="set by the trainer"):
-        load_train_config("tiny", [f"deepspeed_config={user}"])
+    for restated, instead in [({"train_micro_batch_size_per_gpu": 4}, "micro_batch"),
+                              ({"zero_optimization": {"stage": 3}}, "zero_stage=N"),
+                              ({"gradient_accumulation_steps": 4}, "grad_accum"),
+                              ({"scheduler": {"type": "WarmupLR"}}, "optim.schedule"),
+                              ({"optimizer": {"type": "Adam"}}, "optim.* (optim.lr"), ({"bf16": {"enabled": True}}, "precision")]:  # fmt: skip
+        user.write_text(json.dumps(restated))  # before: trained with it while config.yaml and the schedule said otherwise
+        with pytest.raises(ValueError, match=f"is set by the trainer from its own settings.*use {re.escape(instead)}"):
+            load_train_config("tiny", [f"deepspeed_config={user}"])
     with pytest.raises(ValueError, match="cannot read it"):
         load_train_config("tiny", [f"deepspeed_config={tmp_path / 'missing.json'}"])
 

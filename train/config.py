@@ -176,9 +176,11 @@ class TrainConfig:
 
         path = Path(self.deepspeed_config).expanduser()
         user = read_json(path, "deepspeed_config")
-        for key in ("train_micro_batch_size_per_gpu", "train_batch_size"):
-            if key in user:
-                raise ValueError(f"deepspeed_config={path}: {key} is set by the trainer (use micro_batch and grad_accum)")
+        for key, instead in _DEEPSPEED_KEYS_OF_SETTINGS.items():
+            section, _, sub = key.partition(".")
+            if section in user and (not sub or (isinstance(user[section], dict) and sub in user[section])):
+                raise ValueError(f"deepspeed_config={path}: {key} is set by the trainer from its own settings, which the "
+                                 f"checkpoints, schedule and exports follow; use {instead} instead")  # fmt: skip
         return _merged(generated, user)
 
     def zero(self, bf16: bool) -> int:
@@ -266,6 +268,17 @@ def settings_help() -> str:
             shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             lines.append(f"  {prefix}{m.group(1)}={shown}" + (f"  # {m.group(2)}" if m.group(2) else ""))
     return "\n".join(lines)
+
+
+# DeepSpeed keys that restate a trainer setting: taken from a user's JSON, the run would train with
+# one value while its config, schedule, checkpoints and exports follow the other
+_DEEPSPEED_KEYS_OF_SETTINGS = {
+    "train_micro_batch_size_per_gpu": "micro_batch", "train_batch_size": "micro_batch and grad_accum",
+    "gradient_accumulation_steps": "grad_accum (the schedule counts optimiser steps)",
+    "zero_optimization.stage": "zero_stage=N", "optimizer": "optim.* (optim.lr, optim.betas, optim.weight_decay, optim.fused)",
+    "scheduler": "optim.schedule, optim.warmup_steps, optim.min_lr_ratio, optim.decay_fraction",
+    "gradient_clipping": "optim.grad_clip", "bf16": "precision=bf16|fp32", "fp16": "precision (fp16 is not supported)",
+}  # fmt: skip
 
 
 def _merged(base: dict, over: dict) -> dict:
