@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: the model class ``bla`` for our checkpoints and exports.
 
     bla eval harness --run runs/main --tasks swde,fda --limit 100 --batch_size 16 --output_path results/
-    bla-lm-eval --model bla --model_args run=runs/main --tasks lambada_openai   # lm_eval, with `bla` known
+    bla-lm-eval --model bla --model_args pretrained=runs/main --tasks lambada_openai   # lm_eval, with `bla` known
 
 lm-eval finds models only among its own modules (0.4.x has no plugin entry point), so both
 commands register ``bla`` and then hand over to lm-eval's own command line: every ``lm_eval``
@@ -35,8 +35,19 @@ AUTO_BATCH_TOKENS = 65536  # batch_size=auto: as many rows as fit this many toke
 
 @register_model("bla")
 class BLAHarnessLM(LM):
-    def __init__(self, run: str, device: str = "", max_length: int = 0, batch_size: int | str = 1, **_: object):
+    def __init__(self, run: str = "", device: str = "", max_length: int = 0, batch_size: int | str = 1,
+                 max_batch_size: int | None = None, pretrained: str = "", **unknown: object):  # fmt: skip
+        """``run`` (ours) or ``pretrained`` (the harness's name for it, which then names the results):
+        a run, checkpoint or export. ``max_batch_size`` is lm-eval's own (``auto`` batches here use a
+        token budget); any other model argument is refused, not swallowed."""
         super().__init__()
+        if unknown:
+            raise ValueError(f"bla harness: unknown model_args {sorted(unknown)}; the model `bla` takes pretrained= (or "
+                             f"run=), max_length=, device=, batch_size=")  # fmt: skip
+        if bool(run) == bool(pretrained):
+            raise ValueError("bla harness: name the model with exactly one of pretrained=PATH or run=PATH "
+                             "(a run, checkpoint or bla export directory)")  # fmt: skip
+        run = run or pretrained
         if device.startswith("cuda") and not torch.cuda.is_available():
             # lm_eval's command line passes device=cuda unless told otherwise: on a CPU machine, run there
             print(f"bla harness: device={device} asked but no GPU is available; running on the CPU", flush=True)
@@ -179,6 +190,9 @@ def lm_eval_main(argv: list[str]) -> int:
     sys.argv = ["lm-eval", *argv]
     try:
         cli_evaluate()
+    except ValueError as exc:  # bad model arguments or files: one line, as every bla command
+        print(f"bla-lm-eval: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0

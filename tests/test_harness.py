@@ -135,3 +135,25 @@ def test_batched_scores_equal_one_at_a_time(tiny_run):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
     rolling = lm.loglikelihood_rolling([Req(r.args[0]) for r in reqs])
     assert rolling == pytest.approx([lm._logprobs([lm.tok.bos_id, *lm.tok.encode(r.args[0])], 1)[0] for r in reqs], abs=1e-4)
+
+
+def test_pretrained_names_the_model_and_unknown_model_args_are_refused(tiny_run, tasks):
+    """lm-eval's own name for the model path, `pretrained=`, works (and names the results); an
+    unknown model argument is one line and exit 2, never swallowed."""
+    from bla.eval.harness import BLAHarnessLM
+
+    with pytest.raises(ValueError, match=r"unknown model_args \['temprature'\]"):
+        BLAHarnessLM(pretrained=str(tiny_run / "run"), temprature=0.5)
+    with pytest.raises(ValueError, match="exactly one of pretrained=PATH or run=PATH"):
+        BLAHarnessLM()
+    out = tiny_run / "pretrained_results"
+    base = [sys.executable, "-m", "bla.eval.harness", "--model", "bla", "--tasks", "bla_test_mc", "--include_path",
+            str(tasks), "--limit", "2", "--output_path", str(out)]  # fmt: skip
+    done = subprocess.run([*base, "--model_args", f"pretrained={tiny_run / 'run'}"], capture_output=True, text=True,
+                          env=fresh_process_env(), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    written = list(out.rglob("results*.json"))
+    assert len(written) == 1 and "run" in written[0].parent.name  # lm-eval names the folder after pretrained=
+    done = subprocess.run([*base, "--model_args", f"pretrained={tiny_run / 'run'},bogus=1"], capture_output=True,
+                          text=True, env=fresh_process_env(), timeout=600)  # fmt: skip
+    assert done.returncode == 2 and "unknown model_args ['bogus']" in done.stderr.strip().splitlines()[-1]

@@ -56,6 +56,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
                 port = s.getsockname()[1]
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             _made_lone_world = True
+        if os.environ.get("WORLD_SIZE") == "1":
+            # one process has no one to share memory with: skip DeepSpeed's CPU shared-memory collectives,
+            # which it otherwise compiles on first use (about 75 s whenever its JIT cache is cold or stale)
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
