@@ -267,3 +267,35 @@ def test_the_lock_appears_with_its_holder_in_it(tmp_path, monkeypatch):
     with pytest.raises(lock.OutDirLocked, match="in use by another training process"):
         lock.acquire(tmp_path, print)  # this process is alive: its own second acquire is refused
     lock.release(held)
+
+
+SIGTERM_IN_VALIDATION = """
+import os, signal, sys
+from bla.model import lm
+from bla.train.config import load_train_config
+from bla.train.trainer import run
+calls = {"eval": 0}
+original = lm.BLALM.forward
+def forward(self, *a, **k):
+    if not self.training:
+        calls["eval"] += 1
+        if calls["eval"] == 1:  # the scheduler's preemption arrives in the first validation batch
+            os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, *a, **k)
+lm.BLALM.forward = forward
+summary = run(load_train_config("tiny", sys.argv[1:]))
+print("EVAL_BATCHES", calls["eval"], "STATUS", summary["status"], "STEP", summary["step"])
+"""
+
+
+def test_sigterm_during_validation_is_honoured_within_a_batch(four_steps, tmp_path):
+    """A long validation (50 batches here) does not hold up a preemption: it stops before its next
+    batch, the step's checkpoint is saved, the run exits 0 (before, it validated to the end)."""
+    run = copy_run(four_steps, tmp_path)
+    args = [f"out_dir={run}", f"cache_dir={four_steps / 'cache'}", *FAST, "steps=8", "eval_batches=50"]
+    done = subprocess.run([sys.executable, "-c", SIGTERM_IN_VALIDATION, *args], capture_output=True, text=True,
+                          env=fresh_process_env(OMP_NUM_THREADS="1"), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "EVAL_BATCHES 1 STATUS interrupted by SIGTERM; checkpoint saved STEP 6" in done.stdout, done.stdout[-2000:]
+    assert "validation interrupted by a signal" in done.stdout
+    assert ckpt.latest_complete(run / "checkpoints").name == ckpt.tag_of(6)
