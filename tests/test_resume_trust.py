@@ -62,7 +62,7 @@ def flip_a_byte(path: Path) -> None:
 @pytest.mark.parametrize(
     "content, says",
     [
-        (os.urandom(64), "not readable JSON"),
+        (bytes(range(256)), "not readable JSON"),
         (b"[1, 2]", "is a JSON list, not an object"),
         (b'{"files": []}', "has no file list"),
         (b'{"files": {}}', "lists no files"),
