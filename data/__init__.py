@@ -2,7 +2,7 @@
 
 Names load on first use (PEP 562): the synthetic tasks (``bla.data.synthetic``,
 ``bla.data.regbench``) need neither ``datasets`` nor ``tokenizers``. Tasks (``lm``, ``mqar``,
-``regbench``) are found by name through ``task_named`` (``bla.data.task``).
+``regbench``) are found by name through ``task_named`` (``bla.data.tasks``).
 """
 
 import importlib
@@ -13,7 +13,7 @@ _HOME = {
     "ShardDocuments": "shards", "prepare": "shards",
     "DataSourceConfig": "sources", "SourceConfig": "sources", "load_documents": "sources", "parse_source": "sources",
     "Tokenizer": "tokenizer", "check_vocab": "tokenizer", "check_same_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
-    "IGNORE": "task", "label_accuracy": "task", "task_named": "task", "task_names": "task", "source_config": "text",
+    "IGNORE": "task", "label_accuracy": "task", "task_named": "tasks", "task_names": "tasks", "source_config": "text",
 }  # fmt: skip
 __all__ = sorted(_HOME)
 

@@ -1,10 +1,12 @@
 """Training tasks: what a run trains on and how it is scored, one module per task.
 
 A task is registered by its module (``bla.data.text``: ``lm``; ``bla.data.synthetic``: ``mqar``;
-``bla.data.regbench``: ``regbench``) and owns everything about it: the checks of its settings,
+``bla.data.regbench``: ``regbench``) into ``TASKS`` here, and owns everything about it: the checks of its settings,
 its training and validation loaders, its validation metrics, and the seeds of its held-out
 examples. The trainer, ``bla eval`` and ``bla sweep`` only ask a task by name
-(``data.task``), so adding one is one module plus its settings' field in the data config.
+(``data.task``) through ``bla.data.tasks.task_named``, so adding one is one module (listed there)
+plus its settings' field in the data config. This module imports none of its members: they
+import it.
 
 Validation is split so that distributed code stays out of tasks: ``eval_sums`` returns sums over
 this rank's share of the held-out data (the trainer all-reduces each), ``eval_metrics`` turns
@@ -48,24 +50,6 @@ def register_task(task: Task) -> Task:
         raise ValueError(f"task {task.name!r} is registered already")
     TASKS[task.name] = task
     return task
-
-
-def task_named(name: str) -> Task:
-    _load_builtin_tasks()
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; expected one of {tuple(TASKS)}") from None
-
-
-def task_names() -> tuple[str, ...]:
-    _load_builtin_tasks()
-    return tuple(TASKS)
-
-
-def _load_builtin_tasks() -> None:
-    # their modules register them; text loads datasets/tokenizers only when its loaders run
-    from . import regbench, synthetic, text  # noqa: F401
 
 
 def label_accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore: int = IGNORE) -> torch.Tensor:

@@ -24,7 +24,13 @@ import math
 import torch
 
 GATES = ("dirichlet", "fejer", "dirichlet_v1")
-DEFAULT_GATES = "dirichlet"
+# The three defaults, here only. The operator keeps the spec's API default (`bla_attention(gates=
+# "dirichlet")`). A model trains with `fejer`, chosen on issue 19's evidence (experiments/reports/2026-11-to-12-sweeps.md, answer 3):
+# over 3 seeds it beat `dirichlet` on RegBench at every state (m = 4 / 16 / 64: 0.525 / 0.584 / 0.748
+# against 0.518 / 0.566 / 0.703, disjoint ranges) and tied it on LM loss and MQAR; its state is a
+# convex combination of keys (s = 1 - alpha), so a slot never outgrows the largest key.
+DEFAULT_GATES = "dirichlet"  # the operator's
+MODEL_GATES = "fejer"  # a model's (model.bla.gates)
 LEGACY_GATES = "dirichlet_v1"  # what a saved config without a ``gates`` key was trained with
 
 

@@ -10,7 +10,7 @@ built once per (W, m, gates, S) on the host in float64: each sub-chunk's cumulat
 after it ([S, m], in the operands' dtype). (A sequence's last, partial sub-chunk is summed from its
 gates where the state after it is carried: (1) and (C).) Reading them instead of summing, reducing
 and exponentiating took 1.685 -> 1.287 ms of kernels per forward+backward at W=512, m=64 on an H200
-(docs/benchmarks.md).
+(benchmarks/reports/2026-11-to-12.md).
 
 Work runs in sub-chunks of S = 64, 32 or 16 tokens, the unit of every matrix product. Inside
 one, with l the cumulative log-decay from the sub-chunk's start and T its total:
@@ -28,7 +28,7 @@ about 70 to a few hundred: W=6144, m=64 at 64 tokens): pairs inside each half ar
 half's mid log-decay; pairs across the halves on the log-decay at the boundary, where both factors
 are <= 1 whatever the spread, one more product per pair term. (At W=4096, m=64, which took this
 form under a deeper reset floor, it ran 64-token sub-chunks instead of 32-token centred ones: 1.84
-against 2.43 ms of kernels per forward+backward on an H200, docs/benchmarks.md.) Strides too coarse
+against 2.43 ms of kernels per forward+backward on an H200, benchmarks/reports/2026-11-to-12.md.) Strides too coarse
 even for 16-token halves (W/m of about a thousand) take an elementwise [16, 16, m] tile of decays
 instead (ELEMENTWISE). The [S, m] scores and probabilities never leave the chip.
 
@@ -46,7 +46,7 @@ chain is longer than a segment's chunks or a sequence's segments: the chunks of 
 from a zero carry, then the segments; (C) per chunk, the state path's share of dk, dv. (One
 program walking a segment's chunks in reverse, the state gradient in registers, avoids (B)'s
 first level but spilled 354 registers and took 1.5 ms against (A) + (B)'s 1.1 ms on an H100, as
-a forward (3) walking a segment's chunks took 0.52 ms against 0.37: docs/benchmarks.md.)
+a forward (3) walking a segment's chunks took 0.52 ms against 0.37: benchmarks/reports/2026-11-to-12.md.)
 Tuning knobs (environment): BLA_TRITON_SUB (largest sub-chunk), BLA_TRITON_CHUNK, BLA_TRITON_WARPS,
 BLA_TRITON_STAGES, BLA_TRITON_SEGMENT (segment tokens), BLA_TRITON_PAIRS=elementwise|halves|centred,
 BLA_TRITON_SCAN_GROUP (the two-level segment scan), BLA_TRITON_SLOT_TILE (the backward's slot tiles),
@@ -94,7 +94,7 @@ def _env(name: str):
 # products across a reset vanish in every sum. No deeper: the floor adds to the decays' spread inside
 # a sub-chunk, and at -20 the stride W/m = 64 (W=4096, m=64) fits one centre over 64 tokens (a
 # spread of 156 against FACTOR_LOG_RANGE's 160; 166 at -30, which took the halves form's extra
-# products: docs/benchmarks.md, "A shallower reset floor").
+# products: benchmarks/reports/2026-11-to-12.md, "A shallower reset floor").
 LOG_FLOOR = -20.0
 SEGMENT_TOKENS = 1024  # work item of (1) and of (B)'s first level: tokens run with a state in registers
 
@@ -110,7 +110,7 @@ def _slot_block(slots: int) -> int:
     slots the backward chunk kernel made out-of-range shared-memory accesses (compute-sanitizer,
     H100, 2026-11-24); with 16 (m <= 16) the forward's outputs differed from call to call on the
     same inputs and, at d = 32, held NaN where new memory starts as NaN (H200, 2026-12-01,
-    docs/benchmarks/determinism.py; regbench_v2's BLA runs went non-finite at step 2).
+    benchmarks/lab/determinism.py; regbench_v2's BLA runs went non-finite at step 2).
     BLA_TRITON_SLOT_BLOCK=16 or 32 brings the small tiles back, to measure them."""
     floor = int(os.environ.get("BLA_TRITON_SLOT_BLOCK", 64))
     return max(_pow2(slots), _pow2(floor))
@@ -137,7 +137,7 @@ def _gate_table_cpu(windows: tuple[int, ...], slots: int, gates: str, bm: int):
 
 # The factorised pairs stay within e^(+-80): fp32 and bf16 hold e^88. The sums over a sub-chunk
 # that carry them keep some margin for large q . k: at a spread of 156 (W/m = 64) finite to
-# |q . k| ~ 1.5e5, where 166 gave NaN from ~2e3 on (docs/benchmarks/headroom.py).
+# |q . k| ~ 1.5e5, where 166 gave NaN from ~2e3 on (benchmarks/lab/headroom.py).
 FACTOR_LOG_RANGE = 160.0
 
 
@@ -163,7 +163,7 @@ def diag_log_range(windows: tuple[int, ...], slots: int, gates: str, sub: int) -
 
 # Above this the kernels sum the log-decays themselves (W x S x m fp32 entries; the end weights take
 # half as much again in bf16). 128 MiB holds m = 128 at W = 4096 (and m = 64 to W = 8192): there the
-# table took m = 128's forward+backward 2.846 -> 2.441 ms of kernels (H200, docs/benchmarks.md), for
+# table took m = 128's forward+backward 2.846 -> 2.441 ms of kernels (H200, benchmarks/reports/2026-11-to-12.md), for
 # 192 MiB of GPU memory shared by every layer of that (W, m, gates).
 CUM_TABLE_BYTES = 128 << 20
 
@@ -532,7 +532,7 @@ def _ranges(S: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr, BDV: tl.conste
 def _item(seq_ptr, idx_ptr, start_ptr, len_ptr, off_ptr, win_ptr, toff_ptr, i, g):
     """A work item's sequence, index, first token, length, offset and its kv head's window and
     first gate row. (Offsets passed as int64 and reduced modulo W here, saving the host a cast
-    per call, made ptxas spill more in (A): 456 -> 528 stack bytes, docs/benchmarks/registers.py;
+    per call, made ptxas spill more in (A): 456 -> 528 stack bytes, benchmarks/lab/registers.py;
     not timed, so not taken.)"""
     n = tl.load(seq_ptr + i)
     return (n, tl.load(idx_ptr + i), tl.load(start_ptr + n), tl.load(len_ptr + n), tl.load(off_ptr + n),
@@ -696,7 +696,7 @@ def _scan_kernel(
         ok = _state_offsets(row, j_M, dk_D, BDK)
         ov = _state_offsets(row, j_M, dv_D, BDV)
         if IN_PLACE:  # through x's own pointer: stores through a second one (y is x) cost the backward's
-            # scans 0.124 -> 0.242 ms at W=512, m=64 on an H200 (docs/benchmarks.md)
+            # scans 0.124 -> 0.242 ms at W=512, m=64 on an H200 (benchmarks/reports/2026-11-to-12.md)
             tl.store(xk_ptr + ok, K.to(xk_ptr.dtype.element_ty))
             tl.store(xv_ptr + ov, V.to(xv_ptr.dtype.element_ty))
         else:
@@ -1089,7 +1089,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
     sub, pairs = sub_chunking(p)
     # a chunk (the unit of parallel work and of stored states) is one sub-chunk: no state is
     # updated inside (3) or recomputed inside (A). BLA_TRITON_CHUNK=64 keeps 64-token chunks of
-    # smaller sub-chunks (half the stored states; measured slower: docs/benchmarks.md)
+    # smaller sub-chunks (half the stored states; measured slower: benchmarks/reports/2026-11-to-12.md)
     chunk = max(sub, int(os.environ.get("BLA_TRITON_CHUNK", sub)))
     tiles = _slot_tiles(_slot_block(p.slots))
     return dict(
@@ -1097,7 +1097,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
         DK=p.head_dim_k, BDK=_pow2(p.head_dim_k), DV=p.head_dim_v, BDV=_pow2(p.head_dim_v),
         C=chunk, S=sub, NS=chunk // sub, PAIRS=pairs, CUM=cum_table_fits(p, sub),
         # the chunk's and segment's states used apart (2 products each): measured faster up to 64
-        # slots; above, their registers spill and one summed state is faster (docs/benchmarks.md)
+        # slots; above, their registers spill and one summed state is faster (benchmarks/reports/2026-11-to-12.md)
         SPLIT=_slot_block(p.slots) <= int(os.environ.get("BLA_TRITON_SPLIT_SLOTS", 64)),
         NT=tiles,
         TILE_RUN=_tile_run() if tiles > 1 else "program",
@@ -1107,7 +1107,7 @@ def _constants(problem: Problem, dtype: torch.dtype) -> dict:
 
 # The backward's slot tile: wider states run through it in tiles of this many (the forward stores
 # each query's log-sum-exp for it), by default only at 128-slot blocks, where it was measured
-# faster. fwd+bwd on an H200, B=4, T=8192, bf16 (docs/benchmarks.md, "The backward in slot tiles"):
+# faster. fwd+bwd on an H200, B=4, T=8192, bf16 (benchmarks/reports/2026-11-to-12.md, "The backward in slot tiles"):
 # m = 128 3.947 -> 3.436 ms at W=512 (`_bwd_chunk` 2.001 -> 1.434), 5.204 -> 4.385 at W=4096; at
 # m = 256 (four tiles of 32-token sub-chunks) 9.999 -> 10.817, so 256 slots stay in one tile.
 # BLA_TRITON_SLOT_TILE overrides it: 0, one tile of every slot; a power of two >= 16, tiles of that many.
@@ -1125,7 +1125,7 @@ def _tile_run() -> str:
     each other's values live: compiled for sm_90 (Triton 3.6), m = 128's `_bwd_chunk` needs 3736
     stack bytes, against 528 a tile. On an H200 (B=4, T=8192, bf16, fwd+bwd kernels) m = 128 took
     2.950 / 2.576 / 2.516 ms (program / grid / launches) at W=512, 4.272 / 3.194 / 3.067 at W=4096:
-    the grid's parts cost (C) more reads than the second launch's (docs/benchmarks.md, "m = 128's
+    the grid's parts cost (C) more reads than the second launch's (benchmarks/reports/2026-11-to-12.md, "m = 128's
     slot tiles apart")."""
     value = os.environ.get("BLA_TRITON_TILE_RUN", "launches")
     if value not in TILE_RUNS:
@@ -1150,7 +1150,7 @@ def _pick(consts: dict, *names: str) -> dict:
 
 
 # Register caps measured faster, by (kernel, slot block); none elsewhere. H200, B=4, T=8192, m = 64
-# (docs/benchmarks.md, "Per-phase tables and direct launches"): (C) 0.190 -> 0.173 ms at 168 (3
+# (benchmarks/reports/2026-11-to-12.md, "Per-phase tables and direct launches"): (C) 0.190 -> 0.173 ms at 168 (3
 # programs an SM); 168 for every kernel cost 1.290 -> 1.542 ms of kernels per forward+backward.
 MAXNREG = {("bwd_tokens", 64): 168}
 
@@ -1179,7 +1179,7 @@ def _factor_el(consts: dict, kernel: str) -> bool:
 
 
 # Where e^l stays a tile of its own. Kernels' CUDA time on an H200 (B=4, T=8192, bf16; factored
-# against not, ms; docs/benchmarks.md, "e^l from A"): (3) m = 64 W=512 (centred) 0.295 / 0.268 (its
+# against not, ms; benchmarks/reports/2026-11-to-12.md, "e^l from A"): (3) m = 64 W=512 (centred) 0.295 / 0.268 (its
 # own tile faster: no spills to save there), W=4096 (halves) 0.294 / 0.327; m = 128 W=512 0.450 /
 # 0.591, W=4096 0.495 / 0.690; (A) 0.429 / 0.435, 0.563 / 0.571, 0.996 / 1.001, 1.183 / 1.245;
 # m = 256 (32-token sub-chunks, 8 warps) 11.38 / 12.39 ms of kernels per forward+backward.
@@ -1188,7 +1188,7 @@ FACTOR_EL_OFF = {("fwd_out", CENTRED, 64)}
 
 def _launch_opts(problem: Problem, kernel: str) -> dict:
     """4 warps up to 128 slots (measured faster than 8 at S = 64, 32 and 16 on H100, m = 64; at
-    m = 128 on an H200, 4.01 against 4.82 ms of kernels per forward+backward: docs/benchmarks.md),
+    m = 128 on an H200, 4.01 against 4.82 ms of kernels per forward+backward: benchmarks/reports/2026-11-to-12.md),
     8 above; registers capped as MAXNREG says. BLA_TRITON_WARPS / BLA_TRITON_STAGES / BLA_TRITON_MAXNREG
     (a cap on registers a thread, the rest spilled) override them: a number for every kernel, or
     per kernel as ``fwd_out=8,bwd_chunk=4`` (kernel names without _kernel)."""
@@ -1200,7 +1200,7 @@ def _launch_opts(problem: Problem, kernel: str) -> dict:
 
 
 # Slot rows per scan program (BLA_TRITON_SCAN_ROWS overrides it). Scan kernel time per forward+backward,
-# W = 512, H200 (docs/benchmarks.md): m = 64: 0.17 ms at 64 rows, 0.32 at 32, 0.42 at 16 (more, smaller
+# W = 512, H200 (benchmarks/reports/2026-11-to-12.md): m = 64: 0.17 ms at 64 rows, 0.32 at 32, 0.42 at 16 (more, smaller
 # programs each wait on the same chain of loads); m = 256: 0.81 ms at 64 rows, 1.66 at 32, 6.88 as one
 # program per state (its [256, 64] fp32 carries spill).
 SCAN_ROWS = 64
@@ -1242,7 +1242,7 @@ class _Launcher:
     whether each pointer is 16-byte aligned); later calls whose arguments specialise the same
     way (every pointer aligned, the same dtypes and scalars, the same device) launch the compiled
     kernel directly. Triton's per-call binding and cache lookup were 0.45 ms of the host's 1.51 ms
-    per eager forward+backward (seven launches) on an H200 (docs/benchmarks.md, "Per-phase tables
+    per eager forward+backward (seven launches) on an H200 (benchmarks/reports/2026-11-to-12.md, "Per-phase tables
     and direct launches"). BLA_TRITON_LAUNCH=jit takes Triton's path every call."""
 
     __slots__ = ("kernel", "consts", "tail", "runtime", "cached")
@@ -1325,7 +1325,7 @@ def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool, out=No
     (B)), the carried states into ``out`` (default in place): in one level (each program walks its
     sequence's segments in order), or, where a sequence has many segments, in two (no program
     walks more than about G + segments / G). At B=1, T=128k (128 segments, 16 programs at m = 64)
-    the one-level chains cost 12% of a forward+backward (docs/benchmarks.md, "The segment scan in
+    the one-level chains cost 12% of a forward+backward (benchmarks/reports/2026-11-to-12.md, "The segment scan in
     two levels")."""
     group = plan.scan_group
     if group is None:  # the default: two levels only where they were measured faster
@@ -1352,7 +1352,7 @@ def _segment_scan(xk, xv, dec, hk, hv, lay: _Layout, plan, reverse: bool, out=No
 
 
 # The two-level segment scan's runs (G) and the segments a sequence needs before it is used by
-# default. fwd+bwd on an H200, m = 64, W = 512 / 4096 (docs/benchmarks.md): at B=1, T=128k (128
+# default. fwd+bwd on an H200, m = 64, W = 512 / 4096 (benchmarks/reports/2026-11-to-12.md): at B=1, T=128k (128
 # segments) G = 8 took 6.08 / 7.32 ms against 6.96 / 8.20 in one level, G = 16 6.16 / 7.41; at
 # B=2, T=64k (64 segments) 6.05 / 7.31 against 6.44 / 7.68; at B=1, T=32k (32 segments) its
 # kernels gain 2% but its extra host work (0.6 ms a call: gathers, a multiply-add) made the
@@ -1384,7 +1384,7 @@ class _Plan:
     """Everything about a call that its shapes, (windows, m, gates) and dtype decide, worked out
     once: a training step calls each layer's kernels with the same plan. Building it per call
     (sub-chunk choice, launch options, keyword dicts) was host time: caching it took the 350m
-    BLA model from 105,189 to 133,306 tokens/s on an H200 (docs/benchmarks.md)."""
+    BLA model from 105,189 to 133,306 tokens/s on an H200 (benchmarks/reports/2026-11-to-12.md)."""
 
     def __init__(self, problem: Problem, dtype: torch.dtype):
         p = problem

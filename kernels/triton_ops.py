@@ -137,7 +137,7 @@ class _Chunk(torch.autograd.Function):
     """The eager path: the same forward and backward as ``chunk_fwd``'s autograd, without the
     custom operator's machinery (dispatch, schema checks, output pytrees, the aliasing check),
     which cost 1.4 ms of host time per forward+backward at B=4, T=8192 on an H200 against the
-    kernels' 1.5 ms of GPU time (docs/benchmarks.md): eager calls were host-bound."""
+    kernels' 1.5 ms of GPU time (benchmarks/reports/2026-11-to-12.md): eager calls were host-bound."""
 
     @staticmethod
     def forward(ctx, q, k, v, h0k, h0v, problem: Problem):

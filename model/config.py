@@ -14,14 +14,8 @@ from typing import Any
 
 import yaml
 
-from bla.kernels.gates import GATES, LEGACY_GATES
-
-# The model's gate rule. The operator keeps the spec's API default (`bla_attention(gates="dirichlet")`);
-# a model trains with `fejer`, chosen on issue 19's evidence (docs/sweeps.md, answer 3): over 3 seeds
-# it beat `dirichlet` on RegBench at every state (m = 4 / 16 / 64: 0.525 / 0.584 / 0.748 against
-# 0.518 / 0.566 / 0.703, disjoint ranges) and tied it on LM loss and MQAR; its state is a convex
-# combination of keys (s = 1 - alpha), so a slot never outgrows the largest key.
-MODEL_GATES = "fejer"
+from bla.kernels import BACKENDS
+from bla.kernels.gates import GATES, LEGACY_GATES, MODEL_GATES
 
 @dataclass
 class BLAConfig:
@@ -115,8 +109,8 @@ class ModelConfig:
                 bad(f"{name} must be an int >= 0, got {kernel!r}")
         if self.bla.gates not in GATES:
             bad(f"bla.gates must be one of {GATES}, got {self.bla.gates!r}")
-        if self.bla.backend not in ("auto", "triton", "torch", "reference"):
-            bad(f"bla.backend must be auto, triton, torch or reference, got {self.bla.backend!r}")
+        if self.bla.backend not in BACKENDS:
+            bad(f"bla.backend must be one of {BACKENDS}, got {self.bla.backend!r}")
         return self
 
     # ---- (de)serialisation ----

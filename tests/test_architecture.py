@@ -44,6 +44,61 @@ def _imports(path: Path, package: str) -> list[tuple[str, list[str], int]]:
     return out
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return "bla." + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _own_imports(path: Path) -> set[str]:
+    """The modules of ``path``'s own package it imports (top level or inside functions), except
+    under ``if TYPE_CHECKING:`` (annotations only) and the package's ``__init__`` re-exports."""
+    module, package = _module_name(path), _module_name(path).split(".")[1]
+    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:  # `from . import x` imports the module x; `from .m import y` the module m
+                candidate = f"{target}.{alias.name}"
+                found.add(candidate if (ROOT / Path(*candidate.split(".")[1:])).with_suffix(".py").exists() else target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m.startswith(f"bla.{package}.") and m != module}
+
+
+def test_no_import_circle_inside_a_package():
+    """A registry that imports its members which import it back, or two modules that need each
+    other, make import order matter: helpers go to a leaf module, registries are filled by their
+    members and listed in one place that imports both."""
+    graph = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name != "__init__.py":
+                graph[_module_name(path)] = _own_imports(path)
+    circles = set()
+
+    def walk(module, trail):
+        for target in graph.get(module, ()):
+            if target in trail:
+                circles.add(" -> ".join(trail[trail.index(target) :] + [target]))
+            elif target in graph:
+                walk(target, trail + [target])
+
+    for module in graph:
+        walk(module, [module])
+    assert not circles, "\n".join(sorted(circles))
+
+
 def test_imports_only_go_downwards():
     wrong = []
     for package in PACKAGES:
@@ -204,3 +259,17 @@ def test_a_new_task_is_one_module_that_registers_itself(tmp_path):
     bad = subprocess.run([sys.executable, "-c", COPY_TASK, *args, "data.seq_len=33"], capture_output=True, text=True,
                          env=fresh_process_env(OMP_NUM_THREADS="1"), timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "copy needs an even data.seq_len, got 33" in bad.stderr
+
+
+def test_the_package_ships_what_users_run_and_docs_list_it():
+    """Benchmarks and one-off experiments live outside the package; every sweep it ships is in
+    docs/sweeps.md and every experiment spec in experiments/README.md."""
+    for package in PACKAGES:
+        harnesses = [p.name for p in (ROOT / package).glob("*.py") if "benchmark" in p.name or p.name == "baseline.py"]
+        assert not harnesses, f"{package}/ holds development harnesses {harnesses}: they belong in benchmarks/"
+    shipped = sorted(p.stem for p in (ROOT / "launch" / "sweeps").glob("*.yaml"))
+    usage = (ROOT / "docs" / "sweeps.md").read_text()
+    assert shipped and all(f"`{name}`" in usage for name in shipped), shipped
+    index = (ROOT / "experiments" / "README.md").read_text()
+    unlisted = [p.stem for p in (ROOT / "experiments" / "sweeps").glob("*.yaml") if f"`{p.stem}`" not in index]
+    assert not unlisted, f"experiments/README.md does not list {unlisted}"

@@ -15,6 +15,7 @@ from bla.launch.sweep import (
 )  # fmt: skip
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
@@ -173,21 +174,22 @@ def test_bad_specs_are_refused(tmp_path, text, match):
         load_spec(str(path))
 
 
-def test_named_sweeps_load_and_are_valid():
-    with pytest.raises(ValueError, match="named sweeps: .*mqar_budget"):
-        load_spec("nope")
-    for name in ("tiny", "mqar_budget", "mqar_paper", "regbench_budget", "regbench_paper", "mqar_v2", "regbench_v2"):
-        spec = load_spec(name)
-        assert {"bla", "swa"} <= set(spec.mixers) and spec.runs()
-    # every named sweep (the small CPU ones too): each run's training config is valid
+def test_named_sweeps_and_experiments_load_and_are_valid():
+    """The sweeps a user starts from ship with the package; the experiments' specs (run by path)
+    stay valid too: each run's training config validates."""
     from bla.launch.sweep import named_sweeps, train_config
 
-    names = named_sweeps()
-    assert {"tiny", "regbench_v2_peers_cpu", "regbench_v2_tuned_seeds_cpu"} <= set(names)
-    for name in names:
-        spec = load_spec(name)
+    with pytest.raises(ValueError, match="named sweeps: .*mqar_paper_budget"):
+        load_spec("nope")
+    assert named_sweeps() == ["mqar_paper", "mqar_paper_budget", "regbench_paper", "regbench_v2", "tiny"]
+    experiments = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
+    assert len(experiments) >= 20
+    for spec in [load_spec(name) for name in named_sweeps()] + [load_spec(str(path)) for path in experiments]:
+        assert spec.runs(), spec.name
         for mixer, overrides in spec.runs():
             train_config(spec, overrides).validate()
+    for name in ("tiny", "mqar_paper", "regbench_paper", "regbench_v2"):
+        assert {"bla", "swa"} <= set(load_spec(name).mixers)
 
 
 def test_jobs_get_their_own_gpus_when_there_are_enough():

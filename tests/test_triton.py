@@ -190,7 +190,7 @@ def test_one_centre_at_stride_64_holds_large_logits():
     (scaled logits in the thousands, far past any trained model's) outputs and gradients stay
     finite and equal to the torch backend's. (Forced to one centre at a spread of 162, floor -26,
     the same inputs gave NaN; at 166, the old floor's -30, from |q . k| ~ 2e3 on:
-    docs/benchmarks/headroom.py.)"""
+    benchmarks/lab/headroom.py.)"""
     g = torch.Generator().manual_seed(0)
     q, k = (24 * torch.randn(1, 140, 1, 64, generator=g) for _ in range(2))
     v, cot = (torch.randn(1, 140, 1, 64, generator=g) for _ in range(2))

@@ -43,6 +43,7 @@ from bla import data as lm_data  # the tokenizer module loads only for text mode
 from bla.model import BLALM
 
 from .deepspeed_import import deepspeed
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -51,29 +52,8 @@ MANIFEST = "complete.json"
 UNIVERSAL_SUFFIX = "_universal"
 
 
-def read_json(path: Path, setting: str = "") -> dict:
-    """A JSON object from a file a user wrote or received; errors name the file (as
-    ``setting=path`` when a setting named it)."""
-    name = f"{setting}={path}" if setting else str(path)
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"{name}: cannot read it ({exc.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{name}: not JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{name}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def tag_of(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -520,7 +500,7 @@ def saved_train_config(tag_dir: Path) -> "TrainConfig":
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[BLALM, "lm_data.Tokenizer | None", "TrainConfig"]:
     """(model in eval mode, tokenizer (None for tasks without text), the run's train config) of a
     run's newest whole checkpoint or of one checkpoint."""
-    from bla.data.task import task_named
+    from bla.data.tasks import task_named
 
     tag_dir = resolve_checkpoint(path)
     train_cfg = saved_train_config(tag_dir)

@@ -18,9 +18,11 @@ import yaml
 
 from bla.data.regbench import RegBenchConfig
 from bla.data.synthetic import MQARConfig
-from bla.data.task import task_named, task_names
+from bla.data.tasks import task_named, task_names
 from bla.model.config import ModelConfig, load_preset, set_dotted, split_override
 from bla.model.lm import CHECKPOINTING
+
+from .files import read_json
 
 
 @dataclass
@@ -172,8 +174,6 @@ class TrainConfig:
         generated = self._generated_deepspeed(bf16, load_universal)
         if not self.deepspeed_config:
             return generated
-        from .checkpoint import read_json
-
         path = Path(self.deepspeed_config).expanduser()
         user = read_json(path, "deepspeed_config")
         for key, instead in _DEEPSPEED_KEYS_OF_SETTINGS.items():
@@ -187,7 +187,7 @@ class TrainConfig:
         """The ZeRO stage ``zero_stage`` resolves to. auto: 1 in bf16, where DeepSpeed's stage 0
         keeps bf16 gradients and steps an unfused optimizer parameter by parameter (the 350m attn
         model trained at 0.56x a plain loop's tokens/s on an H200, against 0.89x at stage 1 with
-        fp32 gradients: docs/benchmarks.md); 0 in fp32. On one device stage 1 partitions nothing."""
+        fp32 gradients: benchmarks/reports/2026-11-to-12.md); 0 in fp32. On one device stage 1 partitions nothing."""
         if self.zero_stage == "auto":
             return 1 if bf16 else 0
         return self.zero_stage

@@ -34,6 +34,7 @@ from bla.model import BLALM, ModelConfig
 from . import checkpoint as ckpt
 from .checkpoint import load_weights
 from .config import TrainConfig
+from .files import read_json
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -44,7 +45,7 @@ EXPORT_PREFIX = "model."  # the Hugging Face class holds the BLALM as ``.model``
 
 def is_export(path: str | Path) -> bool:
     config = Path(path) / EXPORT_CONFIG
-    return config.is_file() and ckpt.read_json(config).get("model_type") == EXPORT_MODEL_TYPE
+    return config.is_file() and read_json(config).get("model_type") == EXPORT_MODEL_TYPE
 
 
 def verify_export(path: Path, info: dict) -> None:
@@ -65,13 +66,13 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     from safetensors.torch import load_file
 
     path = Path(path)
-    hf_config = ckpt.read_json(path / EXPORT_CONFIG) if (path / EXPORT_CONFIG).is_file() else {}
+    hf_config = read_json(path / EXPORT_CONFIG) if (path / EXPORT_CONFIG).is_file() else {}
     if hf_config.get("model_type") != EXPORT_MODEL_TYPE:
         raise ValueError(f"{path} is not a bla export: expected {EXPORT_CONFIG} with model_type {EXPORT_MODEL_TYPE!r}")
     weights = path / EXPORT_WEIGHTS
     if not weights.is_file():
         raise ValueError(f"{path} has no {EXPORT_WEIGHTS}")
-    info = ckpt.read_json(path / EXPORT_INFO) if (path / EXPORT_INFO).exists() else {}
+    info = read_json(path / EXPORT_INFO) if (path / EXPORT_INFO).exists() else {}
     verify_export(path, info)
     if not isinstance(hf_config.get("bla_model"), dict):
         raise ValueError(f"{path / EXPORT_CONFIG} has no bla_model settings (not written by bla export)")
@@ -225,7 +226,7 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", overwrit
     if is_export(source):
         model, tokenizer, train_cfg = load_exported(source)
         info_file = Path(source) / EXPORT_INFO
-        previous = ckpt.read_json(info_file).get("source", {}) if info_file.exists() else {}
+        previous = read_json(info_file).get("source", {}) if info_file.exists() else {}
         origin = {"export": str(source), "from": previous}
     else:
         tag_dir = ckpt.resolve_checkpoint(source)

@@ -25,7 +25,8 @@ import yaml
 from tqdm import tqdm
 
 from bla import data as lm_data  # loads text-data modules (datasets, tokenizers) on first use only
-from bla.data.task import IGNORE, task_named
+from bla.data.task import IGNORE
+from bla.data.tasks import task_named
 from bla.model import BLALM, flops_per_token, param_count
 
 from . import checkpoint as ckpt
@@ -214,7 +215,7 @@ def _previous_losses(out: Path, step: int) -> list[dict]:
 def repeatable_numerics() -> None:
     """``deterministic=true``: a run's numbers do not depend on the process or on the load on the
     GPU. On an H200 the same BLA run (seed, config, commit) differed from one process to another
-    from its first step's loss (docs/sweeps.md, issue 19). The compiled blocks' reductions are the
+    from its first step's loss (experiments/reports/2026-11-to-12-sweeps.md, issue 19). The compiled blocks' reductions are the
     usual source: Inductor times candidate configurations on the device at their first launch,
     and the winner's summation order sets the low bits. This turns that off (Inductor's
     deterministic mode, torch >= 2.10), selects torch's deterministic algorithms (a warning where

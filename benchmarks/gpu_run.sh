@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 18 and 21 (and the GPU tests they add), as run on the device
+# machine: `bash benchmarks/gpu_run.sh STAGE...` from the repo root, logs under $OUT.
+# The machine has torch and Triton; DeepSpeed and its missing needs travel as wheels in .whl.
+set -o pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ] && [ ! -e /tmp/site/.installed ]; then  # once per machine: a second gpu_run.sh beside a first one
+  # must not replace the packages the first one is importing
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  touch /tmp/site/.installed
+fi
+mkdir -p /tmp/p/bla && for d in kernels model data train eval launch; do ln -sfn "$PWD/$d" "/tmp/p/bla/$d"; done
+export PYTHONPATH=/tmp/p:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"  # the copy's git can lag the tree it runs: note the commit here too
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests)  # the GPU cases of the compile, custom-op and static-decoding tests
+      python3 -m pytest -q -m "not slow" -p no:logging --tb=short tests/test_compile.py tests/test_decode.py 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/tests.txt" ;;
+    breaks)  # graph breaks of the compiled blocks
+      python3 benchmarks/lab/compile_check.py 2>&1 | grep -v Warning | tail -20 | tee "$OUT/breaks.txt" ;;
+    optim2k)  # DeepSpeed's optimizer wrappers: ZeRO-1, and ZeRO-1 with fp32 gradients (BF16_Optimizer)
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn --set zero_stage=1 --profile --json "$OUT/train_2k_z1.json" 2>&1 | grep -v Warning | tail -17 | tee "$OUT/train_2k_optim.txt"
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn --set zero_stage=1 deepspeed_config=benchmarks/lab/bf16_fp32_grads.json --profile --json "$OUT/train_2k_z1fp32.json" 2>&1 | grep -v Warning | tail -17 | tee -a "$OUT/train_2k_optim.txt" ;;
+    plain2k)  # the model in the baseline's loop, beside the baseline and the engine (attn: RoPE shared now)
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --plain-loop --json "$OUT/train_2k_plain.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_plain.txt" ;;
+    train2k)  # the stack against the plain baseline at 2k, compiled, with the top kernels of a step
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile --json "$OUT/train_2k.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k.txt" ;;
+    eager2k)  # the same rows eager (compile=false): the compiled path's gain
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --set compile=false --json "$OUT/train_2k_eager.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_eager.txt" ;;
+    sac2k)  # activation checkpointing's trade-off
+      for ac in ops block; do python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla attn --set activation_checkpointing=$ac --json "$OUT/train_2k_$ac.json" 2>&1 | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee -a "$OUT/train_2k_ac.txt"; done ;;
+    train16k)
+      python3 benchmarks/training.py --presets 350m --seq-lens 16384 --mixers attn bla --baseline --json "$OUT/train_16k.json" 2>&1 | grep -v Warning | tee "$OUT/train_16k.txt" ;;
+    bla16k)
+      python3 benchmarks/training.py --presets 350m --seq-lens 16384 --mixers bla --json "$OUT/train_16k_bla.json" 2>&1 | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee "$OUT/train_16k_bla.txt" ;;
+    generate)  # inference against context, BLA beside softmax attention, one run
+      python3 -m bla.eval.memory --preset 125m --mixers bla attn --contexts 1024 8192 32768 131072 --batches 1 8 64 \
+        --json "$OUT/generate.json" --png "$OUT/generate.png" 2>&1 | grep -v Warning | tee "$OUT/generate.txt" ;;
+    bla2k)  # the BLA row alone (after a host-side change), with its profile
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla --profile --json "$OUT/train_2k_bla.json" 2>&1 | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee "$OUT/train_2k_bla.txt" ;;
+    curve)  # compiled against eager training: the same loss curve (125m-shaped BLA on MQAR, 600 steps)
+      for c in true false; do
+        python3 -m bla.train.cli mqar model.preset=125m model.vocab_size=8192 steps=600 eval_every=200 save_every=600 \
+          log_every=10 compile=$c progress=false out_dir=/tmp/curve_$c cache_dir=/tmp/cache 2>&1 | grep -E "first step|step 600|finished" | tee -a "$OUT/curve.txt"
+        cp /tmp/curve_$c/summary.json "$OUT/curve_$c.json"
+      done ;;
+    curve350m)  # issue 18's show: the 350m preset, 2,000 steps of 8k tokens on the embedded corpus, eager
+      # and compiled at once on the one GPU (the eager run starts first; the compiled one once the
+      # eager run's first step shows the data cache is built); logs land in $OUT as they come
+      for c in false true; do
+        python3 -m bla.train.cli main model.preset=350m model.vocab_size=4096 data.seq_len=2048 micro_batch=4 steps=2000 \
+          optim.lr=1e-3 optim.warmup_steps=100 eval_every=500 save_every=2000 log_every=10 compile=$c progress=false \
+          out_dir=/tmp/curve350m_$c cache_dir=/tmp/cache 2>&1 | grep --line-buffered -E "first step|step [0-9]+:|finished|Error|error" > "$OUT/curve350m_$c.txt" &
+        while [ "$c" = false ] && ! grep -q "first step" "$OUT/curve350m_false.txt" 2>/dev/null; do sleep 2; done
+      done
+      wait
+      for c in false true; do cp /tmp/curve350m_$c/summary.json "$OUT/curve350m_$c.json"; done ;;
+    hostprofile)  # where the host's time goes in one eager forward+backward (torch profiler's CPU ops, cProfile)
+      python3 benchmarks/lab/host_profile.py 2>&1 | grep -v Warn | tee "$OUT/host_profile$TAG.txt" ;;
+    hostparts)  # the host time of each part of a BLA call
+      python3 benchmarks/lab/host_parts.py 2>&1 | grep -v Warn | tee "$OUT/host_parts.txt" ;;
+    variants)  # issue 17's kernel variants (sub-chunk sizes, pair forms, warps; VARIANTS=scan: the scan's rows; VARIANTS=scan_group: the two-level segment scan at B=1, T=128k; VARIANTS=tile_run: how m=128's slot tiles run; VARIANTS=warps128: 8 warps in some kernels at m=128; VARIANTS=factor_el: e^l as its own tile or from A) beside flex SWA, one process
+      # VARIANT_ARGS: more options, e.g. "--shape 1 32768 --dtype float32"; TAG names the files apart
+      python3 benchmarks/lab/kernel_variants.py --set "${VARIANTS:-all}" $VARIANT_ARGS --json "$OUT/kernel_variants$TAG.json" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/kernel_variants$TAG.txt" ;;
+    triton)  # a few Triton kernel tests on the GPU (each case compiles its own kernels, 10-60 s: at
+      # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here).
+      # TRITON_K picks others (pytest -k), TRITON_LIMIT bounds them (240 s)
+      timeout "${TRITON_LIMIT:-240}" python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "${TRITON_K:-long_window or half_inputs}" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests$TAG.txt" ;;
+    gates)  # issue 17's benchmark at its shape for each gate rule (the model trains with fejer, the operator defaults to dirichlet)
+      for gates in dirichlet fejer; do
+        python3 benchmarks/kernel.py gpu --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 --window 512 4096 --gates $gates \
+          --json "$OUT/kernel_gates_$gates.json" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/kernel_gates_$gates.txt"
+      done ;;
+    fla)  # issue 17's benchmark with fla's chunk_gsa beside it (its wheels, fla-core and einops, in .whl-fla:
+      # carry it too). fla autotunes 19 kernels at its first call (343 s on an H200, so the shapes are few); its
+      # choices persist (Triton's cache_results) in $OUT/fla_tune.tgz even when the stage is cut: unpack that into
+      # .fla-tune (git-ignored) and carry it, and the next call starts tuned. FLA_LIMIT bounds the benchmark (420 s).
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-fla .whl-fla/*.whl || exit 1
+      export TRITON_CACHE_DIR=/tmp/triton-fla; mkdir -p "$TRITON_CACHE_DIR"
+      [ -d .fla-tune ] && cp -r .fla-tune/. "$TRITON_CACHE_DIR/"
+      PYTHONPATH=$PYTHONPATH:/tmp/site-fla TRITON_PRINT_AUTOTUNING=1 timeout "${FLA_LIMIT:-420}" python3 benchmarks/kernel.py gpu \
+        --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 --window 512 4096 --json "$OUT/kernel_fla.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/kernel_fla.txt"
+      (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar czf "$OUT/fla_tune.tgz" -T -)
+      unset TRITON_CACHE_DIR ;;
+    accuracy)  # issue 17: the bf16 kernel against the fp32 torch backend at W=4096 (one centre over 64 tokens since 63bc74b; halves before)
+      timeout 150 python3 benchmarks/kernel.py accuracy --head-dims 64 128 --slots 64 --window 4096 --all-gates dirichlet fejer \
+        --json "$OUT/accuracy_4096.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_4096.txt" ;;
+    accuracy128)  # issue 17: m = 128's slot tiles (one launch each, the default, then one program each) against the fp32 torch backend
+      for run in launches grid; do BLA_TRITON_TILE_RUN=$run timeout 170 python3 benchmarks/kernel.py accuracy --head-dims 64 --slots 128 \
+        --window 512 4096 --all-gates dirichlet fejer --json "$OUT/accuracy_m128_$run.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_m128_$run.txt"; done ;;
+    sweep)  # issue 19: the sweep $SWEEP, $SWEEP_JOBS runs at a time, no run started after $SWEEP_START_BY s (started
+      # runs finish), all cut after $SWEEP_LIMIT s (a run cut mid-way is lost: its checkpoint stays on the machine). Finished runs come back in ONE file, $OUT/sweep_$SWEEP.tgz (the
+      # device tool returns only a few files per call): every run's result.json, summary.json, sweep_run.json and
+      # train.log, and the report. To resume in a later call, unpack it into experiments/results/$SWEEP and carry
+      # experiments/results/$SWEEP/runs (runs/ is git-ignored, so it travels only when carried): finished runs are not re-run.
+      # (16 jobs trained 16 runs of mqar_ablations in about 5 minutes on an H200.)
+      name=${SWEEP:?set SWEEP to a sweep name}; dir=/tmp/sweeps/$name; mkdir -p "$dir/runs"
+      spec=$name; [ -f "experiments/sweeps/$name.yaml" ] && spec="experiments/sweeps/$name.yaml"  # an experiment: by path
+      if [ -d "experiments/results/$name/runs" ]; then cp -r "experiments/results/$name/runs/." "$dir/runs/"; fi
+      timeout "${SWEEP_LIMIT:-540}" python3 -m bla.launch.cli sweep "$spec" --out "$dir" --jobs "${SWEEP_JOBS:-16}" --cache-dir /tmp/cache \
+        --start-by "${SWEEP_START_BY:-250}" \
+        2>&1 | grep -v -E "Warning|Processing zero|Parsing checkpoint|Loading checkpoint" | tee "$OUT/sweep_$name.txt"
+      python3 -m bla.launch.cli sweep "$spec" --out "$dir" --report 2>&1 | grep -v Warning | tail -40 | tee -a "$OUT/sweep_$name.txt"
+      (cd "$dir" && find runs -maxdepth 2 \( -name result.json -o -name summary.json -o -name sweep_run.json -o -name train.log \) \
+        -exec sh -c 'test -e "$(dirname "$1")/result.json"' _ {} \; -print | tar czf "$OUT/sweep_$name.tgz" -T - \
+        $(ls ./*.csv ./*.json ./*.png ./spec.yaml 2>/dev/null)) ;;
+    repeat)  # issue 19: does deterministic=true make a BLA run repeat itself on the GPU? The same short MQAR run (bla
+      # m=16, W=128, compiled, bf16) twice in separate processes, one with another job loading the GPU, then the losses.
+      # REPEAT_SET: more overrides for both runs, to bisect the source (at b7dbc13 deterministic=true runs parted at
+      # step 8): e.g. REPEAT_SET="compile=false", "model.bla.backend=torch", "precision=fp32"
+      rm -rf /tmp/repeat_1 /tmp/repeat_2 /tmp/repeat_load  # a finished out_dir would be resumed, not retrained
+      for i in 1 2; do
+        [ "$i" = 2 ] && { python3 -m bla.train.cli mqar out_dir=/tmp/repeat_load cache_dir=/tmp/cache steps=400 optim.warmup_steps=10 \
+          data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 model.bla.window=128 progress=false >/dev/null 2>&1 & }
+        python3 -m bla.train.cli mqar out_dir=/tmp/repeat_$i cache_dir=/tmp/cache steps=200 eval_every=200 save_every=200 log_every=1 \
+          optim.warmup_steps=10 data.seq_len=128 data.mqar.num_kv_pairs=16 data.mqar.vocab_size=256 model.vocab_size=256 \
+          model.bla.slots=16 model.bla.window=128 optim.lr=3e-3 deterministic=${DETERMINISTIC:-true} progress=false $REPEAT_SET 2>&1 \
+          | grep -E "Error|error|deterministic" | sort -u | head -8 | tee -a "$OUT/repeat_log.txt"  # an op without a deterministic form warns
+      done
+      wait
+      python3 -c "
+import json
+a, b = (json.load(open(f'/tmp/repeat_{i}/summary.json'))['losses'] for i in (1, 2))
+same = [x['loss'] == y['loss'] for x, y in zip(a, b)]
+first = same.index(False) + 1 if False in same else None
+print(f'deterministic=${DETERMINISTIC:-true} ${REPEAT_SET}: {sum(same)} of {len(same)} step losses identical; first difference at step {first}')
+print('step 1:', a[0]['loss'], b[0]['loss'], ' step 200:', a[-1]['loss'], b[-1]['loss'])" 2>&1 | tee -a "$OUT/repeat.txt" ;;
+    determinism)  # issue 19: the same computation twice in one process, bit for bit; --poison: new tensors start as NaN
+      # (as under deterministic=true); --load: another process keeps the GPU busy
+      python3 benchmarks/lab/determinism.py --repeats 10 --poison --json "$OUT/determinism_poison.json" 2>&1 | grep -v Warn | tee "$OUT/determinism.txt"
+      python3 benchmarks/lab/determinism.py --repeats 10 --load --json "$OUT/determinism_load.json" 2>&1 | grep -v Warn | tee -a "$OUT/determinism.txt" ;;
+    regbench_nan)  # issue 19: regbench_v2's BLA runs went non-finite at step 2 (deterministic=true): 6 steps of one,
+      # deterministic and not, compiled and eager, side by side
+      for det in true false; do for c in true false; do
+        python3 -m bla.train.cli regbench out_dir=/tmp/rbnan_${det}_$c cache_dir=/tmp/cache steps=6 eval_every=6 save_every=6 log_every=1 \
+          data.seq_len=256 model.bla.slots=16 optim.lr=1e-3 optim.warmup_steps=2 deterministic=$det compile=$c progress=false 2>&1 \
+          | grep -E "step [0-9]+:|first step|non-finite|Error" | head -12 | sed "s/^/det=$det compile=$c /" > "$OUT/rbnan_${det}_$c.txt" &
+      done; done; wait
+      for f in /tmp/rbnan_*/summary.json; do python3 -c "import json,sys; print(sys.argv[1], [round(h['loss'], 4) for h in json.load(open(sys.argv[1]))['losses']])" "$f"; done > "$OUT/rbnan_losses.txt"
+      cat "$OUT"/rbnan_*.txt | tee "$OUT/regbench_nan.txt" ;;
+    profile)  # issue 17: per-kernel CUDA times, registers and spills at m = 64 and 128 (W = 512)
+      for m in 64 128; do python3 benchmarks/lab/kernel_profile.py 512 $m 2>&1 | grep -v Warning | tee -a "$OUT/kernel_profile.txt"; done ;;
+    ncu)  # issue 17: what bounds each kernel (Nsight Compute's speed-of-light and occupancy), m = 64, W = 512
+      # and 4096, clocks left free as in the timings (ncu reads no counters under gVisor: the log says so)
+      for W in 512 4096; do NCU=1 timeout 200 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+        --section LaunchStats -k regex:"_kernel" python3 benchmarks/lab/kernel_profile.py $W 64 2>&1 | grep -v Warning | tee -a "$OUT/ncu_$W.txt"; done ;;
+    firstcall)  # issue 17: the first call at a new shape (empty Triton cache, tables built) at W = 4096, m = 64 and 128
+      for m in 64 128; do python3 benchmarks/kernel.py gpu --head-dims 64 --slots $m --seq-lens 8192 --tokens 32768 --window 4096 \
+        --no-flex --first-call --json "$OUT/first_call_m$m.json" 2>&1 | grep -v Warning | tee -a "$OUT/first_call.txt"; done ;;
+    throughput)  # issue 17's show: 350m training throughput with BLA beside softmax attention, one run
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla attn --json "$OUT/train_2k_throughput.json" 2>&1 \
+        | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee "$OUT/train_2k_throughput.txt" ;;
+    kernel)  # issue 17's benchmark at the anchor shape
+      python3 benchmarks/kernel.py gpu --head-dims 64 --slots 64 128 --seq-lens 8192 --tokens 32768 --window 512 4096 \
+        --json "$OUT/kernel.json" 2>&1 | grep -v Warning | tee "$OUT/kernel.txt" ;;
+  esac
+done

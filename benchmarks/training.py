@@ -1,0 +1,212 @@
+"""Training throughput: tokens/s and MFU of model presets through the trainer's DeepSpeed engine,
+beside a plain compiled PyTorch transformer of the same shape measured in the same run.
+
+``python benchmarks/training.py --presets 350m --seq-lens 2048 16384 --mixers bla attn --baseline``
+Synthetic token ids (the data pipeline is benchmarked on its own: benchmarks/reports/2026-11-to-12.md); bf16 on
+GPU; the same number of tokens per step at every context length. The engine is built as the
+trainer builds it (compile, activation checkpointing, fused AdamW, chunked loss) and each step
+is the trainer's: forward, the finiteness check of nan_policy, backward, step; the loss is read
+only at the end. ``--profile`` prints the top kernels of one step per row, after the sum of all
+kernels' time and its share of the step's wall time (the GPU's busy share). Prints a table and
+the ratios against the baseline; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bla.model import BLALM, apply_overrides, flops_per_token, load_preset, param_count
+from bla.model.config import set_dotted, split_override
+
+from bla.train.config import TrainConfig
+from bla.train.peak import peak_flops
+
+
+def _timed(step, steps: int) -> tuple[float, float]:
+    """(first call's seconds, compilation included; mean seconds per step after two warm-ups)."""
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return first, (time.perf_counter() - t0) / steps
+
+
+def _profile(step, top: int = 15) -> list[dict]:
+    """The top kernels of one step by GPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    # the GPU's busy share of the step: the rest is the host (Python, launches, waits)
+    head = {"kernel": "(all kernels)", "ms": total / 1e3, "share": total / 1e6 / wall, "calls": sum(e.count for e in events)}
+    return [head] + [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "share": e.self_device_time_total / total,
+                      "calls": e.count} for e in events[:top]]  # fmt: skip
+
+
+def _row(name: str, cfg_model, seq_len: int, batch: int, first: float, dt: float, peak: float, **extra) -> dict:
+    tps = batch * seq_len / dt
+    return dict(name=name, params=param_count(cfg_model), seq_len=seq_len, batch=batch, step_s=dt, tokens_per_s=tps,
+                mfu=flops_per_token(cfg_model, seq_len) * tps / peak, peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9,
+                first_step_s=first, device=torch.cuda.get_device_name(), **extra)  # fmt: skip
+
+
+def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str], profile: bool) -> dict:
+    import deepspeed
+
+    from bla.train.trainer import forward_loss
+
+    model_cfg = apply_overrides(load_preset(preset), [f"layer_pattern=[{mixer}]"])
+    settings = {**TrainConfig().to_dict(), "model": model_cfg.to_dict()}
+    for item in overrides:  # trainer settings: compile=false, activation_checkpointing=ops, zero_stage=1, ...
+        set_dotted(settings, *split_override(item))
+    cfg = TrainConfig.from_dict(settings, validate=False)
+    torch.manual_seed(0)
+    model = BLALM(model_cfg)
+    model.set_checkpointing(cfg.activation_checkpointing)
+    if cfg.compiles("cuda"):
+        model.compile_blocks()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg.deepspeed(bf16=True))
+    B = max(1, tokens_per_step // seq_len)
+    ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():  # the trainer's micro-batch (bla.train.trainer._Run.micro_batches)
+        loss, _ = forward_loss(engine, batch, engine.device, None, cfg.loss_chunk)
+        bool(torch.isfinite(loss.detach()).all())  # nan_policy's check: the step's one read of the device
+        engine.backward(loss)
+        engine.step()
+
+    first, dt = _timed(step, steps)
+    peak, _ = peak_flops(engine.device, torch.bfloat16)
+    row = _row(f"bla-lm {preset} {mixer}", model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer,
+               compiled=cfg.compiles("cuda"), activation_checkpointing=cfg.activation_checkpointing)  # fmt: skip
+    if profile:
+        row["profile"] = _profile(step)
+    return row
+
+
+def measure_baseline(preset: str, seq_len: int, tokens_per_step: int, steps: int, profile: bool) -> dict:
+    from baseline import PlainTransformer, make_step  # beside this script
+
+    cfg = apply_overrides(load_preset(preset), ["layer_pattern=[attn]"])
+    torch.manual_seed(0)
+    model = PlainTransformer(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_hidden, cfg.rope_theta).cuda()
+    train_step = make_step(model)
+    B = max(1, tokens_per_step // seq_len)
+    ids = torch.randint(0, cfg.vocab_size, (B, seq_len + 1), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        return train_step(ids[:, :-1], ids[:, 1:])
+
+    first, dt = _timed(step, steps)
+    peak, _ = peak_flops(torch.device("cuda"), torch.bfloat16)
+    # MFU by the attn model's FLOPs: the same shape (the baseline has no output gate or norm extras)
+    row = _row(f"plain PyTorch {preset}-shaped", cfg, seq_len, B, first, dt, peak, preset=preset, mixer="baseline")
+    if profile:
+        row["profile"] = _profile(step)
+    return row
+
+
+def measure_plain_loop(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: int, loss_chunk: int) -> dict:
+    """bla-lm's model (compiled blocks, chunked loss) in the baseline's loop (fp32 weights, bf16
+    autocast, fused AdamW, no DeepSpeed): with the baseline and the DeepSpeed row, it tells the
+    model's cost from the engine's."""
+    model_cfg = apply_overrides(load_preset(preset), [f"layer_pattern=[{mixer}]"])
+    torch.manual_seed(0)
+    from baseline import make_step
+
+    model = BLALM(model_cfg).cuda()
+    model.compile_blocks()
+    train_step = make_step(model, forward=lambda ids, labels: model(ids, labels=labels, loss_chunk=loss_chunk).loss)
+    B = max(1, tokens_per_step // seq_len)
+    ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        train_step(ids[:, :-1], ids[:, 1:])
+
+    first, dt = _timed(step, steps)
+    peak, _ = peak_flops(torch.device("cuda"), torch.bfloat16)
+    return _row(f"bla-lm {preset} {mixer}, plain loop", model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer)
+
+
+def _print(r: dict, base: dict | None) -> None:
+    ratio = f"  {r['tokens_per_s'] / base['tokens_per_s']:.2f}x baseline" if base and base is not r else ""
+    print(f"{r['name']:>28} T={r['seq_len']:>6} B={r['batch']:>2} {r['tokens_per_s']:>10,.0f} tok/s MFU {100 * r['mfu']:5.1f}% "
+          f"mem {r['peak_mem_gb']:5.1f} GB  first step {r['first_step_s']:.1f}s{ratio}", flush=True)  # fmt: skip
+    for k in r.get("profile", []):
+        print(f"{'':>30}{k['ms']:8.2f} ms {100 * k['share']:5.1f}% x{k['calls']:<4} {k['kernel']}")
+
+
+def _measure_all(args) -> list[dict]:
+    """Every (preset, T, mixer) row the arguments ask for, printed as measured."""
+    rows = []
+    for preset in args.presets:
+        for T in args.seq_lens:
+            base = measure_baseline(preset, T, args.tokens_per_step, args.steps, args.profile) if args.baseline else None
+            if base:
+                rows.append(base)
+                _print(base, None)
+                torch.cuda.empty_cache()
+            for mixer in args.mixers:
+                r = measure(preset, mixer, T, args.tokens_per_step, args.steps, args.set, args.profile)
+                if base:
+                    r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
+                rows.append(r)
+                _print(r, base)
+                torch.cuda.empty_cache()
+                if args.plain_loop:
+                    rows.append(measure_plain_loop(preset, mixer, T, args.tokens_per_step, args.steps, TrainConfig().loss_chunk))
+                    _print(rows[-1], base)
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/training.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--presets", nargs="+", default=["125m", "350m"])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 16384])
+    p.add_argument("--mixers", nargs="+", default=["bla", "attn"])
+    p.add_argument("--tokens-per-step", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--baseline", action="store_true", help="also the plain compiled transformer of each preset's shape")
+    p.add_argument("--profile", action="store_true", help="print each row's top kernels of one step")
+    p.add_argument("--plain-loop", action="store_true", help="also each mixer's model in the baseline's loop (no DeepSpeed)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")
+    p.add_argument("--json", default="bench_train.json")
+    args = p.parse_args(argv)
+    from bla.train.trainer import init_distributed, shutdown_distributed
+
+    init_distributed()  # one process: a world of one
+    try:
+        rows = _measure_all(args)
+    finally:
+        shutdown_distributed()
+    with open(args.json, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "settings": args.set, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
