@@ -90,7 +90,7 @@ for stage in "$@"; do
       timeout 150 python3 benchmarks/kernel.py accuracy --head-dims 64 128 --slots 64 --window 4096 --all-gates dirichlet fejer \
         --json "$OUT/accuracy_4096.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_4096.txt" ;;
     accuracy128)  # issue 17: m = 128's slot tiles (one launch each, the default, then one program each) against the fp32 torch backend
-      for run in launches grid; do BLA_TRITON_TILE_RUN=$run timeout 170 python3 benchmarks/kernel.py accuracy --head-dims 64 --slots 128 \
+      for run in launches grid; do BLA_TRITON_TUNE=tile_run=$run timeout 170 python3 benchmarks/kernel.py accuracy --head-dims 64 --slots 128 \
         --window 512 4096 --all-gates dirichlet fejer --json "$OUT/accuracy_m128_$run.json" 2>&1 | grep -v Warning | tee "$OUT/accuracy_m128_$run.txt"; done ;;
     sweep)  # issue 19: the sweep $SWEEP, $SWEEP_JOBS runs at a time, no run started after $SWEEP_START_BY s (started
       # runs finish), all cut after $SWEEP_LIMIT s (a run cut mid-way is lost: its checkpoint stays on the machine). Finished runs come back in ONE file, $OUT/sweep_$SWEEP.tgz (the

@@ -11,7 +11,7 @@ schema and its fake (shape-only) implementation, never the Triton launch code. T
 
 The saved buffers' shapes depend only on the problem's shapes and its (windows, m, gates) plan,
 never on ``cu_seqlens``' values (an upper bound for packed documents): see
-``triton_bla.saved_rows``. (An export's copy registers them under its own namespace.)
+``triton_plan.saved_rows``. (An export's copy registers them under its own namespace.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .checks import Problem, State
-from .triton_bla import _INTERPRETING, backward, forward, saved_layout, step
+from .triton_bla import backward, forward, saved_layout, step
+from .triton_plan import INTERPRETING
 
 # "bla" here; a copy of this module (an export's, loaded by transformers under another name)
 # registers its ops under its own namespace, so both can live in one process
@@ -169,7 +170,7 @@ def bla_triton(q, k, v, problem: Problem, initial_state: State | None) -> tuple[
     p = problem
     h0k, h0v = initial_state if initial_state is not None else (None, None)
     dtype = q.dtype
-    if _INTERPRETING and dtype == torch.bfloat16:
+    if INTERPRETING and dtype == torch.bfloat16:
         # Triton's CPU interpreter handles bf16 wrongly; there, run the fp32 kernel on upcast
         # inputs (autograd casts the gradients back). GPUs run it natively; fp16 runs as is.
         q, k, v = q.float(), k.float(), v.float()

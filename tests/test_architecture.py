@@ -273,3 +273,13 @@ def test_the_package_ships_what_users_run_and_docs_list_it():
     index = (ROOT / "experiments" / "README.md").read_text()
     unlisted = [p.stem for p in (ROOT / "experiments" / "sweeps").glob("*.yaml") if f"`{p.stem}`" not in index]
     assert not unlisted, f"experiments/README.md does not list {unlisted}"
+
+
+def test_the_kernels_are_split_by_stage_and_tuned_in_one_place():
+    """No kernels module over ~600 lines (the Triton op is one file a stage), and no environment
+    knob read outside the tuning table (``BLA_TRITON_TUNE``, read by kernels/triton_tuning.py only)."""
+    too_long = {p.name: n for p in (ROOT / "kernels").glob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert not too_long, too_long
+    knobs = {str(p.relative_to(ROOT)) for package in PACKAGES for p in (ROOT / package).rglob("*.py")
+             if "BLA_TRITON_" in p.read_text() and p.name != "triton_tuning.py"}  # fmt: skip
+    assert not knobs, f"BLA_TRITON_ read outside the tuning table: {sorted(knobs)}"

@@ -5,11 +5,14 @@ On a CPU these run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest)
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import assert_close, random_qkv, random_state
 
 from bla.kernels import GATES, bla_attention, bla_step, triton_available
+from bla.kernels.triton_tuning import override
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_available(torch.device(DEVICE))[0], reason="Triton cannot run here")
@@ -24,6 +27,13 @@ CASES = [
     (1, 90, 2, 2, 8, 8, [8, 40], 4),  # per-head windows
     (1, 70, 2, 2, 16, 16, 64, 16),  # 16 slots
 ]
+
+
+@pytest.fixture
+def tune():
+    """``tune(sub=32, pairs="halves")``: the tuning table's override for the rest of the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **knobs: stack.enter_context(override(**knobs))
 
 
 def _run(backend, q, k, v, W, m, **kw):
@@ -61,9 +71,9 @@ def test_triton_equals_torch(case, gates):
 
 @pytest.mark.parametrize("pairs", ["chosen", "halves"])
 @pytest.mark.parametrize("gates", GATES)
-def test_triton_varlen_with_empty_and_single_token_documents(monkeypatch, gates, pairs):
+def test_triton_varlen_with_empty_and_single_token_documents(tune, gates, pairs):
     if pairs == "halves":
-        monkeypatch.setenv("BLA_TRITON_PAIRS", "halves")
+        tune(pairs="halves")
     _compare_packed(12, 4, gates)
 
 
@@ -137,10 +147,10 @@ def test_triton_takes_every_stride(case, gates):
 
 
 @pytest.mark.parametrize("gates", ["dirichlet", "fejer"])
-def test_triton_elementwise_pairs_equal_torch(monkeypatch, gates):
+def test_triton_elementwise_pairs_equal_torch(tune, gates):
     """The elementwise in-sub-chunk form (used where the decays' range forbids factorising, W/m of
     about a thousand) on shapes where both forms run."""
-    monkeypatch.setenv("BLA_TRITON_PAIRS", "elementwise")
+    tune(pairs="elementwise")
     _compare((1, 90, 4, 2, 8, 8, 24, 6), gates)
 
 
@@ -151,11 +161,11 @@ HALVES_CASES = [((1, 150, 4, 2, 8, 8, 24, 6), g) for g in GATES] + [
 
 
 @pytest.mark.parametrize("case, gates", HALVES_CASES, ids=str)
-def test_triton_halves_pairs_equal_torch(monkeypatch, case, gates):
+def test_triton_halves_pairs_equal_torch(tune, case, gates):
     """The halves form of the in-sub-chunk pairs (each half centred on its own decays, the pairs
     across the halves on the boundary's), forced on shapes where one centre would do: GQA, one
     slot (a reset at every token), per-head windows."""
-    monkeypatch.setenv("BLA_TRITON_PAIRS", "halves")
+    tune(pairs="halves")
     _compare(case, gates)
 
 
@@ -164,7 +174,7 @@ def test_triton_halves_pairs_at_a_long_window():
     the host picks 64-token sub-chunks in the halves form (not 32 tokens, centred); each output and
     gradient equals the torch backend's."""
     from bla.kernels.checks import check_problem
-    from bla.kernels.triton_bla import HALVES, sub_chunking
+    from bla.kernels.triton_tables import HALVES, sub_chunking
 
     x = torch.zeros(1, 1, 1, 8)
     assert sub_chunking(check_problem(x, x, x, 6144, 64, None, None, None, 0, "dirichlet")) == (64, HALVES)
@@ -176,7 +186,7 @@ def test_triton_one_centre_at_stride_64():
     tokens fits one centre (the factors within e^+-80), so the host takes the centred form there,
     and each output, state and gradient equals the torch backend's, resets inside the sub-chunks."""
     from bla.kernels.checks import check_problem
-    from bla.kernels.triton_bla import CENTRED, FACTOR_LOG_RANGE, diag_log_range, sub_chunking
+    from bla.kernels.triton_tables import CENTRED, FACTOR_LOG_RANGE, diag_log_range, sub_chunking
 
     x = torch.zeros(1, 1, 1, 8)
     assert diag_log_range((4096,), 64, "dirichlet", 64) < FACTOR_LOG_RANGE
@@ -206,183 +216,166 @@ def test_one_centre_at_stride_64_holds_large_logits():
 
 @pytest.mark.parametrize("cum_table", [True, False])
 @pytest.mark.parametrize("pairs", ["factorised", "elementwise", "halves"])
-def test_triton_sub_chunks_inside_chunks(monkeypatch, pairs, cum_table):
-    """Chunks of several sub-chunks (BLA_TRITON_CHUNK): the state is updated inside the output
+def test_triton_sub_chunks_inside_chunks(tune, pairs, cum_table):
+    """Chunks of several sub-chunks (the knob chunk): the state is updated inside the output
     kernel (3) and recomputed inside the backward's (A); the cumulative log-decays read from the
     per-phase table or (above its size limit) summed in the kernels."""
-    from bla.kernels import triton_bla
-
-    monkeypatch.setenv("BLA_TRITON_CHUNK", "64")
-    monkeypatch.setenv("BLA_TRITON_SUB", "32" if pairs == "halves" else "16")
+    tune(chunk="64")
+    tune(sub="32" if pairs == "halves" else "16")
     if pairs != "factorised":
-        monkeypatch.setenv("BLA_TRITON_PAIRS", pairs)
+        tune(pairs=pairs)
     if not cum_table:
-        monkeypatch.setattr(triton_bla, "CUM_TABLE_BYTES", 0)
+        tune(cum_mb=0)
     _compare((1, 150, 4, 2, 8, 8, 24, 6), "dirichlet")
 
 
 @pytest.mark.parametrize("factor_el", ["0", "1", "fwd_out=0", "bwd_chunk=0"])
 @pytest.mark.parametrize("pairs", ["centred", "halves", "elementwise"])
-def test_triton_e_l_as_its_own_tile_or_from_a(monkeypatch, pairs, factor_el):
-    """BLA_TRITON_FACTOR_EL: (3) and (A) take e^l as its own [S, m] tile, or (the default, tested
+def test_triton_e_l_as_its_own_tile_or_from_a(tune, pairs, factor_el):
+    """The knob factor_el: (3) and (A) take e^l as its own [S, m] tile, or (the default, tested
     everywhere else) as A e^mid with A factored out of the pair terms; both equal the torch backend
     in every pair form, in either kernel alone."""
-    monkeypatch.setenv("BLA_TRITON_FACTOR_EL", factor_el)
-    monkeypatch.setenv("BLA_TRITON_SUB", "32" if pairs == "halves" else "16")
-    monkeypatch.setenv("BLA_TRITON_PAIRS", pairs)
+    tune(factor_el=factor_el if factor_el in ("0", "1") else {factor_el.split("=")[0]: factor_el.split("=")[1]})
+    tune(sub="32" if pairs == "halves" else "16")
+    tune(pairs=pairs)
     _compare((1, 70, 2, 1, 8, 8, 24, 6), "fejer")
 
 
-def test_e_l_default_follows_its_table(monkeypatch):
-    """Unset, BLA_TRITON_FACTOR_EL is on except where FACTOR_EL_OFF names (kernel, pair form, slot block)."""
-    from bla.kernels import triton_bla as tb
+def test_e_l_default_follows_its_table(tune):
+    """Unset, factor_el is on except where FACTOR_EL_OFF names (kernel, pair form, slot block)."""
+    from bla.kernels import triton_tuning as tuning
+    from bla.kernels.triton_tuning import CENTRED, HALVES
 
-    monkeypatch.delenv("BLA_TRITON_FACTOR_EL", raising=False)
-    forms = ((tb.CENTRED, 64), (tb.HALVES, 64), (tb.CENTRED, 128))
-    centred64, halves64, centred128 = ({"PAIRS": pairs, "BM": bm} for pairs, bm in forms)
-    assert ("fwd_out", tb.CENTRED, 64) in tb.FACTOR_EL_OFF
-    assert not tb._factor_el(centred64, "fwd_out") and tb._factor_el(centred64, "bwd_chunk")
-    assert tb._factor_el(halves64, "fwd_out") and tb._factor_el(centred128, "fwd_out")
-    monkeypatch.setenv("BLA_TRITON_FACTOR_EL", "fwd_out=1")
-    assert tb._factor_el(centred64, "fwd_out")
+    assert ("fwd_out", CENTRED, 64) in tuning.FACTOR_EL_OFF
+    assert not tuning.factor_el("fwd_out", CENTRED, 64) and tuning.factor_el("bwd_chunk", CENTRED, 64)
+    assert tuning.factor_el("fwd_out", HALVES, 64) and tuning.factor_el("fwd_out", CENTRED, 128)
+    tune(factor_el={"fwd_out": 1})
+    assert tuning.factor_el("fwd_out", CENTRED, 64)
 
 
 @pytest.mark.parametrize("segment", [64, 128])
 @pytest.mark.parametrize("gates", ["dirichlet", "dirichlet_v1"])
-def test_triton_segments_carry_the_state(monkeypatch, gates, segment):
+def test_triton_segments_carry_the_state(tune, gates, segment):
     """Forward segments shorter than the sequence and the window (state handed over by the scan);
     the backward scans the chunks of each segment (2, 2, 1 of them at 128 tokens), then the segments."""
-    monkeypatch.setenv("BLA_TRITON_SEGMENT", str(segment))
+    tune(segment=str(segment))
     _compare((2, 300, 2, 2, 8, 8, 96, 6), gates)
 
 
-def test_triton_two_level_segment_scan(monkeypatch):
-    """BLA_TRITON_SCAN_GROUP=2: the 5 segments of each sequence (64 tokens each) scanned as runs of
+def test_triton_two_level_segment_scan(tune):
+    """scan_group=2: the 5 segments of each sequence (64 tokens each) scanned as runs of
     2, 2 and 1, then the runs' totals, forward and backward, with an initial state."""
-    monkeypatch.setenv("BLA_TRITON_SEGMENT", "64")
-    monkeypatch.setenv("BLA_TRITON_SCAN_GROUP", "2")
+    tune(segment="64")
+    tune(scan_group="2")
     _compare((2, 300, 2, 2, 8, 8, 96, 6), "fejer")
 
 
 @pytest.mark.parametrize("threshold, two_levels", [(5, True), (6, False)])
-def test_default_scan_group_applies_from_its_segment_count(monkeypatch, threshold, two_levels):
-    """Unset, BLA_TRITON_SCAN_GROUP follows the default rule: two levels (runs of SCAN_GROUP) only for
-    a sequence of at least SCAN_GROUP_FROM segments (5 here: 300 tokens in 64-token segments)."""
-    from bla.kernels import triton_bla
+def test_default_scan_group_applies_from_its_segment_count(monkeypatch, tune, threshold, two_levels):
+    """Unset, scan_group follows the default rule: two levels (runs of SCAN_GROUP) only for a
+    sequence of at least SCAN_GROUP_FROM segments (5 here: 300 tokens in 64-token segments)."""
+    from bla.kernels import triton_layout, triton_plan, triton_tuning
 
-    monkeypatch.delenv("BLA_TRITON_SCAN_GROUP", raising=False)
-    monkeypatch.setenv("BLA_TRITON_SEGMENT", "64")
-    monkeypatch.setattr(triton_bla, "SCAN_GROUP", 2)
-    monkeypatch.setattr(triton_bla, "SCAN_GROUP_FROM", threshold)
+    tune(segment="64")
+    monkeypatch.setattr(triton_tuning, "SCAN_GROUP", 2)
+    monkeypatch.setattr(triton_tuning, "SCAN_GROUP_FROM", threshold)
     built = []
-    original = triton_bla._SegmentGroups.__init__
-    monkeypatch.setattr(triton_bla._SegmentGroups, "__init__", lambda self, *a: (built.append(a[2]), original(self, *a))[1])
-    triton_bla._dense_layout.cache_clear()  # a layout keeps the groups it built
-    triton_bla._PLANS.clear()
+    original = triton_layout.SegmentGroups.__init__
+    monkeypatch.setattr(triton_layout.SegmentGroups, "__init__", lambda self, *a: (built.append(a[2]), original(self, *a))[1])
+    triton_layout.dense_layout.cache_clear()  # a layout keeps the groups it built
+    triton_plan.PLANS.clear()
     _compare((2, 300, 2, 2, 8, 8, 96, 6), "dirichlet")
     assert built == ([2] if two_levels else [])
 
 
-def test_scan_group_must_be_zero_or_at_least_two(monkeypatch):
-    from bla.kernels import triton_bla
-
-    monkeypatch.setenv("BLA_TRITON_SCAN_GROUP", "1")
-    with pytest.raises(ValueError, match="BLA_TRITON_SCAN_GROUP must be 0 .* got 1"):
-        triton_bla._scan_group()
-
-
-def test_scan_rows_must_be_a_power_of_two(monkeypatch):
-    from bla.kernels import triton_bla
-
-    monkeypatch.setenv("BLA_TRITON_SCAN_ROWS", "24")
-    with pytest.raises(ValueError, match="BLA_TRITON_SCAN_ROWS must be a power of two, got 24"):
-        triton_bla._scan_rows(64)
+@pytest.mark.parametrize("knobs, message", [
+    ({"scan_group": 1}, "scan_group must be 0 .one level. or at least 2 segments, got 1"),
+    ({"scan_rows": 24}, "scan_rows must be a power of two, got 24"),
+    ({"slot_tile": 24}, "slot_tile must be 0 .off. or a power of two of at least 16, got 24"),
+    ({"warps": {"fwd_outs": 8}}, "unknown tuning knob 'warps.fwd_outs'"),
+    ({"tile_size": 8}, "unknown tuning knob 'tile_size'"),
+])  # fmt: skip
+def test_bad_overrides_are_refused_by_name(knobs, message):
+    with pytest.raises(ValueError, match=message), override(**knobs):
+        pass
 
 
-SLOT_TILE_KNOBS = [{}, {"BLA_TRITON_SPLIT_SLOTS": "0"}, {"BLA_TRITON_PAIRS": "halves"}, {"BLA_TRITON_PAIRS": "elementwise"},
-                   {"BLA_TRITON_CHUNK": "32", "BLA_TRITON_SUB": "16"},
-                   {"BLA_TRITON_TILE_RUN": "program"}, {"BLA_TRITON_TILE_RUN": "program", "BLA_TRITON_CHUNK": "32", "BLA_TRITON_SUB": "16"},
-                   {"BLA_TRITON_TILE_RUN": "grid"}, {"BLA_TRITON_TILE_RUN": "grid", "BLA_TRITON_SPLIT_SLOTS": "0"}]
+SLOT_TILE_KNOBS = [{}, {"split_slots": 0}, {"pairs": "halves"}, {"pairs": "elementwise"}, {"chunk": 32, "sub": 16},
+                   {"tile_run": "program"}, {"tile_run": "program", "chunk": 32, "sub": 16},
+                   {"tile_run": "grid"}, {"tile_run": "grid", "split_slots": 0}]
 
 
 @pytest.mark.parametrize("knobs", SLOT_TILE_KNOBS, ids=str)
 @pytest.mark.parametrize("case, gates", [((1, 70, 2, 2, 16, 16, 48, 24), "dirichlet"), ((2, 45, 4, 2, 8, 8, 96, 24), "fejer"),
                                          ((1, 40, 2, 1, 8, 8, 96, 48), "dirichlet_v1")], ids=str)
-def test_triton_backward_in_slot_tiles(monkeypatch, case, gates, knobs):
+def test_triton_backward_in_slot_tiles(tune, case, gates, knobs):
     """States wider than the slot tile (64 on a GPU; 16 here, on 32- and 64-slot blocks) run the
     backward tile by tile from the forward's log-sum-exp: m = 24 (a second tile half padded), m = 48
     (a fourth tile all padding), GQA, the summed chunk state, every pair form, chunks of two sub-chunks,
     one launch per tile (the default, each adding to the earlier's shares of dq, dk, dv), each tile
-    a program of its own (its shares in parts that (C) sums) and all in one program (BLA_TRITON_TILE_RUN)."""
-    from bla.kernels import triton_bla
+    a program of its own (its shares in parts that (C) sums) and all in one program (tile_run)."""
+    from bla.kernels import triton_plan
     from bla.kernels.checks import check_problem
 
-    monkeypatch.setenv("BLA_TRITON_SLOT_BLOCK", "16")
-    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "16")
-    for name, value in knobs.items():
-        monkeypatch.setenv(name, value)
+    tune(slot_block=16, slot_tile=16, **knobs)
     B, T, H, Hkv, dk, dv, W, m = case
     x = torch.zeros(1, 8, Hkv, dk)
-    assert triton_bla._constants(check_problem(x, x, x, W, m, None, None, None, 0, gates), torch.float32)["NT"] == (2 if m == 24 else 4)
+    assert triton_plan.constants(check_problem(x, x, x, W, m, None, None, None, 0, gates), torch.float32)["NT"] == (2 if m == 24 else 4)
     _compare(case, gates)
 
 
 @pytest.mark.parametrize("tile_run", ["grid", "launches", "program"])
-def test_triton_varlen_in_slot_tiles(monkeypatch, tile_run):
+def test_triton_varlen_in_slot_tiles(tune, tile_run):
     """Packed documents (empty and 1-token ones too) through the slot-tiled backward, its tiles in
     one program or in programs of their own."""
-    monkeypatch.setenv("BLA_TRITON_SLOT_BLOCK", "16")
-    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "16")
-    monkeypatch.setenv("BLA_TRITON_TILE_RUN", tile_run)
+    tune(slot_block="16")
+    tune(slot_tile="16")
+    tune(tile_run=tile_run)
     _compare_packed(48, 24, "dirichlet")
 
 
-def test_v1_gates_never_take_the_halves_form(monkeypatch):
+def test_v1_gates_never_take_the_halves_form(tune):
     """The halves form clamps its cross factors, exact only where log-decays never rise; v1's
     alpha reaches 1.22, so its plan takes another form even when halves are asked for (a forced
     halves form at W = 96, m = 48 gave o off by 0.1 before this rule)."""
     from bla.kernels.checks import check_problem
-    from bla.kernels.triton_bla import HALVES, sub_chunking
+    from bla.kernels.triton_tables import HALVES, sub_chunking
 
     x = torch.zeros(1, 8, 1, 8)
-    monkeypatch.setenv("BLA_TRITON_PAIRS", "halves")
+    tune(pairs="halves")
     assert sub_chunking(check_problem(x, x, x, 96, 48, None, None, None, 0, "dirichlet"))[1] == HALVES
     assert sub_chunking(check_problem(x, x, x, 96, 48, None, None, None, 0, "dirichlet_v1"))[1] != HALVES
 
 
-def test_slot_tile_must_be_a_power_of_two(monkeypatch):
-    from bla.kernels import triton_bla
+def test_slot_tiles_follow_the_table_and_the_override():
+    from bla.kernels.triton_tuning import slot_tiles
 
-    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "24")
-    with pytest.raises(ValueError, match="BLA_TRITON_SLOT_TILE must be 0 .off. or a power of two of at least 16, got 24"):
-        triton_bla._slot_tiles(128)
-    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "64")
-    assert [triton_bla._slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 4]
-    monkeypatch.setenv("BLA_TRITON_SLOT_TILE", "0")
-    assert triton_bla._slot_tiles(256) == 1  # off: one tile of every slot
-    monkeypatch.delenv("BLA_TRITON_SLOT_TILE")
-    assert [triton_bla._slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 1]  # the default: tiles at 128 slots only
+    assert [slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 1]  # the default: tiles at 128 slots only
+    with override(slot_tile=64):
+        assert [slot_tiles(bm) for bm in (64, 128, 256)] == [1, 2, 4]
+    with override(slot_tile=0):
+        assert slot_tiles(256) == 1  # off: one tile of every slot
 
 
-def test_triton_summed_chunk_states(monkeypatch):
-    """Above BLA_TRITON_SPLIT_SLOTS slots (128 and up by default) a chunk's state and its segment's
+def test_triton_summed_chunk_states(tune):
+    """Above split_slots slots (128 and up by default) a chunk's state and its segment's
     are summed into one before use, instead of used apart."""
-    monkeypatch.setenv("BLA_TRITON_SPLIT_SLOTS", "0")
-    monkeypatch.setenv("BLA_TRITON_SEGMENT", "64")
+    tune(split_slots="0")
+    tune(segment="64")
     _compare((2, 300, 2, 2, 8, 8, 96, 6), "dirichlet")
 
 
 @pytest.mark.parametrize("scan_rows, scan_group", [(None, None), ("16", None), (None, "2")])
-def test_triton_varlen_segments(monkeypatch, scan_rows, scan_group):
+def test_triton_varlen_segments(tune, scan_rows, scan_group):
     """Segments of several chunks inside documents of several segments, and empty documents; with
     16 scan rows every scan (the forward's, both of the backward's, the initial state's gradient)
     runs as 4 programs over the 64-slot tile's row blocks; with a scan group of 2 the documents'
     segments (3, 2 and one each) are scanned in runs of 2 (the one-segment documents as runs of one)."""
-    monkeypatch.setenv("BLA_TRITON_SEGMENT", "128")
+    tune(segment="128")
     if scan_rows:
-        monkeypatch.setenv("BLA_TRITON_SCAN_ROWS", scan_rows)
+        tune(scan_rows=scan_rows)
     if scan_group:
-        monkeypatch.setenv("BLA_TRITON_SCAN_GROUP", scan_group)
+        tune(scan_group=scan_group)
     lengths = [0, 300, 1, 140, 0]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
     q, k, v = random_qkv(1, int(cu[-1]), 2, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
@@ -413,7 +406,7 @@ def test_sub_chunks_follow_the_decays_range():
     """The host picks the largest sub-chunk whose pairs factorise (docs/bla.md), and builds the gate
     table of a configuration once."""
     from bla.kernels.checks import check_problem
-    from bla.kernels.triton_bla import CENTRED, ELEMENTWISE, HALVES, gate_tables, sub_chunking
+    from bla.kernels.triton_tables import CENTRED, ELEMENTWISE, HALVES, gate_tables, sub_chunking
 
     def problem(W, m, gates="dirichlet"):
         q = torch.zeros(1, 1, 1, 64)
@@ -431,17 +424,17 @@ def test_sub_chunks_follow_the_decays_range():
 def test_packed_documents_read_their_lengths_once_per_batch(monkeypatch):
     """Every BLA layer of a packed batch, forward and backward, shares one layout: the documents'
     lengths are read from the device once per batch, not once per layer and direction."""
-    from bla.kernels import triton_bla
+    from bla.kernels import triton_layout
     from bla.model import BLALM, apply_overrides, load_preset
 
     built = []
 
-    class Counting(triton_bla._Layout):
+    class Counting(triton_layout.Layout):
         def __init__(self, *args, **kwargs):
             built.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(triton_bla, "_Layout", Counting)
+    monkeypatch.setattr(triton_layout, "Layout", Counting)
     torch.manual_seed(0)
     model = BLALM(apply_overrides(load_preset("tiny"), ["layer_pattern=[bla]", "bla.backend=triton"]))
     for n, cuts in enumerate(([0, 7, 30, 40], [0, 12, 40])):
@@ -455,15 +448,15 @@ def test_tensors_past_32_bit_offsets_are_refused_by_name():
     """The kernels' element offsets are int32: a call whose q (or any buffer) holds more than
     2^31 elements is refused before a launch, instead of wrapping into the wrong memory."""
     from bla.kernels.checks import Problem
-    from bla.kernels.triton_bla import _Plan
+    from bla.kernels.triton_plan import Plan
 
     def problem(batch: int, seq_len: int) -> Problem:
         return Problem(batch, seq_len, 16, 16, 128, 128, 64, (512,) * 16, 128**-0.5, batch, None,
                        torch.zeros(batch, dtype=torch.int64))  # fmt: skip
 
-    _Plan(problem(1, 2**20), torch.bfloat16)  # q: 2^20 x 16 x 128 = 2^31 elements, offsets up to 2^31 - 1: fits
+    Plan(problem(1, 2**20), torch.bfloat16)  # q: 2^20 x 16 x 128 = 2^31 elements, offsets up to 2^31 - 1: fits
     with pytest.raises(ValueError, match=r"q would hold 4,294,967,296 elements .*32-bit offsets.*backend='torch'"):
-        _Plan(problem(2, 2**20), torch.bfloat16)
+        Plan(problem(2, 2**20), torch.bfloat16)
 
 
 def test_a_batch_past_32_bit_offsets_runs_in_pieces(monkeypatch):
@@ -471,9 +464,9 @@ def test_a_batch_past_32_bit_offsets_runs_in_pieces(monkeypatch):
     pieces of rows that fit, with each row's initial state, offset, final state and gradients.
     Here the limit is lowered so that 2 of the 3 rows fit (one row's saved chunk states: 2,048
     elements): pieces of 2 and 1 rows."""
-    from bla.kernels import triton_bla, triton_ops
+    from bla.kernels import triton_ops, triton_plan
 
-    monkeypatch.setattr(triton_bla, "INT32_ELEMENTS", 4200)
+    monkeypatch.setattr(triton_plan, "INT32_ELEMENTS", 4200)
     calls = []
     real = triton_ops.bla_triton
     monkeypatch.setattr(triton_ops, "bla_triton", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
@@ -489,11 +482,11 @@ def test_slots_run_in_tiles_of_at_least_64():
     never written: NaN outputs at d = 32, outputs that change from call to call at d = 64), so
     every m <= 64 runs as a 64-slot tile with the padded slots masked."""
     from bla.kernels.checks import check_problem
-    from bla.kernels.triton_bla import _plan
+    from bla.kernels.triton_plan import plan
 
     for m, block in ((1, 64), (4, 64), (16, 64), (32, 64), (64, 64), (128, 128)):
         q = torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)
-        consts = _plan(check_problem(q, q, q, 256, m, None, None, None, 0), torch.bfloat16).consts
+        consts = plan(check_problem(q, q, q, 256, m, None, None, None, 0), torch.bfloat16).consts
         assert consts["BM"] == block, (m, consts["BM"])
 
 
@@ -524,7 +517,7 @@ def test_triton_bf16_with_few_slots_is_finite_and_repeats_itself():
 def test_direct_launch_only_for_the_specialisation_it_was_compiled_for():
     """Later launches skip Triton's JIT only while the arguments specialise as the first did (dtypes,
     scalars, every pointer 16-byte aligned); the constexprs follow in the kernel's order."""
-    from bla.kernels.triton_bla import _Launcher
+    from bla.kernels.triton_plan import Launcher
 
     calls = []
 
@@ -545,7 +538,7 @@ def test_direct_launch_only_for_the_specialisation_it_was_compiled_for():
 
             return jit
 
-    launcher = _Launcher(Kernel(), {"A": 1, "B": 2, "num_warps": 4})
+    launcher = Launcher(Kernel(), {"A": 1, "B": 2, "num_warps": 4})
     x, y = torch.zeros(8), torch.zeros(8, dtype=torch.int32)
     launcher((1,), (x, y, 0.5))
     launcher((2,), (x, y, 0.5))
@@ -558,20 +551,22 @@ def test_direct_launch_only_for_the_specialisation_it_was_compiled_for():
         launcher((1,), args)
         assert [c[0] for c in calls] == ["jit"], args
     calls.clear()
-    launcher((1,), (x, y, 0.5), direct=False)  # BLA_TRITON_LAUNCH=jit
+    launcher((1,), (x, y, 0.5), direct=False)  # launch=jit
     assert [c[0] for c in calls] == ["jit"]
 
 
-@pytest.mark.parametrize("knob, value, message", [
-    ("BLA_TRITON_LAUNCH", "fast", "BLA_TRITON_LAUNCH must be 'direct' or 'jit'"),
-    ("BLA_TRITON_CUM_MB", "lots", "BLA_TRITON_CUM_MB must be a whole number of MiB"),
-    ("BLA_TRITON_MAXNREG", "fwd_out=many", "BLA_TRITON_MAXNREG must be a number, or kernel=number pairs"),
-    ("BLA_TRITON_WARPS", "fwd_out", "BLA_TRITON_WARPS must be a number, or kernel=number pairs"),
-    ("BLA_TRITON_TILE_RUN", "yes", "BLA_TRITON_TILE_RUN must be one of launches, grid, program"),
-    ("BLA_TRITON_FACTOR_EL", "2", "BLA_TRITON_FACTOR_EL must be 0 or 1 .or kernel=0.1 pairs., got 2"),
+@pytest.mark.parametrize("value, message", [
+    ("launch=fast", "BLA_TRITON_TUNE: launch must be one of direct, jit, got 'fast'"),
+    ("cum_mb=lots", "BLA_TRITON_TUNE: cum_mb must be a whole number of MiB, got 'lots'"),
+    ("maxnreg.fwd_out=many", "BLA_TRITON_TUNE: maxnreg.fwd_out must be a positive number, got 'many'"),
+    ("warps", "BLA_TRITON_TUNE='warps': expected name=value items"),
+    ("tile_run=yes", "BLA_TRITON_TUNE: tile_run must be one of launches, grid, program, got 'yes'"),
+    ("factor_el=2", "BLA_TRITON_TUNE: factor_el must be 0 or 1, got '2'"),
+    ("sub=24", "BLA_TRITON_TUNE: sub must be 16, 32, 64 or 128, got '24'"),
 ])  # fmt: skip
-def test_bad_tuning_knobs_are_refused_by_name(monkeypatch, knob, value, message):
-    monkeypatch.setenv(knob, value)
+def test_bad_tuning_knobs_are_refused_by_name(monkeypatch, value, message):
+    """The one override variable, BLA_TRITON_TUNE: a bad knob or value is refused by name at the call."""
+    monkeypatch.setenv("BLA_TRITON_TUNE", value)
     q = torch.randn(1, 20, 2, 8, device=DEVICE)
     with pytest.raises(ValueError, match=message):
         bla_attention(q, q, q, 8, 4, backend="triton")
@@ -582,7 +577,7 @@ def test_phase_tables_hold_what_the_kernels_would_compute(gates):
     """The per-phase tables against a direct float64 walk over each sub-chunk's gates: the cumulative
     log-decay l, the centres (mid of l; the halves' mid1, mid2 and c, the first half's lowest l),
     and each token's end-state weight s_t e^(T - l_t), stored in the operands' dtype."""
-    from bla.kernels.triton_bla import LOG_FLOOR, _cum_table_on, _end_table_on
+    from bla.kernels.triton_tables import LOG_FLOOR, _cum_table_on, _end_table_on
     from bla.kernels.gates import dirichlet_gates
 
     W, m, S, bm = 24, 6, 16, 64
@@ -609,18 +604,44 @@ def test_every_kernel_launch_can_take_the_direct_path(monkeypatch):
     """Each launch of a forward+backward passes the kernel's runtime arguments, all of them and in
     order, with its constexprs after them, which the direct launch needs (else every call silently
     pays Triton's JIT binding: 0.45 ms of host time per forward+backward on an H200)."""
-    from bla.kernels.triton_bla import _Launcher
+    from bla.kernels.triton_plan import Launcher
 
-    seen, call = {}, _Launcher.__call__
+    seen, call = {}, Launcher.__call__
 
     def spy(self, grid, args, direct=True):
         name = getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
         seen[name] = self.tail is not None and len(args) == self.runtime
         return call(self, grid, args, direct)
 
-    monkeypatch.setattr(_Launcher, "__call__", spy)
+    monkeypatch.setattr(Launcher, "__call__", spy)
     q, k, v = random_qkv(1, 40, 2, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
     o, _ = bla_attention(q, k, v, 8, 4, backend="triton")
     o.sum().backward()
     assert set(seen) == {"_fwd_local_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_chunk_kernel", "_bwd_tokens_kernel"}
     assert all(seen.values()), seen
+
+
+@pytest.mark.parametrize("rows", [16, 8])
+@pytest.mark.parametrize("reverse, with_h", [(False, False), (False, True), (True, True)])
+def test_scan_stage_equals_its_reference(reverse, with_h, rows):
+    """The scan stage alone ((2) and (B)): ``_scan_kernel`` carrying states through groups of items
+    (one empty), forward or in reverse, from zeros or a given carry, in place, with the decays
+    carried before each item, against ``scan_ref`` in float64; 8 rows a program splits the slots
+    over two programs."""
+    from bla.kernels.triton_scan import _scan, scan_ref
+
+    g = torch.Generator().manual_seed(rows + 2 * reverse + with_h)
+    items, hkv, bm, bdk, bdv = 7, 2, 16, 16, 32
+    xk, xv = torch.randn(items, hkv, bm, bdk, generator=g), torch.randn(items, hkv, bm, bdv, generator=g)
+    dec = torch.rand(items, hkv, bm, generator=g)
+    first, count = torch.tensor([0, 3, 3], dtype=torch.int32), torch.tensor([3, 0, 4], dtype=torch.int32)
+    hk, hv = (torch.randn(3, hkv, bm, bdk, generator=g), torch.randn(3, hkv, bm, bdv, generator=g)) if with_h else (None, None)
+    expected = [scan_ref(x, dec, first, count, h, reverse) for x, h in ((xk, hk), (xv, hv))]
+    got_k, got_v = xk.clone().to(DEVICE), xv.clone().to(DEVICE)
+    on = (lambda t: None if t is None else t.to(DEVICE))
+    out_k, out_v, after = _scan(got_k, got_v, dec.to(DEVICE), on(hk), on(hv), first.to(DEVICE), count.to(DEVICE), rows,
+                                reverse=reverse, decays=True)  # fmt: skip
+    for name, got, want in [("carried k", got_k, expected[0][0]), ("carried v", got_v, expected[1][0]),
+                            ("last k", out_k, expected[0][1]), ("last v", out_v, expected[1][1]),
+                            ("decays before", after[:items], expected[0][2])]:  # fmt: skip
+        assert_close(name, got.cpu(), want, atol=1e-5, rtol=1e-5)

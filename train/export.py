@@ -97,7 +97,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # (package, module) copied into the export as bla_<module>.py: the model and the kernels it calls
 MODEL_SOURCES = [("bla.model", m) for m in ("config", "registry", "layers", "loss", "mixers", "gsa_mixer", "lm", "decode")]
-KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "gsa", "reference", "triton_bla", "triton_ops")]
+TRITON_STAGES = ("tuning", "tables", "tiles", "forward", "scan", "backward", "decode", "layout", "plan", "bla", "ops")
+KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "gsa", "reference",
+                                               *(f"triton_{stage}" for stage in TRITON_STAGES))]  # fmt: skip
 HF_FILES = ("configuration_bla.py", "modeling_bla.py")
 SPECIAL_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
 _EXPORTED = {m for _, m in MODEL_SOURCES + KERNEL_SOURCES}
@@ -117,7 +119,8 @@ def flatten_imports(source: str, name: str) -> str:
         return f"{match.group(1)}from .bla_{module} import"
 
     out = re.sub(r"^(\s*)from \.(\w+) import", relative, source, flags=re.M)
-    out = re.sub(r"^(\s*)from \. import (\w+)", lambda m: f"{m.group(1)}from . import bla_{m.group(2)} as {m.group(2)}", out, flags=re.M)
+    out = re.sub(r"^(\s*)from \. import (\w+)(?: as (\w+))?",
+                 lambda m: f"{m.group(1)}from . import bla_{m.group(2)} as {m.group(3) or m.group(2)}", out, flags=re.M)  # fmt: skip
     out = re.sub(r"^(\s*)from bla\.kernels import", r"\1from .bla_api import", out, flags=re.M)
     out = re.sub(r"^(\s*)from bla\.(?:kernels|model)\.(\w+) import", relative, out, flags=re.M)
     leftover = re.findall(r"^\s*(?:from|import) bla\b.*$", out, flags=re.M)

@@ -14,7 +14,7 @@ RegBench shape (d = 32) and the MQAR shape. Run on the GPU machine:
     python benchmarks/lab/determinism.py [--repeats 20] [--load] [--poison]
 
 What it found (benchmarks/reports/2026-11-to-12.md): Triton miscompiled the 16-slot tiles that m <= 16 ran as;
-since 8ef46b2 every m <= 64 runs as a 64-slot tile. `BLA_TRITON_SLOT_BLOCK=16` brings the small
+since 8ef46b2 every m <= 64 runs as a 64-slot tile. `BLA_TRITON_TUNE=slot_block=16` brings the small
 tiles back, to see the failure again.
 """
 

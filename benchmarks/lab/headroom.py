@@ -14,7 +14,8 @@ import argparse
 
 import torch
 
-import bla.kernels.triton_bla as tb
+import bla.kernels.triton_plan as plans
+import bla.kernels.triton_tables as tb
 from bla.kernels import bla_attention
 from bla.kernels.checks import check_problem
 
@@ -46,7 +47,7 @@ def main():
         tb.LOG_FLOOR = floor
         for cached in (f for f in vars(tb).values() if hasattr(f, "cache_clear")):  # every table of the old floor
             cached.cache_clear()
-        tb._PLANS.clear()  # the plans hold their tables too
+        plans.PLANS.clear()  # the plans hold their tables too
         spread = tb.diag_log_range((W,), M, "dirichlet", 64)
         x = torch.zeros(1, 1, 1, D)
         assert tb.sub_chunking(check_problem(x, x, x, W, M, None, None, None, 0, "dirichlet")) == (64, tb.CENTRED)

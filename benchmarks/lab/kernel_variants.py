@@ -25,7 +25,8 @@ from triton.testing import do_bench
 from bla.kernels import bla_attention
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: kernel_gpu
 from kernel_gpu import _flex_swa_fn  # noqa: E402
-from bla.kernels.triton_bla import sub_chunking
+from bla.kernels import triton_tuning as tuning
+from bla.kernels.triton_tables import sub_chunking
 from bla.kernels.checks import check_problem
 
 H, d = 16, 64
@@ -181,9 +182,22 @@ SETS = {"all": VARIANTS, "scan": SCAN_VARIANTS, "scan_rows": SCAN_ROWS_VARIANTS,
 SHAPES = {"scan_group": (1, 131072)}  # (B, T) of a set, where not the anchor shape
 
 
+def as_tune(env: dict) -> str:
+    """A variant's knobs, written as the environment variables of before the tuning table (kept so
+    the recorded variants read as they ran), in the one override's form: BLA_TRITON_TUNE's value."""
+    items = []
+    for name, value in env.items():
+        knob = name.removeprefix("BLA_TRITON_").lower()
+        if "=" in value:  # per kernel: fwd_out=8,bwd_tokens=8
+            items += [f"{knob}.{pair.split('=')[0]}={pair.split('=')[1]}" for pair in value.split(",")]
+        else:
+            items.append(f"{knob}={value}")
+    return ",".join(items)
+
+
 def run_variant(W, m, env, q, k, v, do):
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
+    saved = os.environ.get(tuning.ENV)
+    os.environ[tuning.ENV] = as_tune(env)
     try:
         p = check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet")
         sub, pairs = sub_chunking(p)
@@ -205,11 +219,10 @@ def run_variant(W, m, env, q, k, v, do):
     except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
         return dict(W=W, m=m, env=env, error=f"{type(exc).__name__}: {exc}"[:300])
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if saved is None:
+            os.environ.pop(tuning.ENV, None)
+        else:
+            os.environ[tuning.ENV] = saved
 
 
 def main():

@@ -24,6 +24,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import bla.kernels.triton_bla as tb
+import bla.kernels.triton_plan as plans
+import bla.kernels.triton_scan as scans
 from bla.kernels.checks import check_problem
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -47,9 +49,10 @@ class _Capture:
 
 def capture(W: int, m: int, dtype: torch.dtype, B=1, T=2048, H=4, d=64) -> dict:
     seen = {}
-    for name in KERNELS:
-        setattr(tb, name, _Capture(getattr(tb, name), seen))
-    tb._INTERPRETING = False  # the GPU's operand dtypes
+    for name in KERNELS:  # each where it is launched from
+        where = scans if name == "_scan_kernel" else tb
+        setattr(where, name, _Capture(getattr(where, name), seen))
+    plans.INTERPRETING = False  # the GPU's operand dtypes
     q, k, v = (torch.randn(B, T, H, d, dtype=dtype) for _ in range(3))
     p = check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet", False)
     o, _, _, saved = tb.forward(q, k, v, None, None, p)
