@@ -66,7 +66,22 @@ HF_SIDE = textwrap.dedent('''
         static_beam = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, length_penalty=1.0)
         model.static_decoding = None
     cache_bytes = [[l.nbytes() for l in cache_of(g).decode.layers] for g in (short, long)]
-    torch.save({"ids": ids, "logits": logits, "generated": long.sequences, "cache_bytes": cache_bytes, "steps": steps,
+    try:  # asked for, never silently None
+        model(ids, output_hidden_states=True)
+        hidden = "returned"
+    except ValueError as exc:
+        hidden = str(exc)
+    model.train()  # gradient checkpointing (transformers' switch): the same loss and gradients
+    losses, grads = [], []
+    for enable in (False, True):
+        model.gradient_checkpointing_enable() if enable else model.gradient_checkpointing_disable()
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(model.model.embed.weight.grad.clone())
+    checkpointing = [losses[0] == losses[1], bool(torch.allclose(grads[0], grads[1], atol=1e-6)), model.is_gradient_checkpointing]
+    torch.save({"hidden": hidden, "checkpointing": checkpointing, "ids": ids, "logits": logits, "generated": long.sequences, "cache_bytes": cache_bytes, "steps": steps,
                 "kinds": [type(l).__name__ for l in cache_of(long).decode.layers], "batch": batch[:, -8:],
                 "alone": torch.stack(alone), "beam": beam.sequences, "beam_score": beam.sequences_scores * 6,
                 "static_generated": static_long, "static_batch": static_batch[:, -8:], "static_beam": static_beam, "bla_loaded": "bla" in sys.modules}, out)
@@ -109,6 +124,8 @@ def test_transformers_matches_the_training_model(zero3_run):
     with torch.no_grad():
         ours = model(ids).logits
     torch.testing.assert_close(hf["logits"], ours, rtol=1e-5, atol=1e-5)
+    assert "does not return hidden_states" in hf["hidden"]
+    assert hf["checkpointing"] == [True, True, True]  # gradient_checkpointing_enable(): same loss and gradients
     assert torch.equal(hf["generated"], generate(model, ids, NEW_TOKENS))  # greedy == bla generate
     # beam search reorders the cache: the best beam's score is its log-likelihood under a full forward
     beam = hf["beam"]

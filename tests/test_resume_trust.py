@@ -299,3 +299,18 @@ def test_sigterm_during_validation_is_honoured_within_a_batch(four_steps, tmp_pa
     assert "EVAL_BATCHES 1 STATUS interrupted by SIGTERM; checkpoint saved STEP 6" in done.stdout, done.stdout[-2000:]
     assert "validation interrupted by a signal" in done.stdout
     assert ckpt.latest_complete(run / "checkpoints").name == ckpt.tag_of(6)
+
+
+def test_a_log_file_gets_one_line_a_log_step(tmp_path):
+    """Output to a file (not a terminal): a line per log step with loss, rate, grad norm, tokens/s
+    and MFU, and no progress bar redrawn with carriage returns onto one line."""
+    cmd = [sys.executable, "-m", "bla.train.cli", "tiny", f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+           "steps=4", "log_every=2"]  # fmt: skip
+    with open(tmp_path / "train.log", "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=fresh_process_env(OMP_NUM_THREADS="1"), timeout=600)
+    text = (tmp_path / "train.log").read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    lines = [ln for ln in text.splitlines() if ": loss " in ln and "grad norm" in ln]
+    assert [ln.split("step ")[1].split(":")[0] for ln in lines] == ["2/4", "4/4"], lines
+    assert all("tokens/s" in ln and "MFU" in ln for ln in lines)

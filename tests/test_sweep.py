@@ -27,10 +27,12 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     state = {(r["mixer"], json.loads(r["model.bla.slots"] or "null"), json.loads(r["model.swa_window"] or "null")): int(r["state_elements"])
              for r in rows}  # fmt: skip
     # tiny MQAR model: 2 layers x 2 kv heads x (d_k + d_v = 32) per slot or per window position
-    assert state == {("bla", 4, None): 512, ("bla", 8, None): 1024, ("bla_fejer", 4, None): 512, ("swa", None, 4): 512,
+    assert state == {("bla", 4, None): 512, ("bla", 8, None): 1024, ("bla_dirichlet", 4, None): 512, ("swa", None, 4): 512,
                      ("swa", None, 8): 1024}  # fmt: skip
-    fejer = json.loads(next((out / "runs").glob("bla_fejer-*/result.json")).read_text())
-    assert fejer["config"]["model"]["bla"]["gates"] == "fejer"  # a gates grid key reaches the run
+    dirichlet = json.loads(next((out / "runs").glob("bla_dirichlet-*/result.json")).read_text())
+    assert dirichlet["config"]["model"]["bla"]["gates"] == "dirichlet"  # a gates grid key reaches the run
+    default = json.loads(next((out / "runs").glob("bla-*/result.json")).read_text())
+    assert default["config"]["model"]["bla"]["gates"] == "fejer"  # two rules, not one twice
     assert all(p["selected_on"] == "val_accuracy" for p in summary["best_over_lr"])
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["train_seconds"]) > 0
@@ -41,7 +43,7 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path):
     for point in summary["best_over_lr"]:
         (steps, losses), = learning_curves(out, point)  # one seed
         assert steps[0] == 1 and len(steps) == len(losses) > 1
-    assert set(json.loads((out / "state_efficiency.json").read_text())["0.05"]) == {"bla", "bla_fejer", "swa"}
+    assert set(json.loads((out / "state_efficiency.json").read_text())["0.05"]) == {"bla", "bla_dirichlet", "swa"}
     result = json.loads(next((out / "runs").glob("bla-*/result.json")).read_text())
     assert result["config"]["model"]["layer_pattern"] == ["bla"] and result["params"] > 0
 

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -482,7 +483,9 @@ class _Run:
         self.streak, self.grad_norm = 0, float("nan")
         self.t_last, self.tokens_last = time.perf_counter(), self.tokens_seen
         self.pending = []  # (step, loss on the device) not yet read back: losses are read only when logged
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=self.rank != 0 or not cfg.progress, dynamic_ncols=True)
+        # a bar on terminals; in a file its redraws would pile up on one line (the log lines say the same)
+        shown = self.rank == 0 and cfg.progress and sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not shown, dynamic_ncols=True)
         first_step = self.step + 1
         try:
             while self.step < cfg.steps:
@@ -556,7 +559,7 @@ class _Run:
                 continue
             self.streak = 0
             self.engine.backward(loss)
-            if self.writer and cfg.zero_stage == 0 and len(micro_losses) == cfg.grad_accum - 1 and _logs(self.step + 1, cfg):
+            if self.rank == 0 and cfg.zero_stage == 0 and len(micro_losses) == cfg.grad_accum - 1 and _logs(self.step + 1, cfg):
                 self.grad_norm = _grad_norm(self.engine)  # before step() clears the gradients
             self.engine.step()
             micro_losses.append(loss.detach().float())
@@ -566,7 +569,7 @@ class _Run:
         now = time.perf_counter()
         tps = (self.tokens_seen - self.tokens_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.tokens_last = now, self.tokens_seen
-        if not self.writer:
+        if self.rank != 0:
             return
         gn = self.engine.get_global_grad_norm()  # None at ZeRO-0: then the norm taken before step()
         scalars = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/tokens_per_s": tps,
@@ -577,8 +580,13 @@ class _Run:
             scalars["train/sp_comm_bytes_per_micro_batch"] = float(sum(self.sp_ctx.comm_bytes.values()))
         device = self.device
         scalars["train/memory_gb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes()) / 1e9
-        for k, v in scalars.items():
-            self.writer.add_scalar(k, v, self.step)
+        # one line a log step, the same on a terminal and in a file (the bar is shown on terminals only)
+        mfu = f", MFU {scalars['train/mfu']:.1%}" if "train/mfu" in scalars else ""
+        self.log(f"step {self.step}/{self.cfg.steps}: loss {loss:.4f}, lr {scalars['train/lr']:.3g}, grad norm "
+                 f"{scalars['train/grad_norm']:.3g}, {tps:,.0f} tokens/s{mfu}, {scalars['train/memory_gb']:.1f} GB")  # fmt: skip
+        if self.writer:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, self.step)
 
     def validate(self, loss: float) -> None:
         metrics = evaluate(self.engine, self.cfg, self.tok, self.data_rank, self.data_world, self.device, self.sp_ctx, self.stop)

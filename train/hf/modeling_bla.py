@@ -108,6 +108,7 @@ class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
     static_decoding: bool | None = None
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: BLALMConfig):
         super().__init__(config)
@@ -122,6 +123,17 @@ class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.model.head
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute every block in the backward (bla-lm's ``activation_checkpointing=block``)."""
+        self.model.set_checkpointing("block")
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.set_checkpointing("none")
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(block.checkpointing != "none" for block in self.model.blocks)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True, **kwargs):
         cache = cache if cache is not None else kwargs.get("past_key_values")
@@ -144,6 +156,10 @@ class BLAForCausalLM(BLAPreTrainedModel, GenerationMixin):
         """``labels`` follow the Hugging Face convention: the inputs themselves, shifted here."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("BLAForCausalLM takes input_ids (inputs_embeds is not supported)")
+        for name in ("output_hidden_states", "output_attentions"):  # asked for, never silently None
+            if kwargs.get(name):
+                raise ValueError(f"BLAForCausalLM does not return {name.removeprefix('output_')}: BLA layers keep "
+                                 f"slot states, not per-layer outputs or attention maps (pass {name}=False)")  # fmt: skip
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, BLAGenerationCache):
             raise ValueError(f"cache must be a BLAGenerationCache, got {type(cache).__name__}")
