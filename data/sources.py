@@ -5,9 +5,11 @@ Every source becomes a ``datasets`` iterable of ``{"text": str}`` documents, str
 string forms of ``parse_source``:
 
     stdlib[:train|:validation]            the embedded corpus (this Python's standard library)
-    files:<glob>[#field]                   local txt / jsonl / json / parquet / arrow files
+    files:<glob>[#field]                   local txt / jsonl / json / parquet / arrow files; txt,
+                                           jsonl and json also compressed (.gz, .bz2, .xz, .zst)
     hub:<name>[@config][:split][#field]    a Hugging Face hub dataset, a local dataset folder, or a
-                                           folder written by ``save_to_disk``
+                                           folder written by ``save_to_disk``; ``?data_files=...&
+                                           data_dir=...&revision=...`` after the name pass those on
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Iterator
 import datasets
 
 FILE_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # read through fsspec, as datasets reads them
+HUB_OPTIONS = ("data_files", "data_dir", "revision")  # passed to datasets.load_dataset
 VALIDATION_PERCENT = 2  # share of the embedded corpus held out
 
 
@@ -35,12 +39,14 @@ class SourceConfig:
     split: str = "train"
     text_field: str = "text"
     weight: float = 1.0  # in a mixture
+    options: dict = field(default_factory=dict)  # hub: data_files, data_dir, revision
 
     def describe(self) -> str:
         if self.kind == "stdlib":
             return f"stdlib:{self.split}"
         extra = f"@{self.config}" if self.config else ""
-        return f"{self.kind}:{self.name}{extra}:{self.split}#{self.text_field}"
+        query = ("?" + "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))) if self.options else ""
+        return f"{self.kind}:{self.name}{query}{extra}:{self.split}#{self.text_field}"
 
 
 MIXTURES = ("all_exhausted", "first_exhausted")
@@ -79,9 +85,14 @@ def parse_source(spec: str) -> SourceConfig:
     if kind == "hub":
         name, _, split = rest.partition(":")
         name, _, config = name.partition("@")
+        name, _, query = name.partition("?")
         if not name:
-            raise ValueError("hub source needs a dataset name: hub:<name>[@config][:split][#field]")
-        return SourceConfig("hub", name, config or None, split or "train", text_field, weight)
+            raise ValueError("hub source needs a dataset name: hub:<name>[?data_dir=...][@config][:split][#field]")
+        options = dict(item.split("=", 1) if "=" in item else (item, "") for item in query.split("&") if item)
+        unknown = sorted(set(options) - set(HUB_OPTIONS)) + [k for k, v in options.items() if not v]
+        if unknown:
+            raise ValueError(f"hub source {spec!r}: options must be {', '.join(HUB_OPTIONS)} as key=value, got {unknown}")
+        return SourceConfig("hub", name, config or None, split or "train", text_field, weight, options)
     raise ValueError(f"unknown source kind {kind!r} in {spec!r}; expected stdlib, files or hub")
 
 
@@ -135,19 +146,38 @@ def iterate_as_main_process(ds) -> Iterator[dict]:
 
 
 
+def _open(path: str):
+    """A file's bytes, decompressed by its suffix (.gz, .bz2, .xz, .zst) through fsspec, which
+    datasets reads compressed files with."""
+    import fsspec
+
+    return fsspec.open(path, "rb", compression="infer").open()
+
+
+def _file_format(path: str) -> str | None:
+    """The format of a file by its suffix, under a compression suffix if there is one."""
+    p = Path(path)
+    if p.suffix in COMPRESSIONS:
+        p = Path(p.stem)
+        return FILE_FORMATS.get(p.suffix) if p.suffix in (".txt", ".jsonl", ".json") else None
+    return FILE_FORMATS.get(p.suffix)
+
+
 def _text_files(files: list[str]) -> Iterator[dict]:
-    """One document per .txt file, strict UTF-8."""
+    """One document per .txt file (compressed or not), strict UTF-8."""
     for f in files:
         try:
-            yield {"text": Path(f).read_text(encoding="utf-8")}
+            with _open(f) as fh:
+                yield {"text": fh.read().decode("utf-8")}
         except UnicodeDecodeError as exc:
             raise ValueError(f"{f} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def _jsonl_files(files: list[str], field: str) -> Iterator[dict]:
-    """One document per line of JSON Lines files: ``{field: "..."}``, named ``text`` downstream."""
+    """One document per line of JSON Lines files (compressed or not): ``{field: "..."}``, named
+    ``text`` downstream; errors name the file and line."""
     for f in files:
-        with open(f, "rb") as fh:
+        with _open(f) as fh:
             for n, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
@@ -178,16 +208,18 @@ def _files_dataset(src: SourceConfig) -> datasets.IterableDataset:
     files = sorted(globlib.glob(os.path.expanduser(src.name), recursive=True))
     if not files:
         raise ValueError(f"files source: no file matches {src.name!r}")
-    exts = {Path(f).suffix for f in files}
-    formats = {FILE_FORMATS.get(e) for e in exts}
+    kinds = {"".join(Path(f).suffixes[-2:]) if Path(f).suffix in COMPRESSIONS else Path(f).suffix for f in files}
+    formats = {_file_format(f) for f in files}
     if None in formats or len(formats) != 1:
-        raise ValueError(f"files source: expected files of one format among {sorted(FILE_FORMATS)}, got {sorted(exts)}")
+        raise ValueError(f"files source: expected files of one format among {sorted(FILE_FORMATS)} (txt, jsonl and "
+                         f"json also {'/'.join(COMPRESSIONS)}-compressed), got {sorted(kinds)}")  # fmt: skip
     fmt = formats.pop()
     if all(os.path.getsize(f) == 0 for f in files):
         raise ValueError(f"source {src.describe()} is empty: every matching file has 0 bytes")
-    if exts <= {".txt"}:  # our own readers: their errors name the file (and line)
+    bare = {k.split(".")[1] for k in kinds}  # txt, jsonl, ... without the compression
+    if bare <= {"txt"}:  # our own readers: their errors name the file (and line)
         return datasets.IterableDataset.from_generator(_text_files, gen_kwargs={"files": files})
-    if exts <= {".jsonl"}:
+    if bare <= {"jsonl"}:
         return datasets.IterableDataset.from_generator(_jsonl_files, gen_kwargs={"files": files, "field": src.text_field})
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
     try:
@@ -219,7 +251,7 @@ def _hub_dataset(src: SourceConfig) -> datasets.IterableDataset:
     if _is_saved_dataset(src.name):
         return _saved_dataset(src)
     try:
-        return datasets.load_dataset(src.name, src.config, split=src.split, streaming=True)
+        return datasets.load_dataset(src.name, src.config, split=src.split, streaming=True, **src.options)
     except (FileNotFoundError, ConnectionError, ValueError) as exc:
         raise ValueError(f"hub source {src.describe()}: cannot load dataset {src.name!r}: {exc}") from exc
     except Exception as exc:  # datasets raises its own DatasetNotFoundError and friends

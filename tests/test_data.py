@@ -340,3 +340,41 @@ def test_loader_layout_mismatch_and_bad_config(bpe, doc_files):
     too_many = LoaderConfig(seq_len=8, batch_size=1, world_size=40, rank=35)
     with pytest.raises(ValueError, match="fewer documents than ranks x workers"):
         next(iter(build_loader(too_many, bpe, files_source(doc_files))))
+
+
+def test_compressed_files_are_read_with_their_line_numbers(tmp_path, doc_files):
+    """.jsonl.gz, .jsonl.xz, .txt.bz2 (datasets' compressions, through fsspec): the same documents
+    as the plain files, and a broken line still named by file and line."""
+    import bz2
+    import gzip
+    import lzma
+
+    plain = [ex["text"] for ex in load_documents(files_source(doc_files))]
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "docs.jsonl.gz").write_bytes(gzip.compress(doc_files.read_bytes()))
+    (tmp_path / "xz").mkdir()
+    (tmp_path / "xz" / "docs.jsonl.xz").write_bytes(lzma.compress(doc_files.read_bytes()))
+    for folder in ("gz", "xz"):
+        assert [ex["text"] for ex in load_documents(files_source(tmp_path / folder / "*"))] == plain
+    (tmp_path / "bz").mkdir()
+    (tmp_path / "bz" / "a.txt.bz2").write_bytes(bz2.compress("one document\nof two lines\n".encode()))
+    assert [ex["text"] for ex in load_documents(files_source(tmp_path / "bz" / "*.txt.bz2", "text"))] == ["one document\nof two lines\n"]
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"content": "fine"}\n{"content": \n'))
+    with pytest.raises(ValueError, match=r"broken.jsonl.gz:2: not a JSON line"):
+        list(load_documents(files_source(broken)))
+
+
+def test_hub_sources_take_data_files_data_dir_and_revision(tmp_path, doc_files):
+    folder = tmp_path / "repo"
+    (folder / "part_a").mkdir(parents=True)
+    (folder / "part_b").mkdir()
+    (folder / "part_a" / "train.jsonl").write_text(doc_files.read_text())
+    (folder / "part_b" / "train.jsonl").write_text('{"content": "only b"}\n')
+    src = parse_source(f"hub:{folder}?data_dir=part_b:train#content")
+    assert src.options == {"data_dir": "part_b"} and "data_dir=part_b" in src.describe()
+    assert [ex["text"] for ex in load_documents(DataSourceConfig([src]))] == ["only b"]
+    src = parse_source(f"hub:{folder}?data_files=part_a/*.jsonl#content")
+    assert len([ex["text"] for ex in load_documents(DataSourceConfig([src]))]) == 30
+    with pytest.raises(ValueError, match="options must be data_files, data_dir, revision as key=value, got \\['branch'\\]"):
+        parse_source(f"hub:{folder}?branch=main")
