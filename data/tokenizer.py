@@ -1,8 +1,13 @@
 """Tokenizers: train a byte-level BPE (``tokenizers``) or a SentencePiece BPE/unigram model, load
-either back, and use them through one small interface with fixed special tokens.
+either back (or anyone's ``tokenizer.json`` / SentencePiece model), and use them through one small
+interface.
 
-Special tokens are the same for both kinds: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2
-(SentencePiece adds ``<unk>`` = 3; byte fallback means it is never needed for valid UTF-8).
+The tokenizers trained here have ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2 (SentencePiece adds
+``<unk>`` = 3; byte fallback means it is never needed for valid UTF-8). A tokenizer from elsewhere
+(GPT-2's ``<|endoftext|>``, Llama's ``<s>`` / ``</s>`` without a pad) has its special tokens found
+by role, as transformers does; a role it lacks takes its end-of-text token (pad and bos mark no
+text of their own: the loss ignores padding, and a document still starts after one), and
+``describe()`` records which token plays each role.
 A tokenizer is identified by the SHA-256 of its file, recorded in shard manifests and
 checkpoints so data tokenised with one tokenizer is never read with another.
 """
@@ -19,6 +24,17 @@ from typing import Iterable, Iterator
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 KINDS = ("bpe", "sentencepiece")
+# the names each role goes by in the tokenizers people use, most specific first
+ROLE_TOKENS = {
+    "eos": ("<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>", "[SEP]"),
+    "bos": ("<bos>", "<s>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>", "[CLS]"),
+    "pad": ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>"),
+}
+
+
+def _by_role(find) -> dict[str, int | None]:
+    """{role: id or None} from ``find(token) -> id or None``, trying each role's names in order."""
+    return {role: next((i for i in map(find, names) if i is not None), None) for role, names in ROLE_TOKENS.items()}
 
 
 class Tokenizer:
@@ -42,7 +58,7 @@ class Tokenizer:
             except Exception as exc:  # tokenizers raises a bare Exception on a damaged file
                 raise ValueError(f"tokenizer file {self.path} is damaged or not a tokenizers JSON file: {exc}") from None
             self.vocab_size = self._tok.get_vocab_size()
-            ids = [self._tok.token_to_id(t) for t in SPECIALS]
+            roles = _by_role(self._tok.token_to_id)
         elif self.path.suffix == ".model":
             import sentencepiece as spm
 
@@ -52,13 +68,22 @@ class Tokenizer:
             except (OSError, RuntimeError) as exc:  # sentencepiece: a model it cannot parse
                 raise ValueError(f"tokenizer file {self.path} is damaged or not a SentencePiece model: {exc}") from None
             self.vocab_size = self._tok.get_piece_size()
-            ids = [self._tok.pad_id(), self._tok.bos_id(), self._tok.eos_id()]
+            roles = {role: (i if i >= 0 else None) for role, i in
+                     (("pad", self._tok.pad_id()), ("bos", self._tok.bos_id()), ("eos", self._tok.eos_id()))}  # fmt: skip
         else:
             raise ValueError(f"unknown tokenizer file {self.path}: expected tokenizer.json or a .model")
-        if ids != [PAD_ID, BOS_ID, EOS_ID]:
-            raise ValueError(f"tokenizer {self.path}: special tokens must be pad=0, bos=1, eos=2, got {ids}")
-        self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+        if roles["eos"] is None:
+            names = ", ".join(ROLE_TOKENS["eos"])
+            raise ValueError(f"tokenizer {self.path} has no end-of-text token (looked for {names}); documents are "
+                             f"packed with one between them: add one of those as a special token")  # fmt: skip
+        self.stand_ins = {role: "eos" for role in ("pad", "bos") if roles[role] is None}  # what a role lacked
+        roles = {role: roles["eos"] if i is None else i for role, i in roles.items()}
+        self.pad_id, self.bos_id, self.eos_id = roles["pad"], roles["bos"], roles["eos"]
+        self.special_tokens = {role: self.token(i) for role, i in roles.items()}
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def token(self, i: int) -> str:
+        return self._tok.id_to_token(i) if self.kind == "bpe" else self._tok.id_to_piece(i)
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "bpe":
@@ -71,7 +96,7 @@ class Tokenizer:
         return self._tok.encode(texts)
 
     def decode(self, ids: list[int]) -> str:
-        ids = [i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)]
+        ids = [i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)]
         return self._tok.decode(ids)
 
     def save(self, directory: str | Path) -> Path:
@@ -84,7 +109,10 @@ class Tokenizer:
         return target
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256, "file": self.path.name}
+        """What identifies the tokenizer (its file's sha256), and which token plays each role."""
+        specials = {role: [getattr(self, f"{role}_id"), self.special_tokens[role]] for role in ("pad", "bos", "eos")}
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256, "file": self.path.name,
+                "specials": specials, **({"stand_ins": self.stand_ins} if self.stand_ins else {})}  # fmt: skip
 
 
 def check_same_tokenizer(tokenizer: Tokenizer | None, recorded: dict | None, where: str) -> None:

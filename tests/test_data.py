@@ -378,3 +378,44 @@ def test_hub_sources_take_data_files_data_dir_and_revision(tmp_path, doc_files):
     assert len([ex["text"] for ex in load_documents(DataSourceConfig([src]))]) == 30
     with pytest.raises(ValueError, match="options must be data_files, data_dir, revision as key=value, got \\['branch'\\]"):
         parse_source(f"hub:{folder}?branch=main")
+
+
+def test_tokenizers_from_elsewhere_find_their_special_tokens_by_role(tmp_path):
+    """A GPT-2-style tokenizer.json (one <|endoftext|>, no pad) and a Llama-style SentencePiece model
+    (<unk> 0, <s> 1, </s> 2, no pad) load: each role's token found by name, a missing pad (and
+    GPT-2's bos) taken by the end-of-text token and recorded; documents pack between them."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from bla.data.packing import Packer
+
+    texts = [ex["text"] for ex in load_documents(STDLIB_VAL)][:40]
+    gpt2 = HFTokenizer(models.BPE())
+    gpt2.pre_tokenizer, gpt2.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    gpt2.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    gpt2.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    end = tok._tok.token_to_id("<|endoftext|>")
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (end, end, end) and tok.stand_ins == {"pad": "eos"}  # bos: its own name
+    assert tok.describe()["specials"]["eos"] == [end, "<|endoftext|>"]
+    assert tok.decode(tok.encode("x = 1\n")) == "x = 1\n"
+    packer = Packer(16, tok.bos_id, tok.eos_id)
+    packer.add(tok.encode("ab"))
+    assert packer.tokens[0] == end and packer.tokens[-1] == end
+
+    model = tmp_path / "llama.model"
+    with open(model, "wb") as f:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=f, vocab_size=600, unk_id=0, bos_id=1,
+                                       eos_id=2, pad_id=-1, byte_fallback=True, hard_vocab_limit=False, minloglevel=2)  # fmt: skip
+    tok = Tokenizer(model)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2) and tok.special_tokens["bos"] == "<s>"
+    assert tok.stand_ins == {"pad": "eos"}
+
+    none = HFTokenizer(models.BPE())
+    none.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    none.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    none.save(str(tmp_path / "none.json"))
+    with pytest.raises(ValueError, match="has no end-of-text token .looked for <eos>, </s>"):
+        Tokenizer(tmp_path / "none.json")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bla import data as lm_data
-from bla.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS
+from bla.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from bla.model import BLALM, ModelConfig
 
 from . import checkpoint as ckpt
@@ -101,7 +101,14 @@ TRITON_STAGES = ("tuning", "tables", "tiles", "forward", "scan", "backward", "de
 KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "gsa", "reference",
                                                *(f"triton_{stage}" for stage in TRITON_STAGES))]  # fmt: skip
 HF_FILES = ("configuration_bla.py", "modeling_bla.py")
-SPECIAL_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+SPECIAL_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}  # bla-lm's own tokenizers'
+
+
+def special_ids(tokenizer: lm_data.Tokenizer | None) -> dict:
+    """The ids transformers' config and generation read: the tokenizer's, by role."""
+    if tokenizer is None:
+        return dict(SPECIAL_IDS)
+    return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
 _EXPORTED = {m for _, m in MODEL_SOURCES + KERNEL_SOURCES}
 
 
@@ -139,7 +146,7 @@ def _code_files() -> dict[str, str]:
     return files
 
 
-def hf_config(model: BLALM, dtype: str) -> dict:
+def hf_config(model: BLALM, dtype: str, tokenizer: lm_data.Tokenizer | None = None) -> dict:
     cfg = model.cfg
     return {
         "architectures": ["BLAForCausalLM"],
@@ -151,14 +158,14 @@ def hf_config(model: BLALM, dtype: str) -> dict:
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "tie_word_embeddings": cfg.tie_embeddings,
-        **SPECIAL_IDS,
+        **special_ids(tokenizer),
         "dtype": dtype,
     }
 
 
 def _write_tokenizer(tokenizer: lm_data.Tokenizer, out: Path) -> None:
     tokenizer.save(out)
-    pad, bos, eos = SPECIALS
+    pad, bos, eos = (tokenizer.special_tokens[role] for role in ("pad", "bos", "eos"))
     specials = {"pad_token": pad, "bos_token": bos, "eos_token": eos}
     # transformers' tokenizers put <bos> first, as training did before every document (bla-lm's own
     # encode() adds no specials either way: it asks for none)
@@ -168,7 +175,7 @@ def _write_tokenizer(tokenizer: lm_data.Tokenizer, out: Path) -> None:
 
         path = out / "tokenizer.json"
         fast = HFTokenizer.from_file(str(path))
-        fast.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, BOS_ID)])
+        fast.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)])
         fast.save(str(path))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "clean_up_tokenization_spaces": False}
     else:
@@ -200,8 +207,8 @@ def write_export(model: BLALM, tokenizer: lm_data.Tokenizer | None, out: str | P
     tensors = {EXPORT_PREFIX + k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
     save_file(tensors, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
     (tmp / EXPORT_WEIGHTS).chmod(0o644)  # safetensors writes it private; an export is for sharing
-    (tmp / EXPORT_CONFIG).write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")
-    (tmp / "generation_config.json").write_text(json.dumps(SPECIAL_IDS, indent=2) + "\n")
+    (tmp / EXPORT_CONFIG).write_text(json.dumps(hf_config(model, dtype, tokenizer), indent=2) + "\n")
+    (tmp / "generation_config.json").write_text(json.dumps(special_ids(tokenizer), indent=2) + "\n")
     if tokenizer is not None:
         _write_tokenizer(tokenizer, tmp)
     for name, text in _code_files().items():
