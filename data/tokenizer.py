@@ -174,6 +174,27 @@ def train_tokenizer(
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"sentencepiece model_type must be bpe or unigram, got {model_type!r}")
     model = io.BytesIO()
+    failed: list[Exception] = []  # what the documents' stream raised (SentencePiece reports it as its own RuntimeError)
+
+    def documents():
+        try:
+            yield from texts
+        except Exception as exc:
+            failed.append(exc)
+            raise
+
+    try:
+        _train_sentencepiece(spm, documents(), model, vocab_size, model_type)
+    except RuntimeError:
+        if failed:
+            raise failed[0] from None
+        raise
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({"kind": kind, "model_type": model_type}))
+    return Tokenizer(out / "tokenizer.model")
+
+
+def _train_sentencepiece(spm, texts, model, vocab_size: int, model_type: str) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
         pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=3, byte_fallback=True,
@@ -181,9 +202,6 @@ def train_tokenizer(
         max_sentence_length=1 << 16, input_sentence_size=2_000_000, shuffle_input_sentence=False,
         hard_vocab_limit=False, minloglevel=2,
     )  # fmt: skip
-    (out / "tokenizer.model").write_bytes(model.getvalue())
-    (out / "tokenizer_config.json").write_text(json.dumps({"kind": kind, "model_type": model_type}))
-    return Tokenizer(out / "tokenizer.model")
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:

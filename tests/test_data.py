@@ -419,3 +419,14 @@ def test_tokenizers_from_elsewhere_find_their_special_tokens_by_role(tmp_path):
     none.save(str(tmp_path / "none.json"))
     with pytest.raises(ValueError, match="has no end-of-text token .looked for <eos>, </s>"):
         Tokenizer(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_training_a_tokenizer_on_a_document_without_the_field_is_one_line(tmp_path, kind):
+    """A later line without the text field: the same named error from either trainer (SentencePiece
+    wrapped it in a RuntimeError of its own before)."""
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "hello world"}\n{"content": "more"}\n')
+    texts = (ex["text"] for ex in load_documents(files_source(bad, "text")))
+    with pytest.raises(ValueError, match="docs.jsonl:2: no text field 'text'; its fields are \\['content'\\]"):
+        train_tokenizer(texts, tmp_path / "tok", kind=kind, vocab_size=300)
