@@ -645,3 +645,42 @@ def test_scan_stage_equals_its_reference(reverse, with_h, rows):
                             ("last k", out_k, expected[0][1]), ("last v", out_v, expected[1][1]),
                             ("decays before", after[:items], expected[0][2])]:  # fmt: skip
         assert_close(name, got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_stages_hold_the_states_they_name(tune):
+    """The forward's stages (1) and (2) alone: what ``forward`` keeps for the backward is, per chunk,
+    the state at its start from its segment's zero start and the decay between (1), its own decay,
+    and per segment the true state at its start (the scan, (2)) and its decay, each against the
+    float64 torch backend run on the prefix that defines it (16-token chunks, 4 to a segment)."""
+    from bla.kernels import triton_bla
+    from bla.kernels.checks import check_problem
+    from bla.kernels.gates import dirichlet_gates
+
+    tune(sub=16, segment=64)
+    T, W, m, gates = 150, 24, 6, "fejer"
+    q, k, v = random_qkv(1, T, 2, 1, 8, 8, dtype=torch.float32, device=DEVICE)
+    p = check_problem(q, k, v, W, m, None, None, None, 0, gates)
+    _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
+    ck, cv, before, chunk_dec, start_k, start_v, seg_dec, _ = (x.cpu() for x in saved)
+    alpha = dirichlet_gates(torch.arange(T), torch.tensor([W]), m, gates=gates)[1][:, 0]  # [T, m]
+
+    def state(lo, hi):  # the state after tokens lo .. hi - 1 from a zero start, phases from lo
+        if hi == lo:
+            return torch.zeros(m, 8, dtype=torch.float64), torch.zeros(m, 8, dtype=torch.float64)
+        x = [t[:, lo:hi].double() for t in (q, k, v)]
+        _, (K, V) = bla_attention(*x, W, m, offset=torch.tensor([lo], device=DEVICE), gates=gates, output_final_state=True,
+                                  backend="torch")  # fmt: skip
+        return K[0, 0].cpu(), V[0, 0].cpu()
+
+    for c in range(-(-T // 16)):
+        t0, s0, t1 = 16 * c, 64 * (c // 4), min(16 * c + 16, T)
+        K, V = state(s0, t0)
+        assert_close(f"chunk {c} K from its segment's start", ck[c, 0, :m, :8], K, atol=1e-5, rtol=1e-5)
+        assert_close(f"chunk {c} V from its segment's start", cv[c, 0, :m, :8], V, atol=1e-5, rtol=1e-5)
+        assert_close(f"chunk {c} decay before it", before[c, 0, :m], alpha[s0:t0].prod(0), atol=1e-6, rtol=1e-5)
+        assert_close(f"chunk {c} decay", chunk_dec[c, 0, :m], alpha[t0:t1].prod(0), atol=1e-6, rtol=1e-5)
+    for s in range(-(-T // 64)):
+        K, V = state(0, 64 * s)
+        assert_close(f"segment {s} start K", start_k[s, 0, :m, :8], K, atol=1e-5, rtol=1e-5)
+        assert_close(f"segment {s} start V", start_v[s, 0, :m, :8], V, atol=1e-5, rtol=1e-5)
+        assert_close(f"segment {s} decay", seg_dec[s, 0, :m], alpha[64 * s : min(64 * s + 64, T)].prod(0), atol=1e-6, rtol=1e-5)
