@@ -150,7 +150,8 @@ class ShardDocuments:
                       for s in self.manifest["shards"]]  # fmt: skip
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc}): re-run `bla data prepare`") from None
-        if tokenizer is not None and tokenizer.sha256 != made_with:
+        same_ids = tokenizer is not None and tokenizer.encoding_sha256 == self.manifest["tokenizer"].get("encoding_sha256")
+        if tokenizer is not None and tokenizer.sha256 != made_with and not same_ids:
             raise ValueError(
                 f"shards in {self.dir} were made with tokenizer {made_with[:12]}..., "
                 f"not with {tokenizer.path} ({tokenizer.sha256[:12]}...); re-run `bla data prepare`"

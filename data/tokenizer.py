@@ -80,7 +80,9 @@ class Tokenizer:
         roles = {role: roles["eos"] if i is None else i for role, i in roles.items()}
         self.pad_id, self.bos_id, self.eos_id = roles["pad"], roles["bos"], roles["eos"]
         self.special_tokens = {role: self.token(i) for role, i in roles.items()}
-        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        raw = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.encoding_sha256 = _encoding_sha256(raw, self.kind)
 
     def token(self, i: int) -> str:
         return self._tok.id_to_token(i) if self.kind == "bpe" else self._tok.id_to_piece(i)
@@ -112,7 +114,19 @@ class Tokenizer:
         """What identifies the tokenizer (its file's sha256), and which token plays each role."""
         specials = {role: [getattr(self, f"{role}_id"), self.special_tokens[role]] for role in ("pad", "bos", "eos")}
         return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256, "file": self.path.name,
+                "encoding_sha256": self.encoding_sha256,
                 "specials": specials, **({"stand_ins": self.stand_ins} if self.stand_ins else {})}  # fmt: skip
+
+
+def _encoding_sha256(raw: bytes, kind: str) -> str:
+    """What decides the ids ``encode`` gives (no special tokens added): a tokenizer.json less the
+    settings it never reads (the post-processor that puts <bos> first for transformers, padding,
+    truncation). An export's tokenizer.json, which gains that post-processor, tokenises the same
+    text to the same ids as the one it was trained with, and shares its cached shards."""
+    if kind != "bpe":
+        return hashlib.sha256(raw).hexdigest()
+    spec = {k: v for k, v in json.loads(raw).items() if k not in ("post_processor", "padding", "truncation")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def check_same_tokenizer(tokenizer: Tokenizer | None, recorded: dict | None, where: str) -> None:
@@ -120,7 +134,7 @@ def check_same_tokenizer(tokenizer: Tokenizer | None, recorded: dict | None, whe
     would silently mean other text. Nothing recorded (older checkpoints, synthetic tasks): no check."""
     if tokenizer is None or not recorded or not recorded.get("sha256"):
         return
-    if tokenizer.sha256 != recorded["sha256"]:
+    if tokenizer.sha256 != recorded["sha256"] and tokenizer.encoding_sha256 != recorded.get("encoding_sha256"):
         raise ValueError(
             f"tokenizer {tokenizer.path} (sha256 {tokenizer.sha256[:16]}...) is not the one {where} was trained "
             f"with (sha256 {recorded['sha256'][:16]}..., {recorded.get('file')}): restore that file"

@@ -192,6 +192,7 @@ def test_export_continues_training_with_the_same_weights(zero3_run):
                           capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]
     assert "initial weights from" in done.stdout + done.stderr
+    assert "tokenising" not in done.stdout  # the export's tokenizer encodes as the run's: its shards are reused
     continued, _, _ = load_run(out)
     exported, _, _ = load_exported(hf_dir)
     for (name, a), b in zip(continued.state_dict().items(), exported.state_dict().values()):

@@ -85,7 +85,8 @@ def ensure_shards(cfg: TrainConfig, tok: lm_data.Tokenizer, rank: int, log) -> P
         return None
     if d.shards != "auto":
         return Path(d.shards)
-    out = Path(cfg.cache_dir).expanduser() / "shards" / _cache_key(*_sources_key(d), tok.sha256)
+    # keyed by what decides the ids: an export's copy of the tokenizer reads the same shards
+    out = Path(cfg.cache_dir).expanduser() / "shards" / _cache_key(*_sources_key(d), tok.encoding_sha256)
     if rank == 0 and not (out / "manifest.json").exists():
         log(f"tokenising {d.sources} once into shards at {out}")
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
