@@ -239,7 +239,11 @@ def test_a_changed_tokenizer_is_refused(runs):
     run = tmp / "other_tok"
     shutil.copytree(tmp / "full", run)
     tok_file = next((run / "tokenizer").iterdir())
-    tok_file.write_text(tok_file.read_text() + " ")  # still a valid tokenizer, another file
+    spec = json.loads(tok_file.read_text())  # still a valid tokenizer: two tokens' ids swapped
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    tok_file.write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="is not the one checkpoint .* was trained with"):
         load_run(run)
     (run / "summary.json").unlink()
