@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -166,6 +167,8 @@ def train_tokenizer(
         from tqdm import tqdm
 
         texts = tqdm(texts, desc="tokenizer: reading documents", unit="doc")
+    seen = {"documents": 0, "characters": 0}
+    texts = _counted(texts, seen)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if kind == "bpe":
@@ -181,7 +184,7 @@ def train_tokenizer(
         )  # fmt: skip
         tok.train_from_iterator(texts, trainer=trainer)
         tok.save(str(out / "tokenizer.json"))
-        return Tokenizer(out / "tokenizer.json")
+        return _trained(Tokenizer(out / "tokenizer.json"), seen)
 
     import sentencepiece as spm
 
@@ -205,7 +208,21 @@ def train_tokenizer(
         raise
     (out / "tokenizer.model").write_bytes(model.getvalue())
     (out / "tokenizer_config.json").write_text(json.dumps({"kind": kind, "model_type": model_type}))
-    return Tokenizer(out / "tokenizer.model")
+    return _trained(Tokenizer(out / "tokenizer.model"), seen)
+
+
+def _counted(texts: Iterable[str], seen: dict) -> Iterator[str]:
+    for text in texts:
+        seen["documents"] += 1
+        seen["characters"] += len(text)
+        yield text
+
+
+def _trained(tok: Tokenizer, seen: dict) -> Tokenizer:
+    """The trained tokenizer, its totals said on stderr (a log file then records what it read)."""
+    print(f"tokenizer: {tok.kind} of {tok.vocab_size:,} tokens trained on {seen['documents']:,} documents "
+          f"({seen['characters']:,} characters) -> {tok.path}", file=sys.stderr)  # fmt: skip
+    return tok
 
 
 def _train_sentencepiece(spm, texts, model, vocab_size: int, model_type: str) -> None:
