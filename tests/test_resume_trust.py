@@ -314,3 +314,14 @@ def test_a_log_file_gets_one_line_a_log_step(tmp_path):
     lines = [ln for ln in text.splitlines() if ": loss " in ln and "grad norm" in ln]
     assert [ln.split("step ")[1].split(":")[0] for ln in lines] == ["2/4", "4/4"], lines
     assert all("tokens/s" in ln and "MFU" in ln for ln in lines)
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path):
+    """micro_batch far too large: one line naming it, before the tokenizer and shards are built."""
+    done = bla_train(tmp_path / "run", tmp_path / "cache", "micro_batch=10000000")
+    assert done.returncode == 2 and "micro_batch=10000000 x data.seq_len=32 tokens a step need at least" in last_line(done)
+    assert not (tmp_path / "cache" / "tokenizers").exists()
+    from bla.train.config import load_train_config
+    from bla.train.trainer import memory_floor
+
+    assert memory_floor(load_train_config("main"), bf16=False) < 2**30  # the main job is far from it

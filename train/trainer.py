@@ -189,6 +189,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.deterministic:
         repeatable_numerics()
     rank, world, device = init_distributed()
+    check_memory(cfg, device)  # before minutes of tokenising and compiling
     lock, refused = None, None
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -202,6 +203,39 @@ def run(cfg: TrainConfig) -> dict:
         return _Run(cfg, rank, world, device).run()
     finally:
         out_lock.release(lock)
+
+
+def memory_floor(cfg: TrainConfig, bf16: bool) -> int:
+    """Bytes a training step needs at the least on one rank, counted low so that only a step that
+    cannot fit is refused: the weights (gradients and optimiser states may be partitioned by ZeRO
+    or offloaded, so they are not counted), and the activations every layer keeps for the
+    backward, about 8 widths a token a layer (the block's input, its mixer's and MLP's inputs and
+    outputs), one layer's worth under activation checkpointing, this rank's share of a sequence
+    under sequence parallelism."""
+    m, width = cfg.model, 2 if bf16 else 4
+    tokens = cfg.micro_batch * cfg.data.seq_len // cfg.sequence_parallel_size
+    layers = 1 if cfg.activation_checkpointing != "none" else m.n_layers
+    return param_count(m) * width + tokens * 8 * m.d_model * layers * width
+
+
+def _total_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, in one line, a step that cannot fit this device's memory whatever else happens
+    (micro_batch or data.seq_len far too large), instead of failing after the data is prepared."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    need, have = memory_floor(cfg, bf16), _total_memory(device)
+    if need > have:
+        raise ValueError(
+            f"micro_batch={cfg.micro_batch} x data.seq_len={cfg.data.seq_len} tokens a step need at least "
+            f"{need / 2**30:,.1f} GiB on one {device.type} device (weights and activations alone), more than "
+            f"its {have / 2**30:,.1f} GiB: lower micro_batch (raise grad_accum to keep the batch) or data.seq_len, or "
+            f"set activation_checkpointing=block"
+        )  # fmt: skip
 
 
 def _previous_losses(out: Path, step: int) -> list[dict]:
