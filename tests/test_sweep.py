@@ -233,14 +233,14 @@ def test_a_pinned_default_is_trained_but_keeps_the_run_names():
 
     from bla.launch.sweep import train_config
 
-    spec = load_spec("mqar_ablations")
+    spec = load_spec(str(ROOT / "experiments" / "sweeps" / "mqar_ablations.yaml"))
     assert spec.pinned == ["model.bla.gates=dirichlet"]
     mixer, overrides = spec.runs()[0]
     assert train_config(spec, overrides).model.bla.gates == "dirichlet"
     unpinned = dataclasses.replace(spec, pinned=[])
     assert train_config(unpinned, overrides).model.bla.gates == "fejer"  # today's default
     assert run_name(spec, mixer, overrides) == run_name(unpinned, mixer, overrides)
-    report = Path(__file__).parents[1] / "docs" / "sweeps" / "mqar_ablations" / "results.csv"
+    report = ROOT / "experiments" / "results" / "mqar_ablations" / "results.csv"
     with open(report) as f:
         committed = {row["run"] for row in csv.DictReader(f)}
     assert committed <= {run_name(spec, m, o) for m, o in spec.runs()}
