@@ -163,8 +163,9 @@ def active() -> dict:
 
 
 def key() -> tuple:
-    """What the active knobs are, cheaply (the kernels' plan cache keys on it)."""
-    return (_raw_env(), id(_STACK[-1]) if _STACK else None)
+    """What the active knobs are, cheaply (the kernels' plan cache keys on it): the variable's text
+    and the innermost override's knobs (by value: a later context may reuse an earlier one's id)."""
+    return (_raw_env(), tuple(sorted(_STACK[-1].items())) if _STACK else ())
 
 
 @contextlib.contextmanager
