@@ -7,6 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # said before the subcommands' imports (seconds)
+        print(f"bla-lm {_version()}")
+        return 0
     parser = argparse.ArgumentParser(prog="bla", description="bla-lm: pretraining LMs on Blurry Window Attention")
     parser.add_argument("--version", action="version", version=f"bla-lm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
