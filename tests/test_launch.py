@@ -186,3 +186,15 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_version_is_said_without_importing_the_stack(capsys):
+    import importlib.metadata
+
+    from bla.launch.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"bla-lm {importlib.metadata.version('bla-lm')}"
+    done = subprocess.run([sys.executable, "-c", "import sys; from bla.launch.cli import main; main(['--version']); "
+                           "print('torch' in sys.modules)"], capture_output=True, text=True, env=fresh_process_env())  # fmt: skip
+    assert done.stdout.split()[-1] == "False"  # no torch (seconds) to print a version
