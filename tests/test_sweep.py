@@ -183,7 +183,7 @@ def test_named_sweeps_and_experiments_load_and_are_valid():
 
     with pytest.raises(ValueError, match="named sweeps: .*mqar_paper_budget"):
         load_spec("nope")
-    assert named_sweeps() == ["mqar_paper", "mqar_paper_budget", "regbench_paper", "regbench_v2", "tiny"]
+    assert named_sweeps() == ["lm_state", "lm_state_40m", "mqar_paper", "mqar_paper_budget", "regbench_paper", "regbench_v2", "tiny"]
     experiments = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
     assert len(experiments) >= 20
     for spec in [load_spec(name) for name in named_sweeps()] + [load_spec(str(path)) for path in experiments]:
@@ -263,3 +263,21 @@ def test_a_diverged_run_is_a_result_not_an_error(tmp_path):
     assert bad["overrides"]["optim.lr"] == 1e30 and "non-finite" in bad["status"]
     row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert row["accuracy"] == "" and "non-finite" in row["diverged"]
+
+
+def test_the_lm_state_sweeps_dry_run(capsys):
+    """Issue 44's LM law over state: the two sizes' specs list their runs and state sizes (every
+    mixer of the comparison, both BLA windows, the hybrids), about 11M and 43M non-embedding
+    parameters, within two epochs of the embedded corpus."""
+    from bla.launch.cli import main
+    from bla.launch.sweep import train_config
+    from bla.model import param_count
+
+    for name, size in (("lm_state", 11e6), ("lm_state_40m", 43e6)):
+        assert main(["sweep", name, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("state=") == 81 and all(f"{m}-" in out for m in ("bla", "bla_w512", "swa", "gsa", "attn", "bla_attn", "bla_swa"))
+        spec = load_spec(name)
+        cfg = train_config(spec, spec.runs()[0][1])
+        assert abs(param_count(cfg.model, include_embeddings=False) - size) < 0.05 * size
+        assert cfg.steps * cfg.micro_batch * cfg.data.seq_len <= 2 * 9.3e6  # at most ~2 epochs of the corpus
