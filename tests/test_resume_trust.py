@@ -104,15 +104,20 @@ def test_pruning_checks_hashes_and_keeps_the_newest_verified(tmp_path):
 
 
 def test_pruning_keeps_the_healthy_checkpoint_before_a_divergence(tmp_path):
-    """A checkpoint saved with a non-finite validation, or at a non-finite stop, does not count
-    towards keep_last: the last healthy one stays, and is the one a diverged run goes back to."""
+    """A checkpoint saved with a non-finite validation, or at a non-finite stop, does not stand in
+    for the healthy ones: the last healthy one stays beside the newest, and is the one a diverged
+    run goes back to; a streak of unhealthy ones is pruned like any (retention stays bounded)."""
     fake_checkpoint(tmp_path / ckpt.tag_of(2))
     healthy = fake_checkpoint(tmp_path / ckpt.tag_of(4), healthy=True)
     fake_checkpoint(tmp_path / ckpt.tag_of(6), healthy=False)
     fake_checkpoint(tmp_path / ckpt.tag_of(7), reason="nonfinite")
-    assert ckpt.prune(tmp_path, keep_last=1) == ["step_0000002"]
+    assert ckpt.prune(tmp_path, keep_last=1) == ["step_0000002", "step_0000006"]
     assert ckpt.last_recoverable(tmp_path, before_step=7) == healthy
-    assert ckpt.prune(tmp_path, keep_last=1) == []  # nothing healthy is newer: nothing more goes
+    assert ckpt.prune(tmp_path, keep_last=1) == []
+    for step in (8, 9, 10):  # NaN validation from here on: bounded, the healthy one kept
+        fake_checkpoint(tmp_path / ckpt.tag_of(step), healthy=False)
+        ckpt.prune(tmp_path, keep_last=1)
+    assert [t.name for t in ckpt.list_checkpoints(tmp_path)] == ["step_0000004", "step_0000010"]
 
 
 def test_a_universal_folder_is_reused_only_when_converted_from_this_checkpoint(tmp_path):

@@ -285,22 +285,20 @@ def last_recoverable(ckpt_dir: Path, before_step: int | None = None) -> Path | N
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` verified, healthy checkpoints (hashes checked) and
-    older ones. A non-finite stop's checkpoint, or one saved with a non-finite loss, does not count
-    towards ``keep_last``: the healthy ones before it, which a diverged run goes back to, stay.
-    Newer broken checkpoints are left for inspection (resume passes over them)."""
+    """Delete all checkpoints but the newest ``keep_last`` verified ones (hashes checked) and the
+    newest ``keep_last`` verified healthy ones: a non-finite stop's checkpoint, or one saved with a
+    non-finite loss, does not stand in for the healthy ones before it, which a diverged run goes
+    back to. Broken checkpoints newer than every kept one stay for inspection (resume passes over
+    them); retention stays bounded (at most 2 x keep_last whole ones) through any streak."""
     tags = list_checkpoints(ckpt_dir)
-    kept = []
-    for tag_dir in reversed(tags):
-        if len(kept) == keep_last:
-            break
-        if check_complete(tag_dir) is None and recoverable(tag_dir):
-            kept.append(tag_dir)
-    if not kept:  # nothing verified: nothing is removed
+    verified = [t for t in reversed(tags) if check_complete(t) is None]  # newest first
+    keep = set(verified[:keep_last]) | set([t for t in verified if recoverable(t)][:keep_last])
+    if not keep:  # nothing verified: nothing is removed
         return []
+    newest_kept = max(t.name for t in keep)
     removed = []
     for t in tags:
-        if t.name < kept[-1].name:
+        if t not in keep and (t in verified or t.name < newest_kept):
             shutil.rmtree(t, ignore_errors=True)
             shutil.rmtree(t.with_name(t.name + UNIVERSAL_SUFFIX), ignore_errors=True)
             _VERIFIED.pop(str(t.resolve()), None)
