@@ -154,13 +154,10 @@ def _open(path: str):
     return fsspec.open(path, "rb", compression="infer").open()
 
 
-def _file_format(path: str) -> str | None:
-    """The format of a file by its suffix, under a compression suffix if there is one."""
+def _format_suffix(path: str) -> str:
+    """A file's format suffix, under its compression suffix if it has one (.jsonl of .jsonl.gz)."""
     p = Path(path)
-    if p.suffix in COMPRESSIONS:
-        p = Path(p.stem)
-        return FILE_FORMATS.get(p.suffix) if p.suffix in (".txt", ".jsonl", ".json") else None
-    return FILE_FORMATS.get(p.suffix)
+    return Path(p.stem).suffix if p.suffix in COMPRESSIONS else p.suffix
 
 
 def _text_files(files: list[str]) -> Iterator[dict]:
@@ -208,18 +205,20 @@ def _files_dataset(src: SourceConfig) -> datasets.IterableDataset:
     files = sorted(globlib.glob(os.path.expanduser(src.name), recursive=True))
     if not files:
         raise ValueError(f"files source: no file matches {src.name!r}")
-    kinds = {"".join(Path(f).suffixes[-2:]) if Path(f).suffix in COMPRESSIONS else Path(f).suffix for f in files}
-    formats = {_file_format(f) for f in files}
-    if None in formats or len(formats) != 1:
+    exts = {_format_suffix(f) for f in files}
+    formats = {FILE_FORMATS.get(e) for e in exts}
+    compressed_binary = any(Path(f).suffix in COMPRESSIONS and _format_suffix(f) not in (".txt", ".jsonl", ".json")
+                            for f in files)  # fmt: skip
+    if None in formats or len(formats) != 1 or compressed_binary:
+        got = sorted({"".join(Path(f).suffixes[-2:]) if Path(f).suffix in COMPRESSIONS else Path(f).suffix for f in files})
         raise ValueError(f"files source: expected files of one format among {sorted(FILE_FORMATS)} (txt, jsonl and "
-                         f"json also {'/'.join(COMPRESSIONS)}-compressed), got {sorted(kinds)}")  # fmt: skip
+                         f"json also {'/'.join(COMPRESSIONS)}-compressed), got {got}")  # fmt: skip
     fmt = formats.pop()
     if all(os.path.getsize(f) == 0 for f in files):
         raise ValueError(f"source {src.describe()} is empty: every matching file has 0 bytes")
-    bare = {k.split(".")[1] for k in kinds}  # txt, jsonl, ... without the compression
-    if bare <= {"txt"}:  # our own readers: their errors name the file (and line)
+    if exts <= {".txt"}:  # our own readers: their errors name the file (and line)
         return datasets.IterableDataset.from_generator(_text_files, gen_kwargs={"files": files})
-    if bare <= {"jsonl"}:
+    if exts <= {".jsonl"}:
         return datasets.IterableDataset.from_generator(_jsonl_files, gen_kwargs={"files": files, "field": src.text_field})
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
     try:

@@ -8,8 +8,9 @@ The tokenizers trained here have ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2 (Se
 by role, as transformers does; a role it lacks takes its end-of-text token (pad and bos mark no
 text of their own: the loss ignores padding, and a document still starts after one), and
 ``describe()`` records which token plays each role.
-A tokenizer is identified by the SHA-256 of its file, recorded in shard manifests and
-checkpoints so data tokenised with one tokenizer is never read with another.
+A tokenizer is identified by the SHA-256 of its file and of what decides its ids (the file less
+the settings ``encode`` never reads), recorded in shard manifests and checkpoints so data tokenised
+with one tokenizer is never read with another.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def train_tokenizer(
         from tqdm import tqdm
 
         texts = tqdm(texts, desc="tokenizer: reading documents", unit="doc")
-    seen = {"documents": 0, "characters": 0}
+    seen = {"documents": 0, "characters": 0, "failed": []}
     texts = _counted(texts, seen)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,20 +192,11 @@ def train_tokenizer(
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"sentencepiece model_type must be bpe or unigram, got {model_type!r}")
     model = io.BytesIO()
-    failed: list[Exception] = []  # what the documents' stream raised (SentencePiece reports it as its own RuntimeError)
-
-    def documents():
-        try:
-            yield from texts
-        except Exception as exc:
-            failed.append(exc)
-            raise
-
     try:
-        _train_sentencepiece(spm, documents(), model, vocab_size, model_type)
-    except RuntimeError:
-        if failed:
-            raise failed[0] from None
+        _train_sentencepiece(spm, texts, model, vocab_size, model_type)
+    except RuntimeError:  # SentencePiece reports what the documents' stream raised as its own error
+        if seen["failed"]:
+            raise seen["failed"][0] from None
         raise
     (out / "tokenizer.model").write_bytes(model.getvalue())
     (out / "tokenizer_config.json").write_text(json.dumps({"kind": kind, "model_type": model_type}))
@@ -212,10 +204,15 @@ def train_tokenizer(
 
 
 def _counted(texts: Iterable[str], seen: dict) -> Iterator[str]:
-    for text in texts:
-        seen["documents"] += 1
-        seen["characters"] += len(text)
-        yield text
+    """``texts``, counted into ``seen``, with what their stream raised kept in ``seen["failed"]``."""
+    try:
+        for text in texts:
+            seen["documents"] += 1
+            seen["characters"] += len(text)
+            yield text
+    except Exception as exc:
+        seen["failed"].append(exc)
+        raise
 
 
 def _trained(tok: Tokenizer, seen: dict) -> Tokenizer:

@@ -8,10 +8,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # said before the subcommands' imports (seconds)
-        print(f"bla-lm {_version()}")
+        print(_version_line())
         return 0
     parser = argparse.ArgumentParser(prog="bla", description="bla-lm: pretraining LMs on Blurry Window Attention")
-    parser.add_argument("--version", action="version", version=f"bla-lm {_version()}")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     from bla.data.cli import add_data_commands
     from bla.model.cli import add_model_commands
@@ -39,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _version() -> str:
+def _version_line() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("bla-lm")
+        return f"bla-lm {version('bla-lm')}"
     except PackageNotFoundError:  # run from a source tree that was not installed
-        return "unknown (not installed)"
+        return "bla-lm unknown (not installed)"
 
 
 if __name__ == "__main__":

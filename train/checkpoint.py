@@ -173,6 +173,7 @@ def write_manifest(tag_dir: Path, meta: dict) -> None:
     manifest = {**meta, "files": files}
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _VERIFIED[str(tag_dir.resolve())] = _signature(tag_dir)  # just hashed: the prune after a save reads nothing again
 
 
 def _manifest_problem(manifest) -> str | None:
@@ -275,7 +276,7 @@ def recoverable(tag_dir: Path) -> bool:
 
 
 def last_recoverable(ckpt_dir: Path, before_step: int | None = None) -> Path | None:
-    """The newest verified checkpoint that is not a non-finite stop's (before ``before_step``)."""
+    """The newest verified ``recoverable`` checkpoint (before ``before_step``)."""
     for tag_dir in reversed(list_checkpoints(ckpt_dir)):
         if before_step is not None and int(tag_dir.name.removeprefix("step_")) >= before_step:
             continue
@@ -326,21 +327,6 @@ def write_latest(ckpt_dir: Path, tag: str) -> None:
 
 def read_meta(tag_dir: Path) -> dict:
     return json.loads((tag_dir / MANIFEST).read_text())
-
-
-def read_saved_config(tag_dir: Path) -> dict:
-    """The run config a checkpoint saved (``config.yaml``), as a dict with its model section; a
-    missing or damaged file is a ValueError naming it."""
-    path = tag_dir / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"checkpoint {tag_dir} has no readable config.yaml ({exc.strerror})") from None
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path} is not YAML ({type(exc).__name__}): the checkpoint is damaged") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-        raise ValueError(f"{path} is not a run config (a mapping with a model section): the checkpoint is damaged")
-    return saved
 
 
 def ensure_universal(tag_dir: Path) -> Path:
@@ -484,11 +470,19 @@ def load_weights(model: BLALM, state: dict[str, torch.Tensor], where: str) -> No
 
 
 def saved_train_config(tag_dir: Path) -> "TrainConfig":
-    """A checkpoint's typed run config (a legacy config's gates resolved); a config.yaml that
-    parses but holds wrong values is a ValueError naming it, never a traceback."""
+    """A checkpoint's typed run config (a legacy config's gates resolved); a config.yaml that is
+    missing, not YAML, or holds wrong values is a ValueError naming it, never a traceback."""
     from .config import TrainConfig
 
-    saved = read_saved_config(tag_dir)
+    path = tag_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"checkpoint {tag_dir} has no readable config.yaml ({exc.strerror})") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path} is not YAML ({type(exc).__name__}): the checkpoint is damaged") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise ValueError(f"{path} is not a run config (a mapping with a model section): the checkpoint is damaged")
     try:
         return TrainConfig.from_saved(saved)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:

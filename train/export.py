@@ -102,6 +102,7 @@ KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gate
                                                *(f"triton_{stage}" for stage in TRITON_STAGES))]  # fmt: skip
 HF_FILES = ("configuration_bla.py", "modeling_bla.py")
 SPECIAL_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}  # bla-lm's own tokenizers'
+_EXPORTED = {m for _, m in MODEL_SOURCES + KERNEL_SOURCES}
 
 
 def special_ids(tokenizer: lm_data.Tokenizer | None) -> dict:
@@ -109,7 +110,6 @@ def special_ids(tokenizer: lm_data.Tokenizer | None) -> dict:
     if tokenizer is None:
         return dict(SPECIAL_IDS)
     return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-_EXPORTED = {m for _, m in MODEL_SOURCES + KERNEL_SOURCES}
 
 
 def flatten_imports(source: str, name: str) -> str:

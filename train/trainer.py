@@ -35,6 +35,7 @@ from . import lock as out_lock
 from . import sequence_parallel
 from .config import TrainConfig
 from .deepspeed_import import deepspeed as import_deepspeed
+from .files import atomic_write
 from .peak import peak_flops
 from .prepare import architecture, architecture_diff, ensure_shards, ensure_tokenizer, initial_weights
 from .schedule import lr_lambda
@@ -663,7 +664,7 @@ class _Run:
             "tokenizer": str(out / "tokenizer") if self.tok else None,
         }  # fmt: skip
         if self.rank == 0:
-            ckpt.atomic_write(out / "summary.json", json.dumps(summary, indent=1).encode())  # never half a file
+            atomic_write(out / "summary.json", json.dumps(summary, indent=1).encode())  # never half a file
             self.log(f"{status} at step {self.step}: {self.tokens_seen:,} tokens; " +
                      ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()) +
                      f"\n  config      {out / 'config.yaml'}\n  checkpoints {self.ckpt_dir}\n  tensorboard {out / 'tb'}"
