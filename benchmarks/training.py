@@ -136,7 +136,7 @@ def measure_plain_loop(preset: str, mixer: str, seq_len: int, tokens_per_step: i
 
     model = BLALM(model_cfg).cuda()
     model.compile_blocks()
-    train_step = make_step(model, forward=lambda ids, labels: model(ids, labels=labels, loss_chunk=loss_chunk).loss)
+    train_step = make_step(model, forward=lambda ids, labels: model(ids, targets=labels, loss_chunk=loss_chunk).loss)
     B = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1), device="cuda")
     torch.cuda.reset_peak_memory_stats()

@@ -64,13 +64,13 @@ def _tensors(layers: list):
 
 
 class Head(nn.Linear):
-    """The output projection; given labels, the loss itself through ``linear_cross_entropy`` (a
+    """The output projection; given targets, the loss itself through ``linear_cross_entropy`` (a
     module call either way, so ZeRO-3 gathers the weight as for any layer)."""
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
-        if labels is None:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
+        if targets is None:
             return super().forward(x)
-        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), loss_chunk)
+        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), loss_chunk)
 
 
 CHECKPOINTING = ("none", "block", "ops")
@@ -127,8 +127,10 @@ class Block(nn.Module):
 class BLALM(nn.Module):
     """Decoder-only LM whose token mixers come from ``cfg.layer_pattern``.
 
-    ``forward(input_ids, cu_seqlens=None, labels=None)``: ``labels`` are the targets at the same
-    positions as ``input_ids`` (already shifted; -100 is ignored). With ``cache`` (from
+    ``forward(input_ids, cu_seqlens=None, targets=None)``: ``targets`` are the next tokens at the
+    same positions as ``input_ids`` (already shifted: ``model(ids[:, :-1], targets=ids[:, 1:])``;
+    -100 is ignored). Named apart from Hugging Face's unshifted ``labels`` (which the exported
+    class takes) so neither is passed for the other. With ``cache`` (from
     ``new_cache``) the tokens continue the cached sequences: prefill and decoding.
     """
 
@@ -177,18 +179,22 @@ class BLALM(nn.Module):
         self,
         input_ids: torch.Tensor,
         cu_seqlens: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
         cache: DecodeCache | None = None,
         positions: torch.Tensor | None = None,
         loss_chunk: int = 0,
         logits_to_keep: int = 0,
+        labels: None = None,
     ) -> LMOutput:
-        """``loss_chunk`` > 0 (with ``labels``): the loss through the head ``loss_chunk`` tokens at a
+        """``loss_chunk`` > 0 (with ``targets``): the loss through the head ``loss_chunk`` tokens at a
         time (``bla.model.loss``), never holding [tokens, vocab] logits; ``logits`` is then None.
         ``logits_to_keep`` > 0: the logits of the last that many positions only (a prompt's prefill
         needs its last: at 128k tokens the whole [T, vocab] would be 8 GB in bf16)."""
-        if logits_to_keep and labels is not None:
-            raise ValueError("logits_to_keep is for generation: labels need the logits of every position")
+        if labels is not None:
+            raise TypeError("BLALM takes targets= (the next tokens, already shifted: model(ids[:, :-1], "
+                            "targets=ids[:, 1:])); labels= (unshifted, Hugging Face's convention) is for the exported class")
+        if logits_to_keep and targets is not None:
+            raise ValueError("logits_to_keep is for generation: targets need the logits of every position")
         B, T = input_ids.shape
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -214,13 +220,13 @@ class BLALM(nn.Module):
             x, c = block(x, positions, cu_seqlens, cache.layers[i] if cache is not None else None, rope)
             layer_caches.append(c)
         new_cache = DecodeCache(layer_caches, cache.length + T) if cache is not None else None
-        if labels is not None and loss_chunk > 0:
-            return LMOutput(None, self.head(self.norm(x), labels, loss_chunk), new_cache)
+        if targets is not None and loss_chunk > 0:
+            return LMOutput(None, self.head(self.norm(x), targets, loss_chunk), new_cache)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.head(self.norm(x))
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        if targets is not None:
+            loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
         return LMOutput(logits, loss, new_cache)
 

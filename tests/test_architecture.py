@@ -189,7 +189,7 @@ def test_a_new_mixer_is_one_module_that_registers_itself():
         assert param_count(cfg) == sum(p.numel() for p in model.parameters())
         assert state_size(cfg, 128)["elements"] == state_size(apply_overrides(cfg, ["layer_pattern=[bla]", "n_layers=1"]), 128)["elements"] + cfg.d_model
         ids = torch.randint(3, 200, (2, 16))
-        out = model(ids, labels=ids)
+        out = model(ids[:, :-1], targets=ids[:, 1:])
         out.loss.backward()
         assert model.blocks[1].mixer.v.weight.grad is not None
         with pytest.raises(ValueError, match=r"sequence parallelism supports .* not \['mean'\]"):

@@ -114,7 +114,7 @@ def _model(pattern: str, **bla) -> BLALM:
 
 def _loss_and_grads(model: BLALM, ids: torch.Tensor):
     model.zero_grad()
-    loss = model(ids[:, :-1], labels=ids[:, 1:], loss_chunk=16).loss
+    loss = model(ids[:, :-1], targets=ids[:, 1:], loss_chunk=16).loss
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 

@@ -157,3 +157,31 @@ def test_pretrained_names_the_model_and_unknown_model_args_are_refused(tiny_run,
     done = subprocess.run([*base, "--model_args", f"pretrained={tiny_run / 'run'},bogus=1"], capture_output=True,
                           text=True, env=fresh_process_env(), timeout=600)  # fmt: skip
     assert done.returncode == 2 and "unknown model_args ['bogus']" in done.stderr.strip().splitlines()[-1]
+
+
+def test_lm_evals_hf_model_on_an_export_scores_as_the_bla_adapter(tiny_run, tmp_path):
+    """`lm_eval --model hf` on an export: loglikelihood tasks as the `bla` adapter by default, rolling
+    perplexity only with add_bos_token=False (lm-eval puts its own <bos> before the tokenizer's)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from bla.eval.harness import BLAHarnessLM
+    from bla.train.export import export
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    hf_dir = export(tiny_run / "run", tmp_path / "hf")
+    texts = [Req("import os\n" * 3), Req("def f(x):\n    return x\n")]
+    pairs = [Req("x = 1\ny =", " 2"), Req("def g(", "self")]
+    ours = BLAHarnessLM(pretrained=str(hf_dir), device="cpu", max_length=64)
+    rolling, scores = ours.loglikelihood_rolling(texts), [s for s, _ in ours.loglikelihood(pairs)]
+
+    def hf(**kw):
+        return HFLM(pretrained=str(hf_dir), device="cpu", batch_size=2, max_length=64, trust_remote_code=True, **kw)
+
+    default, no_bos = hf(), hf(add_bos_token=False)
+    assert [s for s, _ in default.loglikelihood(pairs, disable_tqdm=True)] == pytest.approx(scores, abs=1e-4)
+    assert no_bos.loglikelihood_rolling(texts, disable_tqdm=True) == pytest.approx(rolling, abs=1e-4)
+    # the double <bos> the docs warn of: if lm-eval stops adding it, README's advice must change
+    assert default.loglikelihood_rolling(texts, disable_tqdm=True)[0] != pytest.approx(rolling[0], abs=1e-2)

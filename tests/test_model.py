@@ -22,7 +22,7 @@ def test_tiny_hybrid_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None
     for _ in range(120):
-        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
@@ -89,12 +89,20 @@ def test_packed_documents_equal_separate_runs(pattern):
                 assert_close(f"doc {a}:{b}", packed[:, a:b], model(ids[:, a:b]).logits, atol=1e-5)
 
 
+def test_labels_are_refused_for_shifted_targets():
+    """Hugging Face's `labels=input_ids` (unshifted) would train on the wrong targets here."""
+    model = BLALM(tiny())
+    ids = torch.randint(0, 256, (1, 8))
+    with pytest.raises(TypeError, match=r"targets=ids\[:, 1:\]"):
+        model(ids, labels=ids)
+
+
 def test_loss_ignores_masked_labels():
     model = BLALM(tiny())
     ids = torch.randint(0, 256, (2, 10))
     labels = ids.clone()
     labels[:, :5] = -100
-    loss = model(ids, labels=labels).loss
+    loss = model(ids, targets=labels).loss
     manual = torch.nn.functional.cross_entropy(model(ids).logits[:, 5:].reshape(-1, 256), ids[:, 5:].reshape(-1))
     assert_close("loss", loss, manual, atol=1e-6)
 
@@ -108,18 +116,18 @@ def test_loss_through_the_head_in_chunks_equals_the_plain_loss(tied):
     ids = torch.randint(3, 256, (2, 37))
     labels = ids.clone()
     labels[0, :9] = -100
-    plain = model(ids, labels=labels)
+    plain = model(ids, targets=labels)
     plain.loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    chunked = model(ids, labels=labels, loss_chunk=10)
+    chunked = model(ids, targets=labels, loss_chunk=10)
     chunked.loss.backward()
     assert chunked.logits is None
     assert_close("loss", chunked.loss, plain.loss, atol=1e-12)
     for name, p in model.named_parameters():
         assert_close(name, p.grad, expected[name], atol=1e-12)
     with torch.no_grad():  # no gradients asked: none computed, the same value
-        assert_close("no-grad loss", model(ids, labels=labels, loss_chunk=10).loss, plain.loss, atol=1e-12)
+        assert_close("no-grad loss", model(ids, targets=labels, loss_chunk=10).loss, plain.loss, atol=1e-12)
 
 
 def test_linear_cross_entropy_in_half_precision_and_bad_shapes():
@@ -212,7 +220,7 @@ def legacy_loss(cfg: ModelConfig) -> float:
     model = deterministic_weights(BLALM(cfg).double())
     ids = (torch.arange(200) * 37 % 253 + 3)[None]
     with torch.no_grad():
-        return model(ids[:, :-1], labels=ids[:, 1:]).loss.item()
+        return model(ids[:, :-1], targets=ids[:, 1:]).loss.item()
 
 
 def test_a_saved_config_without_gates_computes_what_it_was_trained_with():

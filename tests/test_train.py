@@ -533,7 +533,7 @@ def test_a_checkpoint_without_gates_evaluates_and_resumes_as_dirichlet_v1(tmp_pa
     def loss_of(run: Path) -> tuple[float, str]:
         model, _, cfg = load_run(run)
         with torch.no_grad():
-            return model(ids[:, :-1], labels=ids[:, 1:]).loss.item(), cfg.model.bla.gates
+            return model(ids[:, :-1], targets=ids[:, 1:]).loss.item(), cfg.model.bla.gates
 
     before = loss_of(tmp_path / "v1")
     _strip_gates(tmp_path / "v1")

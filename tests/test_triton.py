@@ -440,7 +440,7 @@ def test_packed_documents_read_their_lengths_once_per_batch(monkeypatch):
     for n, cuts in enumerate(([0, 7, 30, 40], [0, 12, 40])):
         ids = torch.randint(0, 256, (1, 41))
         cu = torch.tensor(cuts, dtype=torch.int32)  # as the packer makes it
-        model(ids[:, :-1], cu_seqlens=cu, labels=ids[:, 1:]).loss.backward()
+        model(ids[:, :-1], cu_seqlens=cu, targets=ids[:, 1:]).loss.backward()
         assert len(built) == n + 1, f"{len(built)} layouts for {n + 1} batches of {len(model.blocks)} layers"
 
 

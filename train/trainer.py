@@ -140,7 +140,7 @@ def forward_loss(engine, batch: dict, device, sp_ctx=None, loss_chunk: int = 0) 
     value returned for logging is the group's mean (identical on the group's ranks)."""
     if sp_ctx is None:
         b = _to(batch, device)
-        out = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), labels=b["labels"], positions=b.get("positions"),
+        out = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), targets=b["labels"], positions=b.get("positions"),
                      loss_chunk=loss_chunk)  # fmt: skip
         return out.loss, out.logits
     b = _to(sequence_parallel.shard(batch, sp_ctx), device)

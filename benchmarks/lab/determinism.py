@@ -77,7 +77,7 @@ def model_case(dtype, heads: int = 2, layers: int = 2, slots: int = 16, window: 
 
     def fn():
         model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
+        loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
         loss.backward()
         return [loss] + [p.grad for p in model.parameters() if p.grad is not None]
 
