@@ -16,7 +16,15 @@ from .reference import bla_reference, step_reference
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant (find_spec is not traceable)
+def _constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result`` (torch.compile takes the answer as a constant:
+    find_spec is not traceable) without its import of torch._dynamo, 1.3 s of every ``bla``
+    command; the decorator only marks the function so (tests/test_compile.py checks it still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def triton_available(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton backend can run on ``device``, and why not when it cannot."""
     if importlib.util.find_spec("triton") is None:

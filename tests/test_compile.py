@@ -90,6 +90,14 @@ def test_the_decode_op_passes_opcheck_and_updates_the_state_in_place():
     assert_close("V updated in place", args[4], v_ref, atol=1e-5)
 
 
+def test_triton_available_is_marked_as_torch_compiler_marks_a_constant():
+    """kernels/api.py marks it without importing torch._dynamo: the mark must be the decorator's."""
+    from bla.kernels import triton_available
+
+    probe = torch.compiler.assume_constant_result(lambda: None)
+    assert set(vars(probe)) == {"_dynamo_marked_constant"} and triton_available._dynamo_marked_constant is True
+
+
 def test_the_operator_compiles_without_a_graph_break():
     q, k, v = random_qkv(2, 40, 2, 2, 16, 16, dtype=torch.float32, seed=6, device=DEVICE, requires_grad=True)
 
