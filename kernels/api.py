@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .checks import State, check_problem, check_step
+from .checks import State, check_gate_inputs, check_problem, check_step
 from .chunked import bla_chunked
 from .gates import DEFAULT_GATES
 from .reference import bla_reference, step_reference
@@ -40,12 +40,16 @@ def triton_available(device: torch.device) -> tuple[bool, str]:
     return True, "CUDA device"
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, extended: bool = False) -> str:
+    """``extended``: spec section 6's gates are asked for, which the Triton kernels lack."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         ok, _ = triton_available(device)
-        return "triton" if ok and device.type == "cuda" else "torch"
+        return "triton" if ok and device.type == "cuda" and not extended else "torch"
+    if backend == "triton" and extended:
+        raise ValueError("backend='triton' does not implement beta, log_gamma or phase_shift (spec section 6) yet: "
+                         "use backend='torch' or 'auto'")  # fmt: skip
     if backend == "triton":
         ok, why = triton_available(device)
         if not ok:
@@ -67,6 +71,9 @@ def bla_attention(
     backend: str = "auto",
     gates: str = DEFAULT_GATES,
     validate_values: bool = True,
+    beta: torch.Tensor | None = None,
+    log_gamma: torch.Tensor | None = None,
+    phase_shift: int | Sequence[int] = 0,
 ) -> tuple[torch.Tensor, State | None]:
     """Blurry Window Attention over whole sequences.
 
@@ -88,6 +95,12 @@ def bla_attention(
         validate_values: check the values of ``cu_seqlens`` and a tensor ``offset`` too, which
             reads them back from the device; False for callers that made them (the model's layers:
             no host synchronisation per call). Shapes, dtypes and devices are always checked.
+        beta, log_gamma, phase_shift: the extensions of spec section 6, off by default (None, 0:
+            the result is plain BLA's bit for bit). ``beta`` [B, T, H_kv] in [0, 1], the selective
+            write (s <- beta s, alpha <- 1 - beta (1 - alpha)); ``log_gamma`` [B, T, H_kv] <= 0, the
+            scalar forgetting (alpha <- exp(log_gamma) alpha); ``phase_shift`` an int or one int per
+            kv head in [0, W/m): head h's slots sit at phases j W/m + shift_h. The Triton kernels
+            implement none of them yet: "auto" then runs the torch backend.
 
     Returns:
         o [B, T, H, d_v] in q's dtype, and the final state (float32, or float64 for float64
@@ -99,14 +112,16 @@ def bla_attention(
         >>> o.shape, K.shape
         (torch.Size([1, 16, 2, 8]), torch.Size([1, 2, 4, 8]))
     """
-    problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset, gates, validate_values)
-    chosen = _resolve_backend(backend, q.device)
+    problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset, gates, validate_values, phase_shift)
+    check_gate_inputs(beta, log_gamma, tuple(k.shape[:3]), q.device, gates, validate_values)
+    extended = beta is not None or log_gamma is not None or problem.shifts is not None
+    chosen = _resolve_backend(backend, q.device, extended)
     if chosen == "reference":
-        o, state = bla_reference(q, k, v, problem, initial_state)
+        o, state = bla_reference(q, k, v, problem, initial_state, beta, log_gamma)
         if q.dtype != torch.float64:
             state = tuple(s.float() for s in state)
     elif chosen == "torch":
-        o, state = bla_chunked(q, k, v, problem, initial_state)
+        o, state = bla_chunked(q, k, v, problem, initial_state, beta=beta, log_gamma=log_gamma)
     else:
         from .triton_bla import rows_per_call
         from .triton_ops import bla_triton
@@ -134,32 +149,41 @@ def bla_step(
     scale: float | None = None,
     gates: str = DEFAULT_GATES,
     validate_values: bool = True,
+    beta: torch.Tensor | None = None,
+    log_gamma: torch.Tensor | None = None,
+    phase_shift: int | Sequence[int] = 0,
 ) -> tuple[torch.Tensor, State]:
     """One decode step: q [B, H, d_k], k [B, H_kv, d_k], v [B, H_kv, d_v], position [B] (the
     token's position in its document, offset included). ``state`` None starts from zeros.
-    ``gates`` must be those of the prefill that made ``state``. ``validate_values`` False skips
-    reading ``position`` back from the device (see ``bla_attention``).
+    ``gates`` and ``phase_shift`` must be those of the prefill that made ``state``; ``beta`` and
+    ``log_gamma`` [B, H_kv] are this token's (see ``bla_attention``). ``validate_values`` False
+    skips reading ``position`` back from the device (see ``bla_attention``).
 
     Returns o [B, H, d_v] in q's dtype and the new state, in the same format as
     ``bla_attention``'s final state, so a prefill's state feeds decoding directly.
     """
-    problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values)
+    problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values, phase_shift)
+    check_gate_inputs(beta, log_gamma, tuple(k.shape[:2]), q.device, gates, validate_values)
+    extended = beta is not None or log_gamma is not None or problem.shifts is not None
     sdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if state is None:
         B, G, m = problem.batch, problem.num_kv_heads, problem.slots
         state = (q.new_zeros(B, G, m, problem.head_dim_k, dtype=sdtype), q.new_zeros(B, G, m, problem.head_dim_v, dtype=sdtype))
     else:
         state = tuple(s.to(sdtype) for s in state)
-    if q.is_cuda:
+    if q.is_cuda and not extended:
         ok, _ = triton_available(q.device)
         if ok:
             from .triton_ops import bla_step_triton
 
             return bla_step_triton(q, k, v, state, problem)
-    o, new_state = step_reference(
-        q, k, v, state, problem.offset, problem.window_tensor(q.device), problem.slots, problem.scale, gates=problem.gates
-    )
+    o, new_state = _torch_step(q, k, v, state, problem, beta, log_gamma)
     return o.to(q.dtype), new_state
+
+
+def _torch_step(q, k, v, state, problem, beta=None, log_gamma=None):
+    return step_reference(q, k, v, state, problem.offset, problem.window_tensor(q.device), problem.slots, problem.scale,
+                          gates=problem.gates, shift_G=problem.shift_tensor(q.device), beta_BG=beta, log_gamma_BG=log_gamma)  # fmt: skip
 
 
 def bla_step_(
@@ -172,22 +196,25 @@ def bla_step_(
     slots: int,
     scale: float | None = None,
     gates: str = DEFAULT_GATES,
+    beta: torch.Tensor | None = None,
+    log_gamma: torch.Tensor | None = None,
+    phase_shift: int | Sequence[int] = 0,
 ) -> torch.Tensor:
     """``bla_step`` into a preallocated state: ``state`` (fp32 K [B, H_kv, m, d_k], V [B, H_kv, m,
     d_v], contiguous) is updated in place and o [B, H, d_v] returned. Nothing is read back from the
     device and nothing allocated depends on the context: a decode step built on it can be captured
     as a CUDA graph (``bla.model.decode``)."""
-    problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values=False)
+    problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values=False, phase_shift=phase_shift)
+    check_gate_inputs(beta, log_gamma, tuple(k.shape[:2]), q.device, gates, validate_values=False)
+    extended = beta is not None or log_gamma is not None or problem.shifts is not None
     sk, sv = state
     if sk.dtype != torch.float32 or sv.dtype != torch.float32 or not (sk.is_contiguous() and sv.is_contiguous()):
         raise ValueError(f"bla_step_ needs a contiguous float32 state, got {sk.dtype}, {sv.dtype}")
-    if q.is_cuda and triton_available(q.device)[0]:
+    if q.is_cuda and not extended and triton_available(q.device)[0]:
         from .triton_ops import step_
 
         return step_(q, k, v, sk, sv, problem.offset, list(problem.windows), problem.slots, problem.scale, problem.gates)
-    o, (nk, nv) = step_reference(
-        q, k, v, state, problem.offset, problem.window_tensor(q.device), problem.slots, problem.scale, gates=problem.gates
-    )
+    o, (nk, nv) = _torch_step(q, k, v, state, problem, beta, log_gamma)
     sk.copy_(nk)
     sv.copy_(nv)
     return o.to(q.dtype)

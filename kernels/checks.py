@@ -34,6 +34,7 @@ class Problem:
     cu_seqlens: torch.Tensor | None  # int64 [N + 1] on q's device
     offset: torch.Tensor  # int64 [N] on q's device
     gates: str = DEFAULT_GATES  # "dirichlet", "fejer" or "dirichlet_v1" (spec section 1)
+    shifts: tuple[int, ...] | None = None  # slot phase shift per kv head (spec section 6); None: all 0
 
     @property
     def group_size(self) -> int:
@@ -42,12 +43,58 @@ class Problem:
     def window_tensor(self, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.windows, dtype=torch.int64, device=device)
 
+    def shift_tensor(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.shifts is None else torch.tensor(self.shifts, dtype=torch.int64, device=device)
+
     def rows(self, start: int, stop: int) -> "Problem":
         """The same problem over batch rows [start, stop) (equal-length rows: each its own sequence)."""
         if self.cu_seqlens is not None:
             raise ValueError("Problem.rows: packed documents (cu_seqlens) are one batch row, not split by rows")
         n = min(stop, self.batch) - start
         return dataclasses.replace(self, batch=n, num_seqs=n, offset=self.offset[start:stop])
+
+
+def normalise_shifts(phase_shift: int | Sequence[int], windows: tuple[int, ...], slots: int) -> tuple[int, ...] | None:
+    """Slot phase shifts (spec section 6, staggered heads), one per kv head, each in [0, W/m);
+    None when every shift is 0 (plain BLA)."""
+    if isinstance(phase_shift, torch.Tensor):
+        phase_shift = phase_shift.tolist()
+    ints = lambda xs: all(isinstance(x, int) and not isinstance(x, bool) for x in xs)  # noqa: E731
+    if ints([phase_shift]):
+        shifts = (phase_shift,) * len(windows)
+    elif isinstance(phase_shift, (list, tuple)) and ints(phase_shift):
+        if len(phase_shift) != len(windows):
+            raise ValueError(f"phase_shift must be an int or one int per kv head ({len(windows)}), got {len(phase_shift)}")
+        shifts = tuple(phase_shift)
+    else:
+        raise ValueError(f"phase_shift must be an int or a list of ints per kv head, got {phase_shift!r}")
+    for h, (shift, W) in enumerate(zip(shifts, windows)):
+        if not 0 <= shift < W // slots:
+            raise ValueError(f"phase_shift of kv head {h} must lie in [0, W/m = {W // slots}), got {shift}")
+    return shifts if any(shifts) else None
+
+
+def check_gate_inputs(beta, log_gamma, shape: tuple[int, ...], device: torch.device, gates: str, validate_values: bool) -> None:
+    """The data-dependent gates of spec section 6: beta (selective write) and log_gamma (scalar
+    forgetting), each [B, T, H_kv] ([B, H_kv] for a step) on q's device; with ``validate_values``
+    their values too (beta in [0, 1], log_gamma finite and <= 0: a host synchronisation)."""
+    names = "[B, H_kv]" if len(shape) == 2 else "[B, T, H_kv]"
+    for name, x in (("beta", beta), ("log_gamma", log_gamma)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor {names} = {list(shape)}, got {type(x).__name__}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {names} = {list(shape)}, got {list(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
+    if beta is not None and gates == "dirichlet_v1":
+        raise ValueError("beta (the selective write) is defined for the v2 gates 'dirichlet' and 'fejer', not 'dirichlet_v1'")
+    if validate_values:
+        if beta is not None and not bool(((beta >= 0) & (beta <= 1)).all()):
+            raise ValueError("beta must lie in [0, 1] (the strength of each write)")
+        if log_gamma is not None and not bool((torch.isfinite(log_gamma) & (log_gamma <= 0)).all()):
+            raise ValueError("log_gamma must be finite and <= 0 (the log of a forgetting factor in (0, 1])")
 
 
 def normalise_windows(window: int | Sequence[int], slots: int, num_heads: int, num_kv_heads: int) -> tuple[int, ...]:
@@ -139,6 +186,7 @@ def check_problem(
     offset: int | torch.Tensor,
     gates: str = DEFAULT_GATES,
     validate_values: bool = True,
+    phase_shift: int | Sequence[int] = 0,
 ) -> Problem:
     """Shapes, dtypes and devices always (no device access); with ``validate_values`` also the
     values of ``cu_seqlens`` and a tensor ``offset``, which reads them back from the device (a
@@ -188,11 +236,12 @@ def check_problem(
     if initial_state is not None:
         check_state(initial_state, num_seqs, Hkv, slots, dk, dv, "initial_state")
 
-    return Problem(B, T, H, Hkv, dk, dv, slots, windows, float(scale), num_seqs, cu, off, gates)
+    shifts = normalise_shifts(phase_shift, windows, slots)
+    return Problem(B, T, H, Hkv, dk, dv, slots, windows, float(scale), num_seqs, cu, off, gates, shifts)
 
 
 def check_step(q, k, v, state, position, window, slots, scale, gates: str = DEFAULT_GATES,
-               validate_values: bool = True) -> Problem:  # fmt: skip
+               validate_values: bool = True, phase_shift: int | Sequence[int] = 0) -> Problem:  # fmt: skip
     """As ``check_problem``: ``validate_values`` False skips reading ``position`` back from the device."""
     check_gates(gates)
     _check_qkv(q, k, v, step=True)
@@ -208,4 +257,5 @@ def check_step(q, k, v, state, position, window, slots, scale, gates: str = DEFA
     if scale is None:
         scale = dk**-0.5
     pos = position.to(device=q.device, dtype=torch.int64).expand(B)
-    return Problem(B, 1, H, Hkv, dk, dv, slots, windows, float(scale), B, None, pos, gates)
+    shifts = normalise_shifts(phase_shift, windows, slots)
+    return Problem(B, 1, H, Hkv, dk, dv, slots, windows, float(scale), B, None, pos, gates, shifts)

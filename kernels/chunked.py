@@ -33,18 +33,24 @@ DEFAULT_CHUNK = 64
 
 
 def chunk_tables(
-    positions_KC: torch.Tensor, valid_KC: torch.Tensor, windows: torch.Tensor, slots: int, gates: str
+    positions_KC: torch.Tensor, valid_KC: torch.Tensor, windows: torch.Tensor, slots: int, gates: str,
+    shifts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Position-only tables for K chunks of C tokens each, float64.
 
     Returns M [K, Hw, C, C, m] (row t, column s) and g [K, Hw, C, m] (decay of the chunk's start
     state up to token t, inclusive; g[..., -1, :] decays the start state over the whole chunk).
     """
-    C = positions_KC.shape[1]
-    w, alpha, reset = (x.transpose(1, 2) for x in dirichlet_gates(positions_KC, windows, slots, valid_KC, gates))
-    log_alpha = torch.where(reset, torch.zeros_like(alpha), torch.log(alpha))
-    cum_log = log_alpha.cumsum(dim=2)  # sum over u <= t, resets skipped
-    cum_rst = reset.to(torch.int32).cumsum(dim=2)  # number of resets at u <= t
+    w, alpha, reset = (x.transpose(1, 2) for x in dirichlet_gates(positions_KC, windows, slots, valid_KC, gates, shifts))
+    return decay_tables(w, alpha, reset)
+
+
+def decay_tables(w: torch.Tensor, alpha: torch.Tensor, reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M [..., C, C, m] and g [..., C, m] from each token's writes, decays and resets [..., C, m]."""
+    C = w.shape[-2]
+    log_alpha = torch.log(torch.where(reset, torch.ones_like(alpha), alpha))  # a reset's 0 never meets log
+    cum_log = log_alpha.cumsum(dim=-2)  # sum over u <= t, resets skipped
+    cum_rst = reset.to(torch.int32).cumsum(dim=-2)  # number of resets at u <= t
 
     # decay[t, s] = prod_{s < u <= t} alpha_u: zero when a reset lies in (s, t].
     same_segment = cum_rst[..., :, None, :] == cum_rst[..., None, :, :]
@@ -56,12 +62,31 @@ def chunk_tables(
     return M, g
 
 
+def data_tables(offsets_R, lengths_R, Lp: int, windows: tuple[int, ...], slots: int, gates: str, shifts, beta_RLG,
+                log_gamma_RLG, chunk: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """M [R, NC, G, C, C, m] and g [R, NC, G, C, m] when the gates depend on data (spec section 6:
+    beta and log_gamma per token and kv head, [R, Lp, G] or None): one table per row and chunk,
+    built in float64 with autograd (no cache: they differ per batch)."""
+    dev = offsets_R.device
+    t = torch.arange(Lp, device=dev)
+    window_t = torch.tensor(windows, device=dev)
+    shift_t = None if shifts is None else torch.tensor(shifts, device=dev)
+    w, alpha, _ = dirichlet_gates(offsets_R[:, None] + t, window_t, slots, t[None, :] < lengths_R[:, None], gates, shift_t,
+                                  beta_RLG, log_gamma_RLG)  # fmt: skip
+    R, G, m = w.shape[0], w.shape[2], w.shape[3]
+    w, alpha = (x.reshape(R, Lp // chunk, chunk, G, m).transpose(2, 3) for x in (w, alpha))  # [R, NC, G, C, m]
+    M, g = decay_tables(w, alpha, alpha == 0)  # zero decays (a node's full overwrite, or underflow) as resets
+    return M.to(dtype), g.to(dtype)
+
+
 @functools.lru_cache(maxsize=16)
-def _table_bank(keys: tuple[tuple[int, int], ...], windows: tuple[int, ...], slots: int, gates: str, chunk: int, device: str, dtype):
+def _table_bank(keys: tuple[tuple[int, int], ...], windows: tuple[int, ...], slots: int, gates: str, chunk: int, device: str, dtype,
+                shifts: tuple[int, ...] | None = None):  # fmt: skip
     """Tables for distinct chunks, each given as (start position mod period, valid tokens)."""
     k = torch.tensor(keys, dtype=torch.int64, device=device)
     t = torch.arange(chunk, device=device)
-    M, g = chunk_tables(k[:, :1] + t, t[None, :] < k[:, 1:], torch.tensor(windows, device=device), slots, gates)
+    shift_t = None if shifts is None else torch.tensor(shifts, device=device)
+    M, g = chunk_tables(k[:, :1] + t, t[None, :] < k[:, 1:], torch.tensor(windows, device=device), slots, gates, shift_t)
     return M.to(dtype), g.to(dtype)
 
 
@@ -74,6 +99,7 @@ def tables_for_rows(
     gates: str,
     chunk: int,
     dtype,
+    shifts: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M [R, NC, Hw, C, C, m] and g [R, NC, Hw, C, m] for rows starting at ``offsets_R``.
 
@@ -87,7 +113,7 @@ def tables_for_rows(
     keys_RN = torch.stack([start, n_valid], dim=-1).reshape(-1, 2)
     unique, inverse = torch.unique(keys_RN, dim=0, return_inverse=True)
     keys = tuple(map(tuple, unique.tolist()))
-    M, g = _table_bank(keys, windows, slots, gates, chunk, str(offsets_R.device), dtype)
+    M, g = _table_bank(keys, windows, slots, gates, chunk, str(offsets_R.device), dtype, shifts)
     R = offsets_R.shape[0]
     return M[inverse].unflatten(0, (R, num_chunks)), g[inverse].unflatten(0, (R, num_chunks))
 
@@ -105,7 +131,10 @@ def bla_chunked(
     problem: Problem,
     initial_state: State | None,
     chunk: int = DEFAULT_CHUNK,
+    beta: torch.Tensor | None = None,
+    log_gamma: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
+    """``beta``, ``log_gamma`` [B, T, H_kv]: the data-dependent gates of spec section 6 (None: off)."""
     p = problem
     dev = q.device
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -131,11 +160,20 @@ def bla_chunked(
         qr, kr, vr = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (qr, kr, vr))
     NC = Lp // C
 
-    # ---- position-only tables, shared across rows when every row has the same phases ----
-    shared_rows = p.cu_seqlens is None and bool((p.offset == p.offset[0]).all())
-    offsets, lens = (p.offset[:1], lengths[:1]) if shared_rows else (p.offset, lengths)
-    windows = p.windows[:1] if len(set(p.windows)) == 1 else p.windows  # one table serves every head
-    M, g = tables_for_rows(offsets, lens, NC, windows, p.slots, p.gates, C, cdtype)
+    if beta is not None or log_gamma is not None:  # ---- tables from data, per row ----
+        def gate_rows(x):  # [B, T, G] -> [R, Lp, G], as q's rows (past a row's end: masked as padding)
+            if x is None:
+                return None
+            x = x if index_RL is None else x[0][index_RL]
+            return torch.nn.functional.pad(x, (0, 0, 0, pad))
+
+        M, g = data_tables(p.offset, lengths, Lp, p.windows, p.slots, p.gates, p.shifts, gate_rows(beta), gate_rows(log_gamma), C, cdtype)
+    else:  # ---- position-only tables, shared across rows when every row has the same phases ----
+        shared_rows = p.cu_seqlens is None and bool((p.offset == p.offset[0]).all())
+        offsets, lens = (p.offset[:1], lengths[:1]) if shared_rows else (p.offset, lengths)
+        same = len(set(p.windows)) == 1 and p.shifts is None
+        windows = p.windows[:1] if same else p.windows  # one table serves every head
+        M, g = tables_for_rows(offsets, lens, NC, windows, p.slots, p.gates, C, cdtype, p.shifts)
     g_last = g[..., -1, :]
     # M [Rg, NC, Hw, C, C, m]; g [Rg, NC, Hw, C, m]; g_last [Rg, NC, Hw, m]
 

@@ -55,10 +55,10 @@ def dirichlet_kernel(x: torch.Tensor, window: torch.Tensor, slots: int) -> torch
     return num / den
 
 
-_RULES = {  # gates -> (s, alpha) of the interpolation weights d
-    "dirichlet": lambda d: (d, 1.0 - d * d),
-    "fejer": lambda d: (d * d, 1.0 - d * d),
-    "dirichlet_v1": lambda d: (d, 1.0 - d),
+_RULES = {  # gates -> (s, e) of the interpolation weights d, where alpha = 1 - e (e: what the write erases)
+    "dirichlet": lambda d: (d, d * d),
+    "fejer": lambda d: (d * d, d * d),
+    "dirichlet_v1": lambda d: (d, d),
 }
 
 
@@ -68,6 +68,9 @@ def dirichlet_gates(
     slots: int,
     valid: torch.Tensor | None = None,
     gates: str = DEFAULT_GATES,
+    shift: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    log_gamma: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Writes, decays and reset flags for every position, head and slot.
 
@@ -75,21 +78,35 @@ def dirichlet_gates(
     window:    integer tensor [Hw] (one window per head that owns a slot state)
     valid:     optional bool tensor [...]; invalid (padding) tokens get s = 0, alpha = 1
     gates:     "dirichlet" (default), "fejer" or "dirichlet_v1"
+    The extensions of spec section 6 (None: off, and the result is that of section 1 bit for bit):
+    shift:     integer tensor [Hw] in [0, W/m): head h's slots sit at phases j W/m + shift_h
+    beta:      [..., Hw] in [0, 1], the selective write: s <- beta s, alpha = 1 - beta (1 - alpha)
+    log_gamma: [..., Hw] <= 0, the scalar forgetting: alpha <- exp(log_gamma) alpha
 
-    Returns ``s``, ``alpha`` (float64, [..., Hw, m]) and ``reset`` (bool, [..., Hw, m]), where
-    reset marks alpha == 0 exactly (the token sits on the slot's own node).
+    Returns ``s``, ``alpha`` (float64, [..., Hw, m]) and
+    ``reset`` (bool, [..., Hw, m]), where reset marks alpha == 0 exactly (the token sits on the
+    slot's own node and, with a write gate, beta == 1). Gradients reach beta and log_gamma.
     """
     rule = _RULES[check_gates(gates)]
     window = window.to(device=positions.device, dtype=torch.int64)
     stride = window // slots  # [Hw]
     theta = torch.arange(slots, device=positions.device, dtype=torch.int64)[None, :] * stride[:, None]
+    if shift is not None:
+        theta = theta + shift.to(device=positions.device, dtype=torch.int64)[:, None]
     x = torch.remainder(positions[..., None, None].to(torch.int64) - theta, window[:, None])  # [..., Hw, m]
     # D == 1 exactly at its own node; with a single slot D is 1 everywhere (every token resets).
     reset = (x == 0) | (slots == 1)
     other_node = (torch.remainder(x, stride[:, None]) == 0) & ~reset
     d = dirichlet_kernel(x, window[:, None], slots)
     d = torch.where(reset, torch.ones_like(d), torch.where(other_node, torch.zeros_like(d), d))
-    s, alpha = rule(d)
+    s, erased = rule(d)
+    if beta is not None:  # a partial overwrite of strength beta: a slot resets only where beta == 1
+        b = beta[..., None].to(torch.float64)
+        s, erased = b * s, b * erased
+        reset = reset & (b == 1)
+    alpha = 1.0 - erased
+    if log_gamma is not None:
+        alpha = torch.exp(log_gamma[..., None].to(torch.float64)) * alpha
     if valid is not None:
         keep = valid[..., None, None]
         s = torch.where(keep, s, torch.zeros_like(s))

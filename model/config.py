@@ -17,6 +17,9 @@ import yaml
 from bla.kernels import BACKENDS
 from bla.kernels.gates import GATES, LEGACY_GATES, MODEL_GATES
 
+PHASE_SHIFTS = ("off", "staggered")
+
+
 @dataclass
 class BLAConfig:
     """Options of the BLA token mixer (spec section 3)."""
@@ -30,6 +33,10 @@ class BLAConfig:
     qk_norm: bool = False  # per-head RMSNorm of q and k before BLA (bounds the slot scores; an issue 19 ablation)
     backend: str = "auto"  # bla_attention backend
     gates: str = MODEL_GATES  # slot write/decay rule (spec section 1); a saved config without it is dirichlet_v1
+    # spec section 6's extensions, off by default (a saved config without them: off)
+    write_gate: bool = False  # selective write: beta = sigmoid(x w + b) per token and kv head
+    forget_gate: bool = False  # scalar forgetting: gamma = sigmoid(x w + b) ** (1 / 16) per token and kv head
+    phase_shift: str = "off"  # "staggered": kv head h's slots shifted by floor(h r / H_kv) positions
 
 
 @dataclass
@@ -73,6 +80,13 @@ class ModelConfig:
         w = self.bla.window
         return [w] * self.kv_heads if isinstance(w, int) else list(w)
 
+    def bla_phase_shifts(self) -> list[int]:
+        """Per kv head slot phase shifts: staggered heads sample the window between each other's
+        nodes, s_h = floor(h r_h / H_kv) (spec section 6); all 0 when off."""
+        if self.bla.phase_shift == "off":
+            return [0] * self.kv_heads
+        return [h * (w // self.bla.slots) // self.kv_heads for h, w in enumerate(self.bla_windows())]
+
     # ---- validation ----
     def validate(self) -> "ModelConfig":
         def bad(msg: str) -> None:
@@ -111,6 +125,13 @@ class ModelConfig:
             bad(f"bla.gates must be one of {GATES}, got {self.bla.gates!r}")
         if self.bla.backend not in BACKENDS:
             bad(f"bla.backend must be one of {BACKENDS}, got {self.bla.backend!r}")
+        for name in ("write_gate", "forget_gate"):
+            if not isinstance(getattr(self.bla, name), bool):
+                bad(f"bla.{name} must be true or false, got {getattr(self.bla, name)!r}")
+        if self.bla.phase_shift not in PHASE_SHIFTS:
+            bad(f"bla.phase_shift must be one of {PHASE_SHIFTS}, got {self.bla.phase_shift!r}")
+        if self.bla.write_gate and self.bla.gates == LEGACY_GATES:
+            bad(f"bla.write_gate needs the v2 gates (dirichlet or fejer), got {LEGACY_GATES}")
         return self
 
     # ---- (de)serialisation ----

@@ -24,7 +24,7 @@ class GSAMixer(BLAMixer):
         super().__init__(cfg)
         self.decay_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.bla.slots, bias=True)
 
-    def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool):
+    def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool, gates: dict):
         B, T = x.shape[:2]
         g = F.logsigmoid(self.decay_proj(x).float()).view(B, T, self.n_kv_heads, self.slots) / GSA_TAU
         if cu_seqlens is None:
@@ -36,8 +36,14 @@ class GSAMixer(BLAMixer):
         return torch.cat(outs, dim=1), None
 
 
+def gsa_validate(cfg: ModelConfig) -> list[str]:
+    steered = [name for name in ("write_gate", "forget_gate") if getattr(cfg.bla, name)] + (
+        ["phase_shift"] if cfg.bla.phase_shift != "off" else [])  # fmt: skip
+    return bla_validate(cfg) + [f"bla.{name} is BLA's (spec section 6); gsa layers learn their own decay" for name in steered]
+
+
 register(MixerKind(
     "gsa", GSAMixer, lambda cfg: bla_params(cfg) + (cfg.d_model + 1) * cfg.kv_heads * cfg.bla.slots,
-    slot_flops, slot_state, validate=bla_validate,
+    slot_flops, slot_state, validate=gsa_validate,
     exchange=None,  # GSA's learned decay has no position-only Gamma to scan: not sequence-parallel
 ))  # fmt: skip

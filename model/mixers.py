@@ -120,6 +120,11 @@ def _no_cache_under_exchange(mixer: nn.Module, cache) -> None:
         raise ValueError("sequence parallelism is for training and scoring, not decoding with a cache")
 
 
+WRITE_BIAS = 3.0  # beta = sigmoid(3) = 0.95 at the start: nearly plain BLA's full writes
+FORGET_BIAS = 5.0  # gamma = sigmoid(5) ** (1/16) = 0.9996 at the start: 0.42 over 2048 tokens
+FORGET_TAU = 16  # gamma = sigmoid(.) ** (1 / tau), as GSA damps its forget gate
+
+
 class BLAMixer(nn.Module):
     exchange = None  # sequence parallelism's "state_scan" exchange, when set
 
@@ -141,6 +146,19 @@ class BLAMixer(nn.Module):
         self.k_norm = RMSNorm(d, cfg.norm_eps) if cfg.bla.qk_norm else None
         self.gate_proj = nn.Linear(D, H * d, bias=False) if cfg.bla.output_gate else None
         self.o_proj = nn.Linear(H * d, D, bias=False)
+        # spec section 6: data-steered writes and forgetting (one scalar per token and kv head), staggered slots
+        self.beta_proj = _gate_projection(D, Hkv, WRITE_BIAS) if cfg.bla.write_gate else None
+        self.gamma_proj = _gate_projection(D, Hkv, FORGET_BIAS) if cfg.bla.forget_gate else None
+        self.shifts = cfg.bla_phase_shifts()
+
+    def data_gates(self, x: torch.Tensor) -> dict:
+        """``beta`` and ``log_gamma`` [B, T, H_kv] (float32) for the operator, those switched on."""
+        gates = {}
+        if self.beta_proj is not None:
+            gates["beta"] = torch.sigmoid(self.beta_proj(x).float())
+        if self.gamma_proj is not None:
+            gates["log_gamma"] = F.logsigmoid(self.gamma_proj(x).float()) / FORGET_TAU
+        return gates
 
     def new_cache(self, max_context: int | None = None) -> BLACache:
         return BLACache()
@@ -155,9 +173,10 @@ class BLAMixer(nn.Module):
             q = apply_rope(q, positions, self.cfg.rope_theta, rope)
             k = apply_rope(k, positions, self.cfg.rope_theta, rope)
         state = cache.state if cache is not None else None
+        gates = self.data_gates(x)
         if self.exchange is not None:  # each document's start state: from the earlier slices
-            state = self.exchange.start_states(self, q, k, v, positions, cu_seqlens)
-        o, state = self.mix(q, k, v, x, positions, cu_seqlens, state, cache is not None)
+            state = self.exchange.start_states(self, q, k, v, positions, cu_seqlens, gates)
+        o, state = self.mix(q, k, v, x, positions, cu_seqlens, state, cache is not None, gates)
         if self.out_norm is not None:
             o = self.out_norm(o)
         o = o.reshape(B, T, H * d)
@@ -198,7 +217,9 @@ class BLAMixer(nn.Module):
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
             k = apply_rope(k, positions, self.cfg.rope_theta)
-        o = bla_step_(q[:, 0], k[:, 0], v[:, 0], (buf["K"], buf["V"]), position, self.windows, self.slots, gates=self.cfg.bla.gates)
+        gates = {name: g[:, 0] for name, g in self.data_gates(x).items()}
+        o = bla_step_(q[:, 0], k[:, 0], v[:, 0], (buf["K"], buf["V"]), position, self.windows, self.slots, gates=self.cfg.bla.gates,
+                      phase_shift=self.shifts, **gates)  # fmt: skip
         o = o[:, None]
         if self.out_norm is not None:
             o = self.out_norm(o)
@@ -207,12 +228,13 @@ class BLAMixer(nn.Module):
             o = o * F.silu(self.gate_proj(x))
         return self.o_proj(o)
 
-    def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool):
+    def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool, gates: dict):
         """BLA over [B, T, heads, d]: one decode step, or whole sequences (chunked) from ``state``
-        (per sequence, or per packed document)."""
+        (per sequence, or per packed document); ``gates`` from ``data_gates(x)``."""
         if keep_state and q.shape[1] == 1:
             o, state = bla_step(q[:, 0], k[:, 0], v[:, 0], state, positions[:, 0], self.windows, self.slots,
-                                gates=self.cfg.bla.gates, validate_values=False)  # fmt: skip
+                                gates=self.cfg.bla.gates, validate_values=False, phase_shift=self.shifts,
+                                **{name: g[:, 0] for name, g in gates.items()})  # fmt: skip
             return o[:, None], state
         return bla_attention(
             q, k, v, self.windows, self.slots,
@@ -223,13 +245,24 @@ class BLAMixer(nn.Module):
             backend=self.cfg.bla.backend,
             gates=self.cfg.bla.gates,
             validate_values=False,
+            phase_shift=self.shifts,
+            **gates,
         )  # fmt: skip
+
+
+def _gate_projection(d_model: int, kv_heads: int, bias: float) -> nn.Linear:
+    """One scalar gate per kv head from the layer input; the bias sets where it starts (the
+    model's init draws the weight)."""
+    proj = nn.Linear(d_model, kv_heads)
+    nn.init.constant_(proj.bias, bias)
+    return proj
 
 
 def bla_params(cfg: ModelConfig) -> int:
     D, H, Hkv, d, b = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.bla
     n = projection_params(cfg)
     n += H * d * D if b.output_gate else 0
+    n += (int(b.write_gate) + int(b.forget_gate)) * Hkv * (D + 1)
     n += (H + 2 * Hkv) * d * b.short_conv
     return n + (d if b.output_norm else 0) + (2 * d if b.qk_norm else 0)
 

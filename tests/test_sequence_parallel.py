@@ -16,8 +16,10 @@ from bla.launch.layout import fresh_process_env
 WORKER = Path(__file__).parent / "workers" / "sp_equivalence.py"
 
 
-# W <= slice (Gamma = 0) and W > slice; packed or one document; Gamma of every gate rule
-CASES = ["16:packed:dirichlet", "64:packed:dirichlet", "64:one:dirichlet", "64:one:fejer", "64:one:dirichlet_v1"]
+# W <= slice (Gamma = 0) and W > slice; packed or one document; Gamma of every gate rule; Gamma from
+# data (spec section 6's gates, staggered heads)
+CASES = ["16:packed:dirichlet", "64:packed:dirichlet", "64:one:dirichlet", "64:one:fejer", "64:one:dirichlet_v1",
+         "16:packed:fejer:steered", "64:one:dirichlet:steered"]
 
 
 @pytest.mark.slow

@@ -126,23 +126,35 @@ class StateScan(Exchange):
     """BLA: each rank's last segment as (Gamma, Lambda), all-gathered and scanned into the start
     state of this rank's first document (zeros for the others)."""
 
-    def start_states(self, mixer, q, k, v, positions, cu_seqlens):
+    def start_states(self, mixer, q, k, v, positions, cu_seqlens, gates: dict | None = None):
+        """``gates``: the mixer's data-dependent beta/log_gamma (spec section 6) [1, T, H_kv]."""
         ctx, windows, m = self.ctx, mixer.windows, mixer.slots
         Hkv, d = mixer.n_kv_heads, mixer.head_dim
-        backend, gates = mixer.cfg.bla.backend, mixer.cfg.bla.gates
+        backend, gates_rule = mixer.cfg.bla.backend, mixer.cfg.bla.gates
+        gates = gates or {}
+        shifts = mixer.shifts
         cu = cu_seqlens.to(torch.int64)
         last = int(cu[-2])
-        # Lambda: the last segment's final state from zero; Gamma: its decay (positions only)
+        tail = {name: g[:, last:] for name, g in gates.items()}
+        # Lambda: the last segment's final state from zero; Gamma: its decay (positions, and data when gated)
         _, (lam_k, lam_v) = bla_attention(q[:, last:], k[:, last:], v[:, last:], windows, m, output_final_state=True,
-                                          offset=int(positions[0, last]), backend=backend, gates=gates)  # fmt: skip
-        _, alpha, _ = dirichlet_gates(positions[0, last:], torch.tensor(windows, device=q.device), m, gates=gates)
+                                          offset=int(positions[0, last]), backend=backend, gates=gates_rule,
+                                          phase_shift=shifts, **tail)  # fmt: skip
+        shift_t = torch.tensor(shifts, device=q.device) if any(shifts) else None
+        _, alpha, _ = dirichlet_gates(positions[0, last:], torch.tensor(windows, device=q.device), m, gates=gates_rule,
+                                      shift=shift_t, beta=_first_row(tail.get("beta")), log_gamma=_first_row(tail.get("log_gamma")))  # fmt: skip
         gamma = alpha.prod(dim=0).to(lam_k.dtype)  # [Hkv, m]; exactly 0 where a slot reset
         flags = torch.tensor([float(ctx.continues), float(len(cu) == 2)], device=q.device)
-        nk = lam_k.numel()
-        packed, tie = _gather(torch.cat([lam_k.reshape(-1), lam_v.reshape(-1)]), ctx)  # one collective
+        nk, nv = lam_k.numel(), lam_v.numel()
+        if gates:  # Gamma depends on data: gathered with autograd beside Lambda
+            packed, tie = _gather(torch.cat([lam_k.reshape(-1), lam_v.reshape(-1), gamma.reshape(-1)]), ctx)
+            gammas = [t[nk + nv :].view_as(gamma) for t in packed]
+        else:
+            packed, tie = _gather(torch.cat([lam_k.reshape(-1), lam_v.reshape(-1)]), ctx)  # one collective
+            gammas = _gather_const(gamma, ctx)
         lams_k = [t[:nk].view_as(lam_k) for t in packed]
-        lams_v = [t[nk:].view_as(lam_v) for t in packed]
-        gammas, all_flags = _gather_const(gamma, ctx), _gather_const(flags, ctx)
+        lams_v = [t[nk : nk + nv].view_as(lam_v) for t in packed]
+        all_flags = _gather_const(flags, ctx)
         _count(ctx, self.name + ".bla", lam_k, lam_v, gamma)
         S = None  # state at the end of rank i's slice, i < this rank
         for i in range(ctx.rank):
@@ -158,6 +170,10 @@ class StateScan(Exchange):
             init_k = torch.cat([S[0], init_k[1:]])
             init_v = torch.cat([S[1], init_v[1:]])
         return init_k + tie, init_v + tie  # the tie: this rank back-propagates through the gather too
+
+
+def _first_row(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x[0]
 
 
 class KeyGather(Exchange):

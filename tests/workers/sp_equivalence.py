@@ -1,7 +1,8 @@
 """torchrun worker: a sequence-parallel forward/backward equals the whole sequence on one rank.
 
-argv: cases, each "WINDOW:LAYOUT:GATES" (the BLA and SWA window, "packed" or "one" long document
-across all slices, the BLA gates), all checked in one process group (a torchrun start costs seconds).
+argv: cases, each "WINDOW:LAYOUT:GATES[:steered]" (the BLA and SWA window, "packed" or "one" long
+document across all slices, the BLA gates, and "steered": spec section 6's write and forget gates
+and staggered heads on), all checked in one process group (a torchrun start costs seconds).
 """
 
 import sys
@@ -18,10 +19,14 @@ dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 
 
-def check(window: int, layout: str, gates: str) -> None:
+STEERED = ["bla.write_gate=true", "bla.forget_gate=true", "bla.phase_shift=staggered"]
+
+
+def check(window: int, layout: str, gates: str, extras: list[str]) -> None:
     torch.manual_seed(0)
     cfg = apply_overrides(load_preset("tiny"), ["n_layers=4", "layer_pattern=[bla, attn, swa, bla]", "bla.rope=true",
-                                                f"bla.window={window}", f"swa_window={window}", f"bla.gates={gates}"])  # fmt: skip
+                                                f"bla.window={window}", f"swa_window={window}", f"bla.gates={gates}",
+                                                *(STEERED if "steered" in extras else [])])  # fmt: skip
     model = BLALM(cfg).double()
     packer = Packer(seq_len=48, bos_id=1, eos_id=2)
     gen = torch.Generator().manual_seed(1)
@@ -44,11 +49,11 @@ def check(window: int, layout: str, gates: str) -> None:
     a, n = ctx.slice_start, local["input_ids"].shape[1]
     err = float((out_local.logits - out.logits[:, a : a + n]).abs().max())
     worst = max(((p.grad - reference[name]).abs().max().item(), name) for name, p in model.named_parameters())
-    print(f"rank {rank} {window}:{layout}:{gates}: logits err {err:.2e}, worst grad err {worst[0]:.2e} ({worst[1]}), comm {sum(ctx.comm_bytes.values())} B")
+    print(f"rank {rank} {window}:{layout}:{gates}:{extras}: logits err {err:.2e}, worst grad err {worst[0]:.2e} ({worst[1]}), comm {sum(ctx.comm_bytes.values())} B")
     assert err < 1e-10 and worst[0] < 1e-10, (err, worst)
 
 
 for case in sys.argv[1:]:
-    window, layout, gates = case.split(":")
-    check(int(window), layout, gates)
+    window, layout, gates, *extras = case.split(":")
+    check(int(window), layout, gates, extras)
 dist.destroy_process_group()  # gloo's threads left running at exit can abort the process
