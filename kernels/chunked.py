@@ -30,6 +30,7 @@ from .checks import Problem, State
 from .gates import dirichlet_gates
 
 DEFAULT_CHUNK = 64
+DATA_CHUNK = 32  # with data-dependent gates: per-row [C, C, m] tables, cheaper at half the chunk
 
 
 def chunk_tables(
@@ -74,9 +75,10 @@ def data_tables(offsets_R, lengths_R, Lp: int, windows: tuple[int, ...], slots: 
     w, alpha, _ = dirichlet_gates(offsets_R[:, None] + t, window_t, slots, t[None, :] < lengths_R[:, None], gates, shift_t,
                                   beta_RLG, log_gamma_RLG)  # fmt: skip
     R, G, m = w.shape[0], w.shape[2], w.shape[3]
-    w, alpha = (x.reshape(R, Lp // chunk, chunk, G, m).transpose(2, 3) for x in (w, alpha))  # [R, NC, G, C, m]
-    M, g = decay_tables(w, alpha, alpha == 0)  # zero decays (a node's full overwrite, or underflow) as resets
-    return M.to(dtype), g.to(dtype)
+    # [R, NC, G, C, m], in the compute dtype: float32 tables for float32 inputs halve the traffic
+    # of the [C, C, m] products (the products over one chunk lose nothing that matters there)
+    w, alpha = (x.to(dtype).reshape(R, Lp // chunk, chunk, G, m).transpose(2, 3) for x in (w, alpha))
+    return decay_tables(w, alpha, alpha == 0)  # zero decays (a node's full overwrite, or underflow) as resets
 
 
 @functools.lru_cache(maxsize=16)
@@ -138,7 +140,7 @@ def bla_chunked(
     p = problem
     dev = q.device
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    C = chunk
+    C = DATA_CHUNK if chunk == DEFAULT_CHUNK and (beta is not None or log_gamma is not None) else chunk
 
     # ---- lay sequences out as rows of length L (a multiple of C) ----
     if p.cu_seqlens is None:

@@ -204,3 +204,15 @@ def test_the_gates_follow_the_spec_formulas(gates):
                 want_s = b * d if gates == "dirichlet" else b * d * d
                 assert s[t, h, j].item() == pytest.approx(want_s, abs=1e-12)
                 assert alpha[t, h, j].item() == pytest.approx(g * (1 - b * d * d), abs=1e-12)
+
+
+def test_float32_inputs_hold_the_float64_recurrence():
+    """The torch backend builds float32 tables from data-dependent gates for float32 inputs."""
+    q, k, v = random_qkv(2, 70, 4, 2, 16, 16)
+    beta, log_gamma = _gates(2, 70, 2)
+    kw = {"beta": beta, "log_gamma": log_gamma, "phase_shift": [0, 2], "gates": "fejer"}
+    want = bla_attention(q, k, v, W, M, backend="reference", **kw)[0]
+    f32 = {name: x.float() if isinstance(x, torch.Tensor) else x for name, x in kw.items()}
+    got = bla_attention(q.float(), k.float(), v.float(), W, M, backend="torch", **f32)[0]
+    assert got.dtype == torch.float32
+    assert_close("o", got, want, atol=2e-5, rtol=1e-5)
