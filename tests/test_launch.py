@@ -96,10 +96,11 @@ def _summary(out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher,port", [("torchrun", 29641), ("deepspeed", 29643)])
-def test_launcher_runs_a_tiny_job(tmp_path, launcher, port):
+def test_deepspeed_launcher_runs_a_tiny_job_on_one_node(tmp_path):
+    """deepspeed's own local launcher (no hostfile). torchrun's one-node command differs from its
+    multi-node one by flags only (test_single_node_torchrun_command); the two-node test runs it."""
     out = tmp_path / "run"
-    args = ["launch", "--launcher", launcher, "--gpus-per-node", "2", "--master-port", str(port),
+    args = ["launch", "--launcher", "deepspeed", "--gpus-per-node", "2", "--master-port", "29643",
             *TINY, f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     done = _bla(args, _env(tmp_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -107,8 +108,19 @@ def test_launcher_runs_a_tiny_job(tmp_path, launcher, port):
     assert s["status"] == "finished" and s["world_size"] == 2 and s["step"] == 4
 
 
-@pytest.mark.slow
-def test_slurm_script_runs_a_tiny_job(tmp_path):
+def test_single_node_torchrun_command(capsys):
+    from bla.launch.cli import main
+
+    assert main(["launch", "--launcher", "torchrun", "--gpus-per-node", "2", "--master-port", "29641", "--dry-run", *TINY]) == 0
+    command = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("command"))
+    assert "-m torch.distributed.run --nnodes 1 --nproc_per_node 2" in command and "--master_port 29641" in command
+    assert command.endswith("-m bla.train.cli tiny steps=4 save_every=4 eval_every=4")
+
+
+def test_slurm_script_resolves_the_job_from_slurms_variables(tmp_path):
+    """The script's own part: SLURM's variables to `bla launch --launcher slurm` under srun (a
+    stand-in here); `--dry-run` through BLA_LAUNCH_FLAGS, so the command is printed, not run
+    (what it runs, torchrun with node ranks, is the two-node test's)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "srun").write_text('#!/bin/sh\n# stand-in for srun on one node: drop its flags, run the task\n'
@@ -116,14 +128,14 @@ def test_slurm_script_runs_a_tiny_job(tmp_path):
     (fake / "srun").chmod(0o755)
     out = tmp_path / "run"
     env = _env(tmp_path, SLURM_JOB_ID="5", SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0",
-               SLURM_GPUS_PER_NODE="2", MASTER_PORT="29645")  # fmt: skip
+               SLURM_GPUS_PER_NODE="2", MASTER_PORT="29645", BLA_LAUNCH_FLAGS="--dry-run")  # fmt: skip
     env["PATH"] = f"{fake}:{env['PATH']}"
     cmd = ["bash", str(REPO / "launch" / "slurm.sbatch"), *TINY, f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "master               localhost:29645" in done.stdout
-    s = _summary(out)
-    assert s["status"] == "finished" and s["world_size"] == 2
+    assert "master               localhost:29645" in done.stdout and "world size           2" in done.stdout
+    assert "--nnodes 1 --nproc_per_node 2 --node_rank 0 --master_addr localhost --master_port 29645" in done.stdout
+    assert not out.exists()  # printed, not run
 
 
 @pytest.mark.parametrize(
