@@ -156,6 +156,9 @@ def test_the_model_options_train_decode_and_load_without_them():
     model = BLALM(cfg).double()
     mixer = model.blocks[0].mixer
     assert mixer.shifts == [0, 2] and mixer.beta_proj is not None and mixer.gamma_proj is not None
+    from bla.model.stats import param_count
+
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())  # the projections counted
     ids = torch.randint(3, 256, (2, 30))
     out = model(ids[:, :-1], targets=ids[:, 1:])
     out.loss.backward()
