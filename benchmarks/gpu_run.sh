@@ -155,9 +155,9 @@ print('step 1:', a[0]['loss'], b[0]['loss'], ' step 200:', a[-1]['loss'], b[-1][
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla attn --json "$OUT/train_2k_throughput.json" 2>&1 \
         | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee "$OUT/train_2k_throughput.txt" ;;
     split)  # issue 42: the kernels split by stage beside the pre-split ones (`git archive bcbdc87 kernels` unpacked
-      # as gpu_old/bla/kernels, carried), alternating o1 p1 o2 p2 in one call; one log and one tarball of the JSON
+      # as gpu_old/bla/kernels, carried), alternating o1 p1 o2 p2 (SPLIT_RUNS) in one call; one log and one tarball of the JSON
       mkdir -p /tmp/o/bla && ln -sfn "$PWD/gpu_old/bla/kernels" /tmp/o/bla/kernels
-      for run in o1 p1 o2 p2; do
+      for run in ${SPLIT_RUNS:-o1 p1 o2 p2}; do
         echo "--- $run ($([ ${run:0:1} = o ] && echo pre-split bcbdc87 || echo split))" | tee -a "$OUT/kernel_split.txt"
         PYTHONPATH=/tmp/${run:0:1}:/tmp/site python3 benchmarks/kernel.py gpu --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 \
           --window 512 4096 --json "/tmp/kernel_split_$run.json" 2>&1 | grep -v Warning | tee -a "$OUT/kernel_split.txt"
