@@ -152,12 +152,13 @@ class BLAMixer(nn.Module):
         self.shifts = cfg.bla_phase_shifts()
 
     def data_gates(self, x: torch.Tensor) -> dict:
-        """``beta`` and ``log_gamma`` [B, T, H_kv] (float32) for the operator, those switched on."""
-        gates = {}
+        """``beta`` and ``log_gamma`` [B, T, H_kv] for the operator, those switched on: float32
+        (float64 in a float64 model, where a float32 rounding would be the largest error)."""
+        gates, dtype = {}, torch.promote_types(x.dtype, torch.float32)
         if self.beta_proj is not None:
-            gates["beta"] = torch.sigmoid(self.beta_proj(x).float())
+            gates["beta"] = torch.sigmoid(self.beta_proj(x).to(dtype))
         if self.gamma_proj is not None:
-            gates["log_gamma"] = F.logsigmoid(self.gamma_proj(x).float()) / FORGET_TAU
+            gates["log_gamma"] = F.logsigmoid(self.gamma_proj(x).to(dtype)) / FORGET_TAU
         return gates
 
     def new_cache(self, max_context: int | None = None) -> BLACache:

@@ -1,8 +1,8 @@
 """torchrun worker: a sequence-parallel forward/backward equals the whole sequence on one rank.
 
-argv: cases, each "WINDOW:LAYOUT:GATES[:steered]" (the BLA and SWA window, "packed" or "one" long
-document across all slices, the BLA gates, and "steered": spec section 6's write and forget gates
-and staggered heads on), all checked in one process group (a torchrun start costs seconds).
+argv: cases, each "WINDOW:LAYOUT:GATES[:EXTRA...]" (the BLA and SWA window, "packed" or "one" long
+document across all slices, the BLA gates, and spec section 6's options: "write", "forget",
+"stagger", or "steered" for all three), all checked in one process group (a torchrun start costs seconds).
 """
 
 import sys
@@ -19,14 +19,15 @@ dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 
 
-STEERED = ["bla.write_gate=true", "bla.forget_gate=true", "bla.phase_shift=staggered"]
+EXTRAS = {"write": ["bla.write_gate=true"], "forget": ["bla.forget_gate=true"], "stagger": ["bla.phase_shift=staggered"]}
+EXTRAS["steered"] = EXTRAS["write"] + EXTRAS["forget"] + EXTRAS["stagger"]
 
 
 def check(window: int, layout: str, gates: str, extras: list[str]) -> None:
     torch.manual_seed(0)
     cfg = apply_overrides(load_preset("tiny"), ["n_layers=4", "layer_pattern=[bla, attn, swa, bla]", "bla.rope=true",
                                                 f"bla.window={window}", f"swa_window={window}", f"bla.gates={gates}",
-                                                *(STEERED if "steered" in extras else [])])  # fmt: skip
+                                                *(o for e in extras for o in EXTRAS[e])])  # fmt: skip
     model = BLALM(cfg).double()
     packer = Packer(seq_len=48, bos_id=1, eos_id=2)
     gen = torch.Generator().manual_seed(1)
