@@ -40,15 +40,15 @@ def triton_available(device: torch.device) -> tuple[bool, str]:
     return True, "CUDA device"
 
 
-def _resolve_backend(backend: str, device: torch.device, extended: bool = False) -> str:
-    """``extended``: spec section 6's gates are asked for, which the Triton kernels lack."""
+def _resolve_backend(backend: str, device: torch.device, data_gated: bool = False) -> str:
+    """``data_gated``: spec section 6's data-dependent gates are asked for, which the Triton kernels lack."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         ok, _ = triton_available(device)
-        return "triton" if ok and device.type == "cuda" and not extended else "torch"
-    if backend == "triton" and extended:
-        raise ValueError("backend='triton' does not implement beta, log_gamma or phase_shift (spec section 6) yet: "
+        return "triton" if ok and device.type == "cuda" and not data_gated else "torch"
+    if backend == "triton" and data_gated:
+        raise ValueError("backend='triton' does not implement beta or log_gamma (spec section 6) yet: "
                          "use backend='torch' or 'auto'")  # fmt: skip
     if backend == "triton":
         ok, why = triton_available(device)
@@ -100,7 +100,7 @@ def bla_attention(
             write (s <- beta s, alpha <- 1 - beta (1 - alpha)); ``log_gamma`` [B, T, H_kv] <= 0, the
             scalar forgetting (alpha <- exp(log_gamma) alpha); ``phase_shift`` an int or one int per
             kv head in [0, W/m): head h's slots sit at phases j W/m + shift_h. The Triton kernels
-            implement none of them yet: "auto" then runs the torch backend.
+            take phase shifts, not beta or log_gamma yet: with either, "auto" runs the torch backend.
 
     Returns:
         o [B, T, H, d_v] in q's dtype, and the final state (float32, or float64 for float64
@@ -114,8 +114,8 @@ def bla_attention(
     """
     problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset, gates, validate_values, phase_shift)
     check_gate_inputs(beta, log_gamma, tuple(k.shape[:3]), q.device, gates, validate_values)
-    extended = beta is not None or log_gamma is not None or problem.shifts is not None
-    chosen = _resolve_backend(backend, q.device, extended)
+    data_gated = beta is not None or log_gamma is not None  # the Triton kernels take phase shifts, not these
+    chosen = _resolve_backend(backend, q.device, data_gated)
     if chosen == "reference":
         o, state = bla_reference(q, k, v, problem, initial_state, beta, log_gamma)
         if q.dtype != torch.float64:
@@ -164,14 +164,14 @@ def bla_step(
     """
     problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values, phase_shift)
     check_gate_inputs(beta, log_gamma, tuple(k.shape[:2]), q.device, gates, validate_values)
-    extended = beta is not None or log_gamma is not None or problem.shifts is not None
+    data_gated = beta is not None or log_gamma is not None
     sdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if state is None:
         B, G, m = problem.batch, problem.num_kv_heads, problem.slots
         state = (q.new_zeros(B, G, m, problem.head_dim_k, dtype=sdtype), q.new_zeros(B, G, m, problem.head_dim_v, dtype=sdtype))
     else:
         state = tuple(s.to(sdtype) for s in state)
-    if q.is_cuda and not extended:
+    if q.is_cuda and not data_gated:
         ok, _ = triton_available(q.device)
         if ok:
             from .triton_ops import bla_step_triton
@@ -206,14 +206,15 @@ def bla_step_(
     as a CUDA graph (``bla.model.decode``)."""
     problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values=False, phase_shift=phase_shift)
     check_gate_inputs(beta, log_gamma, tuple(k.shape[:2]), q.device, gates, validate_values=False)
-    extended = beta is not None or log_gamma is not None or problem.shifts is not None
+    data_gated = beta is not None or log_gamma is not None
     sk, sv = state
     if sk.dtype != torch.float32 or sv.dtype != torch.float32 or not (sk.is_contiguous() and sv.is_contiguous()):
         raise ValueError(f"bla_step_ needs a contiguous float32 state, got {sk.dtype}, {sv.dtype}")
-    if q.is_cuda and not extended and triton_available(q.device)[0]:
-        from .triton_ops import step_
+    if q.is_cuda and not data_gated and triton_available(q.device)[0]:
+        from .triton_ops import op_shifts, step_
 
-        return step_(q, k, v, sk, sv, problem.offset, list(problem.windows), problem.slots, problem.scale, problem.gates)
+        return step_(q, k, v, sk, sv, problem.offset, list(problem.windows), problem.slots, problem.scale, problem.gates,
+                     op_shifts(problem))  # fmt: skip
     o, (nk, nv) = _torch_step(q, k, v, state, problem, beta, log_gamma)
     sk.copy_(nk)
     sv.copy_(nv)

@@ -3,10 +3,10 @@
 ``torch.compile`` traces through a custom operator without a graph break: it sees the op's
 schema and its fake (shape-only) implementation, never the Triton launch code. Three ops:
 
-- ``bla::chunk_fwd(q, k, v, h0k?, h0v?, cu_seqlens?, offset, windows, slots, scale, gates)``
+- ``bla::chunk_fwd(q, k, v, h0k?, h0v?, cu_seqlens?, offset, windows, slots, scale, gates, shifts)``
   -> o, the final state (hk, hv) and the eight buffers the backward reads;
 - ``bla::chunk_bwd`` -> dq, dk, dv, dh0k, dh0v (empty tensors without an initial state);
-- ``bla::step_(q, k, v, sk!, sv!, position, windows, slots, scale, gates)`` -> o: one decode
+- ``bla::step_(q, k, v, sk!, sv!, position, windows, slots, scale, gates, shifts)`` -> o: one decode
   step, the fp32 state updated in place (static buffers, as a captured CUDA graph needs).
 
 The saved buffers' shapes depend only on the problem's shapes and its (windows, m, gates) plan,
@@ -31,25 +31,36 @@ from .triton_plan import INTERPRETING
 NAMESPACE = "bla" if __name__ == "bla.kernels.triton_ops" else "bla_" + re.sub(r"\W", "_", __name__)
 
 
-def _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates) -> Problem:
+def op_shifts(problem: Problem) -> list[int]:
+    """The ops' ``shifts``: a slot phase shift per kv head (spec section 6), zeros for none (never
+    an empty list: the custom-op machinery would take that for a list of tensors)."""
+    return list(problem.shifts or (0,) * len(problem.windows))
+
+
+def _shifts(shifts: list[int]) -> tuple[int, ...] | None:
+    return tuple(shifts) if any(shifts) else None
+
+
+def _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates, shifts) -> Problem:
     B, T, H, dk = q.shape
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    return Problem(B, T, H, k.shape[2], dk, v.shape[3], slots, tuple(windows), scale, n, cu_seqlens, offset, gates)
+    return Problem(B, T, H, k.shape[2], dk, v.shape[3], slots, tuple(windows), scale, n, cu_seqlens, offset, gates, _shifts(shifts))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::chunk_fwd", mutates_args=())
 def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h0k: torch.Tensor | None, h0v: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None, offset: torch.Tensor, windows: list[int], slots: int, scale: float, gates: str,
+    shifts: list[int],
 ) -> list[torch.Tensor]:  # fmt: skip
-    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates)
+    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates, shifts)
     o, hk, hv, saved = forward(q, k, v, h0k, h0v, p)
     return [o, hk, hv, *saved]
 
 
 @chunk_fwd.register_fake
-def _(q, k, v, h0k, h0v, cu_seqlens, offset, windows, slots, scale, gates):
-    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates)
+def _(q, k, v, h0k, h0v, cu_seqlens, offset, windows, slots, scale, gates, shifts):
+    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates, shifts)
     with unset_fake_temporarily():  # the plan is built (and cached) from real host tensors
         layout = saved_layout(p, q.dtype)
     n, hkv, m = p.num_seqs, p.num_kv_heads, p.slots
@@ -63,9 +74,9 @@ def _(q, k, v, h0k, h0v, cu_seqlens, offset, windows, slots, scale, gates):
 def chunk_bwd(
     do: torch.Tensor, dhk: torch.Tensor | None, dhv: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o: torch.Tensor, saved: list[torch.Tensor], cu_seqlens: torch.Tensor | None, offset: torch.Tensor, windows: list[int], slots: int,
-    scale: float, gates: str, use_h0: bool,
+    scale: float, gates: str, shifts: list[int], use_h0: bool,
 ) -> list[torch.Tensor]:  # fmt: skip
-    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates)
+    p = _problem(q, k, v, cu_seqlens, offset, windows, slots, scale, gates, shifts)
     dq, dk, dv, dh0k, dh0v = backward(do, dhk, dhv, q, k, v, o, saved, p, use_h0)
     if not use_h0:
         dh0k, dh0v = q.new_empty(0), q.new_empty(0)
@@ -73,7 +84,7 @@ def chunk_bwd(
 
 
 @chunk_bwd.register_fake
-def _(do, dhk, dhv, q, k, v, o, saved, cu_seqlens, offset, windows, slots, scale, gates, use_h0):
+def _(do, dhk, dhv, q, k, v, o, saved, cu_seqlens, offset, windows, slots, scale, gates, shifts, use_h0):
     if use_h0:
         n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         dh0k = q.new_empty(n, k.shape[2], slots, q.shape[-1], dtype=torch.float32)
@@ -84,12 +95,12 @@ def _(do, dhk, dhv, q, k, v, o, saved, cu_seqlens, offset, windows, slots, scale
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, h0k, h0v, cu_seqlens, offset, windows, slots, scale, gates = inputs
+    q, k, v, h0k, h0v, cu_seqlens, offset, windows, slots, scale, gates, shifts = inputs
     # unused outputs' gradients stay None: materialised, they were 9 zero tensors per backward (the
     # 7 saved buffers of then and the final state; 0.15 GB at B=4, T=8192, H=16), 0.7 ms of host time
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, output[0], cu_seqlens, offset, *output[3:])
-    ctx.args = (list(windows), slots, scale, gates)
+    ctx.args = (list(windows), slots, scale, gates, list(shifts))
     ctx.use_h0 = h0k is not None
     ctx.state_dtypes = (output[1].dtype, output[2].dtype) if h0k is None else (h0k.dtype, h0v.dtype)
     ctx.mark_non_differentiable(*output[3:])
@@ -113,7 +124,7 @@ def _backward(ctx, grads):
     def run(*args):
         return chunk_bwd(*args, o, saved, cu_seqlens, offset, *ctx.args, ctx.use_h0)
 
-    return *_input_grads(run, ctx, *grads[:3], q, k, v), None, None, None, None, None, None
+    return *_input_grads(run, ctx, *grads[:3], q, k, v), None, None, None, None, None, None, None
 
 
 chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -122,15 +133,15 @@ chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op(f"{NAMESPACE}::step_", mutates_args=("sk", "sv"))
 def step_(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, position: torch.Tensor,
-    windows: list[int], slots: int, scale: float, gates: str,
+    windows: list[int], slots: int, scale: float, gates: str, shifts: list[int],
 ) -> torch.Tensor:  # fmt: skip
     B, H, dk = q.shape
-    p = Problem(B, 1, H, k.shape[1], dk, v.shape[2], slots, tuple(windows), scale, B, None, position, gates)
+    p = Problem(B, 1, H, k.shape[1], dk, v.shape[2], slots, tuple(windows), scale, B, None, position, gates, _shifts(shifts))
     return step(q, k, v, sk, sv, p)
 
 
 @step_.register_fake
-def _(q, k, v, sk, sv, position, windows, slots, scale, gates):
+def _(q, k, v, sk, sv, position, windows, slots, scale, gates, shifts):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
@@ -175,7 +186,8 @@ def bla_triton(q, k, v, problem: Problem, initial_state: State | None) -> tuple[
         # inputs (autograd casts the gradients back). GPUs run it natively; fp16 runs as is.
         q, k, v = q.float(), k.float(), v.float()
     if _traced():
-        o, hk, hv, *_ = chunk_fwd(q, k, v, h0k, h0v, p.cu_seqlens, p.offset, list(p.windows), p.slots, p.scale, p.gates)
+        o, hk, hv, *_ = chunk_fwd(q, k, v, h0k, h0v, p.cu_seqlens, p.offset, list(p.windows), p.slots, p.scale, p.gates,
+                                  op_shifts(p))  # fmt: skip
     else:
         o, hk, hv = _Chunk.apply(q, k, v, h0k, h0v, p)
     return o.to(dtype), (hk, hv)
@@ -185,5 +197,5 @@ def bla_step_triton(q, k, v, state: State, problem: Problem) -> tuple[torch.Tens
     """Functional: the new state is a copy (``step_`` updates given fp32 buffers in place)."""
     p = problem
     sk, sv = (s.float().contiguous().clone() for s in state)
-    o = step_(q, k, v, sk, sv, p.offset, list(p.windows), p.slots, p.scale, p.gates)
+    o = step_(q, k, v, sk, sv, p.offset, list(p.windows), p.slots, p.scale, p.gates, op_shifts(p))
     return o, (sk, sv)

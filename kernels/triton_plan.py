@@ -235,7 +235,7 @@ def _oversized(p: Problem, saved: list, parts: int) -> str | None:
 def plan(problem: Problem, dtype: torch.dtype) -> Plan:
     p = problem
     key = (p.batch, p.seq_len, p.num_heads, p.num_kv_heads, p.head_dim_k, p.head_dim_v, p.slots, p.windows, p.gates,
-           p.num_seqs, p.cu_seqlens is None, dtype, tuning.key())  # fmt: skip
+           p.shifts, p.num_seqs, p.cu_seqlens is None, dtype, tuning.key())  # fmt: skip
     if any(isinstance(x, torch.SymInt) for x in key):  # symbolic shapes (a compiler's fake run): not cached
         return Plan(p, dtype)
     found = PLANS.get(key)

@@ -1,5 +1,9 @@
 """The Triton kernels' host-side tables: what depends on positions alone, built once per (W, m, gates).
 
+Tables are built per phase key ``(W, shift)`` of each kv head: a head whose slots are shifted
+(spec section 6, staggered heads) reads its own rows, the unshifted table rolled by its shift,
+and every kernel stays as it is (they read a head's rows from its table offset ``toff``).
+
 The gates depend only on positions, so they come from a table built once per (W, m, gates): the
 write ``s`` and the log-decay ``log alpha`` of every phase of the period (floored at ``LOG_FLOOR``
 where alpha = 0: products across a reset are then below 2e-9, 30x under fp32's rounding, zero in
@@ -36,20 +40,30 @@ from .triton_tuning import CENTRED, ELEMENTWISE, HALVES  # noqa: F401  (the pair
 LOG_FLOOR = -20.0
 
 
+Keys = tuple[tuple[int, int], ...]  # (W, phase shift) per kv head
+
+
+def phase_keys(problem: Problem) -> Keys:
+    """Each kv head's (window, slot phase shift): what its gate rows depend on."""
+    shifts = problem.shifts or (0,) * len(problem.windows)
+    return tuple(zip(problem.windows, shifts))
+
+
 @functools.lru_cache(maxsize=32)
-def _gate_table_cpu(windows: tuple[int, ...], slots: int, gates: str, bm: int):
-    """(s, log alpha) float32 [sum of distinct W, bm] and the first row of each kv head's window."""
+def _gate_table_cpu(keys: Keys, slots: int, gates: str, bm: int):
+    """(s, log alpha) float32 [sum of distinct W, bm] and the first row of each kv head's table."""
     rows, starts, first = [], {}, 0
-    for w in sorted(set(windows)):
-        s, alpha, reset = dirichlet_gates(torch.arange(w), torch.tensor([w]), slots, gates=gates)
+    for w, shift in sorted(set(keys)):
+        s, alpha, reset = dirichlet_gates(torch.arange(w), torch.tensor([w]), slots, gates=gates,
+                                          shift=torch.tensor([shift]) if shift else None)  # fmt: skip
         la = torch.where(reset, torch.full_like(alpha, LOG_FLOOR), torch.log(alpha.clamp_min(1e-300))).clamp_min(LOG_FLOOR)
         tab = torch.zeros(2, w, bm, dtype=torch.float64)  # padded slots: s = 0, log alpha = 0
         tab[0, :, :slots], tab[1, :, :slots] = s[:, 0], la[:, 0]
         rows.append(tab)
-        starts[w] = first
+        starts[w, shift] = first
         first += w
     table = torch.cat(rows, dim=1).float()
-    return table[0].contiguous(), table[1].contiguous(), [starts[w] for w in windows]
+    return table[0].contiguous(), table[1].contiguous(), [starts[key] for key in keys]
 
 
 # The factorised pairs stay within e^(+-80): fp32 and bf16 hold e^88. The sums over a sub-chunk
@@ -58,22 +72,24 @@ def _gate_table_cpu(windows: tuple[int, ...], slots: int, gates: str, bm: int):
 FACTOR_LOG_RANGE = 160.0
 
 
-def _phase_cumsums(w: int, slots: int, gates: str, sub: int) -> torch.Tensor:
+def _phase_cumsums(key: tuple[int, int], slots: int, gates: str, sub: int) -> torch.Tensor:
     """float64 [W, sub, BM]: the cumulative log-decay l (resets at LOG_FLOOR) of a sub-chunk of
-    ``sub`` tokens starting at each phase of the period."""
-    _, la, _ = _gate_table_cpu((w,), slots, gates, tuning.slot_block(slots))
+    ``sub`` tokens starting at each phase of the period (of phase key ``key`` = (W, shift))."""
+    w = key[0]
+    _, la, _ = _gate_table_cpu((key,), slots, gates, tuning.slot_block(slots))
     la = la[torch.arange(w + sub) % w].double()  # [W + sub, BM]
     cum = torch.cat([torch.zeros(1, la.shape[1], dtype=la.dtype), la.cumsum(0)])
     return (cum[1:].unfold(0, sub, 1)[:w] - cum[:w, :, None]).transpose(1, 2)
 
 
 @functools.lru_cache(maxsize=64)
-def diag_log_range(windows: tuple[int, ...], slots: int, gates: str, sub: int) -> float:
+def diag_log_range(keys: Keys, slots: int, gates: str, sub: int) -> float:
     """Largest spread of the cumulative log-decay inside any sub-chunk of ``sub`` tokens, over
-    every phase, slot and window: whether its pairs can be factorised."""
+    every phase, slot and window: whether its pairs can be factorised (a shift rolls the phases,
+    so (W, 0) answers for every shift of W)."""
     worst = 0.0
-    for w in set(windows):
-        win = _phase_cumsums(w, slots, gates, sub)
+    for w in {w for w, _ in keys}:
+        win = _phase_cumsums((w, 0), slots, gates, sub)
         worst = max(worst, float((win.amax(1) - win.amin(1)).max()))
     return worst
 
@@ -81,7 +97,8 @@ def diag_log_range(windows: tuple[int, ...], slots: int, gates: str, sub: int) -
 def cum_table_fits(problem: Problem, sub: int) -> bool:
     """Whether the kernels read the per-phase table (at most the tuning table's limit; ``cum_mb=0``
     sums the log-decays in every kernel, the schedule the table replaced, to time it)."""
-    return sum(set(problem.windows)) * sub * tuning.slot_block(problem.slots) * 4 <= tuning.cum_table_limit()
+    rows = sum(w for w, _ in set(phase_keys(problem)))
+    return rows * sub * tuning.slot_block(problem.slots) * 4 <= tuning.cum_table_limit()
 
 
 def _phase_centres(win: torch.Tensor) -> torch.Tensor:
@@ -97,10 +114,10 @@ def _phase_centres(win: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _cum_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, device: str, bm: int):
+def _cum_table_on(keys: Keys, slots: int, gates: str, sub: int, device: str, bm: int):
     """float32 [sum of distinct W, sub, BM] and its centres [sum of distinct W, 4, BM], rows in the
     order of the gate table's (``bm`` keys the cache: the tables' width follows the slot block)."""
-    rows = [_phase_cumsums(w, slots, gates, sub) for w in sorted(set(windows))]
+    rows = [_phase_cumsums(key, slots, gates, sub) for key in sorted(set(keys))]
     centres = torch.cat([_phase_centres(win) for win in rows])
     return torch.cat(rows).float().contiguous().to(device), centres.float().contiguous().to(device)
 
@@ -110,17 +127,18 @@ def cum_table(problem: Problem, sub: int, device: torch.device) -> tuple[torch.T
     otherwise sum per program: 29% of (3)'s time at W=512 on an H100), and the centres its pairs
     are factorised on (what (3) and (A) would otherwise reduce over the sub-chunk's tokens), built
     once per (windows, m, gates, S, device)."""
-    return _cum_table_on(problem.windows, problem.slots, problem.gates, sub, str(device), tuning.slot_block(problem.slots))
+    return _cum_table_on(phase_keys(problem), problem.slots, problem.gates, sub, str(device), tuning.slot_block(problem.slots))
 
 
 @functools.lru_cache(maxsize=16)
-def _end_table_on(windows: tuple[int, ...], slots: int, gates: str, sub: int, device: str, bm: int, dtype: torch.dtype):
+def _end_table_on(keys: Keys, slots: int, gates: str, sub: int, device: str, bm: int, dtype: torch.dtype):
     """[sum of distinct W, sub, BM] in the products' operand dtype: each token's weight s_t e^{T - l_t}
     in the state after a whole sub-chunk starting at every phase (the matrix (1) writes states with
     and (C) reads their gradients through), rows in the order of the gate table's."""
     tables = []
-    for w in sorted(set(windows)):
-        s_tab, la_tab, _ = _gate_table_cpu((w,), slots, gates, bm)
+    for key in sorted(set(keys)):
+        w = key[0]
+        s_tab, la_tab, _ = _gate_table_cpu((key,), slots, gates, bm)
         run = torch.arange(w + sub) % w  # the phases of a sub-chunk starting at any phase, back to back
         cum = torch.cat([torch.zeros(1, bm, dtype=torch.float64), la_tab.double()[run].cumsum(0)])  # cum[i]: the first i
         tok = torch.arange(w)[:, None] + torch.arange(sub)[None, :]  # [W, sub]: each token's place in the run
@@ -137,7 +155,7 @@ def phase_tables(problem: Problem, consts: dict, device, placeholder: torch.Tens
         return placeholder, placeholder, placeholder
     cum, centres = cum_table(problem, consts["S"], device)
     dtype = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
-    end = _end_table_on(problem.windows, problem.slots, problem.gates, consts["S"], str(device), consts["BM"], dtype)
+    end = _end_table_on(phase_keys(problem), problem.slots, problem.gates, consts["S"], str(device), consts["BM"], dtype)
     return cum, centres, end
 
 
@@ -156,21 +174,21 @@ def sub_chunking(problem: Problem) -> tuple[int, int]:
     halves_exact = p.gates != "dirichlet_v1"
     if forced != "elementwise":
         for sub in (s for s in (128, 64, 32, 16) if s <= largest and s * tuning.slot_block(p.slots) <= 8192):
-            if forced != "halves" and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE:
+            if forced != "halves" and diag_log_range(phase_keys(p), p.slots, p.gates, sub) < FACTOR_LOG_RANGE:
                 return sub, CENTRED
-            if forced != "centred" and halves_exact and sub >= 32 and diag_log_range(p.windows, p.slots, p.gates, sub // 2) < FACTOR_LOG_RANGE:
+            if forced != "centred" and halves_exact and sub >= 32 and diag_log_range(phase_keys(p), p.slots, p.gates, sub // 2) < FACTOR_LOG_RANGE:
                 return sub, HALVES
     return 16, ELEMENTWISE
 
 
 @functools.lru_cache(maxsize=32)
-def _gate_table_on(windows: tuple[int, ...], slots: int, gates: str, device: str, bm: int):
-    s, la, starts = _gate_table_cpu(windows, slots, gates, bm)
+def _gate_table_on(keys: Keys, slots: int, gates: str, device: str, bm: int):
+    s, la, starts = _gate_table_cpu(keys, slots, gates, bm)
     return s.to(device), la.to(device), torch.tensor(starts, dtype=torch.int32, device=device)
 
 
 def gate_tables(problem: Problem, device: torch.device):
-    """The gate tables of a problem on ``device``, built once per (windows, m, gates, device, slot
-    block: the slot_block knob changes the tables' row width)."""
-    return _gate_table_on(problem.windows, problem.slots, problem.gates, str(device), tuning.slot_block(problem.slots))
+    """The gate tables of a problem on ``device``, built once per (phase keys, m, gates, device,
+    slot block: the slot_block knob changes the tables' row width)."""
+    return _gate_table_on(phase_keys(problem), problem.slots, problem.gates, str(device), tuning.slot_block(problem.slots))
 

@@ -21,13 +21,13 @@ triton_ops = pytest.importorskip("bla.kernels.triton_ops")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's interpreter on a CPU
 
 
-def _fwd_args(q, k, v, window, slots, gates="dirichlet", state=None, cu_seqlens=None):
-    p = check_problem(q, k, v, window, slots, None, state, cu_seqlens, 0, gates)
+def _fwd_args(q, k, v, window, slots, gates="dirichlet", state=None, cu_seqlens=None, phase_shift=0):
+    p = check_problem(q, k, v, window, slots, None, state, cu_seqlens, 0, gates, phase_shift=phase_shift)
     h0k, h0v = state if state is not None else (None, None)
-    return (q, k, v, h0k, h0v, p.cu_seqlens, p.offset, list(p.windows), p.slots, p.scale, p.gates)
+    return (q, k, v, h0k, h0v, p.cu_seqlens, p.offset, list(p.windows), p.slots, p.scale, p.gates, triton_ops.op_shifts(p))
 
 
-@pytest.mark.parametrize("case", ["dense", "initial_state", "varlen_with_empty_documents", "gqa_per_head_windows"])
+@pytest.mark.parametrize("case", ["dense", "initial_state", "varlen_with_empty_documents", "gqa_per_head_windows", "phase_shift"])
 def test_the_chunk_op_passes_opcheck(case):
     q, k, v = random_qkv(2, 40, 2, 2, 16, 8, dtype=torch.float32, seed=3, device=DEVICE, requires_grad=True)
     if case == "dense":
@@ -38,6 +38,8 @@ def test_the_chunk_op_passes_opcheck(case):
     elif case == "varlen_with_empty_documents":
         q1, k1, v1 = (x[:1].detach().clone().requires_grad_() for x in (q, k, v))
         args = _fwd_args(q1, k1, v1, 16, 4, cu_seqlens=torch.tensor([0, 0, 1, 30, 40], device=DEVICE))
+    elif case == "phase_shift":
+        args = _fwd_args(q, k, v, 16, 4, "fejer", phase_shift=[1, 3])
     else:
         q, k, v = random_qkv(1, 33, 4, 2, 16, 16, dtype=torch.float32, seed=4, device=DEVICE, requires_grad=True)
         args = _fwd_args(q, k, v, [8, 32], 4, "dirichlet_v1")
@@ -79,15 +81,18 @@ def test_the_decode_op_passes_opcheck_and_updates_the_state_in_place():
     q, k, v = (x[:, 0] for x in random_qkv(3, 1, 4, 2, 16, 8, dtype=torch.float32, seed=5, device=DEVICE))
     sk, sv = (s.float().to(DEVICE) for s in random_state(3, 2, 4, 16, 8))
     position = torch.tensor([0, 7, 31], device=DEVICE)
-    args = (q, k, v, sk.clone(), sv.clone(), position, [16, 16], 4, 0.25, "dirichlet")
-    torch.library.opcheck(torch.ops.bla.step_.default, args)
-    o = torch.ops.bla.step_(*args)
     from bla.kernels.reference import step_reference
 
-    o_ref, (k_ref, v_ref) = step_reference(q, k, v, (sk, sv), position, torch.tensor([16, 16], device=DEVICE), 4, 0.25, gates="dirichlet")
-    assert_close("o", o, o_ref, atol=1e-5)
-    assert_close("K updated in place", args[3], k_ref, atol=1e-5)
-    assert_close("V updated in place", args[4], v_ref, atol=1e-5)
+    for shifts in ([0, 0], [2, 1]):  # plain, and staggered heads (spec section 6)
+        args = (q, k, v, sk.clone(), sv.clone(), position, [16, 16], 4, 0.25, "dirichlet", shifts)
+        torch.library.opcheck(torch.ops.bla.step_.default, args)
+        o = torch.ops.bla.step_(*args)
+        shift = torch.tensor(shifts, device=DEVICE) if any(shifts) else None
+        o_ref, (k_ref, v_ref) = step_reference(q, k, v, (sk, sv), position, torch.tensor([16, 16], device=DEVICE), 4, 0.25,
+                                               gates="dirichlet", shift_G=shift)  # fmt: skip
+        assert_close("o", o, o_ref, atol=1e-5)
+        assert_close("K updated in place", args[3], k_ref, atol=1e-5)
+        assert_close("V updated in place", args[4], v_ref, atol=1e-5)
 
 
 def test_triton_available_is_marked_as_torch_compiler_marks_a_constant():

@@ -143,7 +143,7 @@ def test_bad_extension_inputs_are_refused_by_name():
         ({"phase_shift": 4}, r"phase_shift of kv head 0 must lie in \[0, W/m = 4\)"),
         ({"phase_shift": [1, 2, 3]}, r"one int per kv head \(2\)"),
         ({"beta": ones, "gates": "dirichlet_v1"}, "v2 gates"),
-        ({"phase_shift": 1, "backend": "triton"}, "backend='triton' does not implement"),
+        ({"beta": ones, "backend": "triton"}, "backend='triton' does not implement beta or log_gamma"),
     ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):

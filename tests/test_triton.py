@@ -77,7 +77,7 @@ def test_triton_varlen_with_empty_and_single_token_documents(tune, gates, pairs)
     _compare_packed(12, 4, gates)
 
 
-def _compare_packed(W, m, gates):
+def _compare_packed(W, m, gates, phase_shift=0):
     """Packed documents (empty and 1-token ones among them) with initial states and offsets: the
     Triton backend against the float64 torch backend, outputs, states and every gradient."""
     lengths = [0, 1, 17, 0, 70, 2]
@@ -86,18 +86,25 @@ def _compare_packed(W, m, gates):
     q, k, v = random_qkv(1, T, 4, 2, 8, 8, dtype=torch.float32, device=DEVICE, requires_grad=True)
     K0, V0 = (s.to(DEVICE).requires_grad_() for s in random_state(N, 2, m, 8, 8, dtype=torch.float32))
     off = torch.tensor([0, 3, 0, 5, 11, 1], device=DEVICE)
-    kw = dict(cu_seqlens=cu, initial_state=(K0, V0), offset=off, gates=gates)
+    kw = dict(cu_seqlens=cu, initial_state=(K0, V0), offset=off, gates=gates, phase_shift=phase_shift)
     outs = _run("triton", q, k, v, W, m, **kw)
     loss = sum((x.double() * (i + 1)).sin().sum() for i, x in enumerate(outs))
     grads = torch.autograd.grad(loss, (q, k, v, K0, V0))
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v, K0, V0)]
-    ref = _run("torch", *leaves[:3], W, m, cu_seqlens=cu, initial_state=tuple(leaves[3:]), offset=off, gates=gates)
+    ref = _run("torch", *leaves[:3], W, m, cu_seqlens=cu, initial_state=tuple(leaves[3:]), offset=off, gates=gates,
+               phase_shift=phase_shift)  # fmt: skip
     ref_loss = sum((x * (i + 1)).sin().sum() for i, x in enumerate(ref))
     ref_grads = torch.autograd.grad(ref_loss, leaves)
     for name, a, b in zip(["o", "K", "V"], outs, ref):
         assert_close(name, a, b, atol=2e-4, rtol=2e-4)
     for name, a, b in zip(["dq", "dk", "dv", "dK0", "dV0"], grads, ref_grads):
         assert_close(name, a, b, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("windows, shifts", [(12, [1, 2]), ([8, 40], [1, 7])], ids=["one_window", "per_head_windows"])
+def test_triton_staggered_heads_equal_torch(windows, shifts):
+    """Spec section 6's phase shifts: the kernels read each kv head's own (rolled) gate tables."""
+    _compare_packed(windows, 4, "fejer", phase_shift=shifts)
 
 
 def test_triton_without_initial_state_or_grad():
@@ -189,7 +196,7 @@ def test_triton_one_centre_at_stride_64():
     from bla.kernels.triton_tables import CENTRED, FACTOR_LOG_RANGE, diag_log_range, sub_chunking
 
     x = torch.zeros(1, 1, 1, 8)
-    assert diag_log_range((4096,), 64, "dirichlet", 64) < FACTOR_LOG_RANGE
+    assert diag_log_range(((4096, 0),), 64, "dirichlet", 64) < FACTOR_LOG_RANGE
     assert sub_chunking(check_problem(x, x, x, 4096, 64, None, None, None, 0, "dirichlet")) == (64, CENTRED)
     _compare((1, 200, 2, 1, 8, 8, 4096, 64), "fejer")
 
@@ -581,8 +588,8 @@ def test_phase_tables_hold_what_the_kernels_would_compute(gates):
     from bla.kernels.gates import dirichlet_gates
 
     W, m, S, bm = 24, 6, 16, 64
-    cum, centres = _cum_table_on((W,), m, gates, S, "cpu", bm)
-    end = _end_table_on((W,), m, gates, S, "cpu", bm, torch.bfloat16)
+    cum, centres = _cum_table_on(((W, 0),), m, gates, S, "cpu", bm)
+    end = _end_table_on(((W, 0),), m, gates, S, "cpu", bm, torch.bfloat16)
     assert cum.shape == (W, S, bm) and centres.shape == (W, 4, bm) and end.shape == (W, S, bm) and end.dtype == torch.bfloat16
     s, alpha, reset = dirichlet_gates(torch.arange(W), torch.tensor([W]), m, gates=gates)
     la = torch.where(reset, torch.full_like(alpha, LOG_FLOOR), torch.log(alpha.clamp_min(1e-300))).clamp_min(LOG_FLOOR)

@@ -21,8 +21,8 @@ x = torch.zeros(64, 16, 64, 64, device="cuda")
 parts = {
     "triton_bla.forward (raw launches)": lambda: triton_bla.forward(q.detach(), k.detach(), v.detach(), None, None, p),
     "triton_bla.backward (raw launches)": lambda: triton_bla.backward(do, None, None, q, k, v, o, saved, p, False),
-    "chunk_fwd op, no grad": lambda: chunk_fwd(q.detach(), k.detach(), v.detach(), None, None, None, p.offset, list(p.windows), m, p.scale, "dirichlet"),
-    "chunk_fwd op forward+backward (the compiled path's op)": lambda: chunk_fwd(q, k, v, None, None, None, p.offset, list(p.windows), m, p.scale, "dirichlet")[0].backward(do),
+    "chunk_fwd op, no grad": lambda: chunk_fwd(q.detach(), k.detach(), v.detach(), None, None, None, p.offset, list(p.windows), m, p.scale, "dirichlet", [0] * len(p.windows)),
+    "chunk_fwd op forward+backward (the compiled path's op)": lambda: chunk_fwd(q, k, v, None, None, None, p.offset, list(p.windows), m, p.scale, "dirichlet", [0] * len(p.windows))[0].backward(do),
     "check_problem": lambda: check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet", False),
     "bla_attention forward, grad": lambda: bla_attention(q, k, v, W, m, backend="triton", validate_values=False),
     "bla_attention forward+backward (eager: _Chunk)": lambda: bla_attention(q, k, v, W, m, backend="triton", validate_values=False)[0].backward(do),
