@@ -67,7 +67,7 @@ def data_tables(offsets_R, lengths_R, Lp: int, windows: tuple[int, ...], slots: 
                 log_gamma_RLG, chunk: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """M [R, NC, G, C, C, m] and g [R, NC, G, C, m] when the gates depend on data (spec section 6:
     beta and log_gamma per token and kv head, [R, Lp, G] or None): one table per row and chunk,
-    built in float64 with autograd (no cache: they differ per batch)."""
+    the gates in float64 and the tables in ``dtype``, with autograd (no cache: they differ per batch)."""
     dev = offsets_R.device
     t = torch.arange(Lp, device=dev)
     window_t = torch.tensor(windows, device=dev)
