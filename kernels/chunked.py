@@ -17,6 +17,9 @@ Products across a reset (alpha = 0) are exactly zero. Rather than taking log(0),
 log-decay skips resets and a cumulative reset count tells whether a reset lies between s and t.
 Variable-length batches are laid out one document per row (padding tokens have w = 0 and
 alpha = 1, so they change no state) and scattered back.
+
+Spec section 6's write and forget gates make w and alpha depend on data: then M and g are built
+per row from the gates (``data_tables``), with autograd, instead of taken from the cache.
 """
 
 from __future__ import annotations
