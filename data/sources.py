@@ -206,10 +206,9 @@ def _files_dataset(src: SourceConfig) -> datasets.IterableDataset:
     if not files:
         raise ValueError(f"files source: no file matches {src.name!r}")
     exts = {_format_suffix(f) for f in files}
+    compressed = {_format_suffix(f) for f in files if Path(f).suffix in COMPRESSIONS}
     formats = {FILE_FORMATS.get(e) for e in exts}
-    compressed_binary = any(Path(f).suffix in COMPRESSIONS and _format_suffix(f) not in (".txt", ".jsonl", ".json")
-                            for f in files)  # fmt: skip
-    if None in formats or len(formats) != 1 or compressed_binary:
+    if None in formats or len(formats) != 1 or not compressed <= {".txt", ".jsonl", ".json"}:
         got = sorted({"".join(Path(f).suffixes[-2:]) if Path(f).suffix in COMPRESSIONS else Path(f).suffix for f in files})
         raise ValueError(f"files source: expected files of one format among {sorted(FILE_FORMATS)} (txt, jsonl and "
                          f"json also {'/'.join(COMPRESSIONS)}-compressed), got {got}")  # fmt: skip

@@ -113,8 +113,7 @@ def bla_attention(
         (torch.Size([1, 16, 2, 8]), torch.Size([1, 2, 4, 8]))
     """
     problem = check_problem(q, k, v, window, slots, scale, initial_state, cu_seqlens, offset, gates, validate_values, phase_shift)
-    check_gate_inputs(beta, log_gamma, tuple(k.shape[:3]), q.device, gates, validate_values)
-    data_gated = beta is not None or log_gamma is not None  # the Triton kernels take phase shifts, not these
+    data_gated = check_gate_inputs(beta, log_gamma, tuple(k.shape[:3]), q.device, gates, validate_values)
     chosen = _resolve_backend(backend, q.device, data_gated)
     if chosen == "reference":
         o, state = bla_reference(q, k, v, problem, initial_state, beta, log_gamma)
@@ -163,8 +162,7 @@ def bla_step(
     ``bla_attention``'s final state, so a prefill's state feeds decoding directly.
     """
     problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values, phase_shift)
-    check_gate_inputs(beta, log_gamma, tuple(k.shape[:2]), q.device, gates, validate_values)
-    data_gated = beta is not None or log_gamma is not None
+    data_gated = check_gate_inputs(beta, log_gamma, tuple(k.shape[:2]), q.device, gates, validate_values)
     sdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if state is None:
         B, G, m = problem.batch, problem.num_kv_heads, problem.slots
@@ -205,8 +203,7 @@ def bla_step_(
     device and nothing allocated depends on the context: a decode step built on it can be captured
     as a CUDA graph (``bla.model.decode``)."""
     problem = check_step(q, k, v, state, position, window, slots, scale, gates, validate_values=False, phase_shift=phase_shift)
-    check_gate_inputs(beta, log_gamma, tuple(k.shape[:2]), q.device, gates, validate_values=False)
-    data_gated = beta is not None or log_gamma is not None
+    data_gated = check_gate_inputs(beta, log_gamma, tuple(k.shape[:2]), q.device, gates, validate_values=False)
     sk, sv = state
     if sk.dtype != torch.float32 or sv.dtype != torch.float32 or not (sk.is_contiguous() and sv.is_contiguous()):
         raise ValueError(f"bla_step_ needs a contiguous float32 state, got {sk.dtype}, {sv.dtype}")

@@ -74,10 +74,11 @@ def normalise_shifts(phase_shift: int | Sequence[int], windows: tuple[int, ...],
     return shifts if any(shifts) else None
 
 
-def check_gate_inputs(beta, log_gamma, shape: tuple[int, ...], device: torch.device, gates: str, validate_values: bool) -> None:
+def check_gate_inputs(beta, log_gamma, shape: tuple[int, ...], device: torch.device, gates: str, validate_values: bool) -> bool:
     """The data-dependent gates of spec section 6: beta (selective write) and log_gamma (scalar
     forgetting), each [B, T, H_kv] ([B, H_kv] for a step) on q's device; with ``validate_values``
-    their values too (beta in [0, 1], log_gamma finite and <= 0: a host synchronisation)."""
+    their values too (beta in [0, 1], log_gamma finite and <= 0: a host synchronisation).
+    Returns whether either is given (the Triton kernels take neither)."""
     names = "[B, H_kv]" if len(shape) == 2 else "[B, T, H_kv]"
     for name, x in (("beta", beta), ("log_gamma", log_gamma)):
         if x is None:
@@ -95,6 +96,7 @@ def check_gate_inputs(beta, log_gamma, shape: tuple[int, ...], device: torch.dev
             raise ValueError("beta must lie in [0, 1] (the strength of each write)")
         if log_gamma is not None and not bool((torch.isfinite(log_gamma) & (log_gamma <= 0)).all()):
             raise ValueError("log_gamma must be finite and <= 0 (the log of a forgetting factor in (0, 1])")
+    return beta is not None or log_gamma is not None
 
 
 def normalise_windows(window: int | Sequence[int], slots: int, num_heads: int, num_kv_heads: int) -> tuple[int, ...]:

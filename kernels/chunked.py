@@ -135,15 +135,17 @@ def bla_chunked(
     v: torch.Tensor,
     problem: Problem,
     initial_state: State | None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     beta: torch.Tensor | None = None,
     log_gamma: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
-    """``beta``, ``log_gamma`` [B, T, H_kv]: the data-dependent gates of spec section 6 (None: off)."""
+    """``beta``, ``log_gamma`` [B, T, H_kv]: the data-dependent gates of spec section 6 (None: off).
+    ``chunk`` None: DEFAULT_CHUNK, or DATA_CHUNK with either gate."""
     p = problem
     dev = q.device
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    C = DATA_CHUNK if chunk == DEFAULT_CHUNK and (beta is not None or log_gamma is not None) else chunk
+    data_gated = beta is not None or log_gamma is not None
+    C = chunk or (DATA_CHUNK if data_gated else DEFAULT_CHUNK)
 
     # ---- lay sequences out as rows of length L (a multiple of C) ----
     if p.cu_seqlens is None:
@@ -165,7 +167,7 @@ def bla_chunked(
         qr, kr, vr = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (qr, kr, vr))
     NC = Lp // C
 
-    if beta is not None or log_gamma is not None:  # ---- tables from data, per row ----
+    if data_gated:  # ---- tables from data, per row ----
         def gate_rows(x):  # [B, T, G] -> [R, Lp, G], as q's rows (past a row's end: masked as padding)
             if x is None:
                 return None

@@ -83,12 +83,12 @@ def _phase_cumsums(key: tuple[int, int], slots: int, gates: str, sub: int) -> to
 
 
 @functools.lru_cache(maxsize=64)
-def diag_log_range(keys: Keys, slots: int, gates: str, sub: int) -> float:
+def diag_log_range(windows: tuple[int, ...], slots: int, gates: str, sub: int) -> float:
     """Largest spread of the cumulative log-decay inside any sub-chunk of ``sub`` tokens, over
-    every phase, slot and window: whether its pairs can be factorised (a shift rolls the phases,
-    so (W, 0) answers for every shift of W)."""
+    every phase, slot and window: whether its pairs can be factorised (a phase shift only rolls
+    the phases, so the unshifted window answers for every shift)."""
     worst = 0.0
-    for w in {w for w, _ in keys}:
+    for w in set(windows):
         win = _phase_cumsums((w, 0), slots, gates, sub)
         worst = max(worst, float((win.amax(1) - win.amin(1)).max()))
     return worst
@@ -174,9 +174,9 @@ def sub_chunking(problem: Problem) -> tuple[int, int]:
     halves_exact = p.gates != "dirichlet_v1"
     if forced != "elementwise":
         for sub in (s for s in (128, 64, 32, 16) if s <= largest and s * tuning.slot_block(p.slots) <= 8192):
-            if forced != "halves" and diag_log_range(phase_keys(p), p.slots, p.gates, sub) < FACTOR_LOG_RANGE:
+            if forced != "halves" and diag_log_range(p.windows, p.slots, p.gates, sub) < FACTOR_LOG_RANGE:
                 return sub, CENTRED
-            if forced != "centred" and halves_exact and sub >= 32 and diag_log_range(phase_keys(p), p.slots, p.gates, sub // 2) < FACTOR_LOG_RANGE:
+            if forced != "centred" and halves_exact and sub >= 32 and diag_log_range(p.windows, p.slots, p.gates, sub // 2) < FACTOR_LOG_RANGE:
                 return sub, HALVES
     return 16, ELEMENTWISE
 

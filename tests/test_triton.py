@@ -196,7 +196,7 @@ def test_triton_one_centre_at_stride_64():
     from bla.kernels.triton_tables import CENTRED, FACTOR_LOG_RANGE, diag_log_range, sub_chunking
 
     x = torch.zeros(1, 1, 1, 8)
-    assert diag_log_range(((4096, 0),), 64, "dirichlet", 64) < FACTOR_LOG_RANGE
+    assert diag_log_range((4096,), 64, "dirichlet", 64) < FACTOR_LOG_RANGE
     assert sub_chunking(check_problem(x, x, x, 4096, 64, None, None, None, 0, "dirichlet")) == (64, CENTRED)
     _compare((1, 200, 2, 1, 8, 8, 4096, 64), "fejer")
 

@@ -48,7 +48,7 @@ def main():
         for cached in (f for f in vars(tb).values() if hasattr(f, "cache_clear")):  # every table of the old floor
             cached.cache_clear()
         plans.PLANS.clear()  # the plans hold their tables too
-        spread = tb.diag_log_range(((W, 0),), M, "dirichlet", 64)
+        spread = tb.diag_log_range((W,), M, "dirichlet", 64)
         x = torch.zeros(1, 1, 1, D)
         assert tb.sub_chunking(check_problem(x, x, x, W, M, None, None, None, 0, "dirichlet")) == (64, tb.CENTRED)
         for sigma in args.sigmas:
