@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -53,11 +52,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     global _made_lone_world
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        if "RANK" not in os.environ or _made_lone_world:  # a fresh port for every world of one
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if "RANK" not in os.environ or _made_lone_world:
+            # a world of one: port 0 lets its store bind a free port itself (a port found free
+            # beforehand can be taken by another process before the store binds it: EADDRINUSE)
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
             _made_lone_world = True
         if os.environ.get("WORLD_SIZE") == "1":
             # one process has no one to share memory with: skip DeepSpeed's CPU shared-memory collectives,
