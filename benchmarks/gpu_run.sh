@@ -68,7 +68,7 @@ for stage in "$@"; do
     triton)  # a few Triton kernel tests on the GPU (each case compiles its own kernels, 10-60 s: at
       # 030793b the halves/half_inputs/without_initial selection ran past 390 s unfinished; bounded here).
       # TRITON_K picks others (pytest -k), TRITON_LIMIT bounds them (240 s)
-      timeout "${TRITON_LIMIT:-240}" python3 -m pytest -q -p no:logging --tb=short tests/test_triton.py -k "${TRITON_K:-long_window or half_inputs}" 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/triton_tests$TAG.txt" ;;
+      timeout "${TRITON_LIMIT:-240}" python3 -m pytest -v -p no:logging --tb=short tests/test_triton.py -k "${TRITON_K:-long_window or half_inputs}" 2>&1 | grep --line-buffered -E "^E |PASSED|FAILED|SKIPPED|ERROR|passed|failed|Error" | head -80 | tee "$OUT/triton_tests$TAG.txt" ;;
     gates)  # issue 17's benchmark at its shape for each gate rule (the model trains with fejer, the operator defaults to dirichlet)
       for gates in dirichlet fejer; do
         python3 benchmarks/kernel.py gpu --head-dims 64 --slots 64 --seq-lens 8192 --tokens 32768 --window 512 4096 --gates $gates \
