@@ -28,6 +28,11 @@ for stage in "$@"; do
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --plain-loop --json "$OUT/train_2k_plain.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_plain.txt" ;;
     train2k)  # the stack against the plain baseline at 2k, compiled, with the top kernels of a step
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile --json "$OUT/train_2k.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k.txt" ;;
+    ab2k)  # issue 43's A/B in one run: the trainer's step (chunked loss compiled), the loss eager as before, no
+      # finiteness check, CUDA graph trees over the blocks; beside the plain baseline, with each row's top kernels
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile \
+        --variants ${AB_VARIANTS:-default eager_loss no_check cuda_graphs} --json "$OUT/train_2k_ab.json" 2>&1 \
+        | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_2k_ab.txt" ;;
     eager2k)  # the same rows eager (compile=false): the compiled path's gain
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --set compile=false --json "$OUT/train_2k_eager.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_eager.txt" ;;
     sac2k)  # activation checkpointing's trade-off

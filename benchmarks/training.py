@@ -67,7 +67,17 @@ def _row(name: str, cfg_model, seq_len: int, batch: int, first: float, dt: float
                 first_step_s=first, device=torch.cuda.get_device_name(), **extra)  # fmt: skip
 
 
-def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str], profile: bool) -> dict:
+# Ways to run the bla-lm rows' step, for A/B comparisons in one run (``--variants``)
+VARIANTS = {
+    "default": "the trainer's step",
+    "eager_loss": "the chunked loss eager, as before issue 43 (the blocks compiled)",
+    "no_check": "without nan_policy's finiteness check (no host read per micro-batch)",
+    "cuda_graphs": "the blocks compiled with mode=reduce-overhead (Inductor's CUDA graph trees)",
+}
+
+
+def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str], profile: bool,
+            variant: str = "default") -> dict:  # fmt: skip
     import deepspeed
 
     from bla.train.trainer import forward_loss
@@ -81,7 +91,9 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
     model = BLALM(model_cfg)
     model.set_checkpointing(cfg.activation_checkpointing)
     if cfg.compiles("cuda"):
-        model.compile_blocks()
+        model.compile_blocks(**({"mode": "reduce-overhead"} if variant == "cuda_graphs" else {}))
+        if variant == "eager_loss":
+            model.head.loss_compile = None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg.deepspeed(bf16=True))
     B = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1))
@@ -89,15 +101,19 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
     torch.cuda.reset_peak_memory_stats()
 
     def step():  # the trainer's micro-batch (bla.train.trainer._Run.micro_batches)
+        if variant == "cuda_graphs":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten now
         loss, _ = forward_loss(engine, batch, engine.device, None, cfg.loss_chunk)
-        bool(torch.isfinite(loss.detach()).all())  # nan_policy's check: the step's one read of the device
+        if variant != "no_check":
+            bool(torch.isfinite(loss.detach()).all())  # nan_policy's check: the step's one read of the device
         engine.backward(loss)
         engine.step()
 
     first, dt = _timed(step, steps)
     peak, _ = peak_flops(engine.device, torch.bfloat16)
-    row = _row(f"bla-lm {preset} {mixer}", model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer,
-               compiled=cfg.compiles("cuda"), activation_checkpointing=cfg.activation_checkpointing)  # fmt: skip
+    name = f"bla-lm {preset} {mixer}" + ("" if variant == "default" else f" {variant}")
+    row = _row(name, model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer,
+               compiled=cfg.compiles("cuda"), activation_checkpointing=cfg.activation_checkpointing, variant=variant)  # fmt: skip
     if profile:
         row["profile"] = _profile(step)
     return row
@@ -168,12 +184,19 @@ def _measure_all(args) -> list[dict]:
                 _print(base, None)
                 torch.cuda.empty_cache()
             for mixer in args.mixers:
-                r = measure(preset, mixer, T, args.tokens_per_step, args.steps, args.set, args.profile)
-                if base:
-                    r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
-                rows.append(r)
-                _print(r, base)
-                torch.cuda.empty_cache()
+                for variant in args.variants:
+                    try:
+                        r = measure(preset, mixer, T, args.tokens_per_step, args.steps, args.set, args.profile, variant)
+                    except Exception as e:  # a variant that cannot run here (CUDA graphs) says why; the rest go on
+                        rows.append({"name": f"bla-lm {preset} {mixer} {variant}", "seq_len": T, "error": f"{type(e).__name__}: {e}"[:2000]})
+                        print(f"bla-lm {preset} {mixer} {variant} T={T}: failed: {rows[-1]['error'][:600]}", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
+                    if base:
+                        r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
+                    rows.append(r)
+                    _print(r, base)
+                    torch.cuda.empty_cache()
                 if args.plain_loop:
                     rows.append(measure_plain_loop(preset, mixer, T, args.tokens_per_step, args.steps, TrainConfig().loss_chunk))
                     _print(rows[-1], base)
@@ -191,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--baseline", action="store_true", help="also the plain compiled transformer of each preset's shape")
     p.add_argument("--profile", action="store_true", help="print each row's top kernels of one step")
+    p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                   help="ways to run the bla-lm rows' step, each its own row: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     p.add_argument("--plain-loop", action="store_true", help="also each mixer's model in the baseline's loop (no DeepSpeed)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")

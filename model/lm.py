@@ -67,10 +67,12 @@ class Head(nn.Linear):
     """The output projection; given targets, the loss itself through ``linear_cross_entropy`` (a
     module call either way, so ZeRO-3 gathers the weight as for any layer)."""
 
+    loss_compile: dict | None = None  # torch.compile options of the chunked loss (set by BLALM.compile_blocks)
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
-        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), loss_chunk)
+        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), loss_chunk, self.loss_compile)
 
 
 CHECKPOINTING = ("none", "block", "ops")
@@ -160,10 +162,12 @@ class BLALM(nn.Module):
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block in place (parameter names unchanged, so checkpoints and
-        exports are those of the eager model). Blocks of one kind share their compiled code; the
-        embedding and the chunked loss stay eager (a lookup, and matrix products already)."""
+        exports are those of the eager model), and each chunk of the chunked loss (its passes over
+        the logits fused; ``bla.model.loss``). Blocks of one kind share their compiled code; the
+        embedding stays eager (a lookup). ``mode`` applies to the blocks only."""
         for block in self.blocks:
             block.compile(**options)
+        self.head.loss_compile = {k: v for k, v in options.items() if k != "mode"}
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

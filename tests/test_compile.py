@@ -159,6 +159,8 @@ def test_compiled_bla_blocks_trace_whole_and_equal_eager(policy):
     for m in (eager, compiled):
         m.set_checkpointing(policy)
     compiled.compile_blocks(fullgraph=True, backend="aot_eager")
+    # the chunked loss is compiled too (its chunks whole: fullgraph), without the blocks' mode
+    assert compiled.head.loss_compile == {"fullgraph": True, "backend": "aot_eager"} and eager.head.loss_compile is None
     ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     loss, grads = _loss_and_grads(eager, ids)
     loss2, grads2 = _loss_and_grads(compiled, ids)
