@@ -39,7 +39,7 @@ from .triton_forward import _fwd_local_kernel, _fwd_out_kernel
 from .triton_layout import layout as call_layout
 from .triton_plan import grad_parts, launch, rows_per_call, saved_layout
 from .triton_plan import plan as plan_for
-from .triton_scan import _scan, _segment_scan
+from .triton_scan import scan, segment_scan
 
 __all__ = ["forward", "backward", "step", "rows_per_call", "saved_layout"]
 
@@ -86,7 +86,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     use_h0 = h0k is not None
     h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
     h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
-    hk, hv = _segment_scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay, plan, reverse=False, out=(start_k, start_v))
+    hk, hv = segment_scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay, plan, reverse=False, out=(start_k, start_v))
 
     # (3) outputs, every chunk in parallel from its start state
     o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
@@ -136,9 +136,9 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
         dhv_p = _padded_state(None if dhv is None else dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
     # (B) two short scans instead of one over every chunk of a sequence (latency-bound): the
     # chunks of each forward segment from a zero carry, then the segments (by the forward's decays)
-    seg_k, seg_v, after = _scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
+    seg_k, seg_v, after = scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
                                 plan.scan_rows, reverse=True, decays=True)  # fmt: skip
-    dh0k, dh0v = _segment_scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay, plan, reverse=True)
+    dh0k, dh0v = segment_scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay, plan, reverse=True)
     if lay.total_chunks:
         dk_out = dk[0] if k.dtype == torch.float32 and parts == 1 else torch.empty_like(k)
         dv_out = dv[0] if v.dtype == torch.float32 and parts == 1 else torch.empty_like(v)

@@ -95,7 +95,7 @@ def _scan_kernel(
     tl.store(out_v_ptr + sv, V)
 
 
-def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: bool = False, out=None):
+def scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: bool = False, out=None):
     """Launch the scan over [items, H_kv, BM, BD] buffers, ``rows`` slot rows a program, the carried
     states into ``out`` (yk, yv; default in place); returns the last carries [N, H_kv, BM, BD]
     and, with ``decays``, each item's product of the decays carried before it."""
@@ -112,7 +112,7 @@ def _scan(xk, xv, dec, hk, hv, first, count, rows: int, reverse: bool, decays: b
     return (out_k, out_v, after) if decays else (out_k, out_v)
 
 
-def _segment_scan(xk, xv, dec, hk, hv, lay: Layout, plan, reverse: bool, out=None):
+def segment_scan(xk, xv, dec, hk, hv, lay: Layout, plan, reverse: bool, out=None):
     """The scan over each sequence's segments (the forward's (2), the backward's second level of
     (B)), the carried states into ``out`` (default in place): in one level (each program walks its
     sequence's segments in order), or, where a sequence has many segments, in two (no program
@@ -124,15 +124,15 @@ def _segment_scan(xk, xv, dec, hk, hv, lay: Layout, plan, reverse: bool, out=Non
         group = tuning.SCAN_GROUP if lay.longest_items >= tuning.SCAN_GROUP_FROM else 0
     runs = lay.segment_groups(group) if group else None
     if runs is None or runs.longest <= group:
-        return _scan(xk, xv, dec, hk, hv, lay.item_base, lay.item_count, plan.scan_rows, reverse=reverse, out=out)
+        return scan(xk, xv, dec, hk, hv, lay.item_base, lay.item_count, plan.scan_rows, reverse=reverse, out=out)
     # level 1: each run from a zero carry; xk, xv become the state carried within the run, ``after``
     # the product of the decays carried before each segment in its run
-    run_k, run_v, after = _scan(xk, xv, dec, None, None, runs.first, runs.count, plan.scan_rows, reverse=reverse,
+    run_k, run_v, after = scan(xk, xv, dec, None, None, runs.first, runs.count, plan.scan_rows, reverse=reverse,
                                 decays=True)  # fmt: skip
     end = runs.first_index if reverse else runs.last  # the run's segment carried last
     run_dec = after[end] * dec[end]
     # level 2: the runs' totals along each sequence; run_k, run_v become each run's carry-in
-    hk_out, hv_out = _scan(run_k, run_v, run_dec, hk, hv, runs.run_base, runs.run_count, plan.scan_rows, reverse=reverse)
+    hk_out, hv_out = scan(run_k, run_v, run_dec, hk, hv, runs.run_base, runs.run_count, plan.scan_rows, reverse=reverse)
     # each segment's carried state gains its run's carry-in, decayed through the run's segments before it
     n = runs.item_run.numel()  # packed documents' buffers have rows to spare past their segments
     xk[:n] += after[:n, ..., None] * run_k[runs.item_run]

@@ -114,7 +114,7 @@ def _phase_centres(win: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _cum_table_on(keys: Keys, slots: int, gates: str, sub: int, device: str, bm: int):
+def cum_table_on(keys: Keys, slots: int, gates: str, sub: int, device: str, bm: int):
     """float32 [sum of distinct W, sub, BM] and its centres [sum of distinct W, 4, BM], rows in the
     order of the gate table's (``bm`` keys the cache: the tables' width follows the slot block)."""
     rows = [_phase_cumsums(key, slots, gates, sub) for key in sorted(set(keys))]
@@ -127,11 +127,11 @@ def cum_table(problem: Problem, sub: int, device: torch.device) -> tuple[torch.T
     otherwise sum per program: 29% of (3)'s time at W=512 on an H100), and the centres its pairs
     are factorised on (what (3) and (A) would otherwise reduce over the sub-chunk's tokens), built
     once per (windows, m, gates, S, device)."""
-    return _cum_table_on(phase_keys(problem), problem.slots, problem.gates, sub, str(device), tuning.slot_block(problem.slots))
+    return cum_table_on(phase_keys(problem), problem.slots, problem.gates, sub, str(device), tuning.slot_block(problem.slots))
 
 
 @functools.lru_cache(maxsize=16)
-def _end_table_on(keys: Keys, slots: int, gates: str, sub: int, device: str, bm: int, dtype: torch.dtype):
+def end_table_on(keys: Keys, slots: int, gates: str, sub: int, device: str, bm: int, dtype: torch.dtype):
     """[sum of distinct W, sub, BM] in the products' operand dtype: each token's weight s_t e^{T - l_t}
     in the state after a whole sub-chunk starting at every phase (the matrix (1) writes states with
     and (C) reads their gradients through), rows in the order of the gate table's."""
@@ -155,7 +155,7 @@ def phase_tables(problem: Problem, consts: dict, device, placeholder: torch.Tens
         return placeholder, placeholder, placeholder
     cum, centres = cum_table(problem, consts["S"], device)
     dtype = torch.bfloat16 if consts["DT"] == tl.bfloat16 else torch.float32
-    end = _end_table_on(phase_keys(problem), problem.slots, problem.gates, consts["S"], str(device), consts["BM"], dtype)
+    end = end_table_on(phase_keys(problem), problem.slots, problem.gates, consts["S"], str(device), consts["BM"], dtype)
     return cum, centres, end
 
 

@@ -584,12 +584,12 @@ def test_phase_tables_hold_what_the_kernels_would_compute(gates):
     """The per-phase tables against a direct float64 walk over each sub-chunk's gates: the cumulative
     log-decay l, the centres (mid of l; the halves' mid1, mid2 and c, the first half's lowest l),
     and each token's end-state weight s_t e^(T - l_t), stored in the operands' dtype."""
-    from bla.kernels.triton_tables import LOG_FLOOR, _cum_table_on, _end_table_on
+    from bla.kernels.triton_tables import LOG_FLOOR, cum_table_on, end_table_on
     from bla.kernels.gates import dirichlet_gates
 
     W, m, S, bm = 24, 6, 16, 64
-    cum, centres = _cum_table_on(((W, 0),), m, gates, S, "cpu", bm)
-    end = _end_table_on(((W, 0),), m, gates, S, "cpu", bm, torch.bfloat16)
+    cum, centres = cum_table_on(((W, 0),), m, gates, S, "cpu", bm)
+    end = end_table_on(((W, 0),), m, gates, S, "cpu", bm, torch.bfloat16)
     assert cum.shape == (W, S, bm) and centres.shape == (W, 4, bm) and end.shape == (W, S, bm) and end.dtype == torch.bfloat16
     s, alpha, reset = dirichlet_gates(torch.arange(W), torch.tensor([W]), m, gates=gates)
     la = torch.where(reset, torch.full_like(alpha, LOG_FLOOR), torch.log(alpha.clamp_min(1e-300))).clamp_min(LOG_FLOOR)
@@ -635,7 +635,7 @@ def test_scan_stage_equals_its_reference(reverse, with_h, rows):
     (one empty), forward or in reverse, from zeros or a given carry, in place, with the decays
     carried before each item, against ``scan_ref`` in float64; 8 rows a program splits the slots
     over two programs."""
-    from bla.kernels.triton_scan import _scan, scan_ref
+    from bla.kernels.triton_scan import scan, scan_ref
 
     g = torch.Generator().manual_seed(rows + 2 * reverse + with_h)
     items, hkv, bm, bdk, bdv = 7, 2, 16, 16, 32
@@ -646,7 +646,7 @@ def test_scan_stage_equals_its_reference(reverse, with_h, rows):
     expected = [scan_ref(x, dec, first, count, h, reverse) for x, h in ((xk, hk), (xv, hv))]
     got_k, got_v = xk.clone().to(DEVICE), xv.clone().to(DEVICE)
     on = (lambda t: None if t is None else t.to(DEVICE))
-    out_k, out_v, after = _scan(got_k, got_v, dec.to(DEVICE), on(hk), on(hv), first.to(DEVICE), count.to(DEVICE), rows,
+    out_k, out_v, after = scan(got_k, got_v, dec.to(DEVICE), on(hk), on(hv), first.to(DEVICE), count.to(DEVICE), rows,
                                 reverse=reverse, decays=True)  # fmt: skip
     for name, got, want in [("carried k", got_k, expected[0][0]), ("carried v", got_v, expected[1][0]),
                             ("last k", out_k, expected[0][1]), ("last v", out_v, expected[1][1]),

@@ -26,7 +26,7 @@ parts = {
     "check_problem": lambda: check_problem(q, k, v, W, m, None, None, None, 0, "dirichlet", False),
     "bla_attention forward, grad": lambda: bla_attention(q, k, v, W, m, backend="triton", validate_values=False),
     "bla_attention forward+backward (eager: _Chunk)": lambda: bla_attention(q, k, v, W, m, backend="triton", validate_values=False)[0].backward(do),
-    "one _scan_kernel launch": lambda: triton_scan._scan(x, x, x[..., 0].contiguous(), None, None, torch.zeros(64, dtype=torch.int32, device="cuda"), torch.ones(64, dtype=torch.int32, device="cuda"), 64, reverse=False),
+    "one _scan_kernel launch": lambda: triton_scan.scan(x, x, x[..., 0].contiguous(), None, None, torch.zeros(64, dtype=torch.int32, device="cuda"), torch.ones(64, dtype=torch.int32, device="cuda"), 64, reverse=False),
     "torch.zeros(4 MB)": lambda: torch.zeros(64, 16, 64, 64, device="cuda"),
     "torch.empty(4 MB)": lambda: torch.empty(64, 16, 64, 64, device="cuda"),
 }
