@@ -43,7 +43,7 @@ def step_reference(
     return o, (K_BGMK, V_BGMV)
 
 
-def _run_sequences(q, k, v, state, offset_N, windows, slots, scale, gates, shift, beta, log_gamma) -> tuple[torch.Tensor, State]:
+def run_sequences(q, k, v, state, offset_N, windows, slots, scale, gates, shift, beta, log_gamma) -> tuple[torch.Tensor, State]:
     """Sequences of one length T side by side: q [N, T, H, d]; beta, log_gamma [N, T, G] or None."""
     outs = []
     for t in range(q.shape[1]):
@@ -65,14 +65,14 @@ def bla_reference(q, k, v, problem: Problem, initial_state: State | None, beta=N
     else:
         K0, V0 = (s.to(state_dtype) for s in initial_state)
     if p.cu_seqlens is None:
-        o, state = _run_sequences(q, k, v, (K0, V0), p.offset, windows, p.slots, p.scale, p.gates, shift, beta, log_gamma)
+        o, state = run_sequences(q, k, v, (K0, V0), p.offset, windows, p.slots, p.scale, p.gates, shift, beta, log_gamma)
         return o.to(q.dtype), state
     outs, Ks, Vs = [], [], []
     bounds = p.cu_seqlens.tolist()
     for n in range(p.num_seqs):
         a, b = bounds[n], bounds[n + 1]
         doc = lambda x: None if x is None else x[:, a:b]  # noqa: E731
-        o, (Kn, Vn) = _run_sequences(q[:, a:b], k[:, a:b], v[:, a:b], (K0[n : n + 1], V0[n : n + 1]), p.offset[n : n + 1],
+        o, (Kn, Vn) = run_sequences(q[:, a:b], k[:, a:b], v[:, a:b], (K0[n : n + 1], V0[n : n + 1]), p.offset[n : n + 1],
                                      windows, p.slots, p.scale, p.gates, shift, doc(beta), doc(log_gamma))  # fmt: skip
         outs.append(o)
         Ks.append(Kn)

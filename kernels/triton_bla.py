@@ -8,7 +8,7 @@ dk, dv; ``step`` is one decode step. The stages live beside this module, each re
     triton_tuning.py    the tuning table: every default, and the one override for experiments
     triton_tables.py    gate and per-phase tables (host, float64, built once per (W, m, gates))
     triton_tiles.py     the device code the chunked kernels share (gates, pair factors, products)
-    triton_forward.py   (1) and (3)
+    triton_forward.py   (1) and (3); (3) alone runs as ``chunk_outputs`` beside its reference ``chunk_outputs_ref``
     triton_scan.py      (2) and (B), with their float64 reference ``scan_ref``
     triton_backward.py  (A) and (C)
     triton_decode.py    the decode step
@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from .checks import Problem
+from .reference import run_sequences
 from .triton_backward import _bwd_chunk_kernel, _bwd_tokens_kernel
 from .triton_decode import step
 from .triton_forward import _fwd_local_kernel, _fwd_out_kernel
@@ -41,7 +42,7 @@ from .triton_plan import grad_parts, launch, rows_per_call, saved_layout
 from .triton_plan import plan as plan_for
 from .triton_scan import scan, segment_scan
 
-__all__ = ["forward", "backward", "step", "rows_per_call", "saved_layout"]
+__all__ = ["forward", "backward", "step", "chunk_outputs", "chunk_outputs_ref", "rows_per_call", "saved_layout"]
 
 
 def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, device) -> torch.Tensor:
@@ -74,7 +75,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     ck, cv, before, chunk_dec = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[:4])
     # the segments' end states from (1), in fp32 for the scan
     seg_k, seg_v, seg_dec = (new(shape, device=dev, dtype=torch.float32) for shape, _ in layout[4:7])
-    items, chunks = lay.total_items, lay.total_chunks
+    items = lay.total_items
     launch(_fwd_local_kernel, (items, HKV),
             (k, v, seg_k, seg_v, seg_dec, ck, cv, before, chunk_dec, cum, end, *common[:5], lay.chunk_base, *common[5:],
              lay.item_seq, lay.item_chunk), plan.fwd_local)  # fmt: skip
@@ -88,15 +89,61 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
     hk, hv = segment_scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay, plan, reverse=False, out=(start_k, start_v))
 
-    # (3) outputs, every chunk in parallel from its start state
-    o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=dev, dtype=q.dtype)
-    if chunks:
-        launch(_fwd_out_kernel, (chunks, HKV),
-                (q, k, v, o, lse, ck, cv, before, start_k, start_v, cum, cen, *common, lay.chunk_seq, lay.chunk_idx,
-                 lay.chunk_item, p.scale), plan.fwd_out)  # fmt: skip
+    o = _outputs(q, k, v, lse, (ck, cv, before, start_k, start_v), (cum, cen), common, lay, plan, p)
     hk = hk[:, :, : p.slots, : p.head_dim_k].contiguous()
     hv = hv[:, :, : p.slots, : p.head_dim_v].contiguous()
     return o, hk, hv, (ck, cv, before, chunk_dec, start_k, start_v, seg_dec, lse)
+
+
+def _outputs(q, k, v, lse, states, cum_tables, common, lay, plan, p: Problem) -> torch.Tensor:
+    """(3) outputs, every chunk in parallel from its start state: ``states`` = (ck, cv, before,
+    start_k, start_v) as (1) and (2) leave them."""
+    o = torch.empty(q.shape[:-1] + (p.head_dim_v,), device=q.device, dtype=q.dtype)
+    if lay.total_chunks:
+        launch(_fwd_out_kernel, (lay.total_chunks, p.num_kv_heads),
+                (q, k, v, o, lse, *states, *cum_tables, *common, lay.chunk_seq, lay.chunk_idx, lay.chunk_item, p.scale),
+                plan.fwd_out)  # fmt: skip
+    return o
+
+
+def chunk_outputs(q, k, v, states, problem: Problem) -> torch.Tensor:
+    """Stage (3) alone, for its test: every chunk's outputs from the start states ``states`` =
+    (ck, cv, before, start_k, start_v) in the forward's saved layout (``forward``'s 4 first and
+    5th and 6th buffers), whatever they hold; ``chunk_outputs_ref`` is its reference."""
+    p = problem
+    dev = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    plan = plan_for(p, q.dtype)
+    lay = call_layout(p, dev, plan.consts["C"], plan.seg_chunks)
+    gs, gl, toff, cum, cen, _ = plan.tables(p, dev)
+    common = (gs, gl, lay.starts, lay.lengths, p.offset.to(device=dev, dtype=torch.int32), lay.windows, toff)
+    lse = torch.zeros(plan.saved[7][0], device=dev, dtype=torch.float32)
+    return _outputs(q, k, v, lse, states, (cum, cen), common, lay, plan, p)
+
+
+def chunk_outputs_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int) -> torch.Tensor:
+    """Stage (3)'s reference, dense rows only, in float64: chunk c of row b (``chunk`` tokens, in
+    forward segment c // ``seg_chunks``) starts from K0 = ck + before * start_k (and V0 alike,
+    the decay per slot), and its outputs are the recurrence's (``bla.kernels.reference``) from
+    that state at its offset."""
+    p = problem
+    ck, cv, before, start_k, start_v = (x.double().cpu() for x in states)
+    m, dk, dv = p.slots, p.head_dim_k, p.head_dim_v
+    B, T = q.shape[:2]
+    chunks, items = -(-T // chunk), -(-T // (chunk * seg_chunks))
+    o = torch.zeros(q.shape[:-1] + (dv,), dtype=torch.float64)
+    for b in range(B):
+        for c in range(chunks):
+            row, item = b * chunks + c, b * items + c // seg_chunks
+            dec = before[row, :, :m, None]
+            K0 = ck[row, :, :m, :dk] + dec * start_k[item, :, :m, :dk]
+            V0 = cv[row, :, :m, :dv] + dec * start_v[item, :, :m, :dv]
+            t0, t1 = c * chunk, min(c * chunk + chunk, T)
+            x = [t[b : b + 1, t0:t1].double().cpu() for t in (q, k, v)]
+            offset = p.offset.reshape(-1).cpu()[b if p.offset.numel() > 1 else 0] + t0
+            o[b, t0:t1] = run_sequences(*x, (K0[None], V0[None]), offset.reshape(1), p.window_tensor("cpu"), m, p.scale,
+                                        p.gates, p.shift_tensor("cpu"), None, None)[0][0]  # fmt: skip
+    return o
 
 
 def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):

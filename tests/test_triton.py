@@ -691,3 +691,32 @@ def test_forward_stages_hold_the_states_they_name(tune):
         assert_close(f"segment {s} start K", start_k[s, 0, :m, :8], K, atol=1e-5, rtol=1e-5)
         assert_close(f"segment {s} start V", start_v[s, 0, :m, :8], V, atol=1e-5, rtol=1e-5)
         assert_close(f"segment {s} decay", seg_dec[s, 0, :m], alpha[64 * s : min(64 * s + 64, T)].prod(0), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gates", ["fejer", "dirichlet"])
+def test_output_stage_equals_its_reference(tune, gates):
+    """Stage (3) alone: every chunk's outputs from start states that (1) and (2) did not make
+    (random ck, cv, start states and decays in the forward's saved layout), against
+    ``chunk_outputs_ref`` (the float64 recurrence from K0 = ck + before * start_k at each chunk's
+    offset): two rows with an offset, 16-token chunks, 4 to a segment, a last chunk cut short,
+    two query heads per kv head."""
+    from bla.kernels import triton_bla
+    from bla.kernels.checks import check_problem
+
+    tune(sub=16, segment=64)
+    g = torch.Generator().manual_seed(5)
+    B, T, W, m, d = 2, 150, 24, 6, 8
+    q, k, v = random_qkv(B, T, 2, 1, d, d, dtype=torch.float32, device=DEVICE)
+    p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
+    _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
+    states = []
+    for buf in saved[:3] + saved[4:6]:  # ck, cv, before, start_k, start_v; padded slots and dims stay zero
+        x = torch.zeros(buf.shape, dtype=torch.float32)
+        if x.dim() == 4:
+            x[:, :, :m, :d] = torch.randn(x[:, :, :m, :d].shape, generator=g)
+        else:
+            x[:, :, :m] = torch.rand(x[:, :, :m].shape, generator=g)
+        states.append(x.to(device=DEVICE, dtype=buf.dtype))
+    got = triton_bla.chunk_outputs(q, k, v, tuple(states), p)
+    want = triton_bla.chunk_outputs_ref(q, k, v, states, p, chunk=16, seg_chunks=4)
+    assert_close("o", got.double().cpu(), want, atol=2e-5, rtol=2e-5)
