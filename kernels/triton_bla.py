@@ -10,7 +10,7 @@ dk, dv; ``step`` is one decode step. The stages live beside this module, each re
     triton_tiles.py     the device code the chunked kernels share (gates, pair factors, products)
     triton_forward.py   (1) and (3); (3) alone runs as ``chunk_outputs`` beside its reference ``chunk_outputs_ref``
     triton_scan.py      (2) and (B), with their float64 reference ``scan_ref``
-    triton_backward.py  (A) and (C)
+    triton_backward.py  (A) and (C); (C) alone runs as ``token_grads`` beside its reference ``token_grads_ref``
     triton_decode.py    the decode step
     triton_layout.py    sequences, chunks and segments of a call, as device tensors
     triton_plan.py      what a call's shapes decide (constants, launch options, saved shapes), and launches
@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from .checks import Problem
+from .gates import dirichlet_gates
 from .reference import run_sequences
 from .triton_backward import _bwd_chunk_kernel, _bwd_tokens_kernel
 from .triton_decode import step
@@ -42,7 +43,7 @@ from .triton_plan import grad_parts, launch, rows_per_call, saved_layout
 from .triton_plan import plan as plan_for
 from .triton_scan import scan, segment_scan
 
-__all__ = ["forward", "backward", "step", "chunk_outputs", "chunk_outputs_ref", "rows_per_call", "saved_layout"]
+__all__ = ["forward", "backward", "step", "chunk_outputs", "chunk_outputs_ref", "token_grads", "token_grads_ref", "rows_per_call", "saved_layout"]
 
 
 def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, device) -> torch.Tensor:
@@ -146,6 +147,69 @@ def chunk_outputs_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks:
     return o
 
 
+def _token_grads(k, v, dq, dq32, dk, dv, end_grads, tables, offsets, lay, plan, part_sizes):
+    """(C) dk, dv in the inputs' dtypes: (A)'s fp32 parts ``dk``, ``dv`` [parts, ...] summed, plus the
+    tokens' share of each chunk's end-state gradient, from ``end_grads`` = (dks, dvs, seg_k, seg_v,
+    after); with several parts, dq too (written into ``dq`` from ``dq32``)."""
+    if not lay.total_chunks:
+        return dk[0].to(k.dtype), dv[0].to(v.dtype)  # no tokens: empty tensors
+    parts = dk.shape[0]
+    cum, end, gs, gl, toff = tables
+    dks, dvs, seg_k, seg_v, after = end_grads
+    dk_out = dk[0] if k.dtype == torch.float32 and parts == 1 else torch.empty_like(k)
+    dv_out = dv[0] if v.dtype == torch.float32 and parts == 1 else torch.empty_like(v)
+    launch(_bwd_tokens_kernel, (lay.total_chunks, k.shape[2]),
+            (dk, dv, dk_out, dv_out, dq32, dq, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum, end, gs, gl, lay.starts,
+             lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx, *part_sizes), plan.bwd_tokens)  # fmt: skip
+    return dk_out, dv_out
+
+
+def token_grads(q, k, v, dk_parts, dv_parts, end_grads, problem: Problem):
+    """Stage (C) alone, for its test: dk, dv from (A)'s fp32 parts ([parts, *k.shape] and
+    [parts, *v.shape]) and the chunks' end-state gradients ``end_grads`` = (dks, dvs, seg_k, seg_v,
+    after) in the backward's layout (dks, dvs as ``forward``'s ck, cv; seg_k, seg_v as its
+    start_k, start_v; after as its before), whatever they hold; ``token_grads_ref`` is its reference."""
+    p = problem
+    dev = q.device
+    plan = plan_for(p, q.dtype)
+    lay = call_layout(p, dev, plan.consts["C"], plan.seg_chunks)
+    gs, gl, toff, cum, _, end = plan.tables(p, dev)
+    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    dq = torch.empty_like(q)
+    dq32 = torch.zeros((dk_parts.shape[0], *q.shape), device=dev, dtype=torch.float32)
+    return _token_grads(k, v, dq, dq32, dk_parts, dv_parts, end_grads, (cum, end, gs, gl, toff), offsets, lay, plan,
+                        (q.numel(), k.numel(), v.numel()))  # fmt: skip
+
+
+def token_grads_ref(k, v, dk_parts, dv_parts, end_grads, problem: Problem, chunk: int, seg_chunks: int):
+    """Stage (C)'s reference, dense rows only, in float64: chunk c's end-state gradient is
+    dK_c = dks_c + after_c * seg_k (its segment's), and token t of the chunk gets
+    s_t e^(l_end - l_t) dK_c, its weight in the chunk's end state (the product of the later
+    tokens' decays, from ``dirichlet_gates``), on top of (A)'s parts summed."""
+    p = problem
+    dks, dvs, seg_k, seg_v, after = (x.double().cpu() for x in end_grads)
+    m, d_k, d_v = p.slots, p.head_dim_k, p.head_dim_v
+    B, T = k.shape[:2]
+    dk, dv = dk_parts.double().sum(0).cpu(), dv_parts.double().sum(0).cpu()
+    chunks, items = -(-T // chunk), -(-T // (chunk * seg_chunks))
+    offsets = p.offset.reshape(-1).cpu()
+    for b in range(B):
+        for c in range(chunks):
+            row, item = b * chunks + c, b * items + c // seg_chunks
+            t0, t1 = c * chunk, min(c * chunk + chunk, T)
+            dec = after[row, :, :m, None]
+            dK = dks[row, :, :m, :d_k] + dec * seg_k[item, :, :m, :d_k]
+            dV = dvs[row, :, :m, :d_v] + dec * seg_v[item, :, :m, :d_v]
+            positions = offsets[b if len(offsets) > 1 else 0] + torch.arange(t0, t1)
+            s, alpha, reset = dirichlet_gates(positions, p.window_tensor("cpu"), m, gates=p.gates, shift=p.shift_tensor("cpu"))
+            alpha = torch.where(reset, 0.0, alpha)  # [t, G, m]
+            later = torch.cat([alpha[1:], torch.ones_like(alpha[:1])]).flip(0).cumprod(0).flip(0)  # decays after t
+            w = s * later
+            dk[b, t0:t1] += torch.einsum("tgj,gjd->tgd", w, dK)
+            dv[b, t0:t1] += torch.einsum("tgj,gjd->tgd", w, dV)
+    return dk, dv
+
+
 def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     """dq, dk, dv (in the inputs' dtypes) and the initial state's gradients (None without one).
     ``o`` is the forward's output (read by a slot-tiled backward only)."""
@@ -186,14 +250,8 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     seg_k, seg_v, after = scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
                                 plan.scan_rows, reverse=True, decays=True)  # fmt: skip
     dh0k, dh0v = segment_scan(seg_k, seg_v, seg_dec, dhk_p, dhv_p, lay, plan, reverse=True)
-    if lay.total_chunks:
-        dk_out = dk[0] if k.dtype == torch.float32 and parts == 1 else torch.empty_like(k)
-        dv_out = dv[0] if v.dtype == torch.float32 and parts == 1 else torch.empty_like(v)
-        launch(_bwd_tokens_kernel, grid,
-                (dk, dv, dk_out, dv_out, dq32, dq, dks, dvs, seg_k, seg_v, after, lay.chunk_item, cum, end, gs, gl, lay.starts,
-                 lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx, *part_sizes), plan.bwd_tokens)  # fmt: skip
-    else:
-        dk_out, dv_out = dk[0].to(k.dtype), dv[0].to(v.dtype)  # no tokens: empty tensors
+    dk_out, dv_out = _token_grads(k, v, dq, dq32, dk, dv, (dks, dvs, seg_k, seg_v, after), (cum, end, gs, gl, toff),
+                                  offsets, lay, plan, part_sizes)  # fmt: skip
     if not use_h0:
         return dq, dk_out, dv_out, None, None
     return dq, dk_out, dv_out, dh0k[:, :, : p.slots, : p.head_dim_k].contiguous(), dh0v[:, :, : p.slots, : p.head_dim_v].contiguous()

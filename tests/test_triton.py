@@ -720,3 +720,33 @@ def test_output_stage_equals_its_reference(tune, gates):
     got = triton_bla.chunk_outputs(q, k, v, tuple(states), p)
     want = triton_bla.chunk_outputs_ref(q, k, v, states, p, chunk=16, seg_chunks=4)
     assert_close("o", got.double().cpu(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("gates", ["fejer", "dirichlet"])
+def test_token_gradient_stage_equals_its_reference(tune, gates):
+    """Stage (C) alone: dk, dv from (A)'s parts and chunk end-state gradients that no backward
+    made (random, in the backward's layout), against ``token_grads_ref`` (each token's weight in
+    its chunk's end state from the float64 gates): two rows with an offset, 16-token chunks, 4 to
+    a segment, a last chunk cut short."""
+    from bla.kernels import triton_bla
+    from bla.kernels.checks import check_problem
+
+    tune(sub=16, segment=64)
+    g = torch.Generator().manual_seed(6)
+    B, T, W, m, d = 2, 150, 24, 6, 8
+    q, k, v = random_qkv(B, T, 2, 1, d, d, dtype=torch.float32, device=DEVICE)
+    p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
+    _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
+    grads = []
+    for buf in saved[:2] + saved[4:6] + saved[2:3]:  # dks, dvs like ck, cv; seg_k, seg_v like start_k, start_v; after like before
+        x = torch.zeros(buf.shape, dtype=torch.float32)
+        if x.dim() == 4:
+            x[:, :, :m, :d] = torch.randn(x[:, :, :m, :d].shape, generator=g)
+        else:
+            x[:, :, :m] = torch.rand(x[:, :, :m].shape, generator=g)
+        grads.append(x.to(device=DEVICE, dtype=buf.dtype))
+    dk_parts, dv_parts = (torch.randn(1, *x.shape, generator=g).to(DEVICE) for x in (k, v))
+    got = triton_bla.token_grads(q, k, v, dk_parts.clone(), dv_parts.clone(), tuple(grads), p)
+    want = triton_bla.token_grads_ref(k, v, dk_parts, dv_parts, grads, p, chunk=16, seg_chunks=4)
+    for name, a, b in zip(("dk", "dv"), got, want):
+        assert_close(name, a.double().cpu(), b, atol=2e-5, rtol=2e-5)
