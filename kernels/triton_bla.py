@@ -8,9 +8,9 @@ dk, dv; ``step`` is one decode step. The stages live beside this module, each re
     triton_tuning.py    the tuning table: every default, and the one override for experiments
     triton_tables.py    gate and per-phase tables (host, float64, built once per (W, m, gates))
     triton_tiles.py     the device code the chunked kernels share (gates, pair factors, products)
-    triton_forward.py   (1) and (3); (3) alone runs as ``chunk_outputs`` beside its reference ``chunk_outputs_ref``
+    triton_forward.py   (1) and (3); (3) alone as ``chunk_outputs`` beside ``chunk_outputs_ref``
     triton_scan.py      (2) and (B), with their float64 reference ``scan_ref``
-    triton_backward.py  (A) and (C); (C) alone runs as ``token_grads`` beside its reference ``token_grads_ref``
+    triton_backward.py  (A) and (C); alone as ``chunk_grads`` and ``token_grads`` beside ``*_ref``
     triton_decode.py    the decode step
     triton_layout.py    sequences, chunks and segments of a call, as device tensors
     triton_plan.py      what a call's shapes decide (constants, launch options, saved shapes), and launches
@@ -43,7 +43,8 @@ from .triton_plan import grad_parts, launch, rows_per_call, saved_layout
 from .triton_plan import plan as plan_for
 from .triton_scan import scan, segment_scan
 
-__all__ = ["forward", "backward", "step", "chunk_outputs", "chunk_outputs_ref", "token_grads", "token_grads_ref", "rows_per_call", "saved_layout"]
+__all__ = ["forward", "backward", "step", "chunk_outputs", "chunk_outputs_ref", "chunk_grads", "chunk_grads_ref", "token_grads",
+           "token_grads_ref", "rows_per_call", "saved_layout"]
 
 
 def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, device) -> torch.Tensor:
@@ -122,17 +123,16 @@ def chunk_outputs(q, k, v, states, problem: Problem) -> torch.Tensor:
     return _outputs(q, k, v, lse, states, (cum, cen), common, lay, plan, p)
 
 
-def chunk_outputs_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int) -> torch.Tensor:
-    """Stage (3)'s reference, dense rows only, in float64: chunk c of row b (``chunk`` tokens, in
-    forward segment c // ``seg_chunks``) starts from K0 = ck + before * start_k (and V0 alike,
-    the decay per slot), and its outputs are the recurrence's (``bla.kernels.reference``) from
-    that state at its offset."""
+def _chunks_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int):
+    """Dense rows, float64: each chunk's (row, tokens t0:t1, start state K0, V0) with K0 = ck +
+    before * start_k, V0 alike (the decay per slot), and a function giving its outputs from
+    (q, k, v, K0, V0) through the recurrence (``bla.kernels.reference``) at its offset."""
     p = problem
     ck, cv, before, start_k, start_v = (x.double().cpu() for x in states)
     m, dk, dv = p.slots, p.head_dim_k, p.head_dim_v
     B, T = q.shape[:2]
     chunks, items = -(-T // chunk), -(-T // (chunk * seg_chunks))
-    o = torch.zeros(q.shape[:-1] + (dv,), dtype=torch.float64)
+    offsets = p.offset.reshape(-1).cpu()
     for b in range(B):
         for c in range(chunks):
             row, item = b * chunks + c, b * items + c // seg_chunks
@@ -140,11 +140,79 @@ def chunk_outputs_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks:
             K0 = ck[row, :, :m, :dk] + dec * start_k[item, :, :m, :dk]
             V0 = cv[row, :, :m, :dv] + dec * start_v[item, :, :m, :dv]
             t0, t1 = c * chunk, min(c * chunk + chunk, T)
-            x = [t[b : b + 1, t0:t1].double().cpu() for t in (q, k, v)]
-            offset = p.offset.reshape(-1).cpu()[b if p.offset.numel() > 1 else 0] + t0
-            o[b, t0:t1] = run_sequences(*x, (K0[None], V0[None]), offset.reshape(1), p.window_tensor("cpu"), m, p.scale,
-                                        p.gates, p.shift_tensor("cpu"), None, None)[0][0]  # fmt: skip
+            offset = (offsets[b if len(offsets) > 1 else 0] + t0).reshape(1)
+
+            def outputs(qc, kc, vc, K0, V0, offset=offset):
+                return run_sequences(qc, kc, vc, (K0[None], V0[None]), offset, p.window_tensor("cpu"), m, p.scale, p.gates,
+                                     p.shift_tensor("cpu"), None, None)[0][0]  # fmt: skip
+
+            yield row, b, t0, t1, K0, V0, outputs
+
+
+def chunk_outputs_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int) -> torch.Tensor:
+    """Stage (3)'s reference, dense rows only, in float64: chunk c of row b (``chunk`` tokens, in
+    forward segment c // ``seg_chunks``) starts from K0 = ck + before * start_k (and V0 alike,
+    the decay per slot), and its outputs are the recurrence's (``bla.kernels.reference``) from
+    that state at its offset."""
+    o = torch.zeros(q.shape[:-1] + (problem.head_dim_v,), dtype=torch.float64)
+    for _, b, t0, t1, K0, V0, outputs in _chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
+        o[b, t0:t1] = outputs(*(x[b : b + 1, t0:t1].double().cpu() for x in (q, k, v)), K0, V0)
     return o
+
+
+def chunk_grads(q, k, v, do, o, states, problem: Problem):
+    """Stage (A) alone, for its test: dq, (A)'s fp32 dk and dv parts ([parts, *k.shape]) and each
+    chunk's start-state gradient from its own outputs (dks, dvs, in ``forward``'s ck, cv layout),
+    given the start states ``states`` (as ``chunk_outputs`` takes them) and the outputs ``o`` made
+    from them; ``chunk_grads_ref`` is its reference."""
+    p = problem
+    dev = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    plan = plan_for(p, q.dtype)
+    consts = plan.consts
+    lay = call_layout(p, dev, consts["C"], plan.seg_chunks)
+    gs, gl, toff, cum, cen, _ = plan.tables(p, dev)
+    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    parts = grad_parts(consts)
+    dq = torch.empty_like(q)
+    dq32 = torch.empty((parts, *q.shape), device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq
+    dk = torch.empty((parts, *k.shape), device=dev, dtype=torch.float32)
+    dv = torch.empty((parts, *v.shape), device=dev, dtype=torch.float32)
+    dks, dvs = torch.zeros_like(states[0]), torch.zeros_like(states[1])
+    lse = torch.zeros(plan.saved[7][0], device=dev, dtype=torch.float32)  # read with NT > 1 slot tiles only
+    common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
+    _chunk_grads(q, k, v, do, o, lse, dq, dq32, dk, dv, states, dks, dvs, (cum, cen), common, lay, plan, p)
+    return dq, dk, dv, dks, dvs
+
+
+def chunk_grads_ref(q, k, v, do, states, problem: Problem, chunk: int, seg_chunks: int):
+    """Stage (A)'s reference, dense rows only, in float64: autograd through ``chunk_outputs_ref``'s
+    chunks with their start states held as inputs: dq, the in-chunk dk and dv, and each chunk's
+    start-state gradients dK0, dV0 ([chunks, kv heads, m, d])."""
+    grads = [torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v)]
+    dK0, dV0 = [], []
+    for _, b, t0, t1, K0, V0, outputs in _chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
+        x = [t[b : b + 1, t0:t1].double().cpu().requires_grad_() for t in (q, k, v)] + [K0.requires_grad_(), V0.requires_grad_()]
+        o = outputs(*x)
+        got = torch.autograd.grad((o * do[b : b + 1, t0:t1].double().cpu()).sum(), x)
+        for acc, g in zip(grads, got[:3]):
+            acc[b : b + 1, t0:t1] = g
+        dK0.append(got[3])
+        dV0.append(got[4])
+    return (*grads, torch.stack(dK0), torch.stack(dV0))
+
+
+def _chunk_grads(q, k, v, do, o, lse, dq, dq32, dk, dv, states, dks, dvs, cum_tables, common, lay, plan, p: Problem) -> None:
+    """(A) per chunk: dq, the in-chunk parts of dk, dv (fp32, ``dk.shape[0]`` parts) and the chunk's
+    start-state gradient from its own outputs (into ``dks``, ``dvs``), from the start states
+    ``states`` = (ck, cv, before, start_k, start_v) as the forward left them."""
+    if not lay.total_chunks:
+        return
+    part_sizes = (q.numel(), k.numel(), v.numel())  # elements between two parts
+    args = (q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, *states, dks, dvs, *cum_tables, *common,
+            lay.chunk_item, p.scale, *part_sizes)  # fmt: skip
+    for tile_consts in plan.bwd_chunk:  # one launch, or one per slot tile, in order
+        launch(_bwd_chunk_kernel, (lay.total_chunks, p.num_kv_heads, dk.shape[0]), args, tile_consts)
 
 
 def _token_grads(k, v, dq, dq32, dk, dv, end_grads, tables, offsets, lay, plan, part_sizes):
@@ -234,12 +302,8 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     dks = torch.empty_like(ck)
     dvs = torch.empty_like(cv)
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
-    grid = (lay.total_chunks, HKV)
-    if lay.total_chunks:
-        args = (q, k, v, do.contiguous(), o.contiguous(), lse, dq, dq32, dk, dv, ck, cv, before, seg_start_k, seg_start_v,
-                dks, dvs, cum, cen, *common, lay.chunk_item, p.scale, *part_sizes)  # fmt: skip
-        for tile_consts in plan.bwd_chunk:  # one launch, or one per slot tile, in order
-            launch(_bwd_chunk_kernel, (*grid, parts), args, tile_consts)
+    _chunk_grads(q, k, v, do, o, lse, dq, dq32, dk, dv, (ck, cv, before, seg_start_k, seg_start_v), dks, dvs, (cum, cen),
+                 common, lay, plan, p)  # fmt: skip
     # the final state's gradients (None when it was not used: the scan then starts from zeros)
     dhk_p = dhv_p = None
     if dhk is not None or dhv is not None:

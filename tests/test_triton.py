@@ -750,3 +750,36 @@ def test_token_gradient_stage_equals_its_reference(tune, gates):
     want = triton_bla.token_grads_ref(k, v, dk_parts, dv_parts, grads, p, chunk=16, seg_chunks=4)
     for name, a, b in zip(("dk", "dv"), got, want):
         assert_close(name, a.double().cpu(), b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("gates", ["fejer", "dirichlet"])
+def test_chunk_gradient_stage_equals_its_reference(tune, gates):
+    """Stage (A) alone: dq, the in-chunk dk and dv, and each chunk's start-state gradient from its
+    own outputs, given start states that (1) and (2) did not make (random, in the forward's
+    layout), against ``chunk_grads_ref`` (float64 autograd through each chunk's recurrence from
+    its start state): two rows with an offset, 16-token chunks, 4 to a segment, a last chunk cut
+    short, two query heads per kv head."""
+    from bla.kernels import triton_bla
+    from bla.kernels.checks import check_problem
+
+    tune(sub=16, segment=64)
+    g = torch.Generator().manual_seed(7)
+    B, T, W, m, d = 2, 150, 24, 6, 8
+    q, k, v = random_qkv(B, T, 2, 1, d, d, dtype=torch.float32, device=DEVICE)
+    do = torch.randn(q.shape, generator=g).to(DEVICE)
+    p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
+    _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
+    states = []
+    for buf in saved[:3] + saved[4:6]:  # ck, cv, before, start_k, start_v; padded slots and dims stay zero
+        x = torch.zeros(buf.shape, dtype=torch.float32)
+        if x.dim() == 4:
+            x[:, :, :m, :d] = torch.randn(x[:, :, :m, :d].shape, generator=g)
+        else:
+            x[:, :, :m] = torch.rand(x[:, :, :m].shape, generator=g)
+        states.append(x.to(device=DEVICE, dtype=buf.dtype))
+    o = triton_bla.chunk_outputs(q, k, v, tuple(states), p)
+    dq, dk, dv, dks, dvs = triton_bla.chunk_grads(q, k, v, do, o, tuple(states), p)
+    want = triton_bla.chunk_grads_ref(q, k, v, do, states, p, chunk=16, seg_chunks=4)
+    got = (dq, dk.sum(0), dv.sum(0), dks[:, :, :m, :d], dvs[:, :, :m, :d])
+    for name, a, b in zip(("dq", "dk", "dv", "dK0", "dV0"), got, want):
+        assert_close(name, a.double().cpu(), b, atol=5e-5, rtol=5e-5)
