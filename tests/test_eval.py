@@ -66,9 +66,9 @@ def test_label_accuracy_on_hand_made_cases():
 @pytest.mark.slow
 def test_tiny_model_learns_easy_mqar(tmp_path):
     out = tmp_path / "mq"
-    args = ["mqar", f"out_dir={out}", "steps=300", "micro_batch=32", "data.seq_len=64", "data.mqar.num_kv_pairs=4",
+    args = ["mqar", f"out_dir={out}", "steps=200", "micro_batch=32", "data.seq_len=64", "data.mqar.num_kv_pairs=4",
             "data.mqar.vocab_size=128", "model.vocab_size=128", "model.bla.window=64", "model.bla.slots=16",
-            "optim.lr=3e-3", "optim.warmup_steps=20", "eval_every=300", "eval_batches=8", "save_every=300", "progress=false"]  # fmt: skip
+            "optim.lr=3e-3", "optim.warmup_steps=20", "eval_every=200", "eval_batches=8", "save_every=200", "progress=false"]  # fmt: skip
     env = fresh_process_env()
     done = subprocess.run([sys.executable, "-m", "bla.train.cli", *args], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -57,9 +57,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
             # beforehand can be taken by another process before the store binds it: EADDRINUSE)
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
             _made_lone_world = True
-        if os.environ.get("WORLD_SIZE") == "1":
-            # one process has no one to share memory with: skip DeepSpeed's CPU shared-memory collectives,
-            # which it otherwise compiles on first use (about 75 s whenever its JIT cache is cold or stale)
+        if os.environ.get("WORLD_SIZE") == "1" or not cuda:
+            # skip DeepSpeed's CPU shared-memory collectives, which it otherwise compiles when its
+            # backend starts (about 75 s whenever its JIT cache is cold or stale): they serve only
+            # its inference all-reduce (tensor-parallel inference), which training never calls, and
+            # one process has no one to share memory with
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
