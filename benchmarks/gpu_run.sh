@@ -52,6 +52,21 @@ for stage in "$@"; do
           log_every=10 compile=$c progress=false out_dir=/tmp/curve_$c cache_dir=/tmp/cache 2>&1 | grep -E "first step|step 600|finished" | tee -a "$OUT/curve.txt"
         cp /tmp/curve_$c/summary.json "$OUT/curve_$c.json"
       done ;;
+    graphs)  # issue 43: training with cuda_graphs=true against false (the blocks compiled either way): the same
+      # losses? a 125m-shaped BLA on MQAR, GRAPH_STEPS steps each
+      for g in false true; do
+        python3 -m bla.train.cli mqar model.preset=125m model.vocab_size=8192 steps=${GRAPH_STEPS:-200} eval_every=100 \
+          save_every=1000 log_every=10 cuda_graphs=$g progress=false out_dir=/tmp/graphs_$g cache_dir=/tmp/cache 2>&1 \
+          | grep -E "first step|step [0-9]+:|finished|Error|error" | sed "s/^/cuda_graphs=$g /" | tee -a "$OUT/graphs.txt"
+        cp /tmp/graphs_$g/summary.json "$OUT/graphs_$g.json"
+      done
+      python3 -c "
+import json
+a, b = (json.load(open(f'$OUT/graphs_{g}.json')) for g in ('false', 'true'))
+la, lb = ([h['loss'] for h in x['losses']] for x in (a, b))
+same = sum(x == y for x, y in zip(la, lb))
+print(f'{same} of {len(la)} logged step losses identical; largest difference {max(abs(x - y) for x, y in zip(la, lb)):.3g}')
+print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/graphs.txt" ;;
     curve350m)  # issue 18's show: the 350m preset, 2,000 steps of 8k tokens on the embedded corpus, eager
       # and compiled at once on the one GPU (the eager run starts first; the compiled one once the
       # eager run's first step shows the data cache is built); logs land in $OUT as they come

@@ -180,9 +180,27 @@ def test_compile_settings():
         load_train_config("tiny", ["compile=maybe"])
     with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
         load_train_config("tiny", ["activation_checkpointing=some"])
+    # CUDA graphs replay the compiled blocks: not with packed documents, nor without compiled blocks
+    mqar = ["data.task=mqar", "data.mqar.vocab_size=128"]
+    assert load_train_config("tiny", [*mqar, "cuda_graphs=true"]).cuda_graphs
+    with pytest.raises(ValueError, match="cuda_graphs=true with data.task=lm: its batches pack documents"):
+        load_train_config("tiny", ["data.task=lm", "cuda_graphs=true"])
+    for bad in (["compile=false"], ["zero_stage=3"]):
+        with pytest.raises(ValueError, match="cuda_graphs=true replays the compiled blocks"):
+            load_train_config("tiny", [*mqar, "cuda_graphs=true", *bad])
+    with pytest.raises(ValueError, match="cuda_graphs must be true or false"):
+        load_train_config("tiny", ["cuda_graphs=sometimes"])
     # configs saved before the policies existed held a bool
     assert TrainConfig.from_dict({"activation_checkpointing": True}).activation_checkpointing == "block"
     assert TrainConfig.from_dict({"activation_checkpointing": False}).activation_checkpointing == "none"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of a run without a CUDA device")
+def test_cuda_graphs_without_a_cuda_device_are_refused_by_name(tmp_path):
+    args = ["tiny", f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "data.task=mqar", "data.seq_len=64",
+            "data.mqar.num_kv_pairs=4", "data.mqar.vocab_size=128", "cuda_graphs=true", "steps=2", "progress=false"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "bla.train.cli", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "cuda_graphs=true needs a CUDA device; this run is on cpu" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -170,6 +170,8 @@ def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int,
     def score(batch):
         if stop is not None and _any_rank(stop.raised is not None)[0]:
             raise _ValidationInterrupted
+        if cfg.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         return forward_loss(engine, batch, device, sp_ctx)
 
     engine.eval()
@@ -385,8 +387,10 @@ class _Run:
         if self.init_model is not None and self.resume_from is None:
             model.load_state_dict(self.init_model.state_dict())
         model.set_checkpointing(cfg.activation_checkpointing)
-        if cfg.compiles(self.device.type):
-            model.compile_blocks()  # traced at the first step (its time is logged)
+        if cfg.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=true needs a CUDA device; this run is on {self.device.type}: use cuda_graphs=false")
+        if cfg.compiles(self.device.type):  # traced at the first step (its time is logged)
+            model.compile_blocks(**({"mode": "reduce-overhead"} if cfg.cuda_graphs else {}))
         if self.sp_ctx is not None:
             sequence_parallel.enable(model, self.sp_ctx)
         ds_config = cfg.deepspeed(self.bf16, self.universal)
@@ -577,6 +581,8 @@ class _Run:
         signal, or non-finite losses under the run's policy)."""
         cfg, micro_losses = self.cfg, []
         while len(micro_losses) < cfg.grad_accum:
+            if cfg.cuda_graphs:  # a new step: the graphs' outputs of the last one may be overwritten now
+                torch.compiler.cudagraph_mark_step_begin()
             loss, _ = forward_loss(self.engine, next(self.batches), self.device, self.sp_ctx, cfg.loss_chunk)
             nonfinite, signalled = _any_rank(not bool(torch.isfinite(loss.detach()).all()), self.stop.raised is not None)
             if signalled:
