@@ -6,9 +6,13 @@ gradients between them, (B), are ``triton_scan``'s; ``triton_bla.backward`` runs
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from .checks import Problem
+from .gates import dirichlet_gates
+from .triton_forward import _chunks_ref
 from .triton_tiles import (
     _all_gates,
     _chunk_parts,
@@ -206,3 +210,49 @@ def _bwd_tokens_kernel(
         _store_tokens(dv_out_ptr, b_dv, tok, valid, g, dv_D, dv_D < DV, HKV, DV)
         dK = tl.exp(T)[:, None] * dK
         dV = tl.exp(T)[:, None] * dV
+
+
+def chunk_grads_ref(q, k, v, do, states, problem: Problem, chunk: int, seg_chunks: int):
+    """Stage (A)'s reference, dense rows only, in float64: autograd through ``chunk_outputs_ref``'s
+    chunks with their start states held as inputs: dq, the in-chunk dk and dv, and each chunk's
+    start-state gradients dK0, dV0 ([chunks, kv heads, m, d])."""
+    grads = [torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v)]
+    dK0, dV0 = [], []
+    for _, b, t0, t1, K0, V0, outputs in _chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
+        x = [t[b : b + 1, t0:t1].double().cpu().requires_grad_() for t in (q, k, v)] + [K0.requires_grad_(), V0.requires_grad_()]
+        o = outputs(*x)
+        got = torch.autograd.grad((o * do[b : b + 1, t0:t1].double().cpu()).sum(), x)
+        for acc, g in zip(grads, got[:3]):
+            acc[b : b + 1, t0:t1] = g
+        dK0.append(got[3])
+        dV0.append(got[4])
+    return (*grads, torch.stack(dK0), torch.stack(dV0))
+
+
+def token_grads_ref(k, v, dk_parts, dv_parts, end_grads, problem: Problem, chunk: int, seg_chunks: int):
+    """Stage (C)'s reference, dense rows only, in float64: chunk c's end-state gradient is
+    dK_c = dks_c + after_c * seg_k (its segment's), and token t of the chunk gets
+    s_t e^(l_end - l_t) dK_c, its weight in the chunk's end state (the product of the later
+    tokens' decays, from ``dirichlet_gates``), on top of (A)'s parts summed."""
+    p = problem
+    dks, dvs, seg_k, seg_v, after = (x.double().cpu() for x in end_grads)
+    m, d_k, d_v = p.slots, p.head_dim_k, p.head_dim_v
+    B, T = k.shape[:2]
+    dk, dv = dk_parts.double().sum(0).cpu(), dv_parts.double().sum(0).cpu()
+    chunks, items = -(-T // chunk), -(-T // (chunk * seg_chunks))
+    offsets = p.offset.reshape(-1).cpu()
+    for b in range(B):
+        for c in range(chunks):
+            row, item = b * chunks + c, b * items + c // seg_chunks
+            t0, t1 = c * chunk, min(c * chunk + chunk, T)
+            dec = after[row, :, :m, None]
+            dK = dks[row, :, :m, :d_k] + dec * seg_k[item, :, :m, :d_k]
+            dV = dvs[row, :, :m, :d_v] + dec * seg_v[item, :, :m, :d_v]
+            positions = offsets[b if len(offsets) > 1 else 0] + torch.arange(t0, t1)
+            s, alpha, reset = dirichlet_gates(positions, p.window_tensor("cpu"), m, gates=p.gates, shift=p.shift_tensor("cpu"))
+            alpha = torch.where(reset, 0.0, alpha)  # [t, G, m]
+            later = torch.cat([alpha[1:], torch.ones_like(alpha[:1])]).flip(0).cumprod(0).flip(0)  # decays after t
+            w = s * later
+            dk[b, t0:t1] += torch.einsum("tgj,gjd->tgd", w, dK)
+            dv[b, t0:t1] += torch.einsum("tgj,gjd->tgd", w, dV)
+    return dk, dv

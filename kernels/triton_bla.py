@@ -8,9 +8,9 @@ dk, dv; ``step`` is one decode step. The stages live beside this module, each re
     triton_tuning.py    the tuning table: every default, and the one override for experiments
     triton_tables.py    gate and per-phase tables (host, float64, built once per (W, m, gates))
     triton_tiles.py     the device code the chunked kernels share (gates, pair factors, products)
-    triton_forward.py   (1) and (3); (3) alone as ``chunk_outputs`` beside ``chunk_outputs_ref``
+    triton_forward.py   (1) and (3), and (3)'s float64 reference ``chunk_outputs_ref``
     triton_scan.py      (2) and (B), with their float64 reference ``scan_ref``
-    triton_backward.py  (A) and (C); alone as ``chunk_grads`` and ``token_grads`` beside ``*_ref``
+    triton_backward.py  (A) and (C), and their float64 references ``chunk_grads_ref``, ``token_grads_ref``
     triton_decode.py    the decode step
     triton_layout.py    sequences, chunks and segments of a call, as device tensors
     triton_plan.py      what a call's shapes decide (constants, launch options, saved shapes), and launches
@@ -25,7 +25,8 @@ writes its outputs: no state is carried from chunk to chunk there, so the GPU is
 The backward is chunk-parallel too: (A) per chunk, dq and the in-chunk parts of dk, dv and of the
 gradient of its start state; (B) reverse scans of the state gradients, two levels deep so that no
 dependent chain is longer than a segment's chunks or a sequence's segments; (C) per chunk, the
-state path's share of dk, dv. How each choice was measured: benchmarks/reports/2026-11-to-12.md.
+state path's share of dk, dv. Stages (3), (A) and (C) also run alone (``chunk_outputs``,
+``chunk_grads``, ``token_grads``), for their tests against the references. How each choice was measured: benchmarks/reports/2026-11-to-12.md.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from __future__ import annotations
 import torch
 
 from .checks import Problem
-from .gates import dirichlet_gates
-from .reference import run_sequences
-from .triton_backward import _bwd_chunk_kernel, _bwd_tokens_kernel
+from .triton_backward import (
+    _bwd_chunk_kernel,
+    _bwd_tokens_kernel,
+    chunk_grads_ref,
+    token_grads_ref,
+)
 from .triton_decode import step
-from .triton_forward import _fwd_local_kernel, _fwd_out_kernel
+from .triton_forward import _fwd_local_kernel, _fwd_out_kernel, chunk_outputs_ref
 from .triton_layout import layout as call_layout
 from .triton_plan import grad_parts, launch, rows_per_call, saved_layout
 from .triton_plan import plan as plan_for
@@ -123,43 +127,6 @@ def chunk_outputs(q, k, v, states, problem: Problem) -> torch.Tensor:
     return _outputs(q, k, v, lse, states, (cum, cen), common, lay, plan, p)
 
 
-def _chunks_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int):
-    """Dense rows, float64: each chunk's (row, tokens t0:t1, start state K0, V0) with K0 = ck +
-    before * start_k, V0 alike (the decay per slot), and a function giving its outputs from
-    (q, k, v, K0, V0) through the recurrence (``bla.kernels.reference``) at its offset."""
-    p = problem
-    ck, cv, before, start_k, start_v = (x.double().cpu() for x in states)
-    m, dk, dv = p.slots, p.head_dim_k, p.head_dim_v
-    B, T = q.shape[:2]
-    chunks, items = -(-T // chunk), -(-T // (chunk * seg_chunks))
-    offsets = p.offset.reshape(-1).cpu()
-    for b in range(B):
-        for c in range(chunks):
-            row, item = b * chunks + c, b * items + c // seg_chunks
-            dec = before[row, :, :m, None]
-            K0 = ck[row, :, :m, :dk] + dec * start_k[item, :, :m, :dk]
-            V0 = cv[row, :, :m, :dv] + dec * start_v[item, :, :m, :dv]
-            t0, t1 = c * chunk, min(c * chunk + chunk, T)
-            offset = (offsets[b if len(offsets) > 1 else 0] + t0).reshape(1)
-
-            def outputs(qc, kc, vc, K0, V0, offset=offset):
-                return run_sequences(qc, kc, vc, (K0[None], V0[None]), offset, p.window_tensor("cpu"), m, p.scale, p.gates,
-                                     p.shift_tensor("cpu"), None, None)[0][0]  # fmt: skip
-
-            yield row, b, t0, t1, K0, V0, outputs
-
-
-def chunk_outputs_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int) -> torch.Tensor:
-    """Stage (3)'s reference, dense rows only, in float64: chunk c of row b (``chunk`` tokens, in
-    forward segment c // ``seg_chunks``) starts from K0 = ck + before * start_k (and V0 alike,
-    the decay per slot), and its outputs are the recurrence's (``bla.kernels.reference``) from
-    that state at its offset."""
-    o = torch.zeros(q.shape[:-1] + (problem.head_dim_v,), dtype=torch.float64)
-    for _, b, t0, t1, K0, V0, outputs in _chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
-        o[b, t0:t1] = outputs(*(x[b : b + 1, t0:t1].double().cpu() for x in (q, k, v)), K0, V0)
-    return o
-
-
 def chunk_grads(q, k, v, do, o, states, problem: Problem):
     """Stage (A) alone, for its test: dq, (A)'s fp32 dk and dv parts ([parts, *k.shape]) and each
     chunk's start-state gradient from its own outputs (dks, dvs, in ``forward``'s ck, cv layout),
@@ -183,23 +150,6 @@ def chunk_grads(q, k, v, do, o, states, problem: Problem):
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
     _chunk_grads(q, k, v, do, o, lse, dq, dq32, dk, dv, states, dks, dvs, (cum, cen), common, lay, plan, p)
     return dq, dk, dv, dks, dvs
-
-
-def chunk_grads_ref(q, k, v, do, states, problem: Problem, chunk: int, seg_chunks: int):
-    """Stage (A)'s reference, dense rows only, in float64: autograd through ``chunk_outputs_ref``'s
-    chunks with their start states held as inputs: dq, the in-chunk dk and dv, and each chunk's
-    start-state gradients dK0, dV0 ([chunks, kv heads, m, d])."""
-    grads = [torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v)]
-    dK0, dV0 = [], []
-    for _, b, t0, t1, K0, V0, outputs in _chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
-        x = [t[b : b + 1, t0:t1].double().cpu().requires_grad_() for t in (q, k, v)] + [K0.requires_grad_(), V0.requires_grad_()]
-        o = outputs(*x)
-        got = torch.autograd.grad((o * do[b : b + 1, t0:t1].double().cpu()).sum(), x)
-        for acc, g in zip(grads, got[:3]):
-            acc[b : b + 1, t0:t1] = g
-        dK0.append(got[3])
-        dV0.append(got[4])
-    return (*grads, torch.stack(dK0), torch.stack(dV0))
 
 
 def _chunk_grads(q, k, v, do, o, lse, dq, dq32, dk, dv, states, dks, dvs, cum_tables, common, lay, plan, p: Problem) -> None:
@@ -247,35 +197,6 @@ def token_grads(q, k, v, dk_parts, dv_parts, end_grads, problem: Problem):
     dq32 = torch.zeros((dk_parts.shape[0], *q.shape), device=dev, dtype=torch.float32)
     return _token_grads(k, v, dq, dq32, dk_parts, dv_parts, end_grads, (cum, end, gs, gl, toff), offsets, lay, plan,
                         (q.numel(), k.numel(), v.numel()))  # fmt: skip
-
-
-def token_grads_ref(k, v, dk_parts, dv_parts, end_grads, problem: Problem, chunk: int, seg_chunks: int):
-    """Stage (C)'s reference, dense rows only, in float64: chunk c's end-state gradient is
-    dK_c = dks_c + after_c * seg_k (its segment's), and token t of the chunk gets
-    s_t e^(l_end - l_t) dK_c, its weight in the chunk's end state (the product of the later
-    tokens' decays, from ``dirichlet_gates``), on top of (A)'s parts summed."""
-    p = problem
-    dks, dvs, seg_k, seg_v, after = (x.double().cpu() for x in end_grads)
-    m, d_k, d_v = p.slots, p.head_dim_k, p.head_dim_v
-    B, T = k.shape[:2]
-    dk, dv = dk_parts.double().sum(0).cpu(), dv_parts.double().sum(0).cpu()
-    chunks, items = -(-T // chunk), -(-T // (chunk * seg_chunks))
-    offsets = p.offset.reshape(-1).cpu()
-    for b in range(B):
-        for c in range(chunks):
-            row, item = b * chunks + c, b * items + c // seg_chunks
-            t0, t1 = c * chunk, min(c * chunk + chunk, T)
-            dec = after[row, :, :m, None]
-            dK = dks[row, :, :m, :d_k] + dec * seg_k[item, :, :m, :d_k]
-            dV = dvs[row, :, :m, :d_v] + dec * seg_v[item, :, :m, :d_v]
-            positions = offsets[b if len(offsets) > 1 else 0] + torch.arange(t0, t1)
-            s, alpha, reset = dirichlet_gates(positions, p.window_tensor("cpu"), m, gates=p.gates, shift=p.shift_tensor("cpu"))
-            alpha = torch.where(reset, 0.0, alpha)  # [t, G, m]
-            later = torch.cat([alpha[1:], torch.ones_like(alpha[:1])]).flip(0).cumprod(0).flip(0)  # decays after t
-            w = s * later
-            dk[b, t0:t1] += torch.einsum("tgj,gjd->tgd", w, dK)
-            dv[b, t0:t1] += torch.einsum("tgj,gjd->tgd", w, dV)
-    return dk, dv
 
 
 def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):

@@ -12,9 +12,12 @@ Inside a sub-chunk of S tokens, with l the cumulative log-decay from its start a
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from .checks import Problem
+from .reference import run_sequences
 from .triton_tiles import (
     _chunk_parts,
     _chunk_program,
@@ -130,3 +133,40 @@ def _fwd_out_kernel(
             Kl = _write_state(Kl, s, l, T, k, DT)
             Vl = _write_state(Vl, s, l, T, v, DT)
             before = before * tl.exp(T)
+
+
+def _chunks_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int):
+    """Dense rows, float64: each chunk's (row, tokens t0:t1, start state K0, V0) with K0 = ck +
+    before * start_k, V0 alike (the decay per slot), and a function giving its outputs from
+    (q, k, v, K0, V0) through the recurrence (``bla.kernels.reference``) at its offset."""
+    p = problem
+    ck, cv, before, start_k, start_v = (x.double().cpu() for x in states)
+    m, dk, dv = p.slots, p.head_dim_k, p.head_dim_v
+    B, T = q.shape[:2]
+    chunks, items = -(-T // chunk), -(-T // (chunk * seg_chunks))
+    offsets = p.offset.reshape(-1).cpu()
+    for b in range(B):
+        for c in range(chunks):
+            row, item = b * chunks + c, b * items + c // seg_chunks
+            dec = before[row, :, :m, None]
+            K0 = ck[row, :, :m, :dk] + dec * start_k[item, :, :m, :dk]
+            V0 = cv[row, :, :m, :dv] + dec * start_v[item, :, :m, :dv]
+            t0, t1 = c * chunk, min(c * chunk + chunk, T)
+            offset = (offsets[b if len(offsets) > 1 else 0] + t0).reshape(1)
+
+            def outputs(qc, kc, vc, K0, V0, offset=offset):
+                return run_sequences(qc, kc, vc, (K0[None], V0[None]), offset, p.window_tensor("cpu"), m, p.scale, p.gates,
+                                     p.shift_tensor("cpu"), None, None)[0][0]  # fmt: skip
+
+            yield row, b, t0, t1, K0, V0, outputs
+
+
+def chunk_outputs_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int) -> torch.Tensor:
+    """Stage (3)'s reference, dense rows only, in float64: chunk c of row b (``chunk`` tokens, in
+    forward segment c // ``seg_chunks``) starts from K0 = ck + before * start_k (and V0 alike,
+    the decay per slot), and its outputs are the recurrence's (``bla.kernels.reference``) from
+    that state at its offset."""
+    o = torch.zeros(q.shape[:-1] + (problem.head_dim_v,), dtype=torch.float64)
+    for _, b, t0, t1, K0, V0, outputs in _chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
+        o[b, t0:t1] = outputs(*(x[b : b + 1, t0:t1].double().cpu() for x in (q, k, v)), K0, V0)
+    return o
