@@ -89,6 +89,31 @@ def test_packed_documents_equal_separate_runs(pattern):
                 assert_close(f"doc {a}:{b}", packed[:, a:b], model(ids[:, a:b]).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cu_seqlens_padded_to_a_capacity_equal_the_unpadded(backend):
+    """Packed-document metadata padded to a fixed capacity with empty trailing documents (what a
+    replayed CUDA graph needs: static shapes) gives the unpadded loss and gradients, in float64."""
+    from bla.kernels import triton_available
+
+    if backend == "triton" and not triton_available(torch.device("cpu")):
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    model = BLALM(tiny(layer_pattern="[bla, attn, swa]", **{"bla.backend": backend})).double()
+    ids = torch.randint(0, 256, (1, 41))
+    cu = torch.tensor([0, 9, 10, 40])
+    padded = torch.cat([cu, cu[-1:].expand(5)])  # capacity 8 documents, 3 used
+    results = []
+    for c in (cu, padded):
+        model.zero_grad()
+        loss = model(ids[:, :-1], cu_seqlens=c, targets=ids[:, 1:]).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (loss_p, grads_p) = results
+    assert_close("loss", loss_p, loss, atol=1e-12)
+    for i, (a, b) in enumerate(zip(grads_p, grads)):
+        assert_close(f"grad {i}", a, b, atol=1e-12)
+
+
 def test_labels_are_refused_for_shifted_targets():
     """Hugging Face's `labels=input_ids` (unshifted) would train on the wrong targets here."""
     model = BLALM(tiny())
