@@ -73,6 +73,7 @@ VARIANTS = {
     "eager_loss": "the chunked loss eager, as before issue 43 (the blocks compiled)",
     "no_check": "without nan_policy's finiteness check (no host read per micro-batch)",
     "cuda_graphs": "the blocks compiled with mode=reduce-overhead (Inductor's CUDA graph trees)",
+    "whole_model": "the whole model compiled as one region (one guard check and AOT wrapper a step, not one a block)",
 }
 
 
@@ -90,7 +91,10 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
     torch.manual_seed(0)
     model = BLALM(model_cfg)
     model.set_checkpointing(cfg.activation_checkpointing)
-    if cfg.compiles("cuda"):
+    if cfg.compiles("cuda") and variant == "whole_model":
+        model.compile()
+        model.head.loss_compile = {}  # its chunks compiled as compile_blocks does
+    elif cfg.compiles("cuda"):
         model.compile_blocks(**({"mode": "reduce-overhead"} if variant == "cuda_graphs" else {}))
         if variant == "eager_loss":
             model.head.loss_compile = None
