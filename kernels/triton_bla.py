@@ -52,10 +52,10 @@ __all__ = ["forward", "backward", "step", "chunk_outputs", "chunk_outputs_ref", 
 
 
 def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, device) -> torch.Tensor:
-    """[N, H_kv, m, d] (or zeros) -> fp32 [N, H_kv, BM, BD], zero padded."""
+    """[N, H_kv, m, d] (or zeros) -> fp32 [n >= N, H_kv, BM, BD], zero padded."""
     out = torch.zeros(n, hkv, bm, bd, device=device, dtype=torch.float32)
     if x is not None:
-        out[:, :, : x.shape[2], : x.shape[3]] = x
+        out[: x.shape[0], :, : x.shape[2], : x.shape[3]] = x  # a static layout's dummy sequence starts from zeros
     return out
 
 
@@ -69,7 +69,7 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     consts, seg_chunks = plan.consts, plan.seg_chunks
     C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     lay = call_layout(p, dev, C, seg_chunks)
-    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    offsets = lay.seq_offsets(p.offset)
     gs, gl, toff, cum, cen, end = plan.tables(p, dev)
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
@@ -91,13 +91,13 @@ def forward(q, k, v, h0k, h0v, problem: Problem):
     start_k, start_v = (new(shape, device=dev, dtype=dtype) for shape, dtype in layout[4:6])
     lse = (new if consts["NT"] > 1 else torch.zeros)(layout[7][0], device=dev, dtype=torch.float32)
     use_h0 = h0k is not None
-    h0k_p = _padded_state(h0k, p.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
-    h0v_p = _padded_state(h0v, p.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
+    h0k_p = _padded_state(h0k, lay.num_seqs, HKV, BM, BDK, dev) if use_h0 else None
+    h0v_p = _padded_state(h0v, lay.num_seqs, HKV, BM, BDV, dev) if use_h0 else None
     hk, hv = segment_scan(seg_k, seg_v, seg_dec, h0k_p, h0v_p, lay, plan, reverse=False, out=(start_k, start_v))
 
     o = _outputs(q, k, v, lse, (ck, cv, before, start_k, start_v), (cum, cen), common, lay, plan, p)
-    hk = hk[:, :, : p.slots, : p.head_dim_k].contiguous()
-    hv = hv[:, :, : p.slots, : p.head_dim_v].contiguous()
+    hk = hk[: p.num_seqs, :, : p.slots, : p.head_dim_k].contiguous()  # a static layout's dummy sequence left out
+    hv = hv[: p.num_seqs, :, : p.slots, : p.head_dim_v].contiguous()
     return o, hk, hv, (ck, cv, before, chunk_dec, start_k, start_v, seg_dec, lse)
 
 
@@ -122,7 +122,7 @@ def chunk_outputs(q, k, v, states, problem: Problem) -> torch.Tensor:
     plan = plan_for(p, q.dtype)
     lay = call_layout(p, dev, plan.consts["C"], plan.seg_chunks)
     gs, gl, toff, cum, cen, _ = plan.tables(p, dev)
-    common = (gs, gl, lay.starts, lay.lengths, p.offset.to(device=dev, dtype=torch.int32), lay.windows, toff)
+    common = (gs, gl, lay.starts, lay.lengths, lay.seq_offsets(p.offset), lay.windows, toff)
     lse = torch.zeros(plan.saved[7][0], device=dev, dtype=torch.float32)
     return _outputs(q, k, v, lse, states, (cum, cen), common, lay, plan, p)
 
@@ -139,7 +139,7 @@ def chunk_grads(q, k, v, do, o, states, problem: Problem):
     consts = plan.consts
     lay = call_layout(p, dev, consts["C"], plan.seg_chunks)
     gs, gl, toff, cum, cen, _ = plan.tables(p, dev)
-    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    offsets = lay.seq_offsets(p.offset)
     parts = grad_parts(consts)
     dq = torch.empty_like(q)
     dq32 = torch.empty((parts, *q.shape), device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq
@@ -192,7 +192,7 @@ def token_grads(q, k, v, dk_parts, dv_parts, end_grads, problem: Problem):
     plan = plan_for(p, q.dtype)
     lay = call_layout(p, dev, plan.consts["C"], plan.seg_chunks)
     gs, gl, toff, cum, _, end = plan.tables(p, dev)
-    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    offsets = lay.seq_offsets(p.offset)
     dq = torch.empty_like(q)
     dq32 = torch.zeros((dk_parts.shape[0], *q.shape), device=dev, dtype=torch.float32)
     return _token_grads(k, v, dq, dq32, dk_parts, dv_parts, end_grads, (cum, end, gs, gl, toff), offsets, lay, plan,
@@ -209,7 +209,7 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     plan = plan_for(p, q.dtype)
     consts = plan.consts
     lay = call_layout(p, dev, consts["C"], plan.seg_chunks)
-    offsets = p.offset.to(device=dev, dtype=torch.int32)
+    offsets = lay.seq_offsets(p.offset)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     gs, gl, toff, cum, cen, end = plan.tables(p, dev)
     parts = grad_parts(consts)  # (A)'s tiles as programs leave dq, dk, dv in parts, (C) sums them
@@ -228,8 +228,8 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     # the final state's gradients (None when it was not used: the scan then starts from zeros)
     dhk_p = dhv_p = None
     if dhk is not None or dhv is not None:
-        dhk_p = _padded_state(None if dhk is None else dhk.float(), p.num_seqs, HKV, BM, BDK, dev)
-        dhv_p = _padded_state(None if dhv is None else dhv.float(), p.num_seqs, HKV, BM, BDV, dev)
+        dhk_p = _padded_state(None if dhk is None else dhk.float(), lay.num_seqs, HKV, BM, BDK, dev)
+        dhv_p = _padded_state(None if dhv is None else dhv.float(), lay.num_seqs, HKV, BM, BDV, dev)
     # (B) two short scans instead of one over every chunk of a sequence (latency-bound): the
     # chunks of each forward segment from a zero carry, then the segments (by the forward's decays)
     seg_k, seg_v, after = scan(dks, dvs, chunk_dec, None, None, lay.item_chunk_first, lay.item_chunk_count,
@@ -239,4 +239,5 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
                                   offsets, lay, plan, part_sizes)  # fmt: skip
     if not use_h0:
         return dq, dk_out, dv_out, None, None
-    return dq, dk_out, dv_out, dh0k[:, :, : p.slots, : p.head_dim_k].contiguous(), dh0v[:, :, : p.slots, : p.head_dim_v].contiguous()
+    n = p.num_seqs
+    return dq, dk_out, dv_out, dh0k[:n, :, : p.slots, : p.head_dim_k].contiguous(), dh0v[:n, :, : p.slots, : p.head_dim_v].contiguous()

@@ -783,3 +783,22 @@ def test_chunk_gradient_stage_equals_its_reference(tune, gates):
     got = (dq, dk.sum(0), dv.sum(0), dks[:, :, :m, :d], dvs[:, :, :m, :d])
     for name, a, b in zip(("dq", "dk", "dv", "dK0", "dV0"), got, want):
         assert_close(name, a.double().cpu(), b, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("gates", ["fejer", "dirichlet"])
+def test_packed_layout_built_on_the_device_equals_the_host_built(tune, monkeypatch, gates):
+    """The layout a CUDA graph's capture builds (``static_layouts``: on the device, every size at
+    its bound, a dummy sequence taking the rows past the documents') gives what the host-built
+    layout gives: packed documents with empty and 1-token ones, initial states, offsets, several
+    segments a document, every gradient; the host path is never taken."""
+    from bla.kernels import triton_layout
+
+    tune(sub=16, segment=32)
+
+    def host_layout(*a, **k):
+        raise AssertionError("the host-built layout was used")
+
+    monkeypatch.setattr(triton_layout, "Layout", host_layout)
+    with triton_layout.static_layouts():
+        _compare_packed(12, 4, gates)
+        _compare_packed(12, 4, gates, phase_shift=[1, 2])
