@@ -33,6 +33,11 @@ for stage in "$@"; do
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile \
         --variants ${AB_VARIANTS:-default eager_loss no_check cuda_graphs} --json "$OUT/train_2k_ab.json" 2>&1 \
         | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_2k_ab.txt" ;;
+    packed2k)  # issue 43: the LM path (packed documents, mean 512 tokens; cu_seqlens padded to a power of two) with
+      # and without CUDA graph trees: tokens/s, and the loss after the same updates (the graphs must not change it)
+      python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla attn --packed 512 \
+        --variants default cuda_graphs --json "$OUT/train_2k_packed.json" 2>&1 \
+        | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_2k_packed.txt" ;;
     eager2k)  # the same rows eager (compile=false): the compiled path's gain
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --set compile=false --json "$OUT/train_2k_eager.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_eager.txt" ;;
     sac2k)  # activation checkpointing's trade-off

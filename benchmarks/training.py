@@ -77,8 +77,30 @@ VARIANTS = {
 }
 
 
+def packed_batch(vocab: int, rows: int, seq_len: int, mean_doc: int, seed: int = 0) -> dict:
+    """``rows`` rows of random documents (lengths exponential around ``mean_doc``, cut at the row's
+    end) packed into one row with ``cu_seqlens`` (padded to a power of two) and per-document
+    positions, as the trainer's LM batches are; no label crosses into the next document."""
+    from bla.data.packing import pad_cu_seqlens
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq_len + 1), generator=g)
+    labels = ids[:, 1:].clone()
+    cu, positions = [0], torch.zeros(rows, seq_len, dtype=torch.long)
+    for r in range(rows):
+        t = 0
+        while t < seq_len:
+            n = min(seq_len - t, max(2, int(torch.empty(1).exponential_(1 / mean_doc, generator=g))))
+            positions[r, t : t + n] = torch.arange(n)
+            labels[r, t + n - 1] = -100 if t + n < seq_len else labels[r, t + n - 1]  # the next token is another document's
+            t += n
+            cu.append(r * seq_len + t)
+    return {"input_ids": ids[:, :-1].reshape(1, -1), "labels": labels.reshape(1, -1), "positions": positions.reshape(1, -1),
+            "cu_seqlens": pad_cu_seqlens(torch.tensor(cu, dtype=torch.int32))}  # fmt: skip
+
+
 def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str], profile: bool,
-            variant: str = "default") -> dict:  # fmt: skip
+            variant: str = "default", packed: int = 0) -> dict:  # fmt: skip
     import deepspeed
 
     from bla.train.trainer import forward_loss
@@ -100,8 +122,11 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
             model.head.loss_compile = None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg.deepspeed(bf16=True))
     B = max(1, tokens_per_step // seq_len)
-    ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    if packed:
+        batch = packed_batch(model_cfg.vocab_size, B, seq_len, packed)
+    else:
+        ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1))
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     torch.cuda.reset_peak_memory_stats()
 
     def step():  # the trainer's micro-batch (bla.train.trainer._Run.micro_batches)
@@ -114,10 +139,16 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
         engine.step()
 
     first, dt = _timed(step, steps)
+    with torch.no_grad():  # after the same updates on the same batch, variants that compute the same give the same loss
+        if variant == "cuda_graphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        loss_after = float(forward_loss(engine, batch, engine.device, None, cfg.loss_chunk)[0])
     peak, _ = peak_flops(engine.device, torch.bfloat16)
-    name = f"bla-lm {preset} {mixer}" + ("" if variant == "default" else f" {variant}")
+    name = f"bla-lm {preset} {mixer}" + ("" if variant == "default" else f" {variant}") + (" packed" if packed else "")
     row = _row(name, model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer,
-               compiled=cfg.compiles("cuda"), activation_checkpointing=cfg.activation_checkpointing, variant=variant)  # fmt: skip
+               compiled=cfg.compiles("cuda"), activation_checkpointing=cfg.activation_checkpointing, variant=variant,
+               packed_mean_doc=packed, documents=int((batch.get("cu_seqlens", torch.zeros(2)).diff() > 0).sum()),
+               loss_after=loss_after)  # fmt: skip
     if profile:
         row["profile"] = _profile(step)
     return row
@@ -171,6 +202,7 @@ def measure_plain_loop(preset: str, mixer: str, seq_len: int, tokens_per_step: i
 
 def _print(r: dict, base: dict | None) -> None:
     ratio = f"  {r['tokens_per_s'] / base['tokens_per_s']:.2f}x baseline" if base and base is not r else ""
+    ratio += f"  loss after {r['loss_after']:.6f}" if "loss_after" in r else ""
     print(f"{r['name']:>28} T={r['seq_len']:>6} B={r['batch']:>2} {r['tokens_per_s']:>10,.0f} tok/s MFU {100 * r['mfu']:5.1f}% "
           f"mem {r['peak_mem_gb']:5.1f} GB  first step {r['first_step_s']:.1f}s{ratio}", flush=True)  # fmt: skip
     for k in r.get("profile", []):
@@ -190,7 +222,8 @@ def _measure_all(args) -> list[dict]:
             for mixer in args.mixers:
                 for variant in args.variants:
                     try:
-                        r = measure(preset, mixer, T, args.tokens_per_step, args.steps, args.set, args.profile, variant)
+                        r = measure(preset, mixer, T, args.tokens_per_step, args.steps, args.set, args.profile, variant,
+                                    args.packed)  # fmt: skip
                     except Exception as e:  # a variant that cannot run here (CUDA graphs) says why; the rest go on
                         rows.append({"name": f"bla-lm {preset} {mixer} {variant}", "seq_len": T, "error": f"{type(e).__name__}: {e}"[:2000]})
                         print(f"bla-lm {preset} {mixer} {variant} T={T}: failed: {rows[-1]['error'][:600]}", flush=True)
@@ -220,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print each row's top kernels of one step")
     p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
                    help="ways to run the bla-lm rows' step, each its own row: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+    p.add_argument("--packed", type=int, default=0, metavar="MEAN_DOC",
+                   help="bla-lm rows on packed documents of this mean length (cu_seqlens, as LM training packs), not dense rows")
     p.add_argument("--plain-loop", action="store_true", help="also each mixer's model in the baseline's loop (no DeepSpeed)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")

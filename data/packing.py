@@ -77,3 +77,16 @@ def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         "positions": cat("positions"),
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
     }
+
+
+def pad_cu_seqlens(cu_seqlens: torch.Tensor, minimum: int = 8) -> torch.Tensor:
+    """``cu_seqlens`` with empty documents appended, to a power-of-two length (at least
+    ``minimum``): batches with different numbers of documents then share a few shapes, so that a
+    compiled, graph-replayed model records a graph per shape, not one per batch. The model gives
+    the same results with and without the empty documents."""
+    n = cu_seqlens.numel()
+    if n < 1:
+        raise ValueError("pad_cu_seqlens: cu_seqlens needs at least one offset")
+    size = max(minimum, 1 << (n - 1).bit_length())
+    return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(size - n)])
+

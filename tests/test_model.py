@@ -93,6 +93,7 @@ def test_packed_documents_equal_separate_runs(pattern):
 def test_cu_seqlens_padded_to_a_capacity_equal_the_unpadded(backend):
     """Packed-document metadata padded to a fixed capacity with empty trailing documents (what a
     replayed CUDA graph needs: static shapes) gives the unpadded loss and gradients, in float64."""
+    from bla.data.packing import pad_cu_seqlens
     from bla.kernels import triton_available
 
     if backend == "triton" and not triton_available(torch.device("cpu")):
@@ -101,7 +102,9 @@ def test_cu_seqlens_padded_to_a_capacity_equal_the_unpadded(backend):
     model = BLALM(tiny(layer_pattern="[bla, attn, swa]", **{"bla.backend": backend})).double()
     ids = torch.randint(0, 256, (1, 41))
     cu = torch.tensor([0, 9, 10, 40])
-    padded = torch.cat([cu, cu[-1:].expand(5)])  # capacity 8 documents, 3 used
+    padded = pad_cu_seqlens(cu)  # 8 offsets: 4 empty documents appended
+    assert padded.tolist() == [0, 9, 10, 40, 40, 40, 40, 40]
+    assert pad_cu_seqlens(torch.arange(9)).numel() == 16 and pad_cu_seqlens(torch.arange(16)).numel() == 16
     results = []
     for c in (cu, padded):
         model.zero_grad()
