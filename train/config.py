@@ -146,8 +146,8 @@ class TrainConfig:
             bad("cuda_graphs=true replays the compiled blocks: it needs compile (not false), zero_stage <= 2 and no "
                 "sequence parallelism")  # fmt: skip
         if self.cuda_graphs and self.data.task in task_names() and task_named(self.data.task).needs_text:
-            bad(f"cuda_graphs=true with data.task={self.data.task}: its batches pack documents, whose boundaries the "
-                "BLA kernels read on the host, and a replayed graph would keep the first batch's; use cuda_graphs=false")  # fmt: skip
+            bad(f"cuda_graphs=true with data.task={self.data.task}: its batches pack documents, which training does not "
+                "replay as CUDA graphs yet (the kernels' part is built, not yet checked on a GPU); use cuda_graphs=false")  # fmt: skip
         if not isinstance(self.deterministic, bool):
             bad(f"deterministic must be true or false, got {self.deterministic!r}")
         if not isinstance(self.optim.fused, bool):
