@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .checks import Problem
 from .gates import dirichlet_gates
-from .triton_forward import _chunks_ref
+from .triton_forward import chunks_ref
 from .triton_tiles import (
     _all_gates,
     _chunk_parts,
@@ -218,7 +218,7 @@ def chunk_grads_ref(q, k, v, do, states, problem: Problem, chunk: int, seg_chunk
     start-state gradients dK0, dV0 ([chunks, kv heads, m, d])."""
     grads = [torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v)]
     dK0, dV0 = [], []
-    for _, b, t0, t1, K0, V0, outputs in _chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
+    for _, b, t0, t1, K0, V0, outputs in chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
         x = [t[b : b + 1, t0:t1].double().cpu().requires_grad_() for t in (q, k, v)] + [K0.requires_grad_(), V0.requires_grad_()]
         o = outputs(*x)
         got = torch.autograd.grad((o * do[b : b + 1, t0:t1].double().cpu()).sum(), x)

@@ -135,7 +135,7 @@ def _fwd_out_kernel(
             before = before * tl.exp(T)
 
 
-def _chunks_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int):
+def chunks_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks: int):
     """Dense rows, float64: each chunk's (row, tokens t0:t1, start state K0, V0) with K0 = ck +
     before * start_k, V0 alike (the decay per slot), and a function giving its outputs from
     (q, k, v, K0, V0) through the recurrence (``bla.kernels.reference``) at its offset."""
@@ -167,6 +167,6 @@ def chunk_outputs_ref(q, k, v, states, problem: Problem, chunk: int, seg_chunks:
     the decay per slot), and its outputs are the recurrence's (``bla.kernels.reference``) from
     that state at its offset."""
     o = torch.zeros(q.shape[:-1] + (problem.head_dim_v,), dtype=torch.float64)
-    for _, b, t0, t1, K0, V0, outputs in _chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
+    for _, b, t0, t1, K0, V0, outputs in chunks_ref(q, k, v, states, problem, chunk, seg_chunks):
         o[b, t0:t1] = outputs(*(x[b : b + 1, t0:t1].double().cpu() for x in (q, k, v)), K0, V0)
     return o
