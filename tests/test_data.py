@@ -430,3 +430,27 @@ def test_training_a_tokenizer_on_a_document_without_the_field_is_one_line(tmp_pa
     texts = (ex["text"] for ex in load_documents(files_source(bad, "text")))
     with pytest.raises(ValueError, match="docs.jsonl:2: no text field 'text'; its fields are \\['content'\\]"):
         train_tokenizer(texts, tmp_path / "tok", kind=kind, vocab_size=300)
+
+
+def test_the_training_benchmarks_packed_batches_are_packed_as_the_trainer_packs():
+    """benchmarks/training.py --packed: one packed row of documents, positions restarting at every
+    document, no label across a document's end inside a row, cu_seqlens padded to a power of two."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from training import packed_batch
+
+    b = packed_batch(vocab=100, rows=3, seq_len=64, mean_doc=12, seed=1)
+    assert {k: tuple(v.shape) for k, v in b.items() if k != "cu_seqlens"} == {"input_ids": (1, 192), "labels": (1, 192),
+                                                                               "positions": (1, 192)}  # fmt: skip
+    cu = b["cu_seqlens"].tolist()
+    n = len(cu)
+    assert n & (n - 1) == 0 and cu[0] == 0 and cu[-1] == 192 and cu == sorted(cu)
+    starts = sorted(set(cu[:-1]))
+    assert {0, 64, 128} <= set(starts)  # a row's start is a document's
+    pos, labels = b["positions"][0].tolist(), b["labels"][0].tolist()
+    for a, z in zip(starts, starts[1:] + [192]):
+        assert pos[a:z] == list(range(z - a))
+        if z % 64:  # a document that ends inside its row: its last token has no label
+            assert labels[z - 1] == -100
