@@ -693,6 +693,20 @@ def test_forward_stages_hold_the_states_they_name(tune):
         assert_close(f"segment {s} decay", seg_dec[s, 0, :m], alpha[64 * s : min(64 * s + 64, T)].prod(0), atol=1e-6, rtol=1e-5)
 
 
+def _random_like_saved(buffers, m: int, d: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random states (normal) and decays (uniform in [0, 1)) shaped and typed as ``forward``'s saved
+    ``buffers``, their padded slots and dims zero: a stage's inputs that no other stage made."""
+    out = []
+    for buf in buffers:
+        x = torch.zeros(buf.shape, dtype=torch.float32)
+        if x.dim() == 4:
+            x[:, :, :m, :d] = torch.randn(x[:, :, :m, :d].shape, generator=g)
+        else:
+            x[:, :, :m] = torch.rand(x[:, :, :m].shape, generator=g)
+        out.append(x.to(device=DEVICE, dtype=buf.dtype))
+    return tuple(out)
+
+
 @pytest.mark.parametrize("gates", ["fejer", "dirichlet"])
 def test_output_stage_equals_its_reference(tune, gates):
     """Stage (3) alone: every chunk's outputs from start states that (1) and (2) did not make
@@ -709,15 +723,8 @@ def test_output_stage_equals_its_reference(tune, gates):
     q, k, v = random_qkv(B, T, 2, 1, d, d, dtype=torch.float32, device=DEVICE)
     p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
     _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
-    states = []
-    for buf in saved[:3] + saved[4:6]:  # ck, cv, before, start_k, start_v; padded slots and dims stay zero
-        x = torch.zeros(buf.shape, dtype=torch.float32)
-        if x.dim() == 4:
-            x[:, :, :m, :d] = torch.randn(x[:, :, :m, :d].shape, generator=g)
-        else:
-            x[:, :, :m] = torch.rand(x[:, :, :m].shape, generator=g)
-        states.append(x.to(device=DEVICE, dtype=buf.dtype))
-    got = triton_bla.chunk_outputs(q, k, v, tuple(states), p)
+    states = _random_like_saved(saved[:3] + saved[4:6], m, d, g)  # ck, cv, before, start_k, start_v
+    got = triton_bla.chunk_outputs(q, k, v, states, p)
     want = triton_bla.chunk_outputs_ref(q, k, v, states, p, chunk=16, seg_chunks=4)
     assert_close("o", got.double().cpu(), want, atol=2e-5, rtol=2e-5)
 
@@ -737,16 +744,10 @@ def test_token_gradient_stage_equals_its_reference(tune, gates):
     q, k, v = random_qkv(B, T, 2, 1, d, d, dtype=torch.float32, device=DEVICE)
     p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
     _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
-    grads = []
-    for buf in saved[:2] + saved[4:6] + saved[2:3]:  # dks, dvs like ck, cv; seg_k, seg_v like start_k, start_v; after like before
-        x = torch.zeros(buf.shape, dtype=torch.float32)
-        if x.dim() == 4:
-            x[:, :, :m, :d] = torch.randn(x[:, :, :m, :d].shape, generator=g)
-        else:
-            x[:, :, :m] = torch.rand(x[:, :, :m].shape, generator=g)
-        grads.append(x.to(device=DEVICE, dtype=buf.dtype))
+    # dks, dvs shaped as ck, cv; seg_k, seg_v as start_k, start_v; after as before
+    grads = _random_like_saved(saved[:2] + saved[4:6] + saved[2:3], m, d, g)
     dk_parts, dv_parts = (torch.randn(1, *x.shape, generator=g).to(DEVICE) for x in (k, v))
-    got = triton_bla.token_grads(q, k, v, dk_parts.clone(), dv_parts.clone(), tuple(grads), p)
+    got = triton_bla.token_grads(q, k, v, dk_parts.clone(), dv_parts.clone(), grads, p)
     want = triton_bla.token_grads_ref(k, v, dk_parts, dv_parts, grads, p, chunk=16, seg_chunks=4)
     for name, a, b in zip(("dk", "dv"), got, want):
         assert_close(name, a.double().cpu(), b, atol=2e-5, rtol=2e-5)
@@ -769,16 +770,9 @@ def test_chunk_gradient_stage_equals_its_reference(tune, gates):
     do = torch.randn(q.shape, generator=g).to(DEVICE)
     p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
     _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
-    states = []
-    for buf in saved[:3] + saved[4:6]:  # ck, cv, before, start_k, start_v; padded slots and dims stay zero
-        x = torch.zeros(buf.shape, dtype=torch.float32)
-        if x.dim() == 4:
-            x[:, :, :m, :d] = torch.randn(x[:, :, :m, :d].shape, generator=g)
-        else:
-            x[:, :, :m] = torch.rand(x[:, :, :m].shape, generator=g)
-        states.append(x.to(device=DEVICE, dtype=buf.dtype))
-    o = triton_bla.chunk_outputs(q, k, v, tuple(states), p)
-    dq, dk, dv, dks, dvs = triton_bla.chunk_grads(q, k, v, do, o, tuple(states), p)
+    states = _random_like_saved(saved[:3] + saved[4:6], m, d, g)  # ck, cv, before, start_k, start_v
+    o = triton_bla.chunk_outputs(q, k, v, states, p)
+    dq, dk, dv, dks, dvs = triton_bla.chunk_grads(q, k, v, do, o, states, p)
     want = triton_bla.chunk_grads_ref(q, k, v, do, states, p, chunk=16, seg_chunks=4)
     got = (dq, dk.sum(0), dv.sum(0), dks[:, :, :m, :d], dvs[:, :, :m, :d])
     for name, a, b in zip(("dq", "dk", "dv", "dK0", "dV0"), got, want):
