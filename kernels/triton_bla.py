@@ -60,17 +60,33 @@ def _padded_state(x: torch.Tensor | None, n: int, hkv: int, bm: int, bd: int, de
 
 
 
+def _setup(q: torch.Tensor, p: Problem):
+    """What every stage of a call reads: its plan, layout, per-sequence offsets and tables (gs, gl,
+    toff, cum, cen, end), each built once and cached where it can be."""
+    plan = plan_for(p, q.dtype)
+    lay = call_layout(p, q.device, plan.consts["C"], plan.seg_chunks)
+    return plan, lay, lay.seq_offsets(p.offset), plan.tables(p, q.device)
+
+
+def _grad_buffers(q, k, v, consts: dict):
+    """dq, the slot tiles' fp32 dq parts (dq itself with one tile) and the fp32 dk, dv parts that
+    (A) fills and (C) sums: one part, or one per slot tile when the tiles run as programs."""
+    parts = grad_parts(consts)
+    dq = torch.empty_like(q)
+    dq32 = torch.empty((parts, *q.shape), device=q.device, dtype=torch.float32) if consts["NT"] > 1 else dq
+    dk = torch.empty((parts, *k.shape), device=q.device, dtype=torch.float32)
+    dv = torch.empty((parts, *v.shape), device=q.device, dtype=torch.float32)
+    return dq, dq32, dk, dv
+
+
 def forward(q, k, v, h0k, h0v, problem: Problem):
     """o, the final state (hk, hv; fp32, contiguous) and the 8 buffers the backward reads."""
     p = problem
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = plan_for(p, q.dtype)
-    consts, seg_chunks = plan.consts, plan.seg_chunks
-    C, BM, BDK, BDV, HKV = consts["C"], consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
-    lay = call_layout(p, dev, C, seg_chunks)
-    offsets = lay.seq_offsets(p.offset)
-    gs, gl, toff, cum, cen, end = plan.tables(p, dev)
+    plan, lay, offsets, (gs, gl, toff, cum, cen, end) = _setup(q, p)
+    consts = plan.consts
+    BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
 
     # (1) each segment's own end state and decay, and each chunk's start state from the
@@ -117,13 +133,10 @@ def chunk_outputs(q, k, v, states, problem: Problem) -> torch.Tensor:
     (ck, cv, before, start_k, start_v) in the forward's saved layout (``forward``'s 4 first and
     5th and 6th buffers), whatever they hold; ``chunk_outputs_ref`` is its reference."""
     p = problem
-    dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = plan_for(p, q.dtype)
-    lay = call_layout(p, dev, plan.consts["C"], plan.seg_chunks)
-    gs, gl, toff, cum, cen, _ = plan.tables(p, dev)
-    common = (gs, gl, lay.starts, lay.lengths, lay.seq_offsets(p.offset), lay.windows, toff)
-    lse = torch.zeros(plan.saved[7][0], device=dev, dtype=torch.float32)
+    plan, lay, offsets, (gs, gl, toff, cum, cen, _) = _setup(q, p)
+    common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff)
+    lse = torch.zeros(plan.saved[7][0], device=q.device, dtype=torch.float32)
     return _outputs(q, k, v, lse, states, (cum, cen), common, lay, plan, p)
 
 
@@ -133,20 +146,11 @@ def chunk_grads(q, k, v, do, o, states, problem: Problem):
     given the start states ``states`` (as ``chunk_outputs`` takes them) and the outputs ``o`` made
     from them; ``chunk_grads_ref`` is its reference."""
     p = problem
-    dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = plan_for(p, q.dtype)
-    consts = plan.consts
-    lay = call_layout(p, dev, consts["C"], plan.seg_chunks)
-    gs, gl, toff, cum, cen, _ = plan.tables(p, dev)
-    offsets = lay.seq_offsets(p.offset)
-    parts = grad_parts(consts)
-    dq = torch.empty_like(q)
-    dq32 = torch.empty((parts, *q.shape), device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq
-    dk = torch.empty((parts, *k.shape), device=dev, dtype=torch.float32)
-    dv = torch.empty((parts, *v.shape), device=dev, dtype=torch.float32)
+    plan, lay, offsets, (gs, gl, toff, cum, cen, _) = _setup(q, p)
+    dq, dq32, dk, dv = _grad_buffers(q, k, v, plan.consts)
     dks, dvs = torch.zeros_like(states[0]), torch.zeros_like(states[1])
-    lse = torch.zeros(plan.saved[7][0], device=dev, dtype=torch.float32)  # read with NT > 1 slot tiles only
+    lse = torch.zeros(plan.saved[7][0], device=q.device, dtype=torch.float32)  # read with NT > 1 slot tiles only
     common = (gs, gl, lay.starts, lay.lengths, offsets, lay.windows, toff, lay.chunk_seq, lay.chunk_idx)
     _chunk_grads(q, k, v, do, o, lse, dq, dq32, dk, dv, states, dks, dvs, (cum, cen), common, lay, plan, p)
     return dq, dk, dv, dks, dvs
@@ -188,13 +192,9 @@ def token_grads(q, k, v, dk_parts, dv_parts, end_grads, problem: Problem):
     after) in the backward's layout (dks, dvs as ``forward``'s ck, cv; seg_k, seg_v as its
     start_k, start_v; after as its before), whatever they hold; ``token_grads_ref`` is its reference."""
     p = problem
-    dev = q.device
-    plan = plan_for(p, q.dtype)
-    lay = call_layout(p, dev, plan.consts["C"], plan.seg_chunks)
-    gs, gl, toff, cum, _, end = plan.tables(p, dev)
-    offsets = lay.seq_offsets(p.offset)
+    plan, lay, offsets, (gs, gl, toff, cum, _, end) = _setup(q, p)
     dq = torch.empty_like(q)
-    dq32 = torch.zeros((dk_parts.shape[0], *q.shape), device=dev, dtype=torch.float32)
+    dq32 = torch.zeros((dk_parts.shape[0], *q.shape), device=q.device, dtype=torch.float32)
     return _token_grads(k, v, dq, dq32, dk_parts, dv_parts, end_grads, (cum, end, gs, gl, toff), offsets, lay, plan,
                         (q.numel(), k.numel(), v.numel()))  # fmt: skip
 
@@ -206,17 +206,10 @@ def backward(do, dhk, dhv, q, k, v, o, saved, problem: Problem, use_h0: bool):
     p = problem
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = plan_for(p, q.dtype)
+    plan, lay, offsets, (gs, gl, toff, cum, cen, end) = _setup(q, p)
     consts = plan.consts
-    lay = call_layout(p, dev, consts["C"], plan.seg_chunks)
-    offsets = lay.seq_offsets(p.offset)
     BM, BDK, BDV, HKV = consts["BM"], consts["BDK"], consts["BDV"], p.num_kv_heads
-    gs, gl, toff, cum, cen, end = plan.tables(p, dev)
-    parts = grad_parts(consts)  # (A)'s tiles as programs leave dq, dk, dv in parts, (C) sums them
-    dq = torch.empty_like(q)
-    dq32 = torch.empty((parts, *q.shape), device=dev, dtype=torch.float32) if consts["NT"] > 1 else dq  # slot tiles' dq
-    dk = torch.empty((parts, *k.shape), device=dev, dtype=torch.float32)
-    dv = torch.empty((parts, *v.shape), device=dev, dtype=torch.float32)
+    dq, dq32, dk, dv = _grad_buffers(q, k, v, consts)
     part_sizes = (q.numel(), k.numel(), v.numel())  # elements between two parts
     # each chunk's own share of its start-state gradient, then (after the scan) the gradient of
     # its end state from later chunks of its segment; in the operands' dtype, as (C) reads them

@@ -693,6 +693,20 @@ def test_forward_stages_hold_the_states_they_name(tune):
         assert_close(f"segment {s} decay", seg_dec[s, 0, :m], alpha[64 * s : min(64 * s + 64, T)].prod(0), atol=1e-6, rtol=1e-5)
 
 
+def _stage_problem(tune, gates: str, seed: int):
+    """The stage tests' problem: two rows of 150 tokens with an offset, W = 24, m = 6, d = 8, two
+    query heads per kv head, 16-token chunks 4 to a segment (a last chunk cut short); its
+    generator, inputs, Problem and the forward's saved buffers (for their shapes)."""
+    from bla.kernels import triton_bla
+    from bla.kernels.checks import check_problem
+
+    tune(sub=16, segment=64)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(2, 150, 2, 1, 8, 8, dtype=torch.float32, device=DEVICE)
+    p = check_problem(q, k, v, 24, 6, None, None, None, 7, gates)
+    return g, q, k, v, p, triton_bla.forward(q, k, v, None, None, p)[3]
+
+
 def _random_like_saved(buffers, m: int, d: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Random states (normal) and decays (uniform in [0, 1)) shaped and typed as ``forward``'s saved
     ``buffers``, their padded slots and dims zero: a stage's inputs that no other stage made."""
@@ -715,14 +729,9 @@ def test_output_stage_equals_its_reference(tune, gates):
     offset): two rows with an offset, 16-token chunks, 4 to a segment, a last chunk cut short,
     two query heads per kv head."""
     from bla.kernels import triton_bla
-    from bla.kernels.checks import check_problem
 
-    tune(sub=16, segment=64)
-    g = torch.Generator().manual_seed(5)
-    B, T, W, m, d = 2, 150, 24, 6, 8
-    q, k, v = random_qkv(B, T, 2, 1, d, d, dtype=torch.float32, device=DEVICE)
-    p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
-    _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
+    g, q, k, v, p, saved = _stage_problem(tune, gates, seed=5)
+    m, d = p.slots, p.head_dim_k
     states = _random_like_saved(saved[:3] + saved[4:6], m, d, g)  # ck, cv, before, start_k, start_v
     got = triton_bla.chunk_outputs(q, k, v, states, p)
     want = triton_bla.chunk_outputs_ref(q, k, v, states, p, chunk=16, seg_chunks=4)
@@ -736,14 +745,9 @@ def test_token_gradient_stage_equals_its_reference(tune, gates):
     its chunk's end state from the float64 gates): two rows with an offset, 16-token chunks, 4 to
     a segment, a last chunk cut short."""
     from bla.kernels import triton_bla
-    from bla.kernels.checks import check_problem
 
-    tune(sub=16, segment=64)
-    g = torch.Generator().manual_seed(6)
-    B, T, W, m, d = 2, 150, 24, 6, 8
-    q, k, v = random_qkv(B, T, 2, 1, d, d, dtype=torch.float32, device=DEVICE)
-    p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
-    _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
+    g, q, k, v, p, saved = _stage_problem(tune, gates, seed=6)
+    m, d = p.slots, p.head_dim_k
     # dks, dvs shaped as ck, cv; seg_k, seg_v as start_k, start_v; after as before
     grads = _random_like_saved(saved[:2] + saved[4:6] + saved[2:3], m, d, g)
     dk_parts, dv_parts = (torch.randn(1, *x.shape, generator=g).to(DEVICE) for x in (k, v))
@@ -761,15 +765,10 @@ def test_chunk_gradient_stage_equals_its_reference(tune, gates):
     its start state): two rows with an offset, 16-token chunks, 4 to a segment, a last chunk cut
     short, two query heads per kv head."""
     from bla.kernels import triton_bla
-    from bla.kernels.checks import check_problem
 
-    tune(sub=16, segment=64)
-    g = torch.Generator().manual_seed(7)
-    B, T, W, m, d = 2, 150, 24, 6, 8
-    q, k, v = random_qkv(B, T, 2, 1, d, d, dtype=torch.float32, device=DEVICE)
+    g, q, k, v, p, saved = _stage_problem(tune, gates, seed=7)
+    m, d = p.slots, p.head_dim_k
     do = torch.randn(q.shape, generator=g).to(DEVICE)
-    p = check_problem(q, k, v, W, m, None, None, None, 7, gates)
-    _, _, _, saved = triton_bla.forward(q, k, v, None, None, p)
     states = _random_like_saved(saved[:3] + saved[4:6], m, d, g)  # ck, cv, before, start_k, start_v
     o = triton_bla.chunk_outputs(q, k, v, states, p)
     dq, dk, dv, dks, dvs = triton_bla.chunk_grads(q, k, v, do, o, states, p)
