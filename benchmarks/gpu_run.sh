@@ -72,6 +72,18 @@ la, lb = ([h['loss'] for h in x['losses']] for x in (a, b))
 same = sum(x == y for x, y in zip(la, lb))
 print(f'{same} of {len(la)} logged step losses identical; largest difference {max(abs(x - y) for x, y in zip(la, lb)):.3g}')
 print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/graphs.txt" ;;
+    isolation)  # the whole model keeps every token in its document and its future on the GPU: Triton kernels eager,
+      # compiled and replayed as CUDA graphs, bf16, packed rows with padded cu_seqlens (tests/test_isolation.py)
+      timeout "${ISOLATION_LIMIT:-200}" python3 -m pytest -v -p no:logging --tb=short tests/test_isolation.py -m gpu 2>&1 \
+        | grep --line-buffered -E "^E |PASSED|FAILED|SKIPPED|ERROR|passed|failed|Error" | head -60 | tee "$OUT/isolation.txt" ;;
+    graphsdebug)  # issue 43: where the tensors cuda_graphs=true leaks into the graph pool were allocated (Inductor's
+      # history recording): the trainer on MQAR (125m), then the packed 350m BLA row
+      timeout 200 python3 benchmarks/lab/graphs_debug.py -m bla.train.cli mqar model.preset=125m model.vocab_size=8192 steps=12 \
+        eval_every=12 save_every=1000 log_every=4 cuda_graphs=true progress=false out_dir=/tmp/graphsdebug cache_dir=/tmp/cache 2>&1 \
+        | grep -v -E "Warning|warn" | tail -150 > "$OUT/graphsdebug_trainer.txt"
+      timeout 200 python3 benchmarks/lab/graphs_debug.py benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla \
+        --packed 512 --variants cuda_graphs --steps 2 2>&1 | grep -v -E "Warning|warn" | tail -150 > "$OUT/graphsdebug_packed.txt"
+      tail -5 "$OUT"/graphsdebug_*.txt ;;
     curve350m)  # issue 18's show: the 350m preset, 2,000 steps of 8k tokens on the embedded corpus, eager
       # and compiled at once on the one GPU (the eager run starts first; the compiled one once the
       # eager run's first step shows the data cache is built); logs land in $OUT as they come

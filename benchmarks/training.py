@@ -100,6 +100,17 @@ def packed_batch(vocab: int, rows: int, seq_len: int, mean_doc: int, seed: int =
             "cu_seqlens": pad_cu_seqlens(torch.tensor(cu, dtype=torch.int32))}  # fmt: skip
 
 
+def _loss_now(engine, batch: dict, loss_chunk: int, variant: str) -> float:
+    """The batch's loss without an update. Before training, variants that compute the same agree to
+    rounding; after the same updates on the same batch, bf16's rounding has had steps to grow."""
+    from bla.train.trainer import forward_loss
+
+    with torch.no_grad():
+        if variant.startswith("cuda_graphs"):
+            torch.compiler.cudagraph_mark_step_begin()
+        return float(forward_loss(engine, batch, engine.device, None, loss_chunk)[0])
+
+
 def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str], profile: bool,
             variant: str = "default", packed: int = 0) -> dict:  # fmt: skip
     import deepspeed
@@ -129,6 +140,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
         ids = torch.randint(0, model_cfg.vocab_size, (B, seq_len + 1))
         batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     torch.cuda.reset_peak_memory_stats()
+    loss_before = _loss_now(engine, batch, cfg.loss_chunk, variant)
 
     def step():  # the trainer's micro-batch (bla.train.trainer._Run.micro_batches)
         if variant.startswith("cuda_graphs"):
@@ -140,16 +152,13 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
         engine.step()
 
     first, dt = _timed(step, steps)
-    with torch.no_grad():  # after the same updates on the same batch, variants that compute the same give the same loss
-        if variant.startswith("cuda_graphs"):
-            torch.compiler.cudagraph_mark_step_begin()
-        loss_after = float(forward_loss(engine, batch, engine.device, None, cfg.loss_chunk)[0])
+    loss_after = _loss_now(engine, batch, cfg.loss_chunk, variant)
     peak, _ = peak_flops(engine.device, torch.bfloat16)
     name = f"bla-lm {preset} {mixer}" + ("" if variant == "default" else f" {variant}") + (" packed" if packed else "")
     row = _row(name, model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer,
                compiled=cfg.compiles("cuda"), activation_checkpointing=cfg.activation_checkpointing, variant=variant,
                packed_mean_doc=packed, documents=int((batch.get("cu_seqlens", torch.zeros(2)).diff() > 0).sum()),
-               loss_after=loss_after)  # fmt: skip
+               loss_before=loss_before, loss_after=loss_after)  # fmt: skip
     if profile:
         row["profile"] = _profile(step)
     return row
@@ -203,7 +212,7 @@ def measure_plain_loop(preset: str, mixer: str, seq_len: int, tokens_per_step: i
 
 def _print(r: dict, base: dict | None) -> None:
     ratio = f"  {r['tokens_per_s'] / base['tokens_per_s']:.2f}x baseline" if base and base is not r else ""
-    ratio += f"  loss after {r['loss_after']:.6f}" if "loss_after" in r else ""
+    ratio += f"  loss {r['loss_before']:.6f} -> {r['loss_after']:.6f}" if "loss_after" in r else ""
     print(f"{r['name']:>28} T={r['seq_len']:>6} B={r['batch']:>2} {r['tokens_per_s']:>10,.0f} tok/s MFU {100 * r['mfu']:5.1f}% "
           f"mem {r['peak_mem_gb']:5.1f} GB  first step {r['first_step_s']:.1f}s{ratio}", flush=True)  # fmt: skip
     for k in r.get("profile", []):
@@ -227,7 +236,7 @@ def _measure_all(args) -> list[dict]:
                                     args.packed)  # fmt: skip
                     except Exception as e:  # a variant that cannot run here (CUDA graphs) says why; the rest go on
                         rows.append({"name": f"bla-lm {preset} {mixer} {variant}", "seq_len": T, "error": f"{type(e).__name__}: {e}"[:2000]})
-                        print(f"bla-lm {preset} {mixer} {variant} T={T}: failed: {rows[-1]['error'][:600]}", flush=True)
+                        print(f"bla-lm {preset} {mixer} {variant} T={T}: failed: {rows[-1]['error']}", flush=True)
                         torch.cuda.empty_cache()
                         continue
                     if base:

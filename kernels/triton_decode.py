@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:  # a guarded import: exported models (bla export) run without Triton, on the torch backend
@@ -13,6 +11,7 @@ except ImportError as exc:
     raise ImportError(f"the Triton BLA kernels need triton: {exc}") from exc
 
 from .checks import Problem
+from .device_cache import device_cache
 from .triton_plan import _pick, plan
 from .triton_tables import LOG_FLOOR, gate_tables
 
@@ -73,7 +72,7 @@ def step(q, k, v, sk, sv, problem: Problem) -> torch.Tensor:
     return o
 
 
-@functools.lru_cache(maxsize=64)
+@device_cache(maxsize=64)
 def _windows_on(windows: tuple[int, ...], device: str) -> torch.Tensor:
     """int32 windows per kv head on ``device``, made once: a decode step copies nothing from the
     host (a captured CUDA graph may not)."""

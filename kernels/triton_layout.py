@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 
 import torch
 
 from .checks import Problem
+from .device_cache import device_cache
 
 
 def _as32(x: torch.Tensor, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.int32).contiguous()
 
 
-@functools.lru_cache(maxsize=64)
+@device_cache(maxsize=64)
 def _device_windows(windows: tuple[int, ...], device: str) -> torch.Tensor:
     """The windows as an int32 device tensor, made once (a host-to-device copy inside a CUDA graph's
     capture would copy from host memory freed by the time the graph replays)."""
@@ -157,7 +157,7 @@ def _capturing(device) -> bool:
     return _FORCED_STATIC[-1] or (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-@functools.lru_cache(maxsize=64)
+@device_cache(maxsize=64)
 def dense_layout(batch: int, seq_len: int, windows: tuple[int, ...], device: str, chunk: int, seg_chunks: int) -> Layout:
     """The layout of B equal sequences, built once per shape: no host-to-device copies per call."""
     starts = torch.arange(batch, dtype=torch.int64) * seq_len

@@ -29,6 +29,7 @@ except ImportError as exc:
 
 from . import triton_tuning as tuning
 from .checks import Problem
+from .device_cache import device_cache
 from .gates import dirichlet_gates
 from .triton_tuning import CENTRED, ELEMENTWISE, HALVES  # noqa: F401  (the pair forms, named here too)
 
@@ -113,7 +114,7 @@ def _phase_centres(win: torch.Tensor) -> torch.Tensor:
     return torch.stack([mid, mid1, mid2, first.amin(1)], dim=1)
 
 
-@functools.lru_cache(maxsize=16)
+@device_cache(maxsize=16)
 def cum_table_on(keys: Keys, slots: int, gates: str, sub: int, device: str, bm: int):
     """float32 [sum of distinct W, sub, BM] and its centres [sum of distinct W, 4, BM], rows in the
     order of the gate table's (``bm`` keys the cache: the tables' width follows the slot block)."""
@@ -130,7 +131,7 @@ def cum_table(problem: Problem, sub: int, device: torch.device) -> tuple[torch.T
     return cum_table_on(phase_keys(problem), problem.slots, problem.gates, sub, str(device), tuning.slot_block(problem.slots))
 
 
-@functools.lru_cache(maxsize=16)
+@device_cache(maxsize=16)
 def end_table_on(keys: Keys, slots: int, gates: str, sub: int, device: str, bm: int, dtype: torch.dtype):
     """[sum of distinct W, sub, BM] in the products' operand dtype: each token's weight s_t e^{T - l_t}
     in the state after a whole sub-chunk starting at every phase (the matrix (1) writes states with
@@ -181,7 +182,7 @@ def sub_chunking(problem: Problem) -> tuple[int, int]:
     return 16, ELEMENTWISE
 
 
-@functools.lru_cache(maxsize=32)
+@device_cache(maxsize=32)
 def _gate_table_on(keys: Keys, slots: int, gates: str, device: str, bm: int):
     s, la, starts = _gate_table_cpu(keys, slots, gates, bm)
     return s.to(device), la.to(device), torch.tensor(starts, dtype=torch.int32, device=device)
