@@ -77,13 +77,41 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
       timeout "${ISOLATION_LIMIT:-200}" python3 -m pytest -v -p no:logging --tb=short tests/test_isolation.py -m gpu 2>&1 \
         | grep --line-buffered -E "^E |PASSED|FAILED|SKIPPED|ERROR|passed|failed|Error" | head -60 | tee "$OUT/isolation.txt" ;;
     graphsdebug)  # issue 43: where the tensors cuda_graphs=true leaks into the graph pool were allocated (Inductor's
-      # history recording): the trainer on MQAR (125m), then the packed 350m BLA row
+      # history recording): the trainer on MQAR (125m), then the packed 350m BLA row; each log whole, and its bla frames counted
       timeout 200 python3 benchmarks/lab/graphs_debug.py -m bla.train.cli mqar model.preset=125m model.vocab_size=8192 steps=12 \
-        eval_every=12 save_every=1000 log_every=4 cuda_graphs=true progress=false out_dir=/tmp/graphsdebug cache_dir=/tmp/cache 2>&1 \
-        | grep -v -E "Warning|warn" | tail -150 > "$OUT/graphsdebug_trainer.txt"
+        optim.warmup_steps=2 eval_every=12 save_every=12 log_every=4 cuda_graphs=true progress=false out_dir=/tmp/graphsdebug \
+        cache_dir=/tmp/cache > "$OUT/graphsdebug_trainer.txt" 2>&1
       timeout 200 python3 benchmarks/lab/graphs_debug.py benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla \
-        --packed 512 --variants cuda_graphs --steps 2 2>&1 | grep -v -E "Warning|warn" | tail -150 > "$OUT/graphsdebug_packed.txt"
-      tail -5 "$OUT"/graphsdebug_*.txt ;;
+        --packed 512 --variants cuda_graphs --steps 2 > "$OUT/graphsdebug_packed.txt" 2>&1
+      for f in "$OUT"/graphsdebug_*.txt; do echo "== $f"; grep -E "finished|tok/s|Detected|^RuntimeError" "$f" | head -3
+        grep -E 'File "/tmp/p/bla|File "/tmp/site/deepspeed' "$f" | sort | uniq -c | sort -rn | head -20; done ;;
+    regress)  # issue 44: plain BLA m = 64 at the Zoology-faithful MQAR point recalled 0.42 on 2026-12-02 (0fbd70a, H200; 3 seeds
+      # 0.41-0.43) and 0.002 on 12-07 (3b898fa, H100, seed 0): the same run at both commits in one call (`git archive 0fbd70a
+      # kernels model data train eval launch` unpacked as gpu_old0/bla, carried), and at HEAD without compile (blocks and
+      # loss eager), with the torch backend, and on seeds 1 and 2; all at once, one line each
+      mkdir -p /tmp/o0 && ln -sfn "$PWD/gpu_old0/bla" /tmp/o0/bla
+      A="mqar steps=3000 eval_every=500 save_every=5000 eval_batches=4 deterministic=true model.bla.gates=dirichlet
+         model.bla.window=256 model.bla.slots=64 optim.lr=4.6e-4 progress=false"
+      for run in old:seed=0 new:seed=0 new:compile=false new:model.bla.backend=torch new:seed=1 new:seed=2 old:seed=1; do
+        tree=${run%%:*}; set=${run#*:}; name=$(echo "$run" | tr ':=.' '___')
+        PYTHONPATH=$([ "$tree" = old ] && echo /tmp/o0 || echo /tmp/p):/tmp/site timeout "${REGRESS_LIMIT:-520}" \
+          python3 -m bla.train.cli $A $set cache_dir=/tmp/cache_$tree out_dir=/tmp/regress_$name > "/tmp/regress_$name.log" 2>&1 &
+      done
+      wait
+      for f in /tmp/regress_*.log; do echo "$f: $(grep -E "finished|Error" "$f" | tail -1)"; done | tee "$OUT/regress.txt"
+      for d in /tmp/regress_*/; do [ -f "$d/summary.json" ] && cp "$d/summary.json" "$OUT/$(basename "$d").json"; done ;;
+    gated)  # issue 44: BLA with all three extensions (the torch backend) failed on an H100 at the Zoology-faithful MQAR point,
+      # every run, with CUBLAS_STATUS_EXECUTION_FAILED in a later matrix product (a device fault reported late): 20 steps compiled
+      # with CUDA_LAUNCH_BLOCKING=1 (the fault where it happens), without compile, and without deterministic=true, at once
+      A="mqar steps=20 eval_every=20 save_every=20 log_every=5 optim.warmup_steps=2 eval_batches=2 deterministic=true model.bla.gates=dirichlet
+         model.bla.window=256 model.bla.slots=16 model.bla.write_gate=true model.bla.forget_gate=true model.bla.phase_shift=staggered progress=false"
+      for run in blocking:CUDA_LAUNCH_BLOCKING=1 eager:compile=false nondet:deterministic=false; do
+        name=${run%%:*}; set=${run#*:}
+        if [ "$name" = blocking ]; then env $set timeout 200 python3 -m bla.train.cli $A cache_dir=/tmp/cache out_dir=/tmp/gated_$name > "$OUT/gated_$name.txt" 2>&1 &
+        else timeout 200 python3 -m bla.train.cli $A $set cache_dir=/tmp/cache out_dir=/tmp/gated_$name > "$OUT/gated_$name.txt" 2>&1 & fi
+      done
+      wait
+      for f in "$OUT"/gated_*.txt; do echo "== $f"; grep -E "finished|Error|error|File \"/tmp/p/bla" "$f" | grep -v Warn | tail -8 | cut -c1-300; done ;;
     curve350m)  # issue 18's show: the 350m preset, 2,000 steps of 8k tokens on the embedded corpus, eager
       # and compiled at once on the one GPU (the eager run starts first; the compiled one once the
       # eager run's first step shows the data cache is built); logs land in $OUT as they come
