@@ -96,6 +96,8 @@ def _costly_aten_ops() -> frozenset:
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):  # fmt: skip
         if hasattr(aten, name):
             ops.add(getattr(aten, name).default)
+    if hasattr(torch.ops.higher_order, "flex_attention"):  # packed or windowed attention in compiled CUDA blocks (bla.model.flex)
+        ops.add(torch.ops.higher_order.flex_attention)
     return frozenset(ops)
 
 

@@ -26,6 +26,7 @@ from bla.kernels import bla_attention, bla_step, bla_step_
 from bla.kernels.checks import normalise_windows
 
 from .config import ModelConfig
+from .flex import flex_applies, masked_attention
 from .layers import RMSNorm, ShortConv, apply_rope
 from .registry import MixerKind, projection_params, register
 
@@ -321,6 +322,7 @@ class SoftmaxMixer(nn.Module):
     """Causal softmax attention with RoPE; ``window`` set makes it sliding-window (SWA)."""
 
     exchange = None  # sequence parallelism's "kv_gather" (attn) or "kv_halo" (swa) exchange, when set
+    use_flex = staticmethod(flex_applies)  # masked attention through FlexAttention? (tests force it on the CPU)
 
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
@@ -411,6 +413,11 @@ class SoftmaxMixer(nn.Module):
         window = self.window if self.window is not None else (cache.window if cache is not None else None)
         if self.exchange is not None:  # earlier slices' keys and values, and the global mask
             k, v, mask = self.exchange.key_context(self, k, v)
+        elif cache is None and (cu_seqlens is not None or (window is not None and window < T)) and self.use_flex(q):
+            # packed documents or a sliding window, compiled on CUDA: block-sparse FlexAttention, no T x T mask
+            doc = document_ids(cu_seqlens, T, x.device)[0] if cu_seqlens is not None else None
+            o = masked_attention(q, k, v, doc, window, enable_gqa=Hkv != H)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), None
         elif cu_seqlens is None and (window is None or window >= T) and (cache is None or cache.k is None):
             mask = None  # plain causal (a prompt's prefill too): SDPA's own (flash) path, no T x T mask
             if cache is not None:
