@@ -158,7 +158,20 @@ def _train(spec: SweepSpec, overrides: dict, out: Path, cache_dir: str, nproc: i
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         tail = log_file.read_text()[-2000:]
-        raise RuntimeError(f"training run {out.name} failed (exit {done.returncode}); log {log_file}:\n{tail}")
+        raise RunFailed(out.name, log_file, f"training run {out.name} failed (exit {done.returncode}); log {log_file}:\n{tail}")
+
+
+class SweepFailed(RuntimeError):
+    """Some runs failed; the others were trained and reported."""
+
+
+class RunFailed(RuntimeError):
+    """A run's training process failed (not a divergence, which is a result): the sweep trains the
+    other runs, writes their report, then fails naming this one and its log."""
+
+    def __init__(self, run: str, log_file: Path, message: str):
+        super().__init__(message)
+        self.run, self.log_file = run, log_file
 
 
 def evaluate_run(spec: SweepSpec, run_dir: Path, device) -> dict:
@@ -192,9 +205,9 @@ def _one_run(spec: SweepSpec, out: Path, mixer: str, overrides: dict, nproc: int
     try:
         _train(spec, overrides, run_dir, cache_dir, nproc, run_dir / "train.log", env)
         diverged = None
-    except RuntimeError:
+    except RunFailed:
         diverged = _diverged(run_dir)
-        if diverged is None:  # any other failure stops the sweep
+        if diverged is None:  # a failure, not a result: left to run_sweep
             raise
     seconds = time.time() - start
     device = torch.device("cuda", slot_gpus[0]) if slot_gpus else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,22 +286,33 @@ def run_sweep(spec: SweepSpec, out: str | Path, nproc: int = 1, jobs: int = 1, c
         finally:
             slots.put(gpus)
 
+    failed: list[RunFailed] = []
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc=spec.name, disable=not progress) as bar:
         futures = [pool.submit(in_a_slot, m, o) for m, o in todo]
         left = 0
         try:
             for done in as_completed(futures):
-                if done.result() is None:
+                try:
+                    line = done.result()
+                except RunFailed as exc:  # one configuration failing (a device fault, a bug) costs only its run
+                    failed.append(exc)
+                    line = f"[bla sweep] {exc}"
+                if line is None:
                     left += 1
                 else:
-                    print(done.result(), flush=True)
+                    print(line, flush=True)
                 bar.update()
-        except BaseException:  # a failed run stops the sweep: running runs finish, queued ones never start
+        except BaseException:  # anything else (an interrupt) stops the sweep: running runs finish, queued ones never start
             pool.shutdown(cancel_futures=True)
             raise
     if left:
         print(f"[bla sweep] {left} runs not started: past --start-by {start_by:g} s; run the sweep again to train them", flush=True)
-    return report(spec, out)
+    summary = report(spec, out)
+    if failed:
+        names = "; ".join(f"{exc.run} (log {exc.log_file})" for exc in failed)
+        raise SweepFailed(f"{spec.name}: {len(failed)} of {len(todo)} runs failed: {names}. The report has the others; "
+                          "running the sweep again trains the failed runs again")  # fmt: skip
+    return summary
 
 
 def restore_runs(spec: SweepSpec, out: str | Path, sources: list[str | Path] = ()) -> int:
@@ -564,7 +588,11 @@ def add_sweep_command(sub) -> None:
         if args.report:
             report(spec, out)
             return 0
-        run_sweep(spec, out, args.nproc, args.jobs, args.cache_dir, start_by=args.start_by)
+        try:
+            run_sweep(spec, out, args.nproc, args.jobs, args.cache_dir, start_by=args.start_by)
+        except SweepFailed as exc:  # each failure's log tail was printed as it came
+            print(f"bla sweep: error: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     p.set_defaults(func=run)

@@ -265,6 +265,38 @@ def test_a_diverged_run_is_a_result_not_an_error(tmp_path):
     assert row["accuracy"] == "" and "non-finite" in row["diverged"]
 
 
+def test_a_failed_run_costs_only_itself(tmp_path, monkeypatch):
+    """A run whose training process fails (on the GPU: a device fault in one configuration) does
+    not stop the others: they train and are reported, then the sweep fails naming the run and its
+    log; run again, it trains only the failed run."""
+    from bla.launch import sweep as sweep_module
+
+    path = tmp_path / "f.yaml"
+    path.write_text("name: f\npreset: mqar\noverrides: [steps=2, micro_batch=4, data.seq_len=32, data.mqar.num_kv_pairs=2, "
+                    "data.mqar.vocab_size=64, model.vocab_size=64, model.d_model=32, model.n_heads=2, eval_every=2, "
+                    "eval_batches=1, save_every=2, optim.warmup_steps=1]\n"
+                    "mixers: {swa: {model.layer_pattern: [[swa]], model.swa_window: [4, 8]}}\n"
+                    "grid: {optim.lr: [1.0e-3]}\neval: {examples: 8}\ntargets: [0.5]\nbaseline: swa\n")  # fmt: skip
+    spec = load_spec(str(path))
+    real_train, trained = sweep_module._train, []
+
+    def train_failing_window_4(spec, overrides, out, cache_dir, nproc, log_file, env):
+        trained.append(overrides["model.swa_window"])
+        if overrides["model.swa_window"] == 4 and len(trained) <= 2:
+            log_file.write_text("CUDA error: an illegal memory access was encountered\n")
+            raise sweep_module.RunFailed(out.name, log_file, f"training run {out.name} failed (exit 1)")
+        real_train(spec, overrides, out, cache_dir, nproc, log_file, env)
+
+    monkeypatch.setattr(sweep_module, "_train", train_failing_window_4)
+    out = tmp_path / "out"
+    with pytest.raises(sweep_module.SweepFailed, match=r"1 of 2 runs failed: swa-\w+ \(log .*train.log\)"):
+        run_sweep(spec, out, cache_dir=str(tmp_path / "cache"), progress=False)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [row["model.swa_window"] for row in rows] == ["8"] and rows[0]["accuracy"] != ""
+    summary = run_sweep(spec, out, cache_dir=str(tmp_path / "cache"), progress=False)  # again: only the failed run trains
+    assert sorted(trained) == [4, 4, 8] and summary["runs"] == 2
+
+
 def test_the_lm_state_sweeps_dry_run(capsys):
     """Issue 44's LM law over state: the two sizes' specs list their runs and state sizes (every
     mixer of the comparison, both BLA windows, the hybrids), about 11M and 43M non-embedding

@@ -94,13 +94,19 @@ except ImportError:  # numpy 1
 _LEGACY_NUMPY = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+_DEEPSPEED_IMPORT_LOCK = threading.Lock()
+
+
 def _deepspeed_plain_types() -> list:
     """The classes DeepSpeed pickles into ZeRO checkpoints: an enum, the loss scalers and fragment
     addresses, which hold numbers only (restored by setting attributes, never by calling code of the file's choice)."""
-    deepspeed()  # its log on stderr
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    # one thread at a time: two threads importing these at once (a sweep evaluating two finished
+    # runs) can meet in DeepSpeed's circular imports and stop on a _DeadlockError
+    with _DEEPSPEED_IMPORT_LOCK:
+        deepspeed()  # its log on stderr
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
