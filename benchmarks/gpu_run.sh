@@ -72,9 +72,11 @@ la, lb = ([h['loss'] for h in x['losses']] for x in (a, b))
 same = sum(x == y for x, y in zip(la, lb))
 print(f'{same} of {len(la)} logged step losses identical; largest difference {max(abs(x - y) for x, y in zip(la, lb)):.3g}')
 print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/graphs.txt" ;;
-    isolation)  # the whole model keeps every token in its document and its future on the GPU: Triton kernels eager,
-      # compiled and replayed as CUDA graphs, bf16, packed rows with padded cu_seqlens (tests/test_isolation.py)
-      timeout "${ISOLATION_LIMIT:-200}" python3 -m pytest -v -p no:logging --tb=short tests/test_isolation.py -m gpu 2>&1 \
+    isolation)  # the GPU tests of the day's changes: the whole model keeps every token in its document and its future
+      # (Triton kernels eager, compiled and replayed as CUDA graphs, bf16, packed rows with padded cu_seqlens; attn through
+      # FlexAttention when compiled), cached tables outside CUDA graph pools, FlexAttention's gradients against SDPA's
+      timeout "${ISOLATION_LIMIT:-240}" python3 -m pytest -v -p no:logging --tb=short tests/test_isolation.py tests/test_device_cache.py \
+        tests/test_flex.py -m gpu 2>&1 \
         | grep --line-buffered -E "^E |PASSED|FAILED|SKIPPED|ERROR|passed|failed|Error" | head -60 | tee "$OUT/isolation.txt" ;;
     graphsdebug)  # issue 43: where the tensors cuda_graphs=true leaks into the graph pool were allocated (Inductor's
       # history recording): the trainer on MQAR (125m), then the packed 350m BLA row; each log whole, and its bla frames counted
