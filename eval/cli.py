@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 import torch
 
@@ -82,6 +83,8 @@ def _perplexity(args) -> int:
                          f"pass --source (e.g. stdlib:validation) and --context")  # fmt: skip
     source = DataSourceConfig([parse_source(s) for s in sources])
     result = perplexity(model, tok, source, context, args.max_docs, device, progress=True)
+    for row in result["loss_by_position"]:  # a table on stderr; stdout holds the JSON alone
+        print(f"positions {row['from']:>6}-{row['to'] - 1:<6} {row['tokens']:>9,} tokens  loss {row['loss']:.4f}", file=sys.stderr)
     print(json.dumps({**result, "context": context, "run": str(args.run)}, indent=1))
     return 0
 

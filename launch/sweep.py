@@ -12,7 +12,7 @@ A sweep spec (YAML; named ones live in ``launch/sweeps/``):
       swa: {model.layer_pattern: [[swa]], model.swa_window: [16, 32, 64]}
     grid: {optim.lr: [1.0e-3, 3.0e-3], seed: [0]}   # crossed with every mixer's runs
     metric: accuracy                 # accuracy (mqar, regbench) or loss (lm; lower is better)
-    eval: {examples: 1000}           # mqar: held-out examples per run
+    eval: {examples: 1000}           # mqar: held-out examples per run; lm: {docs: 64} validation documents
     targets: [0.5, 0.9]              # state efficiency: state needed to reach these
     baseline: swa                    # ... relative to this mixer
 
@@ -177,16 +177,24 @@ class RunFailed(RuntimeError):
 def evaluate_run(spec: SweepSpec, run_dir: Path, device) -> dict:
     """The sweep's metrics of one finished run: ``loss`` (the trainer's last validation loss), and
     the task's held-out test scores (``accuracy``, plus ``tvd`` for RegBench), with the sweep's
-    ``eval`` options (examples, batch, seed: the task's test seed unless given)."""
+    ``eval`` options (examples, batch, seed: the task's test seed unless given); for language
+    modelling, ``bits_per_byte`` and ``loss_by_position`` over the first ``docs`` validation documents."""
     from bla.data import task_named
     from bla.train.checkpoint import load_run
 
-    model, _, cfg = load_run(run_dir, device)
+    model, tok, cfg = load_run(run_dir, device)
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = {"loss": summary.get("val_loss"), "val_accuracy": summary.get("val_accuracy")}  # validation split
     task = task_named(cfg.data.task)
     if not task.needs_text:
         metrics.update(task.test_scores(model, cfg.data, device, **spec.eval))
+    else:  # language modelling: bits per byte and the loss by position in the document, on validation documents
+        from bla.data import DataSourceConfig, parse_source
+        from bla.eval.perplexity import perplexity
+
+        source = DataSourceConfig([parse_source(s) for s in cfg.data.val_sources])
+        scored = perplexity(model, tok, source, cfg.data.seq_len, spec.eval.get("docs", LM_EVAL_DOCS), device)
+        metrics.update(bits_per_byte=scored["bits_per_byte"], loss_by_position=scored["loss_by_position"])
     return metrics
 
 
@@ -363,7 +371,19 @@ def _results(spec: SweepSpec, out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json")) if p.parent.name in names]
 
 
-AVERAGED = ("accuracy", "val_accuracy", "loss", "tvd", "train_seconds")  # what a point reports as its mean over seeds
+AVERAGED = ("accuracy", "val_accuracy", "loss", "tvd", "bits_per_byte", "train_seconds")  # what a point reports as its mean over seeds
+LM_EVAL_DOCS = 64  # validation documents an LM run's loss by position is measured on (``eval: {docs: N}``)
+
+
+def _mean_by_position(runs: list[dict]) -> list[dict] | None:
+    """The seeds' mean loss in each position bucket (the buckets every seed has)."""
+    tables = [r.get("loss_by_position") for r in runs]
+    if not all(tables):
+        return None
+    shared = set.intersection(*({(b["from"], b["to"]) for b in t} for t in tables))
+    rows = [b for b in tables[0] if (b["from"], b["to"]) in shared]
+    means = {key: sum(b["loss"] for t in tables for b in t if (b["from"], b["to"]) == key) / len(tables) for key in shared}
+    return [{**b, "loss": means[(b["from"], b["to"])]} for b in rows]
 
 
 def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
@@ -395,6 +415,7 @@ def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:
             for key in AVERAGED:
                 values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
                 point[key] = sum(values) / len(values) if len(values) == len(runs) else None
+            point["loss_by_position"] = _mean_by_position(runs)
             point[m + "_min"], point[m + "_max"] = min(r[m] for r in runs), max(r[m] for r in runs)
             validated = isinstance(point.get(select), (int, float)) and math.isfinite(point[select])
             point["selected_on"] = select if validated else f"{m} (test: no validation recorded)"
@@ -428,8 +449,8 @@ def state_efficiency(spec: SweepSpec, points: list[dict]) -> dict:
 def report(spec: SweepSpec, out: str | Path) -> dict:
     out = Path(out)
     results = _results(spec, out)
-    columns = ["run", "mixer", "state_elements", "state_bytes", "params", "accuracy", "val_accuracy", "loss", "tvd", "train_seconds",
-               "diverged"]
+    columns = ["run", "mixer", "state_elements", "state_bytes", "params", "accuracy", "val_accuracy", "loss", "tvd", "bits_per_byte",
+               "train_seconds", "diverged"]
     keys = sorted({k for r in results for k in r["overrides"]})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -440,7 +461,8 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
     efficiency = state_efficiency(spec, points)
     spread = ["seeds", spec.metric + "_min", spec.metric + "_max", "selected_on"]
     summary = {"name": spec.name, "metric": spec.metric, "runs": len(results), "expected_runs": len(spec.runs()),
-               "best_over_lr": [{k: r.get(k) for k in columns + spread} | {"overrides": r["overrides"]} for r in points],
+               "best_over_lr": [{k: r.get(k) for k in columns + spread + ["loss_by_position"]} | {"overrides": r["overrides"]}
+                                for r in points],
                "state_efficiency": efficiency,
                "diverged": [{"run": r["run"], "overrides": r["overrides"], "status": r["diverged"]} for r in results if r.get("diverged")]}  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -449,6 +471,8 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
         try:
             plot(spec, points, out / f"{spec.metric}_vs_state.png")
             plot_curves(spec, points, out, out / "learning_curves.png")
+            if any(p.get("loss_by_position") for p in points):
+                plot_by_position(spec, points, out / "loss_by_position.png")
         except ImportError as exc:  # a bare GPU machine: `bla sweep --report` elsewhere draws it
             print(f"[bla sweep] no plot: {exc}")
     print(f"{'mixer':>9} {'state':>11} {spec.metric:>9} {'seeds':>5} {'range':>15}  overrides (optim.lr chosen on {SELECT[spec.metric]})")
@@ -512,6 +536,41 @@ def learning_curves(out: Path, point: dict) -> list[tuple[list[int], list[float]
             losses = json.loads(summary.read_text()).get("losses", [])
             curves.append(([h["step"] for h in losses], [h["loss"] for h in losses]))
     return curves
+
+
+def plot_by_position(spec: SweepSpec, points: list[dict], path: Path) -> None:
+    """Validation loss against the position in the document (log scale), a panel per mixer and a
+    colour per state size, each at its chosen learning rate: whether a mixer's state carries
+    information past its window shows as loss that keeps falling beyond it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixers = [m for m in spec.mixers if any(p["mixer"] == m and p.get("loss_by_position") for p in points)]
+    cols = min(4, len(mixers))
+    rows = -(-len(mixers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 7.0), 3.2 * rows), squeeze=False, sharey=True)
+    for ax, mixer in zip(axes.flat, mixers):
+        mine = sorted((p for p in points if p["mixer"] == mixer and p.get("loss_by_position")), key=lambda p: p["state_elements"])
+        colours = plt.cm.viridis([i / max(1, len(mine) - 1) for i in range(len(mine))])
+        for point, colour in zip(mine, colours):
+            buckets = point["loss_by_position"]
+            ax.plot([max(1, b["from"]) for b in buckets], [b["loss"] for b in buckets], marker="o", markersize=3, color=colour,
+                    label=f"state {point['state_elements']:,}")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_title(mixer)
+        ax.set_xlabel("position in the document (bucket start)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes.flat[len(mixers) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation loss")
+    fig.suptitle(f"{spec.name}: loss by position at each point's chosen learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> None:

@@ -16,7 +16,7 @@ from bla.data.synthetic import MQARConfig, TaskLoader, mqar_examples
 from bla.eval.generate import generate
 from bla.data.task import label_accuracy
 from bla.eval.memory import measure, plot, throughput
-from bla.eval.perplexity import document_nll
+from bla.eval.perplexity import by_position, document_nll, position_edges, token_nll
 from bla.model import BLALM, apply_overrides, load_preset
 
 
@@ -151,6 +151,20 @@ def test_windowed_scoring_with_carried_state_equals_full_forward(pattern):
     assert_close("nll", torch.tensor(nll), full, atol=1e-3, rtol=1e-5)
 
 
+def test_loss_by_position_buckets_the_token_losses_by_their_place_in_the_document():
+    model = _tiny("[bla]")
+    ids = [1, *torch.randint(3, 256, (150,), generator=torch.Generator().manual_seed(0)).tolist(), 2]  # positions 0..151
+    nll = token_nll(model, ids, context=32, device="cpu")
+    assert nll.shape == (151,) and float(nll.sum()) == pytest.approx(document_nll(model, ids, 32, "cpu")[0])
+    sums, counts = torch.zeros(152, dtype=torch.float64), torch.zeros(152, dtype=torch.float64)
+    sums[1:], counts[1:] = nll, 1  # the token at position p is predicted by nll[p - 1]
+    assert position_edges(152) == [0, 64, 128, 256]
+    rows = by_position(sums, counts, position_edges(152))
+    assert [(r["from"], r["to"], r["tokens"]) for r in rows] == [(0, 64, 63), (64, 128, 64), (128, 256, 24)]
+    assert rows[1]["loss"] == pytest.approx(float(nll[63:127].mean())) and rows[2]["loss"] == pytest.approx(float(nll[127:].mean()))
+    assert by_position(sums, torch.zeros(152), [0, 64]) == []  # empty buckets are left out
+
+
 @pytest.mark.slow
 def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tiny_run):
     env = fresh_process_env()
@@ -161,6 +175,10 @@ def test_perplexity_of_a_checkpoint_on_the_embedded_validation_split(tiny_run):
     result = json.loads(done.stdout)  # stdout holds the result alone (DeepSpeed's log goes to stderr)
     assert result["docs"] == 3 and 1.0 < result["ppl"] < 512  # below the 512-token vocabulary's uniform guess
     assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / np.log(2) / result["bytes"])
+    buckets = result["loss_by_position"]  # they cover every token, and their weighted mean is the loss
+    assert sum(b["tokens"] for b in buckets) == result["tokens"]
+    assert sum(b["loss"] * b["tokens"] for b in buckets) / result["tokens"] == pytest.approx(result["loss"])
+    assert "positions      0-63" in done.stderr
     bad_args = [  # meaningless: refused in one line before the model loads, no 0.0 loss, no traceback
         (["eval", "perplexity", "--context", "-1"], "argument --context: expected a positive integer, got -1"),
         (["eval", "perplexity", "--context", "0"], "argument --context: expected a positive integer, got 0"),

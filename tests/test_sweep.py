@@ -297,6 +297,31 @@ def test_a_failed_run_costs_only_itself(tmp_path, monkeypatch):
     assert sorted(trained) == [4, 4, 8] and summary["runs"] == 2
 
 
+def test_an_lm_sweep_reports_bits_per_byte_and_the_loss_by_position(tmp_path):
+    """Language-modelling runs add bits per byte and the validation loss by position in the
+    document (issue 44: does a state carry information past its window?), drawn per mixer."""
+    path = tmp_path / "lm.yaml"
+    path.write_text("name: lm\npreset: tiny\noverrides: [steps=2, eval_every=2, save_every=2, eval_batches=1, log_every=1]\n"
+                    "mixers: {bla: {model.layer_pattern: [[bla]]}}\ngrid: {optim.lr: [1.0e-3]}\n"
+                    "metric: loss\neval: {docs: 3}\nbaseline: bla\n")  # fmt: skip
+    out = tmp_path / "out"
+    summary = run_sweep(load_spec(str(path)), out, cache_dir=str(tmp_path / "cache"), progress=False)
+    (point,) = summary["best_over_lr"]
+    buckets = point["loss_by_position"]
+    assert point["bits_per_byte"] > 0 and buckets[0]["from"] == 0 and all(a["to"] == b["from"] for a, b in zip(buckets, buckets[1:]))
+    assert (out / "loss_by_position.png").stat().st_size > 10_000
+    assert float(next(csv.DictReader(open(out / "results.csv")))["bits_per_byte"]) == pytest.approx(point["bits_per_byte"])
+
+
+def test_the_loss_by_position_of_a_point_is_its_seeds_mean(tmp_path):
+    spec = SweepSpec(name="t", preset="tiny", mixers={"bla": [{"size": 1}]}, grid={"optim.lr": [1e-3]}, metric="loss")
+    runs = [{"run": f"r{i}", "mixer": "bla", "overrides": {"size": 1, "optim.lr": 1e-3, "seed": i}, "state_elements": 1,
+             "loss": loss, "loss_by_position": [{"from": 0, "to": 64, "tokens": 9, "loss": loss}, *extra]}
+            for i, (loss, extra) in enumerate([(2.0, [{"from": 64, "to": 128, "tokens": 5, "loss": 1.0}]), (4.0, [])])]  # fmt: skip
+    (point,) = best_over_lr(spec, runs)
+    assert point["loss_by_position"] == [{"from": 0, "to": 64, "tokens": 9, "loss": 3.0}]  # buckets every seed has
+
+
 def test_the_lm_state_sweeps_dry_run(capsys):
     """Issue 44's LM law over state: the two sizes' specs list their runs and state sizes (every
     mixer of the comparison, both BLA windows, the hybrids), about 11M and 43M non-embedding
