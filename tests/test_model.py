@@ -117,6 +117,24 @@ def test_cu_seqlens_padded_to_a_capacity_equal_the_unpadded(backend):
         assert_close(f"grad {i}", a, b, atol=1e-12)
 
 
+def test_the_trainers_static_shapes_pad_the_offsets_and_keep_the_loss():
+    """With cuda_graphs the trainer pads each packed batch's offsets (a few shapes to record, not one
+    per number of documents); the loss is the unpadded one."""
+    from bla.train.trainer import forward_loss
+
+    torch.manual_seed(0)
+    model = BLALM(tiny(layer_pattern="[bla, attn]")).double()
+    ids = torch.randint(0, 256, (1, 41))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "cu_seqlens": torch.tensor([0, 9, 10, 40], dtype=torch.int32),
+             "positions": torch.cat([torch.arange(9), torch.arange(1), torch.arange(30)])[None]}  # fmt: skip
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["cu_seqlens"].tolist()), with_kwargs=True)
+    plain = forward_loss(model, batch, "cpu", loss_chunk=16)[0]
+    static = forward_loss(model, batch, "cpu", loss_chunk=16, static_shapes=True)[0]
+    assert seen == [[0, 9, 10, 40], [0, 9, 10, 40, 40, 40, 40, 40]]
+    assert_close("loss", static, plain, atol=1e-12)
+
+
 def test_labels_are_refused_for_shifted_targets():
     """Hugging Face's `labels=input_ids` (unshifted) would train on the wrong targets here."""
     model = BLALM(tiny())

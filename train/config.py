@@ -147,7 +147,8 @@ class TrainConfig:
                 "sequence parallelism")  # fmt: skip
         if self.cuda_graphs and self.data.task in task_names() and task_named(self.data.task).needs_text:
             bad(f"cuda_graphs=true with data.task={self.data.task}: its batches pack documents, which training does not "
-                "replay as CUDA graphs yet (the kernels' part is built, not yet checked on a GPU); use cuda_graphs=false")  # fmt: skip
+                "replay as CUDA graphs yet (the kernels' and the trainer's parts are built, not yet checked on a GPU); use "
+                "cuda_graphs=false")  # fmt: skip
         if not isinstance(self.deterministic, bool):
             bad(f"deterministic must be true or false, got {self.deterministic!r}")
         if not isinstance(self.optim.fused, bool):

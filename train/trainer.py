@@ -25,6 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from bla import data as lm_data  # loads text-data modules (datasets, tokenizers) on first use only
+from bla.data.packing import pad_cu_seqlens
 from bla.data.task import IGNORE
 from bla.data.tasks import task_named
 from bla.model import BLALM, flops_per_token, param_count
@@ -132,13 +133,18 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_loss(engine, batch: dict, device, sp_ctx=None, loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def forward_loss(engine, batch: dict, device, sp_ctx=None, loss_chunk: int = 0, static_shapes: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """(loss to back-propagate, logits). ``loss_chunk`` > 0: the loss through the head in chunks,
-    and no logits (training steps). Under sequence parallelism each rank scores its slice and
+    and no logits (training steps). ``static_shapes``: packed documents' offsets padded with empty
+    documents to a power of two (``pad_cu_seqlens``: the same loss), so that CUDA graphs see a few
+    shapes, not one per number of documents. Under sequence parallelism each rank scores its slice and
     returns sp x (its summed NLL) / (the group's label count): DeepSpeed averages gradients over
     all ranks, which then gives the data-parallel mean of every group's token-mean loss. The
     value returned for logging is the group's mean (identical on the group's ranks)."""
     if sp_ctx is None:
+        if static_shapes and batch.get("cu_seqlens") is not None:
+            batch = {**batch, "cu_seqlens": pad_cu_seqlens(batch["cu_seqlens"])}
         b = _to(batch, device)
         out = engine(b["input_ids"], cu_seqlens=b.get("cu_seqlens"), targets=b["labels"], positions=b.get("positions"),
                      loss_chunk=loss_chunk)  # fmt: skip
@@ -172,7 +178,7 @@ def evaluate(engine, cfg: TrainConfig, tok: lm_data.Tokenizer | None, rank: int,
             raise _ValidationInterrupted
         if cfg.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return forward_loss(engine, batch, device, sp_ctx)
+        return forward_loss(engine, batch, device, sp_ctx, static_shapes=cfg.cuda_graphs)
 
     engine.eval()
     try:
@@ -583,7 +589,7 @@ class _Run:
         while len(micro_losses) < cfg.grad_accum:
             if cfg.cuda_graphs:  # a new step: the graphs' outputs of the last one may be overwritten now
                 torch.compiler.cudagraph_mark_step_begin()
-            loss, _ = forward_loss(self.engine, next(self.batches), self.device, self.sp_ctx, cfg.loss_chunk)
+            loss, _ = forward_loss(self.engine, next(self.batches), self.device, self.sp_ctx, cfg.loss_chunk, cfg.cuda_graphs)
             nonfinite, signalled = _any_rank(not bool(torch.isfinite(loss.detach()).all()), self.stop.raised is not None)
             if signalled:
                 return micro_losses, f"interrupted by {self.stop.raised or 'a signal on another rank'}"
