@@ -538,19 +538,36 @@ def learning_curves(out: Path, point: dict) -> list[tuple[list[int], list[float]
     return curves
 
 
-def plot_by_position(spec: SweepSpec, points: list[dict], path: Path) -> None:
-    """Validation loss against the position in the document (log scale), a panel per mixer and a
-    colour per state size, each at its chosen learning rate: whether a mixer's state carries
-    information past its window shows as loss that keeps falling beyond it."""
+def _panels(mixers: list[str]):
+    """A figure with a panel per mixer (at most 4 a row), sharing the y axis: (plt, fig, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mixers = [m for m in spec.mixers if any(p["mixer"] == m and p.get("loss_by_position") for p in points)]
     cols = min(4, len(mixers))
     rows = -(-len(mixers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 7.0), 3.2 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 7.0), 3.2 * rows), squeeze=False, sharey=True)  # title fits
+    for ax in axes.flat[len(mixers) :]:
+        ax.axis("off")
+    return plt, fig, axes
+
+
+def _save_panels(plt, fig, axes, ylabel: str, title: str, path: Path) -> None:
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_by_position(spec: SweepSpec, points: list[dict], path: Path) -> None:
+    """Validation loss against the position in the document (log scale), a panel per mixer and a
+    colour per state size, each at its chosen learning rate: whether a mixer's state carries
+    information past its window shows as loss that keeps falling beyond it."""
+    mixers = [m for m in spec.mixers if any(p["mixer"] == m and p.get("loss_by_position") for p in points)]
+    plt, fig, axes = _panels(mixers)
     for ax, mixer in zip(axes.flat, mixers):
         mine = sorted((p for p in points if p["mixer"] == mixer and p.get("loss_by_position")), key=lambda p: p["state_elements"])
         colours = plt.cm.viridis([i / max(1, len(mine) - 1) for i in range(len(mine))])
@@ -563,32 +580,18 @@ def plot_by_position(spec: SweepSpec, points: list[dict], path: Path) -> None:
         ax.set_xlabel("position in the document (bucket start)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    for ax in axes.flat[len(mixers) :]:
-        ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("validation loss")
-    fig.suptitle(f"{spec.name}: loss by position at each point's chosen learning rate")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_panels(plt, fig, axes, "validation loss", f"{spec.name}: loss by position at each point's chosen learning rate", path)
 
 
 def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> None:
     """The training loss of every reported point (each configuration at its chosen learning rate),
     a panel per mixer, a colour per state size, each seed a line (a running mean over 2% of the
     steps): whether the runs behind the report had converged."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves = {p["run"]: learning_curves(out, p) for p in points}
     if not any(curves.values()):  # every run restored from a report (no summaries): keep the figure there is
         return
     mixers = [m for m in spec.mixers if any(p["mixer"] == m for p in points)]
-    cols = min(4, len(mixers))
-    rows = -(-len(mixers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 7.0), 3.2 * rows), squeeze=False, sharey=True)  # title fits
+    plt, fig, axes = _panels(mixers)
     for ax, mixer in zip(axes.flat, mixers):
         mine = sorted((p for p in points if p["mixer"] == mixer), key=lambda p: p["state_elements"])
         colours = plt.cm.viridis([i / max(1, len(mine) - 1) for i in range(len(mine))])
@@ -603,16 +606,9 @@ def plot_curves(spec: SweepSpec, points: list[dict], out: Path, path: Path) -> N
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper right")
-    for ax in axes.flat[len(mixers) :]:
-        ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("train loss")
     missing = sum(len(p["run"].split(",")) - len(curves[p["run"]]) for p in points)  # runs without a summary (restored)
-    fig.suptitle(f"{spec.name}: training loss at each point's chosen learning rate"
-                 + (f"\n({missing} runs restored from reports, without curves)" if missing else ""))  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_panels(plt, fig, axes, "train loss", f"{spec.name}: training loss at each point's chosen learning rate"
+                 + (f"\n({missing} runs restored from reports, without curves)" if missing else ""), path)  # fmt: skip
 
 
 def add_sweep_command(sub) -> None:
