@@ -90,15 +90,19 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
     regress)  # issue 44: plain BLA m = 64 at the Zoology-faithful MQAR point recalled 0.42 on 2026-12-02 (0fbd70a, H200; 3 seeds
       # 0.41-0.43) and 0.002 on 12-07 (3b898fa, H100, seed 0): the same run at both commits in one call (`git archive 0fbd70a
       # kernels model data train eval launch` unpacked as gpu_old0/bla, carried), and at HEAD without compile (blocks and
-      # loss eager), with the torch backend, and on seeds 1 and 2; all at once, one line each
+      # loss eager), with the torch backend, on seeds 1 and 2, and SWA W = 64 at HEAD (a change outside BLA's path would move
+      # it too); all at once, one line each
       mkdir -p /tmp/o0 && ln -sfn "$PWD/gpu_old0/bla" /tmp/o0/bla
       A="mqar steps=3000 eval_every=500 save_every=5000 eval_batches=4 deterministic=true model.bla.gates=dirichlet
          model.bla.window=256 model.bla.slots=64 optim.lr=4.6e-4 progress=false"
-      for run in old:seed=0 new:seed=0 new:compile=false new:model.bla.backend=torch new:seed=1 new:seed=2 old:seed=1; do
-        tree=${run%%:*}; set=${run#*:}; name=$(echo "$run" | tr ':=.' '___')
+      set -f  # the overrides' brackets are not globs
+      for run in old:seed=0 new:seed=0 new:compile=false new:model.bla.backend=torch new:seed=1 new:seed=2 old:seed=1 \
+                 new:model.layer_pattern=[swa]+model.swa_window=64+optim.lr=2.2e-3; do  # SWA W = 64: 0.597 on 12-02, seed 0
+        tree=${run%%:*}; set=${run#*:}; set=${set//+/ }; name=$(echo "$run" | tr ':=.+[]' '______' | cut -c1-60)
         PYTHONPATH=$([ "$tree" = old ] && echo /tmp/o0 || echo /tmp/p):/tmp/site timeout "${REGRESS_LIMIT:-520}" \
           python3 -m bla.train.cli $A $set cache_dir=/tmp/cache_$tree out_dir=/tmp/regress_$name > "/tmp/regress_$name.log" 2>&1 &
       done
+      set +f
       wait
       for f in /tmp/regress_*.log; do echo "$f: $(grep -E "finished|Error" "$f" | tail -1)"; done | tee "$OUT/regress.txt"
       for d in /tmp/regress_*/; do [ -f "$d/summary.json" ] && cp "$d/summary.json" "$OUT/$(basename "$d").json"; done ;;
