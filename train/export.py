@@ -96,9 +96,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # (package, module) copied into the export as bla_<module>.py: the model and the kernels it calls
-MODEL_SOURCES = [("bla.model", m) for m in ("config", "registry", "layers", "loss", "mixers", "gsa_mixer", "lm", "decode")]
+MODEL_SOURCES = [("bla.model", m) for m in ("config", "registry", "layers", "loss", "flex", "mixers", "gsa_mixer", "lm", "decode")]
 TRITON_STAGES = ("tuning", "tables", "tiles", "forward", "scan", "backward", "decode", "layout", "plan", "bla", "ops")
-KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "gates", "gsa", "reference",
+KERNEL_SOURCES = [("bla.kernels", m) for m in ("api", "checks", "chunked", "device_cache", "gates", "gsa", "reference",
                                                *(f"triton_{stage}" for stage in TRITON_STAGES))]  # fmt: skip
 HF_FILES = ("configuration_bla.py", "modeling_bla.py")
 SPECIAL_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}  # bla-lm's own tokenizers'
