@@ -68,3 +68,24 @@ def test_the_model_gives_the_same_loss_through_flex(pattern, monkeypatch):
             return BLALM(cfg).double()(ids[:, :-1], cu_seqlens=cu, positions=positions).logits
 
     assert_close("logits", logits(True), logits(False), atol=1e-12)
+
+
+def test_compiled_blocks_trace_flex_whole_and_equal_eager(monkeypatch):
+    """The CUDA path's shape on the CPU: blocks compiled whole (fullgraph; aot_eager, as the CPU has
+    no fused FlexAttention) take FlexAttention where traced and equal the eager model, for two
+    packed layouts (another length and document count: a recompile, not a stale mask)."""
+    monkeypatch.setattr(SoftmaxMixer, "use_flex", staticmethod(lambda q: torch.compiler.is_compiling()))
+    cfg = apply_overrides(load_preset("tiny"), ["layer_pattern=[attn, swa]", "vocab_size=97", "swa_window=8"])
+    torch.manual_seed(0)
+    eager = BLALM(cfg).eval()
+    compiled = BLALM(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks(fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 97, (1, OFFSETS[-1]), generator=torch.Generator().manual_seed(2))
+    for offsets in (OFFSETS, [0, 50, 150]):
+        cu = torch.tensor(offsets, dtype=torch.int32)
+        positions = torch.cat([torch.arange(b - a) for a, b in zip(offsets[:-1], offsets[1:])])[None]
+        x = ids[:, : offsets[-1]]
+        with torch.no_grad():
+            assert_close("logits", compiled(x, cu_seqlens=cu, positions=positions).logits,
+                         eager(x, cu_seqlens=cu, positions=positions).logits, atol=1e-5)  # fmt: skip
