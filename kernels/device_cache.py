@@ -17,8 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-_BUILDER: list[ThreadPoolExecutor] = []  # one worker thread, made at the first CUDA build
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+@functools.cache
+def _builder() -> ThreadPoolExecutor:
+    """The one worker thread that builds cached device tensors (made at the first CUDA build)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="bla-device-cache")
 
 
 def _on_builder_thread(build, device: int, wait_for: list[torch.cuda.Stream], args, kwargs):
@@ -42,10 +47,8 @@ def build_outside_graph_pools(build, *args, **kwargs):
         return build(*args, **kwargs)
     current = torch.cuda.current_stream()
     device = current.device.index
-    if not _BUILDER:
-        _BUILDER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="bla-device-cache"))
     wait_for = [current, torch.cuda.default_stream(device)]
-    out, side = _BUILDER[0].submit(_on_builder_thread, build, device, wait_for, args, kwargs).result()
+    out, side = _builder().submit(_on_builder_thread, build, device, wait_for, args, kwargs).result()
     current.wait_stream(side)
     return out
 

@@ -377,13 +377,11 @@ LM_EVAL_DOCS = 64  # validation documents an LM run's loss by position is measur
 
 def _mean_by_position(runs: list[dict]) -> list[dict] | None:
     """The seeds' mean loss in each position bucket (the buckets every seed has)."""
-    tables = [r.get("loss_by_position") for r in runs]
-    if not all(tables):
+    if not all(r.get("loss_by_position") for r in runs):
         return None
-    shared = set.intersection(*({(b["from"], b["to"]) for b in t} for t in tables))
-    rows = [b for b in tables[0] if (b["from"], b["to"]) in shared]
-    means = {key: sum(b["loss"] for t in tables for b in t if (b["from"], b["to"]) == key) / len(tables) for key in shared}
-    return [{**b, "loss": means[(b["from"], b["to"])]} for b in rows]
+    tables = [{(b["from"], b["to"]): b for b in r["loss_by_position"]} for r in runs]
+    shared = [key for key in tables[0] if all(key in t for t in tables)]
+    return [{**tables[0][key], "loss": sum(t[key]["loss"] for t in tables) / len(tables)} for key in shared]
 
 
 def best_over_lr(spec: SweepSpec, results: list[dict]) -> list[dict]:

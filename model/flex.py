@@ -7,6 +7,9 @@ computes every block of it: a 16k-token row of ~512-token documents does ~30x th
 rows in the same run, one H100, 2026-12-07). FlexAttention skips the blocks that the mask empties and
 fuses the rest. It is fast only compiled, so the model takes it inside compiled blocks
 (``compile_blocks``) on CUDA; eager, SDPA with the dense mask as before (the two are tested equal).
+Each softmax layer builds its block mask from the document ids inside its compiled block: one
+pass over the row's (T / 128)^2 blocks a layer. Building it once a step and handing it to every
+layer, as RoPE's table is, waits on a GPU measurement of what the repeated pass costs.
 """
 
 from __future__ import annotations

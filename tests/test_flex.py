@@ -10,7 +10,7 @@ import torch
 
 from bla.model import BLALM, apply_overrides, load_preset
 from bla.model.flex import masked_attention
-from bla.model.mixers import SoftmaxMixer, attention_mask, document_ids
+from bla.model.mixers import SoftmaxMixer, attention_mask, document_ids, positions_from_cu_seqlens
 from helpers import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the CPU's unfused path, meant here
@@ -37,8 +37,8 @@ def _check_against_sdpa(packed, window, device, dtype, grads: bool, atol: float,
     q, k, v = (torch.randn(1 if packed else 2, h, T, d, generator=g, dtype=dtype).to(device).requires_grad_(grads)
                for h in (H, Hkv, Hkv))  # fmt: skip
     if packed:
-        doc = document_ids(torch.tensor(OFFSETS, dtype=torch.int32), T, device)
-        pos = torch.cat([torch.arange(b - a) for a, b in zip(OFFSETS[:-1], OFFSETS[1:])])[None].to(device)
+        cu = torch.tensor(OFFSETS, dtype=torch.int32, device=device)
+        doc, pos = document_ids(cu, T, device), positions_from_cu_seqlens(cu, T)
     else:
         doc, pos = torch.zeros(1, T, dtype=torch.long, device=device), torch.arange(T, device=device)[None]
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, pos, doc, doc, window), enable_gqa=True)
@@ -58,8 +58,8 @@ def test_the_model_gives_the_same_loss_through_flex(pattern, monkeypatch):
     g = torch.Generator().manual_seed(1)
     T = OFFSETS[-1]
     ids = torch.randint(0, 97, (1, T + 1), generator=g)
-    positions = torch.cat([torch.arange(b - a) for a, b in zip(OFFSETS[:-1], OFFSETS[1:])])[None]
     cu = torch.tensor(OFFSETS, dtype=torch.int32)
+    positions = positions_from_cu_seqlens(cu, T)
 
     def logits(flex: bool):
         monkeypatch.setattr(SoftmaxMixer, "use_flex", staticmethod(lambda q: flex))
@@ -84,7 +84,7 @@ def test_compiled_blocks_trace_flex_whole_and_equal_eager(monkeypatch):
     ids = torch.randint(0, 97, (1, OFFSETS[-1]), generator=torch.Generator().manual_seed(2))
     for offsets in (OFFSETS, [0, 50, 150]):
         cu = torch.tensor(offsets, dtype=torch.int32)
-        positions = torch.cat([torch.arange(b - a) for a, b in zip(offsets[:-1], offsets[1:])])[None]
+        positions = positions_from_cu_seqlens(cu, offsets[-1])
         x = ids[:, : offsets[-1]]
         with torch.no_grad():
             assert_close("logits", compiled(x, cu_seqlens=cu, positions=positions).logits,

@@ -11,6 +11,7 @@ import torch
 
 from bla.data.packing import pad_cu_seqlens
 from bla.model import BLALM, apply_overrides, load_preset
+from bla.model.mixers import positions_from_cu_seqlens
 
 VOCAB = 97
 
@@ -20,7 +21,7 @@ def _packed(lengths: list[int], rows: int = 1) -> dict:
     g = torch.Generator().manual_seed(0)
     lengths = lengths * rows
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    positions = positions_from_cu_seqlens(cu, int(cu[-1]))
     ids = torch.randint(0, VOCAB, (1, int(cu[-1])), generator=g)
     return {"ids": ids, "positions": positions, "cu": cu}
 

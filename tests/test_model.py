@@ -125,8 +125,7 @@ def test_the_trainers_static_shapes_pad_the_offsets_and_keep_the_loss():
     torch.manual_seed(0)
     model = BLALM(tiny(layer_pattern="[bla, attn]")).double()
     ids = torch.randint(0, 256, (1, 41))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "cu_seqlens": torch.tensor([0, 9, 10, 40], dtype=torch.int32),
-             "positions": torch.cat([torch.arange(9), torch.arange(1), torch.arange(30)])[None]}  # fmt: skip
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "cu_seqlens": torch.tensor([0, 9, 10, 40], dtype=torch.int32)}
     seen = []
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["cu_seqlens"].tolist()), with_kwargs=True)
     plain = forward_loss(model, batch, "cpu", loss_chunk=16)[0]
