@@ -93,6 +93,9 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
       # loss eager), with the torch backend, on seeds 1 and 2, and SWA W = 64 at HEAD (a change outside BLA's path would move
       # it too); all at once, one line each
       mkdir -p /tmp/o0 && ln -sfn "$PWD/gpu_old0/bla" /tmp/o0/bla
+      for tree in /tmp/o0 /tmp/p; do  # first the kernels alone at the training batch: errors against float64, each tree
+        echo "kernels of $tree: $(PYTHONPATH=$tree:/tmp/site python3 benchmarks/lab/kernel_bf16_error.py 64 2>&1 | grep -v Warn | tr '\n' ' ')"
+      done | tee "$OUT/regress_kernels.txt"
       A="mqar steps=3000 eval_every=500 save_every=5000 eval_batches=4 deterministic=true model.bla.gates=dirichlet
          model.bla.window=256 model.bla.slots=64 optim.lr=4.6e-4 progress=false"
       set -f  # the overrides' brackets are not globs

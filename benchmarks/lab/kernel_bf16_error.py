@@ -1,18 +1,22 @@
 """The Triton kernels' relative error (output and gradients) against the float64 reference at
 the Zoology-faithful MQAR shape of one layer (T = 256, W = 256, m = 64, d = 64, dirichlet), in
 fp32 and bf16: run under two trees to compare them (issue 44: plain BLA's MQAR drop between
-0fbd70a and 3b898fa), e.g. with the interpreter on the CPU:
+0fbd70a and 3b898fa), e.g. with the interpreter on the CPU, or on a GPU at the training batch:
     PYTHONPATH=<tree with bla/> TRITON_INTERPRET=1 python benchmarks/lab/kernel_bf16_error.py
+    PYTHONPATH=<tree with bla/> python benchmarks/lab/kernel_bf16_error.py 64   # rows of the batch
 """
+
+import sys
 
 import torch
 
 from bla.kernels import bla_attention
 
 torch.manual_seed(0)
-B, T, H, d = 2, 256, 2, 64
-q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64) for _ in range(3))
-grad_out = torch.randn(B, T, H, d, dtype=torch.float64)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+B, T, H, d = int(sys.argv[1]) if len(sys.argv) > 1 else 2, 256, 2, 64
+q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64, device=device) for _ in range(3))
+grad_out = torch.randn(B, T, H, d, dtype=torch.float64, device=device)
 
 
 def run(dtype, backend):
