@@ -72,6 +72,7 @@ VARIANTS = {
     "default": "the trainer's step",
     "eager_loss": "the chunked loss eager, as before issue 43 (the blocks compiled)",
     "no_check": "without nan_policy's finiteness check (no host read per micro-batch)",
+    "check_first": "nan_policy's check read before the backward is queued (the trainer before 2026-12-07)",
     "cuda_graphs": "the blocks compiled with mode=reduce-overhead (Inductor's CUDA graph trees)",
     "whole_model": "the whole model compiled as one region (one guard check and AOT wrapper a step, not one a block)",
     "cuda_graphs_no_check": "cuda_graphs without nan_policy's check: what the host read still costs under graphs",
@@ -115,7 +116,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
             variant: str = "default", packed: int = 0) -> dict:  # fmt: skip
     import deepspeed
 
-    from bla.train.trainer import forward_loss
+    from bla.train.trainer import finite_later, forward_loss
 
     model_cfg = apply_overrides(load_preset(preset), [f"layer_pattern=[{mixer}]"])
     settings = {**TrainConfig().to_dict(), "model": model_cfg.to_dict()}
@@ -146,9 +147,12 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
         if variant.startswith("cuda_graphs"):
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten now
         loss, _ = forward_loss(engine, batch, engine.device, None, cfg.loss_chunk)
-        if not variant.endswith("no_check"):
-            bool(torch.isfinite(loss.detach()).all())  # nan_policy's check: the step's one read of the device
+        if variant == "check_first":
+            bool(torch.isfinite(loss.detach()).all())
+        finite = None if variant.endswith(("no_check", "check_first")) else finite_later(loss)
         engine.backward(loss)
+        if finite is not None:
+            finite()  # nan_policy's check: the step's one read of the device, behind the queued backward
         engine.step()
 
     first, dt = _timed(step, steps)

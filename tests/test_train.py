@@ -265,8 +265,8 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
 NAN_SCRIPT = """
 import sys, torch
 from bla.model import lm
+from bla.train import trainer
 from bla.train.config import load_train_config
-from bla.train.trainer import run
 import os
 calls = {"n": 0}
 original = lm.BLALM.forward
@@ -278,29 +278,45 @@ def forward(self, *a, **k):
             out.loss = out.loss * float("nan")
     return out
 lm.BLALM.forward = forward
+steps = trainer._Run.micro_batches
+def micro_batches(self):  # which steps left the weights (ZeRO-3: this rank's partition) as they were
+    weights = lambda: [getattr(p, "ds_tensor", p).detach().clone() for p in self.engine.module.parameters()]
+    before = weights()
+    out = steps(self)
+    if out[1] is None and all(torch.equal(a, b) for a, b in zip(before, weights())):
+        print("UNCHANGED", self.step + 1, "schedule at", self.scheduler.last_epoch)
+    return out
+trainer._Run.micro_batches = micro_batches
 cfg = load_train_config("tiny", sys.argv[1:])
-print("SUMMARY", run(cfg)["skipped_micro_batches"])
+print("SUMMARY", trainer.run(cfg)["skipped_micro_batches"])
 """
 
 
-@pytest.mark.parametrize("policy", ["skip", "stop", "skip-streak"])
+@pytest.mark.parametrize("policy", ["skip", "skip-bf16-zero3", "stop", "skip-streak"])
 def test_nonfinite_loss_policy(tmp_path, policy):
-    """One bad micro-batch: skip drops it, stop saves and exits. A streak of them (every loss
-    non-finite, as with optim.lr=1e6) ends after nonfinite_limit under skip too, with a checkpoint."""
+    """A non-finite micro-batch: skip drops its step's update (the weights stay as they were, the
+    schedule moves on; fp32 ZeRO-0, where the engine steps the optimiser, and bf16 ZeRO-3 through
+    DeepSpeed's partitioned one), stop saves and exits. A streak of them (every loss non-finite, as
+    with optim.lr=1e6) ends after nonfinite_limit under skip too, with a checkpoint."""
     out = tmp_path / "nan"
-    args = [f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "steps=5", "save_every=100",
-            f"nan_policy={policy.split('-')[0]}", "nonfinite_limit=4"]  # fmt: skip
+    precision = ["precision=bf16", "zero_stage=3"] if policy.endswith("zero3") else []
+    args = [f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "steps=8", "save_every=100",
+            f"nan_policy={policy.split('-')[0]}", "nonfinite_limit=4", *precision]  # fmt: skip
     env = {**_env(tmp_path), **({"NAN_ALL": "1"} if policy == "skip-streak" else {})}
     done = subprocess.run([sys.executable, "-c", NAN_SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
     assert "non-finite loss at step 3" in done.stdout, done.stdout + done.stderr[-3000:]
-    if policy == "skip":
+    unchanged = [line for line in done.stdout.splitlines() if line.startswith("UNCHANGED")]
+    if policy.startswith("skip") and policy != "skip-streak":
         assert done.returncode == 0 and "SUMMARY 1" in done.stdout
+        assert unchanged == ["UNCHANGED 3 schedule at 3"], done.stdout
         return
     assert done.returncode != 0
     assert ("nan_policy=stop" if policy == "stop" else "4 non-finite losses in a row") in done.stderr.splitlines()[-1]
+    stopped = 2 if policy == "stop" else 5  # the streak: steps 3 to 5 dropped, the 4th in step 6 stops it
+    assert unchanged == [f"UNCHANGED {s} schedule at {s}" for s in range(3, stopped + 1)], done.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["step"] == 2 and "checkpoint of step 2 saved" in summary["status"]
-    assert ckpt.latest_complete(out / "checkpoints").name == ckpt.tag_of(2)
+    assert summary["step"] == stopped and f"checkpoint of step {stopped} saved" in summary["status"]
+    assert ckpt.latest_complete(out / "checkpoints").name == ckpt.tag_of(stopped)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

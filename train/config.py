@@ -79,7 +79,7 @@ class TrainConfig:
     cache_dir: str = "~/.cache/bla"
     seed: int = 0
     deterministic: bool = False  # the same numbers in every process: no timing-picked kernels (train.trainer.repeatable_numerics); slower
-    nan_policy: str = "skip"  # skip (drop the micro-batch) | stop (save and exit)
+    nan_policy: str = "skip"  # skip (drop the update of a step with a non-finite loss) | stop (save and exit)
     nonfinite_limit: int = 20  # consecutive non-finite micro-batches after which skip also saves and exits
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | none | a checkpoint dir
     init_from: str = ""  # start from these weights (a run, checkpoint or bla export) with a fresh optimiser

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,6 +128,25 @@ def _any_rank(*flags: bool) -> list[bool]:
     t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_flag_group())
     return [bool(x) for x in t.tolist()]
+
+
+def finite_later(loss: torch.Tensor) -> Callable[[], bool]:
+    """Whether ``loss`` is finite, as a call that reads it later: on a GPU the answer is copied to
+    pinned host memory behind the forward, and the call waits for that copy alone, not for the
+    work queued after it."""
+    flag = torch.isfinite(loss.detach()).all()
+    if flag.device.type != "cuda":
+        return lambda: bool(flag)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> bool:
+        copied.synchronize()
+        return bool(host)
+
+    return read
 
 
 def _to(batch: dict, device) -> dict:
@@ -406,6 +426,7 @@ class _Run:
             model=model, model_parameters=model.parameters(), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         )  # fmt: skip
+        self.guard_updates()
         # an SP group shares its batches
         self.loader = self.task.train_loader(cfg.data, cfg.micro_batch, self.data_rank, self.data_world, self.tok, self.shards)
 
@@ -543,7 +564,7 @@ class _Run:
                     return f"{halt}; checkpoint of step {self.step} saved"
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                self.pending.append((self.step, torch.stack(micro_losses).mean()))
+                self.pending.append((self.step, torch.stack(micro_losses).mean() if micro_losses else torch.tensor(math.nan)))
                 bar.update(1)
                 evaluating = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                 if self.step == first_step:
@@ -583,34 +604,56 @@ class _Run:
         return step % cfg.save_every == 0 or step == cfg.steps or step == cfg.stop_at
 
     def micro_batches(self) -> tuple[list[torch.Tensor], str | None]:
-        """One optimiser step's micro-batches: their losses (on the device), or why the step stopped short (a
-        signal, or non-finite losses under the run's policy)."""
-        cfg, micro_losses = self.cfg, []
-        while len(micro_losses) < cfg.grad_accum:
+        """One optimiser step's micro-batches: their finite losses (on the device), or why the step stopped
+        short (a signal, or non-finite losses under the run's policy). A non-finite loss drops the step's
+        update (``drop_update``; the schedule still advances) and counts towards ``nonfinite_limit``.
+
+        Each loss's finiteness is read only once its backward is queued: the read waits for the forward
+        alone, so the GPU works through the backward while the host waits (read before the backward,
+        it drained the queue and a host-bound step lost 12%: benchmarks/reports/2026-12-07-throughput.md)."""
+        cfg, micro_losses, self.drop_update = self.cfg, [], False
+        for micro in range(cfg.grad_accum):
             if cfg.cuda_graphs:  # a new step: the graphs' outputs of the last one may be overwritten now
                 torch.compiler.cudagraph_mark_step_begin()
             loss, _ = forward_loss(self.engine, next(self.batches), self.device, self.sp_ctx, cfg.loss_chunk, cfg.cuda_graphs)
-            nonfinite, signalled = _any_rank(not bool(torch.isfinite(loss.detach()).all()), self.stop.raised is not None)
+            finite = finite_later(loss)
+            self.engine.backward(loss)
+            nonfinite, signalled = _any_rank(not finite(), self.stop.raised is not None)
             if signalled:
                 return micro_losses, f"interrupted by {self.stop.raised or 'a signal on another rank'}"
-            if nonfinite:
+            if nonfinite:  # its gradients are in the step's sum: the step's update is dropped
                 self.skipped += 1
                 self.streak += 1
-                self.log(f"non-finite loss at step {self.step + 1} (micro-batch dropped; {self.skipped} so far, {self.streak} in a row)")
+                self.drop_update = True
+                self.log(f"non-finite loss at step {self.step + 1} (the step's update dropped; {self.skipped} so far, "
+                         f"{self.streak} in a row)")  # fmt: skip
                 if self.writer:
                     self.writer.add_scalar("train/nonfinite_skipped", self.skipped, self.step + 1)
                 if cfg.nan_policy == "stop":
                     return micro_losses, "stopped on a non-finite loss (nan_policy=stop)"
                 if self.streak >= cfg.nonfinite_limit:
                     return micro_losses, f"stopped on {self.streak} non-finite losses in a row (nonfinite_limit={cfg.nonfinite_limit})"
-                continue
-            self.streak = 0
-            self.engine.backward(loss)
-            if self.rank == 0 and cfg.zero_stage == 0 and len(micro_losses) == cfg.grad_accum - 1 and _logs(self.step + 1, cfg):
+            else:
+                self.streak = 0
+                micro_losses.append(loss.detach().float())
+            last = micro == cfg.grad_accum - 1
+            if last and self.rank == 0 and cfg.zero_stage == 0 and _logs(self.step + 1, cfg):
                 self.grad_norm = _grad_norm(self.engine)  # before step() clears the gradients
             self.engine.step()
-            micro_losses.append(loss.detach().float())
+        if self.scheduler.last_epoch == self.step:  # DeepSpeed leaves the schedule where it was when it skips
+            self.scheduler.step()  # an update (non-finite gradients): it follows the steps taken
         return micro_losses, None
+
+    def guard_updates(self) -> None:
+        """The optimiser's update is skipped while ``drop_update`` is set: DeepSpeed's wrappers (bf16,
+        ZeRO) call the basic optimizer's step, and at fp32 ZeRO-0 the engine calls it directly."""
+        optimizer, self.drop_update = self.engine.basic_optimizer, False
+        update = optimizer.step
+
+        def step(*args, **kwargs):
+            return None if self.drop_update else update(*args, **kwargs)
+
+        optimizer.step = step
 
     def log_step(self, loss: float) -> None:
         now = time.perf_counter()
