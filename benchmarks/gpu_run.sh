@@ -38,6 +38,12 @@ for stage in "$@"; do
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla attn --packed 512 \
         --variants default cuda_graphs --json "$OUT/train_2k_packed.json" 2>&1 \
         | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_2k_packed.txt" ;;
+    scale)  # issue 43's other sizes: 125m at 2k against its plain baseline (the most host-bound), with and without CUDA
+      # graph trees; 1.3b at 2k and 8k (MFU of spec section 3's FLOPs), bla and attn
+      python3 benchmarks/training.py --presets 125m --seq-lens 2048 --mixers attn bla --baseline --variants default cuda_graphs \
+        --json "$OUT/train_125m.json" 2>&1 | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_125m.txt"
+      python3 benchmarks/training.py --presets 1.3b --seq-lens 2048 8192 --mixers attn bla --json "$OUT/train_1.3b.json" 2>&1 \
+        | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_1.3b.txt" ;;
     eager2k)  # the same rows eager (compile=false): the compiled path's gain
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --set compile=false --json "$OUT/train_2k_eager.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_eager.txt" ;;
     sac2k)  # activation checkpointing's trade-off
