@@ -28,10 +28,10 @@ for stage in "$@"; do
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --plain-loop --json "$OUT/train_2k_plain.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_plain.txt" ;;
     train2k)  # the stack against the plain baseline at 2k, compiled, with the top kernels of a step
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile --json "$OUT/train_2k.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k.txt" ;;
-    ab2k)  # issue 43's A/B in one run: the trainer's step (chunked loss compiled), the loss eager as before, no
-      # finiteness check, CUDA graph trees over the blocks; beside the plain baseline, with each row's top kernels
+    ab2k)  # issue 43's A/B in one run: the trainer's step, nan_policy's read where it was (before the backward), batches
+      # from pageable memory as before, CUDA graph trees over the blocks; beside the plain baseline, each row's top kernels
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile \
-        --variants ${AB_VARIANTS:-default eager_loss no_check cuda_graphs} --json "$OUT/train_2k_ab.json" 2>&1 \
+        --variants ${AB_VARIANTS:-default check_first pageable cuda_graphs} --json "$OUT/train_2k_ab.json" 2>&1 \
         | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_2k_ab.txt" ;;
     packed2k)  # issue 43: the LM path (packed documents, mean 512 tokens; cu_seqlens padded to a power of two) with
       # and without CUDA graph trees: tokens/s, and the loss after the same updates (the graphs must not change it)
