@@ -569,7 +569,9 @@ class _Run:
                     return f"{halt}; checkpoint of step {self.step} saved"
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                self.pending.append((self.step, torch.stack(micro_losses).mean() if micro_losses else torch.tensor(math.nan)))
+                # on the device with the others (read together); NaN when every micro-batch was non-finite
+                step_loss = torch.stack(micro_losses).mean() if micro_losses else torch.full((), math.nan, device=self.device)
+                self.pending.append((self.step, step_loss))
                 bar.update(1)
                 evaluating = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                 if self.step == first_step:
