@@ -5,6 +5,8 @@ warm-up (where the trainer's cuda_graphs=true failed with plain lru_cache tables
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,6 +28,49 @@ def test_a_cached_build_runs_once_per_key_and_returns_the_same_tensor():
     table.cache_clear()
     table(3, "cpu")
     assert calls == [3, 5, 3]
+
+
+# CUDA's stream calls faked on the CPU, so that builds take the GPU's route through the builder thread
+_NESTED_BUILDS = """
+import contextlib, threading, types
+import torch
+from bla.kernels.device_cache import device_cache
+
+class Stream:
+    device = types.SimpleNamespace(index=0)
+    def __init__(self, device=None): pass
+    def wait_stream(self, other): pass
+
+cuda = torch.cuda
+cuda.is_initialized, cuda.is_current_stream_capturing = (lambda: True), (lambda: False)
+cuda.current_stream = cuda.default_stream = cuda.Stream = Stream
+cuda.stream = cuda.device = lambda _: contextlib.nullcontext()
+threads = []
+
+@device_cache(maxsize=4)
+def windows(n):
+    threads.append(threading.current_thread().name)
+    return torch.arange(n)
+
+@device_cache(maxsize=4)
+def layout(n):  # a build that needs another cached tensor, as the kernels' layouts need their windows
+    threads.append(threading.current_thread().name)
+    return windows(n) * 2
+
+print(layout(3).tolist(), windows(3).tolist(), sorted(set(threads)))
+"""
+
+
+def test_a_build_that_needs_another_cached_tensor_builds_it_on_the_same_thread():
+    """On a GPU every cache miss is built by one worker thread; a miss inside a build (a layout
+    asking for its windows) must not wait for that worker, which is busy with it (every GPU call
+    hung so, 2026-12-07). Run in a process of its own: a hang there fails here by its timeout."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _NESTED_BUILDS], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a build nested in another never returned (the builder thread waited for itself)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[0] == "[0, 2, 4] [0, 1, 2] ['bla-device-cache_0']"
 
 
 def _region_with_a_cached_table(cache):
