@@ -272,6 +272,23 @@ def check_memory(cfg: TrainConfig, device: torch.device) -> None:
         )  # fmt: skip
 
 
+ALIGN_ELEMENTS = 8  # 16 bytes of bf16 (Inductor's GPU alignment, GPU_ALIGN_BYTES)
+
+
+def aligned_param_groups(params) -> list[dict]:
+    """The parameters as optimiser groups in which each one starts 16 bytes aligned once DeepSpeed
+    lays the group out as one flat buffer (its bf16 and ZeRO optimisers make the parameters views
+    into that buffer, back to back). The compiled blocks of one kind share their code, which
+    Inductor specialises on the first block's parameters being aligned and does not check again
+    (parameters are fixed inputs), so a parameter of a size not a multiple of 8 (a write gate's
+    bias, one per kv head) put later ones off it and the kernels failed with "misaligned address"
+    (an H100, 2026-12-07). Such parameters get a group, and so a buffer, each."""
+    params = list(params)
+    aligned = [p for p in params if p.numel() % ALIGN_ELEMENTS == 0]
+    groups = [{"params": [p]} for p in params if p.numel() % ALIGN_ELEMENTS]
+    return ([{"params": aligned}] if aligned else []) + groups
+
+
 def _previous_losses(out: Path, step: int) -> list[dict]:
     """The loss history of the run's earlier processes up to ``step`` (from its summary.json)."""
     try:
@@ -428,7 +445,7 @@ class _Run:
         if self.rank == 0:  # what DeepSpeed was given, user overrides (deepspeed_config) merged in
             (self.out / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config,
+            model=model, model_parameters=aligned_param_groups(model.parameters()), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         )  # fmt: skip
         self.guard_updates()
