@@ -115,7 +115,7 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
       set +f
       wait
       for f in /tmp/regress_*.log; do  # a run cut by the limit still tells its last evaluation and loss
-        echo "$f: $(grep -E "finished|Error" "$f" | tail -1) | $(grep -E "train loss" "$f" | tail -1) | $(grep -E "^step [0-9]+/" "$f" | tail -1 | cut -c1-60)"
+        echo "$f: $(grep -E "finished|Error" "$f" | tail -1) | $(grep -E "train loss" "$f" | tail -1) | $(grep -E "] step [0-9]+/" "$f" | tail -1 | cut -c1-80)"
       done | tee "$OUT/regress.txt"
       for d in /tmp/regress_*/; do [ -f "$d/summary.json" ] && cp "$d/summary.json" "$OUT/$(basename "$d").json"; done ;;
     gated)  # issue 44: BLA with all three extensions (the torch backend) failed on an H100 at the Zoology-faithful MQAR point,
