@@ -99,9 +99,6 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
       # loss eager), with the torch backend, on seeds 1 and 2, and SWA W = 64 at HEAD (a change outside BLA's path would move
       # it too); all at once, one line each
       mkdir -p /tmp/o0 && ln -sfn "$PWD/gpu_old0/bla" /tmp/o0/bla
-      for tree in /tmp/o0 /tmp/p; do  # first the kernels alone at the training batch: errors against float64, each tree
-        echo "kernels of $tree: $(PYTHONPATH=$tree:/tmp/site python3 benchmarks/lab/kernel_bf16_error.py 64 2>&1 | grep -v Warn | tr '\n' ' ')"
-      done | tee "$OUT/regress_kernels.txt"
       A="mqar steps=${REGRESS_STEPS:-3000} eval_every=500 save_every=5000 eval_batches=4 deterministic=true model.bla.gates=dirichlet
          model.bla.window=256 model.bla.slots=64 optim.lr=4.6e-4 progress=false"
       set -f  # the overrides' brackets are not globs
@@ -113,6 +110,11 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
           python3 -m bla.train.cli $A $set cache_dir=/tmp/cache_$tree out_dir=/tmp/regress_$name > "/tmp/regress_$name.log" 2>&1 &
       done
       set +f
+      for tree in /tmp/o0 /tmp/p; do  # meanwhile the kernels alone at the training batch: errors against float64, each tree
+        # (HEAD's hung past 200 s on an H100 on 12-07: a hang prints its threads' stacks after 100 s)
+        DUMP_AFTER_S=100 PYTHONPATH=$tree:/tmp/site python3 benchmarks/lab/kernel_bf16_error.py 64 > "/tmp/kernels_$(basename $tree).txt" 2>&1
+        echo "kernels of $tree: $(grep -v Warn "/tmp/kernels_$(basename $tree).txt" | head -60)"
+      done | tee "$OUT/regress_kernels.txt"
       wait
       for f in /tmp/regress_*.log; do  # a run cut by the limit still tells its last evaluation and loss
         echo "$f: $(grep -E "finished|Error" "$f" | tail -1) | $(grep -E "train loss" "$f" | tail -1) | $(grep -E "] step [0-9]+/" "$f" | tail -1 | cut -c1-80)"

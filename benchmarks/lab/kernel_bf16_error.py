@@ -6,12 +6,16 @@ fp32 and bf16: run under two trees to compare them (issue 44: plain BLA's MQAR d
     PYTHONPATH=<tree with bla/> python benchmarks/lab/kernel_bf16_error.py 64   # rows of the batch
 """
 
+import faulthandler
+import os
 import sys
 
 import torch
 
 from bla.kernels import bla_attention
 
+if os.environ.get("DUMP_AFTER_S"):  # a run that hangs prints every thread's stack and exits
+    faulthandler.dump_traceback_later(float(os.environ["DUMP_AFTER_S"]), exit=True)
 torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, H, d = int(sys.argv[1]) if len(sys.argv) > 1 else 2, 256, 2, 64
