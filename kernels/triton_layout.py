@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from .checks import Problem
-from .device_cache import device_cache
+from .device_cache import build_outside_graph_pools, device_cache
 
 
 def _as32(x: torch.Tensor, device) -> torch.Tensor:
@@ -64,8 +64,8 @@ class Layout:
 
     def segment_groups(self, group: int) -> "SegmentGroups":
         """The segments cut into runs of ``group`` for the two-level segment scan (built once)."""
-        if group not in self._groups:
-            self._groups[group] = SegmentGroups(self._n_items, self._item_base, group, self._device)
+        if group not in self._groups:  # kept with the layout: built outside CUDA graph pools, as the layout is
+            self._groups[group] = build_outside_graph_pools(SegmentGroups, self._n_items, self._item_base, group, self._device)
         return self._groups[group]
 
 
@@ -184,7 +184,10 @@ def layout(problem: Problem, device, chunk: int, seg_chunks: int) -> Layout:
         _VARLEN_LAYOUTS.move_to_end(key)
         return hit[2]
     host = cu.cpu()
-    layout = Layout(host[:-1], host[1:] - host[:-1], p.windows, device, chunk, seg_chunks)
+    # kept across calls, so built outside CUDA graph pools (a graph trees' warm-up would keep it in
+    # theirs, and their recording refuses a pool tensor that is no graph's output: packed batches with
+    # cuda_graphs=true failed so on an H100, 2026-12-07)
+    layout = build_outside_graph_pools(Layout, host[:-1], host[1:] - host[:-1], p.windows, device, chunk, seg_chunks)
     _VARLEN_LAYOUTS[key] = (cu, cu._version, layout)
     while len(_VARLEN_LAYOUTS) > 8:
         _VARLEN_LAYOUTS.popitem(last=False)
