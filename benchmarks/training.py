@@ -26,20 +26,28 @@ from bla.train.config import TrainConfig
 from bla.train.peak import peak_flops
 
 
-def _timed(step, steps: int) -> tuple[float, float]:
-    """(first call's seconds, compilation included; mean seconds per step after two warm-ups)."""
+WARMUP_STEPS = 5  # with 2, a process's first row ran 6-15% below the same step measured later (H100, 2026-12-07)
+WINDOWS = 3  # timed windows of --steps steps each: the row reports their median, and their spread
+
+
+def _timed(step, steps: int) -> tuple[float, float, list[float]]:
+    """(first call's seconds, compilation included; median seconds per step over WINDOWS windows of
+    ``steps`` steps after WARMUP_STEPS warm-ups; each window's seconds per step)."""
     t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
-    for _ in range(2):
+    for _ in range(WARMUP_STEPS):
         step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return first, (time.perf_counter() - t0) / steps
+    windows = []
+    for _ in range(WINDOWS):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        windows.append((time.perf_counter() - t0) / steps)
+    return first, sorted(windows)[len(windows) // 2], windows
 
 
 def _profile(step, top: int = 15) -> list[dict]:
@@ -60,9 +68,11 @@ def _profile(step, top: int = 15) -> list[dict]:
                       "calls": e.count} for e in events[:top]]  # fmt: skip
 
 
-def _row(name: str, cfg_model, seq_len: int, batch: int, first: float, dt: float, peak: float, **extra) -> dict:
+def _row(name: str, cfg_model, seq_len: int, batch: int, timing: tuple, peak: float, **extra) -> dict:
+    first, dt, windows = timing
     tps = batch * seq_len / dt
     return dict(name=name, params=param_count(cfg_model), seq_len=seq_len, batch=batch, step_s=dt, tokens_per_s=tps,
+                tokens_per_s_windows=[batch * seq_len / w for w in windows],
                 mfu=flops_per_token(cfg_model, seq_len) * tps / peak, peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9,
                 first_step_s=first, device=torch.cuda.get_device_name(), **extra)  # fmt: skip
 
@@ -117,7 +127,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
             variant: str = "default", packed: int = 0) -> dict:  # fmt: skip
     import deepspeed
 
-    from bla.train.trainer import finite_later, forward_loss
+    from bla.train.trainer import aligned_param_groups, finite_later, forward_loss
 
     model_cfg = apply_overrides(load_preset(preset), [f"layer_pattern=[{mixer}]"])
     settings = {**TrainConfig().to_dict(), "model": model_cfg.to_dict()}
@@ -134,7 +144,8 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
         model.compile_blocks(**({"mode": "reduce-overhead"} if variant.startswith("cuda_graphs") else {}))
         if variant == "eager_loss":
             model.head.loss_compile = None
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg.deepspeed(bf16=True))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=aligned_param_groups(model.parameters()),
+                                     config=cfg.deepspeed(bf16=True))
     B = max(1, tokens_per_step // seq_len)
     if packed:
         batch = packed_batch(model_cfg.vocab_size, B, seq_len, packed)
@@ -160,11 +171,11 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
             finite()  # nan_policy's check: the step's one read of the device, behind the queued backward
         engine.step()
 
-    first, dt = _timed(step, steps)
+    timing = _timed(step, steps)
     loss_after = _loss_now(engine, batch, cfg.loss_chunk, variant)
     peak, _ = peak_flops(engine.device, torch.bfloat16)
     name = f"bla-lm {preset} {mixer}" + ("" if variant == "default" else f" {variant}") + (" packed" if packed else "")
-    row = _row(name, model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer,
+    row = _row(name, model_cfg, seq_len, B, timing, peak, preset=preset, mixer=mixer,
                compiled=cfg.compiles("cuda"), activation_checkpointing=cfg.activation_checkpointing, variant=variant,
                packed_mean_doc=packed, documents=int((batch.get("cu_seqlens", torch.zeros(2)).diff() > 0).sum()),
                loss_before=loss_before, loss_after=loss_after)  # fmt: skip
@@ -187,10 +198,10 @@ def measure_baseline(preset: str, seq_len: int, tokens_per_step: int, steps: int
     def step():
         return train_step(ids[:, :-1], ids[:, 1:])
 
-    first, dt = _timed(step, steps)
+    timing = _timed(step, steps)
     peak, _ = peak_flops(torch.device("cuda"), torch.bfloat16)
     # MFU by the attn model's FLOPs: the same shape (the baseline has no output gate or norm extras)
-    row = _row(f"plain PyTorch {preset}-shaped", cfg, seq_len, B, first, dt, peak, preset=preset, mixer="baseline")
+    row = _row(f"plain PyTorch {preset}-shaped", cfg, seq_len, B, timing, peak, preset=preset, mixer="baseline")
     if profile:
         row["profile"] = _profile(step)
     return row
@@ -214,15 +225,16 @@ def measure_plain_loop(preset: str, mixer: str, seq_len: int, tokens_per_step: i
     def step():
         train_step(ids[:, :-1], ids[:, 1:])
 
-    first, dt = _timed(step, steps)
+    timing = _timed(step, steps)
     peak, _ = peak_flops(torch.device("cuda"), torch.bfloat16)
-    return _row(f"bla-lm {preset} {mixer}, plain loop", model_cfg, seq_len, B, first, dt, peak, preset=preset, mixer=mixer)
+    return _row(f"bla-lm {preset} {mixer}, plain loop", model_cfg, seq_len, B, timing, peak, preset=preset, mixer=mixer)
 
 
 def _print(r: dict, base: dict | None) -> None:
     ratio = f"  {r['tokens_per_s'] / base['tokens_per_s']:.2f}x baseline" if base and base is not r else ""
     ratio += f"  loss {r['loss_before']:.6f} -> {r['loss_after']:.6f}" if "loss_after" in r else ""
-    print(f"{r['name']:>28} T={r['seq_len']:>6} B={r['batch']:>2} {r['tokens_per_s']:>10,.0f} tok/s MFU {100 * r['mfu']:5.1f}% "
+    spread = f" ({min(r['tokens_per_s_windows']):,.0f}-{max(r['tokens_per_s_windows']):,.0f})"
+    print(f"{r['name']:>28} T={r['seq_len']:>6} B={r['batch']:>2} {r['tokens_per_s']:>10,.0f}{spread} tok/s MFU {100 * r['mfu']:5.1f}% "
           f"mem {r['peak_mem_gb']:5.1f} GB  first step {r['first_step_s']:.1f}s{ratio}", flush=True)  # fmt: skip
     for k in r.get("profile", []):
         print(f"{'':>30}{k['ms']:8.2f} ms {100 * k['share']:5.1f}% x{k['calls']:<4} {k['kernel']}")
