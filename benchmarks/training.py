@@ -26,7 +26,7 @@ from bla.train.config import TrainConfig
 from bla.train.peak import peak_flops
 
 
-WARMUP_STEPS = 5  # with 2, a process's first row ran 6-15% below the same step measured later (H100, 2026-12-07)
+WARMUP_STEPS = 5  # with 2 and one window of 8 steps, rows of one step scattered by 7% in a process (H100, 2026-12-07)
 WINDOWS = 3  # timed windows of --steps steps each: the row reports their median, and their spread
 
 
