@@ -24,12 +24,12 @@ per row from the gates (``data_tables``), with autograd, instead of taken from t
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from .checks import Problem, State
+from .device_cache import device_cache
 from .gates import dirichlet_gates
 
 DEFAULT_CHUNK = 64
@@ -84,7 +84,7 @@ def data_tables(offsets_R, lengths_R, Lp: int, windows: tuple[int, ...], slots: 
     return decay_tables(w, alpha, alpha == 0)  # zero decays (a node's full overwrite, or underflow) as resets
 
 
-@functools.lru_cache(maxsize=16)
+@device_cache(maxsize=16)  # kept across calls: built outside CUDA graph pools (bla.kernels.device_cache)
 def _table_bank(keys: tuple[tuple[int, int], ...], windows: tuple[int, ...], slots: int, gates: str, chunk: int, device: str, dtype,
                 shifts: tuple[int, ...] | None = None):  # fmt: skip
     """Tables for distinct chunks, each given as (start position mod period, valid tokens)."""
