@@ -49,6 +49,7 @@ import yaml
 
 from bla.model.stats import param_count, state_size
 
+from .laws import law_value, loss_laws
 from .layout import fresh_process_env
 
 METRICS = {"accuracy": True, "loss": False}  # name -> higher is better
@@ -457,17 +458,20 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
             w.writerow([r.get(c) for c in columns] + [json.dumps(r["overrides"].get(k)) for k in keys])
     points = best_over_lr(spec, results)
     efficiency = state_efficiency(spec, points)
+    laws = None if METRICS[spec.metric] else loss_laws(points, spec.metric)  # a law for losses (lower is better)
     spread = ["seeds", spec.metric + "_min", spec.metric + "_max", "selected_on"]
     summary = {"name": spec.name, "metric": spec.metric, "runs": len(results), "expected_runs": len(spec.runs()),
                "best_over_lr": [{k: r.get(k) for k in columns + spread + ["loss_by_position"]} | {"overrides": r["overrides"]}
                                 for r in points],
-               "state_efficiency": efficiency,
+               "state_efficiency": efficiency, **({"laws": laws} if laws else {}),
                "diverged": [{"run": r["run"], "overrides": r["overrides"], "status": r["diverged"]} for r in results if r.get("diverged")]}  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "state_efficiency.json").write_text(json.dumps(efficiency, indent=1))
+    if laws:
+        (out / "laws.json").write_text(json.dumps(laws, indent=1))
     if points:
         try:
-            plot(spec, points, out / f"{spec.metric}_vs_state.png")
+            plot(spec, points, out / f"{spec.metric}_vs_state.png", laws)
             plot_curves(spec, points, out, out / "learning_curves.png")
             if any(p.get("loss_by_position") for p in points):
                 plot_by_position(spec, points, out / "loss_by_position.png")
@@ -481,12 +485,23 @@ def report(spec: SweepSpec, out: str | Path) -> dict:
     for target, row in efficiency.items():
         cells = ", ".join(f"{m}: {v['state_elements'] or 'not reached'}" for m, v in row.items())
         print(f"state to reach {spec.metric} {target}: {cells}")
+    for mixer, law in (laws or {}).get("laws", {}).items():
+        print(f"law {mixer}: {spec.metric} = {law['a']:.4f} + {law['b']:.4g} * state^-{law['c']:.3f} "
+              f"(rmse {law['rmse']:.4f}, largest residual {law['max_residual']:.4f}, {law['points']} points)")  # fmt: skip
+        for m in laws["matches"][mixer]:
+            ratio = m["times_less_state"]
+            need = "never (below its asymptote)" if m["state"] is None else \
+                f"{m['state']:,.0f} ({ratio:.2f}x less state)" if ratio >= 1 else f"{m['state']:,.0f} ({1 / ratio:.2f}x more state)"
+            print(f"  {mixer} matches {m['peer']} at {m['peer_state']:,} ({m['peer_' + spec.metric]:.4f}): {need}"
+                  + (" extrapolated" if m["extrapolated"] else ""))  # fmt: skip
     for r in summary["diverged"]:
         print(f"diverged (not selectable): {r['run']} {r['overrides']}")
     return summary
 
 
-def plot(spec: SweepSpec, points: list[dict], path: Path) -> None:
+def plot(spec: SweepSpec, points: list[dict], path: Path, laws: dict | None = None) -> None:
+    """The metric against state per mixer (best over learning rates, seeds' range), with each
+    fitted law (``bla.launch.laws``) dashed over the states it was fitted on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -512,6 +527,11 @@ def plot(spec: SweepSpec, points: list[dict], path: Path) -> None:
             if f["seeds"] > 1:
                 below, above = f[spec.metric] - f[spec.metric + "_min"], f[spec.metric + "_max"] - f[spec.metric]
                 ax.errorbar([x], [f[spec.metric]], yerr=[[below], [above]], color=color, capsize=4, alpha=0.7)
+        law = (laws or {}).get("laws", {}).get(mixer)
+        if law:
+            lo, hi = law["states"]
+            grid = [lo * (hi / lo) ** (i / 63) for i in range(64)]
+            ax.plot(grid, [law_value(law, x) for x in grid], linestyle="--", color=color, alpha=0.8, linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("state size (elements per sequence, all layers)")
     ax.set_ylabel(spec.metric + (" (best over learning rates)" if len(spec.grid.get("optim.lr", [])) > 1 else ""))

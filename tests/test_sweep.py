@@ -338,3 +338,50 @@ def test_the_lm_state_sweeps_dry_run(capsys):
         cfg = train_config(spec, spec.runs()[0][1])
         assert abs(param_count(cfg.model, include_embeddings=False) - size) < 0.05 * size
         assert cfg.steps * cfg.micro_batch * cfg.data.seq_len <= 2 * 9.3e6  # at most ~2 epochs of the corpus
+
+
+def test_a_loss_sweep_fits_a_law_per_mixer_and_matches_the_peers(tmp_path):
+    """Issue 44's law: loss = a + b * state^-c per mixer with three or more state sizes, recovered
+    from points that follow one; the state each fitted mixer needs for every peer's loss; none
+    below the law's asymptote."""
+    spec = SweepSpec("law", "tiny", {"bla": [{"size": s} for s in (1024, 2048, 4096, 8192, 16384)],
+                                     "swa": [{"size": s} for s in (2048, 8192, 32768)], "attn": [{"size": 65536}]},
+                     grid={"optim.lr": [1e-3]}, metric="loss")  # fmt: skip
+    truth = {"bla": (3.0, 40.0, 0.5), "swa": (3.0, 80.0, 0.5)}  # SWA needs 4x BLA's state for any loss above 3
+
+    def loss(mixer, state):
+        a, b, c = truth.get(mixer, (2.9, 0.0, 1.0))
+        return a + b * state**-c
+
+    for mixer, configs in spec.mixers.items():
+        for o in configs:
+            _fake(spec, tmp_path, mixer, o["size"], 1e-3, acc=None)
+            result = next(tmp_path.glob(f"runs/{run_name(spec, mixer, {**o, 'optim.lr': 1e-3})}/result.json"))
+            result.write_text(json.dumps({**json.loads(result.read_text()), "loss": loss(mixer, o["size"])}))
+    summary = report(spec, tmp_path)
+    laws = json.loads((tmp_path / "laws.json").read_text())
+    assert laws == json.loads(json.dumps(summary["laws"])) and sorted(laws["laws"]) == ["bla", "swa"]  # attn: one state
+    bla = laws["laws"]["bla"]
+    assert (bla["a"], bla["b"], bla["c"]) == pytest.approx(truth["bla"], rel=1e-4) and bla["rmse"] < 1e-6
+    to_swa = [m for m in laws["matches"]["bla"] if m["peer"] == "swa"]
+    assert [m["times_less_state"] for m in to_swa] == pytest.approx([4.0] * 3, rel=1e-3)
+    assert [m["extrapolated"] for m in to_swa] == [True, False, False]  # 2048 / 4 = 512: below BLA's smallest state
+    (attn,) = [m for m in laws["matches"]["bla"] if m["peer"] == "attn"]
+    assert attn["state"] is None  # 2.9 lies below BLA's asymptote 3.0
+
+
+def test_a_law_recovers_its_exponent_through_noise_and_refuses_bad_points():
+    import random
+
+    from bla.launch.laws import fit_power_law, state_for
+
+    random.seed(0)
+    states = [6144 * 2**i for i in range(6)]
+    law = fit_power_law(states, [3.1 + 40 * s**-0.45 + random.gauss(0, 0.003) for s in states])
+    assert law["c"] == pytest.approx(0.45, abs=0.05) and 0.0005 < law["rmse"] < 0.01 and law["points"] == 6
+    assert state_for(law, law["a"] + law["b"] * 50_000 ** -law["c"]) == pytest.approx(50_000)
+    assert fit_power_law([1024, 2048], [4.0, 3.5]) is None  # two states: no law
+    with pytest.raises(ValueError, match="positive"):
+        fit_power_law([0, 1, 2], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="finite"):
+        fit_power_law([1, 2, 4], [1.0, float("nan"), 1.0])
