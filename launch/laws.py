@@ -88,8 +88,9 @@ def loss_laws(points: list[dict], metric: str = "loss") -> dict:
     mixer's points matched: the state the law needs for that point's loss and how many times less
     than the point's state that is (``extrapolated`` when outside the states the law was fitted on)."""
     by_mixer: dict[str, list[dict]] = {}
-    for p in points:
-        if isinstance(p.get(metric), (int, float)) and math.isfinite(p[metric]):
+    for p in points:  # a point without a finite metric or a state size (a failed evaluation) joins no law
+        state = p.get("state_elements")
+        if isinstance(p.get(metric), (int, float)) and math.isfinite(p[metric]) and isinstance(state, (int, float)) and state > 0:
             by_mixer.setdefault(p["mixer"], []).append(p)
     laws = {}
     for mixer, mine in sorted(by_mixer.items()):
