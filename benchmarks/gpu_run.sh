@@ -64,9 +64,10 @@ for stage in "$@"; do
         cp /tmp/curve_$c/summary.json "$OUT/curve_$c.json"
       done ;;
     graphs)  # issue 43: training with cuda_graphs=true against false (the blocks compiled either way): the same
-      # losses? a 125m-shaped BLA on MQAR, GRAPH_STEPS steps each
+      # losses? a 125m-shaped BLA on MQAR, GRAPH_STEPS steps each; GRAPH_RUN=main: the main job's LM on packed documents
+      # (refused by the config until packed graphs pass their GPU check)
       for g in false true; do
-        python3 -m bla.train.cli mqar model.preset=125m model.vocab_size=8192 steps=${GRAPH_STEPS:-200} eval_every=100 \
+        python3 -m bla.train.cli ${GRAPH_RUN:-mqar model.preset=125m model.vocab_size=8192} steps=${GRAPH_STEPS:-200} eval_every=100 \
           save_every=1000 log_every=10 cuda_graphs=$g progress=false out_dir=/tmp/graphs_$g cache_dir=/tmp/cache 2>&1 \
           | grep -E "first step|step [0-9]+:|finished|Error|error" | sed "s/^/cuda_graphs=$g /" | tee -a "$OUT/graphs.txt"
         cp /tmp/graphs_$g/summary.json "$OUT/graphs_$g.json"
