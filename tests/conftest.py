@@ -22,12 +22,15 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
 
-# The files that take longest on the 2-core CI machine, longest first (measured 2026-12-01,
-# `--durations=0`): `./run.sh test` hands whole files to two workers in collection order
-# (`--dist loadfile --no-loadscope-reorder`), so starting these first keeps one of them from
-# running alone at the end (the main job did: ~120 s with the other worker idle).
-LONGEST_FIRST = ("test_train.py", "test_main_job.py", "test_eval.py", "test_launch.py", "test_sequence_parallel.py",
-                 "test_triton.py", "test_harness.py", "test_export.py", "test_sweep.py", "test_compile.py")  # fmt: skip
+# The files that take longest on the 2-core CI machine, longest first (measured 2026-12-07,
+# `--durations=0`, summed by file: test_train 330 s, test_triton 225, test_main_job 213, ...):
+# `./run.sh test` hands whole files to two workers in collection order (`--dist loadfile
+# --no-loadscope-reorder`), so starting these first, longest first, keeps one of them from running
+# alone at the end (the main job did: ~120 s with the other worker idle; with test_triton listed
+# sixth the two workers' sums were 680 and 734 s, in this order 707 and 707).
+LONGEST_FIRST = ("test_train.py", "test_triton.py", "test_main_job.py", "test_eval.py", "test_launch.py",
+                 "test_sequence_parallel.py", "test_compile.py", "test_sweep.py", "test_resume_trust.py", "test_harness.py",
+                 "test_export.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
