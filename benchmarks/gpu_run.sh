@@ -28,10 +28,10 @@ for stage in "$@"; do
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --plain-loop --json "$OUT/train_2k_plain.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k_plain.txt" ;;
     train2k)  # the stack against the plain baseline at 2k, compiled, with the top kernels of a step
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile --json "$OUT/train_2k.json" 2>&1 | grep -v Warning | tee "$OUT/train_2k.txt" ;;
-    ab2k)  # issue 43's A/B in one run: the trainer's step, nan_policy's read where it was (before the backward), batches
-      # from pageable memory as before, CUDA graph trees over the blocks; beside the plain baseline, each row's top kernels
+    ab2k)  # issue 43's A/B in one run: the trainer's step, nan_policy's read where it was (before the backward), CUDA
+      # graph trees over the blocks; beside the plain baseline, each row's top kernels
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile \
-        --variants ${AB_VARIANTS:-default check_first pageable cuda_graphs} --json "$OUT/train_2k_ab.json" 2>&1 \
+        --variants ${AB_VARIANTS:-default check_first cuda_graphs} --json "$OUT/train_2k_ab.json" 2>&1 \
         | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_2k_ab.txt" ;;
     packed2k)  # issue 43: the LM path (packed documents, mean 512 tokens; cu_seqlens padded to a power of two) with
       # and without CUDA graph trees: tokens/s, and the loss after the same updates (the graphs must not change it)
@@ -122,9 +122,9 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
         echo "$f: $(grep -E "finished|Error" "$f" | tail -1) | $(grep -E "train loss" "$f" | tail -1) | $(grep -E "] step [0-9]+/" "$f" | tail -1 | cut -c1-80)"
       done | tee "$OUT/regress.txt"
       for d in /tmp/regress_*/; do [ -f "$d/summary.json" ] && cp "$d/summary.json" "$OUT/$(basename "$d").json"; done ;;
-    gated)  # issue 44: BLA with all three extensions (the torch backend) failed on an H100 at the Zoology-faithful MQAR point,
-      # every run, with CUBLAS_STATUS_EXECUTION_FAILED in a later matrix product (a device fault reported late): 20 steps compiled
-      # with CUDA_LAUNCH_BLOCKING=1 (the fault where it happens), without compile, and without deterministic=true, at once
+    gated)  # issue 44: BLA with all three extensions (the torch backend), 20 steps compiled with CUDA_LAUNCH_BLOCKING=1 (a
+      # fault where it happens), without compile, and without deterministic=true, at once (before d78eb09 the compiled runs
+      # faulted: misaligned parameters in DeepSpeed's flat buffer)
       A="mqar steps=20 eval_every=20 save_every=20 log_every=5 optim.warmup_steps=2 eval_batches=2 deterministic=true model.bla.gates=dirichlet
          model.bla.window=256 model.bla.slots=16 model.bla.write_gate=true model.bla.forget_gate=true model.bla.phase_shift=staggered progress=false"
       for run in blocking:CUDA_LAUNCH_BLOCKING=1 eager:compile=false nondet:deterministic=false; do

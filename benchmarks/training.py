@@ -83,7 +83,6 @@ VARIANTS = {
     "eager_loss": "the chunked loss eager, as before issue 43 (the blocks compiled)",
     "no_check": "without nan_policy's finiteness check (no host read per micro-batch)",
     "check_first": "nan_policy's check read before the backward is queued (the trainer before 2026-12-07)",
-    "pageable": "batches copied to the GPU from pageable memory, not pinned (the trainer before 2026-12-07)",
     "cuda_graphs": "the blocks compiled with mode=reduce-overhead (Inductor's CUDA graph trees)",
     "whole_model": "the whole model compiled as one region (one guard check and AOT wrapper a step, not one a block)",
     "cuda_graphs_no_check": "cuda_graphs without nan_policy's check: what the host read still costs under graphs",
@@ -158,11 +157,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
     def step():  # the trainer's micro-batch (bla.train.trainer._Run.micro_batches)
         if variant.startswith("cuda_graphs"):
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten now
-        if variant == "pageable":  # the batch moved here as the trainer did, forward_loss's own copy then a no-op
-            loss, _ = forward_loss(engine, {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()},
-                                   engine.device, None, cfg.loss_chunk)  # fmt: skip
-        else:
-            loss, _ = forward_loss(engine, batch, engine.device, None, cfg.loss_chunk)
+        loss, _ = forward_loss(engine, batch, engine.device, None, cfg.loss_chunk)
         if variant == "check_first":
             bool(torch.isfinite(loss.detach()).all())
         finite = None if variant.endswith(("no_check", "check_first")) else finite_later(loss)

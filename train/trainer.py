@@ -150,12 +150,9 @@ def finite_later(loss: torch.Tensor) -> Callable[[], bool]:
 
 
 def _to(batch: dict, device) -> dict:
-    """The batch on ``device``; to a GPU through pinned memory: a copy from pageable memory may
-    first wait for the work already queued (CUDA syncs the stream to stage it), and the GPU would
-    drain at every micro-batch while the host issued the next forward."""
-    if torch.device(device).type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True) for k, v in batch.items()}
+    # pageable, not pinned: pinning each batch first bought nothing measurable (an H100, 2026-12-07,
+    # docs/performance.md) and costs a host copy every micro-batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def forward_loss(engine, batch: dict, device, sp_ctx=None, loss_chunk: int = 0, static_shapes: bool = False,
