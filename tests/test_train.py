@@ -28,24 +28,16 @@ def _env(cache: Path) -> dict:
     return fresh_process_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def free_port() -> int:
-    """A port nothing listens on now (the OS's pick: outside the fixed ports other tests use, so
-    test files running side by side cannot collide)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(tmp: Path, name: str, nproc: int, *overrides: str, check=True) -> dict:
     out = tmp / name
     args = ["tiny", f"out_dir={out}", f"cache_dir={tmp / 'cache'}", *BASE, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "bla.train.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), "-m", "bla.train.cli", *args]  # fmt: skip
+        # --standalone: torchrun's store binds a free port itself (a port picked beforehand was taken by
+        # another test's process before torchrun bound it once in CI: EADDRINUSE)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "bla.train.cli", *args]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp), timeout=600)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
