@@ -14,6 +14,7 @@ string forms of ``parse_source``:
 
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -103,16 +104,25 @@ def stdlib_files(split: str) -> list[str]:
     """The standard library's .py files of this interpreter, sorted, split by a hash of the path."""
     if split not in ("train", "validation"):
         raise ValueError(f"stdlib split must be train or validation, got {split!r}")
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if rel.startswith(("site-packages/", "dist-packages/")):
-            continue
+    return list(_stdlib_split()[split])
+
+
+@functools.cache
+def _stdlib_split() -> dict[str, tuple[str, ...]]:
+    # one walk a process (a run lists the corpus at every validation), and none through the
+    # installed packages the stdlib folder may hold (ten times the stdlib's files)
+    root = sysconfig.get_paths()["stdlib"]
+    rels = []
+    for folder, subfolders, names in os.walk(root):
+        here = os.path.relpath(folder, root).replace(os.sep, "/")
+        if here == ".":
+            subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages")]
+        rels += [n if here == "." else f"{here}/{n}" for n in names if n.endswith(".py")]
+    split = {"train": [], "validation": []}
+    for rel in sorted(rels, key=lambda r: r.split("/")):  # pathlib's order: part by part
         held_out = int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100 < VALIDATION_PERCENT
-        if held_out == (split == "validation"):
-            files.append(str(path))
-    return files
+        split["validation" if held_out else "train"].append(os.path.join(root, rel))
+    return {k: tuple(v) for k, v in split.items()}
 
 
 def _read_files(files: list[str]) -> Iterator[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,10 @@ def test_embedded_corpus_split_is_disjoint_and_deterministic():
     train, val = stdlib_files("train"), stdlib_files("validation")
     assert train and val and not set(train) & set(val)
     assert val == stdlib_files("validation")
+    # pathlib's order (part by part: "a/b.py" before "a.py"; the corpus's document order, which the
+    # cached tokenizers and shards were built in), and none of the packages installed beside the stdlib
+    assert train == sorted(train, key=Path) and len(train) > 1000
+    assert not any(part in ("site-packages", "dist-packages") for f in train + val for part in Path(f).parts)
 
 
 @pytest.mark.parametrize(
