@@ -17,6 +17,9 @@ git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"  # the copy's 
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
+    cmd)  # any command ($CMD) in this environment (PYTHONPATH, wheels); e.g. one that may hang, under
+      # `PYTHONFAULTHANDLER=1 timeout -s ABRT N`: at N s every thread's stack is printed
+      bash -c "${CMD:?set CMD}" 2>&1 | grep -v -E "Warning|warn\(|^$" | tee -a "$OUT/cmd.txt" ;;
     tests)  # the GPU cases of the compile, custom-op and static-decoding tests
       python3 -m pytest -q -m "not slow" -p no:logging --tb=short tests/test_compile.py tests/test_decode.py 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/tests.txt" ;;
     breaks)  # graph breaks of the compiled blocks
