@@ -68,7 +68,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: str = "none"  # none | block (recompute whole blocks) | ops (keep matmul and mixer outputs, recompute the rest)
     compile: bool | str = "auto"  # torch.compile each block: auto (on with CUDA, ZeRO <= 2, no SP) | true | false
-    cuda_graphs: bool = False  # replay each compiled block as a CUDA graph (mode=reduce-overhead): no host launch time; CUDA, unpacked batches (MQAR, RegBench)
+    cuda_graphs: bool = False  # replay each compiled block as a CUDA graph (mode=reduce-overhead): no host launch time; CUDA (packed documents padded to a few shapes)
     loss_chunk: int = 2048  # training loss through the head this many tokens at a time (no [tokens, vocab] logits); 0 = plain
     eval_every: int = 100
     eval_batches: int = 8
@@ -145,10 +145,6 @@ class TrainConfig:
         if self.cuda_graphs and (self.compile is False or self.zero_stage == 3 or self.sequence_parallel_size > 1):
             bad("cuda_graphs=true replays the compiled blocks: it needs compile (not false), zero_stage <= 2 and no "
                 "sequence parallelism")  # fmt: skip
-        if self.cuda_graphs and self.data.task in task_names() and task_named(self.data.task).needs_text:
-            bad(f"cuda_graphs=true with data.task={self.data.task}: its batches pack documents, which training does not "
-                "replay as CUDA graphs yet (the kernels' and the trainer's parts are built, not yet checked on a GPU); use "
-                "cuda_graphs=false")  # fmt: skip
         if not isinstance(self.deterministic, bool):
             bad(f"deterministic must be true or false, got {self.deterministic!r}")
         if not isinstance(self.optim.fused, bool):
