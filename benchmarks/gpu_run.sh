@@ -68,7 +68,7 @@ for stage in "$@"; do
       done ;;
     graphs)  # issue 43: training with cuda_graphs=true against false (the blocks compiled either way): the same
       # losses? a 125m-shaped BLA on MQAR, GRAPH_STEPS steps each; GRAPH_RUN=main: the main job's LM on packed documents
-      # (refused by the config until packed graphs pass their GPU check)
+      # (the second run finds the first's compile caches warm: its first step is no measure of capture's cost)
       for g in false true; do
         python3 -m bla.train.cli ${GRAPH_RUN:-mqar model.preset=125m model.vocab_size=8192} steps=${GRAPH_STEPS:-200} eval_every=100 \
           save_every=1000 log_every=10 cuda_graphs=$g progress=false out_dir=/tmp/graphs_$g cache_dir=/tmp/cache 2>&1 \
