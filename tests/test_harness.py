@@ -137,10 +137,10 @@ def test_batched_scores_equal_one_at_a_time(tiny_run):
     assert rolling == pytest.approx([lm._logprobs([lm.tok.bos_id, *lm.tok.encode(r.args[0])], 1)[0] for r in reqs], abs=1e-4)
 
 
-def test_pretrained_names_the_model_and_unknown_model_args_are_refused(tiny_run, tasks):
+def test_pretrained_names_the_model_and_unknown_model_args_are_refused(tiny_run, tasks, capsys):
     """lm-eval's own name for the model path, `pretrained=`, works (and names the results); an
     unknown model argument is one line and exit 2, never swallowed."""
-    from bla.eval.harness import BLAHarnessLM
+    from bla.eval.harness import BLAHarnessLM, lm_eval_main
 
     with pytest.raises(ValueError, match=r"unknown model_args \['temprature'\]"):
         BLAHarnessLM(pretrained=str(tiny_run / "run"), temprature=0.5)
@@ -154,9 +154,9 @@ def test_pretrained_names_the_model_and_unknown_model_args_are_refused(tiny_run,
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     written = list(out.rglob("results*.json"))
     assert len(written) == 1 and "run" in written[0].parent.name  # lm-eval names the folder after pretrained=
-    done = subprocess.run([*base, "--model_args", f"pretrained={tiny_run / 'run'},bogus=1"], capture_output=True,
-                          text=True, env=fresh_process_env(), timeout=600)  # fmt: skip
-    assert done.returncode == 2 and "unknown model_args ['bogus']" in done.stderr.strip().splitlines()[-1]
+    capsys.readouterr()  # the refusal through the same command line, in this process (lm-eval's imports once)
+    assert lm_eval_main([*base[3:], "--model_args", f"pretrained={tiny_run / 'run'},bogus=1"]) == 2
+    assert "unknown model_args ['bogus']" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_lm_evals_hf_model_on_an_export_scores_as_the_bla_adapter(tiny_run, tmp_path):
