@@ -137,12 +137,13 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
       done
       wait
       for f in "$OUT"/gated_*.txt; do echo "== $f"; grep -E "finished|Error|error|File \"/tmp/p/bla" "$f" | grep -v Warn | tail -8 | cut -c1-300; done ;;
-    curve350m)  # issue 18's show: the 350m preset, 2,000 steps of 8k tokens on the embedded corpus, eager
-      # and compiled at once on the one GPU (the eager run starts first; the compiled one once the
-      # eager run's first step shows the data cache is built); logs land in $OUT as they come
+    curve350m)  # issues 18 and 43's show: the 350m preset, 2,000 steps of 8k tokens on the embedded corpus, eager
+      # and compiled (with CUDA graphs unless CURVE_GRAPHS=false) at once on the one GPU (the eager run starts first; the
+      # compiled one once the eager run's first step shows the data cache is built); logs land in $OUT as they come
       for c in false true; do
         python3 -m bla.train.cli main model.preset=350m model.vocab_size=4096 data.seq_len=2048 micro_batch=4 steps=2000 \
           optim.lr=1e-3 optim.warmup_steps=100 eval_every=500 save_every=2000 log_every=10 compile=$c progress=false \
+          $([ $c = true ] && echo "cuda_graphs=${CURVE_GRAPHS:-true}") \
           out_dir=/tmp/curve350m_$c cache_dir=/tmp/cache 2>&1 | grep --line-buffered -E "first step|step [0-9]+:|finished|Error|error" > "$OUT/curve350m_$c.txt" &
         while [ "$c" = false ] && ! grep -q "first step" "$OUT/curve350m_false.txt" 2>/dev/null; do sleep 2; done
       done
