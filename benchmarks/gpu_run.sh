@@ -2,6 +2,7 @@
 # The GPU measurements of issues 18 and 21 (and the GPU tests they add), as run on the device
 # machine: `bash benchmarks/gpu_run.sh STAGE...` from the repo root, logs under $OUT.
 # The machine has torch and Triton; DeepSpeed and its missing needs travel as wheels in .whl.
+# The device tool returns at most 8 files from $OUT a call: stages run together must write no more.
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -124,7 +125,10 @@ print('val_loss', a.get('val_loss'), b.get('val_loss'))" 2>&1 | tee -a "$OUT/gra
       for f in /tmp/regress_*.log; do  # a run cut by the limit still tells its last evaluation and loss
         echo "$f: $(grep -E "finished|Error" "$f" | tail -1) | $(grep -E "train loss" "$f" | tail -1) | $(grep -E "] step [0-9]+/" "$f" | tail -1 | cut -c1-80)"
       done | tee "$OUT/regress.txt"
-      for d in /tmp/regress_*/; do [ -f "$d/summary.json" ] && cp "$d/summary.json" "$OUT/$(basename "$d").json"; done ;;
+      # the summaries in one file: the device tool returns at most 8 files a call, and this stage runs beside others
+      # (on 2026-12-07 beside `sweep`, one file per run crowded out the sweep's two)
+      mkdir -p /tmp/regress_json && for d in /tmp/regress_*/; do [ -f "$d/summary.json" ] && cp "$d/summary.json" "/tmp/regress_json/$(basename "$d").json"; done
+      tar czf "$OUT/regress.tgz" -C /tmp/regress_json . ;;
     gated)  # issue 44: BLA with all three extensions (the torch backend), 20 steps compiled with CUDA_LAUNCH_BLOCKING=1 (a
       # fault where it happens), without compile, and without deterministic=true, at once (before d78eb09 the compiled runs
       # faulted: misaligned parameters in DeepSpeed's flat buffer)

@@ -247,6 +247,10 @@ def _measure_all(args) -> list[dict]:
                 torch.cuda.empty_cache()
             for mixer in args.mixers:
                 for variant in args.variants:
+                    # each row builds a new model whose blocks share their forward's code object: without a reset the
+                    # compile caches of earlier rows count against dynamo's recompile limit (8), and a fourth row
+                    # in one process fell back to eager (125m attn, one H100, 2026-12-07: 0.47x of its own earlier row)
+                    torch._dynamo.reset()
                     try:
                         r = measure(preset, mixer, T, args.tokens_per_step, args.steps, args.set, args.profile, variant,
                                     args.packed)  # fmt: skip
