@@ -86,6 +86,8 @@ VARIANTS = {
     "cuda_graphs": "the blocks compiled with mode=reduce-overhead (Inductor's CUDA graph trees)",
     "whole_model": "the whole model compiled as one region (one guard check and AOT wrapper a step, not one a block)",
     "cuda_graphs_no_check": "cuda_graphs without nan_policy's check: what the host read still costs under graphs",
+    "ds_grads": "DeepSpeed's own gradient hand-over (a cast and an add a parameter), not the trainer's foreach add",
+    "cuda_graphs_ds_grads": "cuda_graphs with DeepSpeed's own gradient hand-over",
 }
 
 
@@ -126,6 +128,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
             variant: str = "default", packed: int = 0) -> dict:  # fmt: skip
     import deepspeed
 
+    from bla.train.bf16_grads import fuse_hp_grad_update
     from bla.train.trainer import aligned_param_groups, finite_later, forward_loss
 
     model_cfg = apply_overrides(load_preset(preset), [f"layer_pattern=[{mixer}]"])
@@ -145,6 +148,8 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
             model.head.loss_compile = None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=aligned_param_groups(model.parameters()),
                                      config=cfg.deepspeed(bf16=True))
+    if not variant.endswith("ds_grads"):
+        fuse_hp_grad_update(engine.optimizer)  # as the trainer does
     B = max(1, tokens_per_step // seq_len)
     if packed:
         batch = packed_batch(model_cfg.vocab_size, B, seq_len, packed)

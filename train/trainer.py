@@ -34,6 +34,7 @@ from bla.model import BLALM, flops_per_token, param_count
 from . import checkpoint as ckpt
 from . import lock as out_lock
 from . import sequence_parallel
+from .bf16_grads import fuse_hp_grad_update
 from .config import TrainConfig
 from .deepspeed_import import deepspeed as import_deepspeed
 from .files import atomic_write
@@ -445,6 +446,7 @@ class _Run:
             model=model, model_parameters=aligned_param_groups(model.parameters()), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         )  # fmt: skip
+        fuse_hp_grad_update(self.engine.optimizer)  # bf16 ZeRO-1 (the GPU default): one foreach add, not a cast and an add a parameter
         self.guard_updates()
         # an SP group shares its batches
         self.loader = self.task.train_loader(cfg.data, cfg.micro_batch, self.data_rank, self.data_world, self.tok, self.shards)
