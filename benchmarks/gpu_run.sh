@@ -21,6 +21,10 @@ for stage in "$@"; do
     cmd)  # any command ($CMD) in this environment (PYTHONPATH, wheels); e.g. one that may hang, under
       # `PYTHONFAULTHANDLER=1 timeout -s ABRT N`: at N s every thread's stack is printed
       bash -c "${CMD:?set CMD}" 2>&1 | grep -v -E "Warning|warn\(|^$" | tee -a "$OUT/cmd.txt" ;;
+    flexcompile)  # issue 43: which part of FlexAttention over packed documents compiles for minutes (the packed attn
+      # row never finished on an H100): the mask alone, the attention alone, both, one 350m attn block; each part cut
+      # with its stacks at FLEX_LIMIT s (120); FLEX_ENV: e.g. TORCHINDUCTOR_COMPILE_THREADS=1 (no compile workers)
+      env $FLEX_ENV python3 benchmarks/lab/flex_compile.py --limit "${FLEX_LIMIT:-120}" 2>&1 | tee "$OUT/flex_compile$TAG.txt" ;;
     tests)  # the GPU cases of the compile, custom-op and static-decoding tests
       python3 -m pytest -q -m "not slow" -p no:logging --tb=short tests/test_compile.py tests/test_decode.py 2>&1 | grep -E "^E |passed|failed|Error" | head -40 | tee "$OUT/tests.txt" ;;
     breaks)  # graph breaks of the compiled blocks
