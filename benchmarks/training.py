@@ -136,6 +136,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
     for item in overrides:  # trainer settings: compile=false, activation_checkpointing=ops, zero_stage=1, ...
         set_dotted(settings, *split_override(item))
     cfg = TrainConfig.from_dict(settings, validate=False)
+    model_cfg = cfg.model  # with the --set model.* overrides (model.bla.output_gate=false, ...)
     torch.manual_seed(0)
     model = BLALM(model_cfg)
     model.set_checkpointing(cfg.activation_checkpointing)
@@ -292,7 +293,7 @@ def main(argv=None) -> int:
                    help="bla-lm rows on packed documents of this mean length (cu_seqlens, as LM training packs), not dense rows")
     p.add_argument("--plain-loop", action="store_true", help="also each mixer's model in the baseline's loop (no DeepSpeed)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="trainer settings for the bla-lm rows (compile=false, activation_checkpointing=ops, zero_stage=1)")
+                   help="settings for the bla-lm rows, the trainer's and the model's (compile=false, zero_stage=1, model.bla.output_gate=false)")
     p.add_argument("--json", default="bench_train.json")
     args = p.parse_args(argv)
     from bla.train.trainer import init_distributed, shutdown_distributed
