@@ -79,9 +79,14 @@ class ShortConv(nn.Module):
         B, T, D = x_BTD.shape
         past = past_BKD if past_BKD is not None else x_BTD.new_zeros(B, K - 1, D)
         full = torch.cat([past.to(x_BTD.dtype), x_BTD], dim=1)  # [B, K-1+T, D]
-        y = torch.zeros_like(x_BTD)
+        # each tap's weights as one contiguous row: a column of weight [D, K] is strided, and eager
+        # CPU multiplies by a strided operand slowly (each of the main job's convolutions, [8, 256, 576]
+        # on one thread, took 35 ms forward and backward, 22 ms so: the same products and sums, in the same order)
+        taps = self.weight.t().contiguous()
+        y = None
         for lag in range(K):
-            # tap `lag` reads token t - lag, which is in the same document iff position >= lag
-            same_doc = (positions_BT >= lag).to(x_BTD.dtype)[..., None]
-            y = y + full[:, K - 1 - lag : K - 1 - lag + T] * self.weight[:, K - 1 - lag] * same_doc
+            term = full[:, K - 1 - lag : K - 1 - lag + T] * taps[K - 1 - lag]
+            if lag:  # tap `lag` reads token t - lag, which is in the same document iff position >= lag
+                term = term * (positions_BT >= lag).to(x_BTD.dtype)[..., None]
+            y = term if y is None else y + term
         return F.silu(y), full[:, -(K - 1) :] if K > 1 else full[:, :0]
