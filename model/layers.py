@@ -81,7 +81,8 @@ class ShortConv(nn.Module):
         full = torch.cat([past.to(x_BTD.dtype), x_BTD], dim=1)  # [B, K-1+T, D]
         # each tap's weights as one contiguous row: a column of weight [D, K] is strided, and eager
         # CPU multiplies by a strided operand slowly (each of the main job's convolutions, [8, 256, 576]
-        # on one thread, took 35 ms forward and backward, 22 ms so: the same products and sums, in the same order)
+        # on one thread of the 2-core CPU machine, 2026-12-07, took 35 ms forward and backward, 22 ms
+        # so: the same products and sums, in the same order)
         taps = self.weight.t().contiguous()
         y = None
         for lag in range(K):

@@ -4,10 +4,6 @@ fp32 gradients it leaves are DeepSpeed's own to the bit, over accumulated micro-
 import torch
 
 
-def _clones(tensors):
-    return [t.clone() for t in tensors]
-
-
 def test_foreach_hand_over_equals_deepspeeds():
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
@@ -43,7 +39,7 @@ def test_foreach_hand_over_equals_deepspeeds():
         # DeepSpeed's own hand-over of the same bf16 gradients (the second micro-batch's): the same bits
         opt.clear_hp_grads()
         BF16_Optimizer.update_hp_grads(opt)
-        theirs = _clones(hps)
+        theirs = [h.clone() for h in hps]
         opt.clear_hp_grads()
         opt.update_hp_grads()
         assert all(torch.equal(a, b) for a, b in zip(hps, theirs)) and any(h.any() for h in theirs)

@@ -790,8 +790,8 @@ def test_packed_layout_built_on_the_device_equals_the_host_built(tune, monkeypat
     segments a document, every gradient; the host path is never taken. The layout depends on the
     documents alone, so one gate rule (the model's) serves (the others' packed rows:
     ``test_triton_varlen_with_empty_and_single_token_documents``)."""
-    gates = "fejer"
     from bla.kernels import triton_layout
+    from bla.kernels.gates import MODEL_GATES
 
     tune(sub=16, segment=32)
 
@@ -800,5 +800,5 @@ def test_packed_layout_built_on_the_device_equals_the_host_built(tune, monkeypat
 
     monkeypatch.setattr(triton_layout, "Layout", host_layout)
     with triton_layout.static_layouts():
-        _compare_packed(12, 4, gates)
-        _compare_packed(12, 4, gates, phase_shift=[1, 2])
+        _compare_packed(12, 4, MODEL_GATES)
+        _compare_packed(12, 4, MODEL_GATES, phase_shift=[1, 2])
