@@ -88,6 +88,8 @@ VARIANTS = {
     "cuda_graphs_no_check": "cuda_graphs without nan_policy's check: what the host read still costs under graphs",
     "ds_grads": "DeepSpeed's own gradient hand-over (a cast and an add a parameter), not the trainer's foreach add",
     "cuda_graphs_ds_grads": "cuda_graphs with DeepSpeed's own gradient hand-over",
+    "split_proj": "the input projections one matmul a module, as before the compiled path stacked them (one matmul)",
+    "cuda_graphs_split_proj": "cuda_graphs with the input projections one matmul a module",
 }
 
 
@@ -128,6 +130,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
             variant: str = "default", packed: int = 0) -> dict:  # fmt: skip
     import deepspeed
 
+    from bla.model import mixers
     from bla.train.bf16_grads import fuse_hp_grad_update
     from bla.train.trainer import aligned_param_groups, finite_later, forward_loss
 
@@ -137,6 +140,7 @@ def measure(preset: str, mixer: str, seq_len: int, tokens_per_step: int, steps: 
         set_dotted(settings, *split_override(item))
     cfg = TrainConfig.from_dict(settings, validate=False)
     model_cfg = cfg.model  # with the --set model.* overrides (model.bla.output_gate=false, ...)
+    mixers.FUSE_PROJECTIONS = not variant.endswith("split_proj")  # read when the blocks are traced
     torch.manual_seed(0)
     model = BLALM(model_cfg)
     model.set_checkpointing(cfg.activation_checkpointing)

@@ -72,17 +72,37 @@ def _cat_rows(tensors: list) -> torch.Tensor | None:
     return None if tensors[0] is None else torch.cat(tensors)
 
 
+FUSE_PROJECTIONS = True  # compiled: one matmul for the input projections (off: benchmarks/training.py's A/B)
+
+
+def input_projections(mixer: nn.Module, x, fused: bool | None = None) -> list[torch.Tensor]:
+    """x through the layer's input projections: q, k, v, and the output gate's where the layer has
+    one. ``fused`` (None: when compiled) makes them one matmul over the weights stacked, so x is
+    read once and the backward gives x one gradient instead of a sum of four (the plain baseline
+    projects q, k and v as one too). Eager keeps one call a module: ZeRO-3 (eager only) gathers a
+    weight in its own module's forward hook, and the weights and state-dict keys stay as they are."""
+    mods = [mixer.q_proj, mixer.k_proj, mixer.v_proj]
+    if getattr(mixer, "gate_proj", None) is not None:
+        mods.append(mixer.gate_proj)
+    if fused is None:
+        fused = FUSE_PROJECTIONS and torch.compiler.is_compiling()
+    if not fused:
+        return [m(x) for m in mods]
+    weight = torch.cat([m.weight for m in mods])
+    return list(F.linear(x, weight).split([m.out_features for m in mods], dim=-1))
+
+
 def project_qkv(mixer: nn.Module, x, positions, cu_seqlens, conv_past):
     """q [B, T, H, d], k and v [B, T, H_kv, d] through the mixer's short convolution if it has one,
-    and the convolution's decode buffer (None without one). Under sequence parallelism the
-    convolution's past is the previous slice's last inputs (the exchange's halo)."""
+    the convolution's decode buffer (None without one) and the output gate's pre-activation (None
+    without one). Under sequence parallelism the convolution's past is the previous slice's last
+    inputs (the exchange's halo)."""
     B, T, _ = x.shape
     H, Hkv, d = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
     conv_buf = None
-    if mixer.conv is None:  # no concatenation to pay for
-        q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
-    else:
-        qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
+    q, k, v, *gate = input_projections(mixer, x)
+    if mixer.conv is not None:
+        qkv = torch.cat([q, k, v], dim=-1)
         if mixer.exchange is not None:
             conv_past = mixer.exchange.conv_halo(qkv, mixer.conv.kernel)
             conv_pos = mixer.exchange.segment_positions.to(x.device)
@@ -92,7 +112,7 @@ def project_qkv(mixer: nn.Module, x, positions, cu_seqlens, conv_past):
             conv_pos = positions if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens, T)
         qkv, conv_buf = mixer.conv(qkv, conv_pos, conv_past)
         q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
-    return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d), conv_buf
+    return q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d), conv_buf, (gate[0] if gate else None)
 
 
 def conv_static_buffer(mixer: nn.Module, batch: int, device, dtype) -> dict:
@@ -108,12 +128,12 @@ def load_conv_static(mixer: nn.Module, buf: dict, row: int, cache) -> None:
 
 
 def project_step(mixer: nn.Module, x, position, buf: dict):
-    """q, k, v of one token per row (x [B, 1, D], position [B]) for a static decode step, the
-    convolution's buffer updated in place."""
-    q, k, v, conv_buf = project_qkv(mixer, x, position[:, None], None, buf.get("conv"))
+    """q, k, v and the output gate's pre-activation (None without one) of one token per row (x [B, 1, D],
+    position [B]) for a static decode step, the convolution's buffer updated in place."""
+    q, k, v, conv_buf, gate = project_qkv(mixer, x, position[:, None], None, buf.get("conv"))
     if conv_buf is not None:
         buf["conv"].copy_(conv_buf)
-    return q, k, v
+    return q, k, v, gate
 
 
 def _no_cache_under_exchange(mixer: nn.Module, cache) -> None:
@@ -169,7 +189,7 @@ class BLAMixer(nn.Module):
         _no_cache_under_exchange(self, cache)
         B, T, _ = x.shape
         H, d = self.n_heads, self.head_dim
-        q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
+        q, k, v, conv_buf, gate = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
         q, k = self.normed(q, k)
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta, rope)
@@ -182,8 +202,8 @@ class BLAMixer(nn.Module):
         if self.out_norm is not None:
             o = self.out_norm(o)
         o = o.reshape(B, T, H * d)
-        if self.gate_proj is not None:
-            o = o * F.silu(self.gate_proj(x))
+        if gate is not None:
+            o = o * F.silu(gate)
         new_cache = BLACache(state, conv_buf) if cache is not None else None
         return self.o_proj(o), new_cache
 
@@ -214,7 +234,7 @@ class BLAMixer(nn.Module):
         the context (so the step can be captured as a CUDA graph)."""
         B = x.shape[0]
         positions = position[:, None]
-        q, k, v = project_step(self, x, position, buf)
+        q, k, v, gate = project_step(self, x, position, buf)
         q, k = self.normed(q, k)
         if self.cfg.bla.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
@@ -226,8 +246,8 @@ class BLAMixer(nn.Module):
         if self.out_norm is not None:
             o = self.out_norm(o)
         o = o.reshape(B, 1, -1)
-        if self.gate_proj is not None:
-            o = o * F.silu(self.gate_proj(x))
+        if gate is not None:
+            o = o * F.silu(gate)
         return self.o_proj(o)
 
     def mix(self, q, k, v, x, positions, cu_seqlens, state, keep_state: bool, gates: dict):
@@ -383,7 +403,7 @@ class SoftmaxMixer(nn.Module):
         B = x.shape[0]
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         positions = position[:, None]
-        q, k, v = project_step(self, x, position, buf)
+        q, k, v, _ = project_step(self, x, position, buf)
         q = apply_rope(q, positions, self.cfg.rope_theta).transpose(1, 2)
         k = apply_rope(k, positions, self.cfg.rope_theta).transpose(1, 2)
         L = buf["k"].shape[2]
@@ -403,7 +423,7 @@ class SoftmaxMixer(nn.Module):
         _no_cache_under_exchange(self, cache)
         B, T, _ = x.shape
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v, conv_buf = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
+        q, k, v, conv_buf, _ = project_qkv(self, x, positions, cu_seqlens, cache.conv if cache is not None else None)
         q = apply_rope(q, positions, self.cfg.rope_theta, rope).transpose(1, 2)
         k = apply_rope(k, positions, self.cfg.rope_theta, rope).transpose(1, 2)
         v = v.transpose(1, 2)

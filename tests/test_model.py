@@ -30,6 +30,28 @@ def test_tiny_hybrid_overfits_one_batch():
     assert first > 5.0 and loss.item() < 0.2, (first, loss.item())
 
 
+@pytest.mark.parametrize("over", [{}, {"bla.short_conv": 0, "attn_short_conv": 0, "bla.output_gate": False}])
+def test_fused_input_projections_equal_one_matmul_a_module(over):
+    """The compiled path's one matmul over the stacked weights computes each layer's q, k, v and
+    output gate as the eager path's one call a module does (float64, outputs and gradients)."""
+    from bla.model.mixers import input_projections
+
+    torch.manual_seed(0)
+    model = BLALM(tiny(**over)).double()
+    x = torch.randn(2, 9, 64, dtype=torch.float64)
+    for block in model.blocks:
+        mixer = block.mixer
+        outs = {}
+        for fused in (False, True):
+            mixer.zero_grad()
+            parts = input_projections(mixer, x, fused=fused)
+            sum((p * torch.linspace(-1, 1, p.shape[-1], dtype=p.dtype)).sum() for p in parts).backward()
+            outs[fused] = parts + [p.grad.clone() for p in mixer.parameters() if p.grad is not None]
+        assert len(outs[True]) == len(outs[False]) == 2 * (3 + (block.kind == "bla" and mixer.gate_proj is not None))
+        for i, (a, b) in enumerate(zip(outs[True], outs[False])):
+            assert_close(f"{block.kind} part {i}", a, b, atol=1e-12)
+
+
 @pytest.mark.parametrize("pattern", ["[bla, attn, swa]", "[bla]", "[swa, bla]", "[gsa, attn]"])
 @pytest.mark.parametrize("prefill", [1, 13])
 def test_generation_logits_equal_parallel(pattern, prefill):
