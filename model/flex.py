@@ -1,21 +1,33 @@
-"""Softmax attention over packed documents and sliding windows through FlexAttention's
-block-sparse kernels.
+"""Softmax attention over packed documents and sliding windows without a dense [T, T] mask.
 
 SDPA takes a packed row's document mask (or a sliding window) as a dense [T, T] boolean and
 computes every block of it: a 16k-token row of ~512-token documents does ~30x the work it needs
 (issue 43: the packed 350m attn model trained at 36,782 tokens/s, 0.28x the BLA model's packed
-rows in the same run, one H100, 2026-12-07). FlexAttention skips the blocks that the mask empties and
-fuses the rest. It is fast only compiled, so the model takes it inside compiled blocks
-(``compile_blocks``) on CUDA; eager, SDPA with the dense mask as before (the two are tested equal).
-Each softmax layer builds its block mask from the document ids inside its compiled block: one
-pass over the row's (T / 128)^2 blocks a layer. Building it once a step and handing it to every
-layer, as RoPE's table is, waits on a GPU measurement of what the repeated pass costs.
+rows in the same run, one H100, 2026-12-07). Two kernels skip what the mask empties:
+
+- Flash attention's variable-length kernel (``torch.nn.attention.varlen``), on CUDA in half
+  precision where torch has it: documents given by ``cu_seqlens`` (a batch's rows as documents of
+  T tokens), the window as flash's left window; no mask to build and nothing to compile. Empty
+  documents (``cu_seqlens`` padded to a capacity) take no work.
+- FlexAttention's block-sparse kernels otherwise (float32, or a torch without varlen's
+  window): fast only compiled, so the model takes it inside compiled blocks (``compile_blocks``)
+  on CUDA. Each softmax layer builds its block mask from the document ids inside its compiled
+  block: one pass over the row's (T / 128)^2 blocks a layer.
+
+Eager on the CPU, SDPA with the dense mask as before; all three are tested equal.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+try:
+    from torch.nn.attention import varlen
+except ImportError:  # a torch before varlen_attn
+    varlen = None
 
 
 def flex_applies(q: torch.Tensor) -> bool:
@@ -42,3 +54,50 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document
 
     block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def varlen_keywords(module) -> frozenset:
+    """The keywords a ``torch.nn.attention.varlen``'s ``varlen_attn`` takes (they grew across releases)."""
+    if module is None or not hasattr(module, "varlen_attn"):
+        return frozenset()
+    return frozenset(inspect.signature(module.varlen_attn).parameters)
+
+
+VARLEN_KEYWORDS = varlen_keywords(varlen)  # once, here: a constant to torch.compile's tracing
+
+
+def varlen_applies(q: torch.Tensor, window: int | None) -> bool:
+    """Whether flash's variable-length kernel takes this call: CUDA, half precision (flash has no
+    float32), and a ``varlen_attn`` that knows windows where there is one."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or not VARLEN_KEYWORDS:
+        return False
+    return "window_size" in VARLEN_KEYWORDS or (window is None and "is_causal" in VARLEN_KEYWORDS)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                     window: int | None, enable_gqa: bool) -> torch.Tensor:  # fmt: skip
+    """``masked_attention``'s result ``[B, H, T, d]`` through ``varlen_attn``: the documents are
+    ``cu_seqlens``' (one packed row, B = 1) or the batch's rows; key j is read by query i when
+    ``i - window < j <= i``, flash's left window of ``window - 1``. The bounds on a document's
+    length are the row's T: fixed shapes and no host read of ``cu_seqlens``."""
+    B, H, T, d = q.shape
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
+    else:
+        if B != 1:
+            raise ValueError(f"packed documents come as one row, got a batch of {B}")
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    keys = VARLEN_KEYWORDS
+    if enable_gqa and "enable_gqa" not in keys:  # an older varlen_attn: each query head gets its kv head's copy
+        k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
+    options = {"enable_gqa": True} if enable_gqa and "enable_gqa" in keys else {}
+    if "window_size" in keys:
+        options["window_size"] = (-1 if window is None else window - 1, 0)
+    else:
+        options["is_causal"] = True
+
+    def flat(x):  # [B, h, T, d] -> [B * T, h, d]: a view where x is a [B, T, h, d] tensor transposed, as the model's are
+        return x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3])
+
+    o = varlen.varlen_attn(flat(q), flat(k), flat(v), cu, cu, T, T, **options)
+    return o.view(B, T, H, v.shape[3]).transpose(1, 2)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import flex
 from .config import ModelConfig
 from .gsa_mixer import GSAMixer  # noqa: F401  (importing a kind's module registers it: gsa here, bla/attn/swa below)
 from .layers import RMSNorm, SwiGLU, rope_table, upcast
@@ -98,6 +99,8 @@ def _costly_aten_ops() -> frozenset:
             ops.add(getattr(aten, name).default)
     if hasattr(torch.ops.higher_order, "flex_attention"):  # packed or windowed attention in compiled CUDA blocks (bla.model.flex)
         ops.add(torch.ops.higher_order.flex_attention)
+    if flex.varlen is not None and hasattr(torch.ops.torch_attn, "_varlen_attn"):  # the same through flash's varlen kernel
+        ops.add(torch.ops.torch_attn._varlen_attn.default)
     return frozenset(ops)
 
 

@@ -26,7 +26,7 @@ from bla.kernels import bla_attention, bla_step, bla_step_
 from bla.kernels.checks import normalise_windows
 
 from .config import ModelConfig
-from .flex import flex_applies, masked_attention
+from .flex import flex_applies, masked_attention, varlen_applies, varlen_attention
 from .layers import RMSNorm, ShortConv, apply_rope
 from .registry import MixerKind, projection_params, register
 
@@ -343,6 +343,7 @@ class SoftmaxMixer(nn.Module):
 
     exchange = None  # sequence parallelism's "kv_gather" (attn) or "kv_halo" (swa) exchange, when set
     use_flex = staticmethod(flex_applies)  # masked attention through FlexAttention? (tests force it on the CPU)
+    use_varlen = staticmethod(varlen_applies)  # through flash's variable-length kernel? (tests give the CPU a stand-in)
 
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
@@ -431,10 +432,15 @@ class SoftmaxMixer(nn.Module):
         new_cache = None
         # a full-attention cache may carry a sliding context (perplexity of long documents)
         window = self.window if self.window is not None else (cache.window if cache is not None else None)
+        masked = cache is None and (cu_seqlens is not None or (window is not None and window < T))  # not plain causal
         if self.exchange is not None:  # earlier slices' keys and values, and the global mask
             k, v, mask = self.exchange.key_context(self, k, v)
-        elif cache is None and (cu_seqlens is not None or (window is not None and window < T)) and self.use_flex(q):
-            # packed documents or a sliding window, compiled on CUDA: block-sparse FlexAttention, no T x T mask
+        elif masked and self.use_varlen(q, window):
+            # packed documents or a sliding window on CUDA: flash's variable-length kernel, no T x T mask
+            o = varlen_attention(q, k, v, cu_seqlens, window, enable_gqa=Hkv != H)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), None
+        elif masked and self.use_flex(q):
+            # the same, compiled on CUDA where flash's kernel does not apply: block-sparse FlexAttention
             doc = document_ids(cu_seqlens, T, x.device)[0] if cu_seqlens is not None else None
             o = masked_attention(q, k, v, doc, window, enable_gqa=Hkv != H)
             return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), None
