@@ -57,7 +57,8 @@ for stage in "$@"; do
     sac2k)  # activation checkpointing's trade-off
       for ac in ops block; do python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla attn --set activation_checkpointing=$ac --json "$OUT/train_2k_$ac.json" 2>&1 | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee -a "$OUT/train_2k_ac.txt"; done ;;
     train16k)
-      python3 benchmarks/training.py --presets 350m --seq-lens 16384 --mixers attn bla --baseline --json "$OUT/train_16k.json" 2>&1 | grep -v Warning | tee "$OUT/train_16k.txt" ;;
+      python3 benchmarks/training.py --presets 350m --seq-lens 16384 --mixers attn bla --baseline --variants cuda_graphs default --json "$OUT/train_16k.json" 2>&1 \
+        | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_16k.txt" ;;
     bla16k)
       python3 benchmarks/training.py --presets 350m --seq-lens 16384 --mixers bla --json "$OUT/train_16k_bla.json" 2>&1 | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0" | tee "$OUT/train_16k_bla.txt" ;;
     generate)  # inference against context, BLA beside softmax attention, one run

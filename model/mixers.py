@@ -77,15 +77,16 @@ FUSE_PROJECTIONS = True  # compiled: one matmul for the input projections (off: 
 
 def input_projections(mixer: nn.Module, x, fused: bool | None = None) -> list[torch.Tensor]:
     """x through the layer's input projections: q, k, v, and the output gate's where the layer has
-    one. ``fused`` (None: when compiled) makes them one matmul over the weights stacked, so x is
-    read once and the backward gives x one gradient instead of a sum of four (the plain baseline
-    projects q, k and v as one too). Eager keeps one call a module: ZeRO-3 (eager only) gathers a
-    weight in its own module's forward hook, and the weights and state-dict keys stay as they are."""
+    one. ``fused`` (None: when compiled, on rows of more than one token) makes them one matmul over
+    the weights stacked, so x is read once and the backward gives x one gradient instead of a sum
+    of four (the plain baseline projects q, k and v as one too). Eager keeps one call a module:
+    ZeRO-3 (eager only) gathers a weight in its own module's forward hook; the weights and
+    state-dict keys stay as they are either way."""
     mods = [mixer.q_proj, mixer.k_proj, mixer.v_proj]
     if getattr(mixer, "gate_proj", None) is not None:
         mods.append(mixer.gate_proj)
-    if fused is None:
-        fused = FUSE_PROJECTIONS and torch.compiler.is_compiling()
+    if fused is None:  # not for one token a row (decoding): stacking the weights would cost more than it saves
+        fused = FUSE_PROJECTIONS and torch.compiler.is_compiling() and x.shape[-2] > 1
     if not fused:
         return [m(x) for m in mods]
     weight = torch.cat([m.weight for m in mods])
