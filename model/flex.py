@@ -24,10 +24,6 @@ import inspect
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-try:
-    from torch.nn.attention import varlen
-except ImportError:  # a torch before varlen_attn
-    varlen = None
 
 
 def flex_applies(q: torch.Tensor) -> bool:
@@ -63,7 +59,24 @@ def varlen_keywords(module) -> frozenset:
     return frozenset(inspect.signature(module.varlen_attn).parameters)
 
 
-VARLEN_KEYWORDS = varlen_keywords(varlen)  # once, here: a constant to torch.compile's tracing
+varlen = None  # torch.nn.attention.varlen once load_varlen() has run (None: not yet, or this torch has none)
+VARLEN_KEYWORDS: frozenset = frozenset()  # its varlen_attn's keywords: constants to torch.compile's tracing
+_varlen_loaded = False
+
+
+def load_varlen() -> None:
+    """Import ``torch.nn.attention.varlen`` and read its keywords, once: when a softmax layer is
+    built, not when this module is imported (the import brings in the compiler, which ``bla --help``
+    should not pay for), and never while torch.compile traces."""
+    global varlen, VARLEN_KEYWORDS, _varlen_loaded
+    if _varlen_loaded:
+        return
+    _varlen_loaded = True
+    try:
+        from torch.nn.attention import varlen as module
+    except ImportError:  # a torch before varlen_attn
+        return
+    varlen, VARLEN_KEYWORDS = module, varlen_keywords(module)
 
 
 def varlen_applies(q: torch.Tensor, window: int | None) -> bool:

@@ -99,6 +99,7 @@ def _costly_aten_ops() -> frozenset:
             ops.add(getattr(aten, name).default)
     if hasattr(torch.ops.higher_order, "flex_attention"):  # packed or windowed attention in compiled CUDA blocks (bla.model.flex)
         ops.add(torch.ops.higher_order.flex_attention)
+    flex.load_varlen()
     if flex.varlen is not None and hasattr(torch.ops.torch_attn, "_varlen_attn"):  # the same through flash's varlen kernel
         ops.add(torch.ops.torch_attn._varlen_attn.default)
     return frozenset(ops)

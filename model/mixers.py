@@ -26,7 +26,7 @@ from bla.kernels import bla_attention, bla_step, bla_step_
 from bla.kernels.checks import normalise_windows
 
 from .config import ModelConfig
-from .flex import flex_applies, masked_attention, varlen_applies, varlen_attention
+from .flex import flex_applies, load_varlen, masked_attention, varlen_applies, varlen_attention
 from .layers import RMSNorm, ShortConv, apply_rope
 from .registry import MixerKind, projection_params, register
 
@@ -351,6 +351,7 @@ class SoftmaxMixer(nn.Module):
         D, H, Hkv, d = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.cfg, self.window = cfg, window
         self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, d
+        load_varlen()  # flash's variable-length kernel, for packed documents and windows on CUDA
         self.q_proj = nn.Linear(D, H * d, bias=False)
         self.k_proj = nn.Linear(D, Hkv * d, bias=False)
         self.v_proj = nn.Linear(D, Hkv * d, bias=False)

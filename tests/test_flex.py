@@ -87,6 +87,7 @@ def _stand_in_varlen(monkeypatch, windowed: bool = True):
     stand_in = types.SimpleNamespace(varlen_attn=varlen_attn)
     monkeypatch.setattr(flex, "varlen", stand_in)
     monkeypatch.setattr(flex, "VARLEN_KEYWORDS", flex.varlen_keywords(stand_in))
+    monkeypatch.setattr(flex, "_varlen_loaded", True)  # building a model keeps the stand-in
 
 
 def _check_against_sdpa(packed, window, device, dtype, grads: bool, atol: float, compiled: bool = False, varlen: bool = False):
