@@ -41,6 +41,18 @@ for stage in "$@"; do
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn bla --baseline --profile \
         --variants ${AB_VARIANTS:-default check_first cuda_graphs} --json "$OUT/train_2k_ab.json" 2>&1 \
         | grep -v -E "Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$" | tee "$OUT/train_2k_ab.txt" ;;
+    cuts2k)  # issue 43, the cuts of 2026-12-08: this torch's varlen_attn and the GPU tests of the paths through it; the
+      # packed attn row through it (graphs); bla's A/B of the stacked projections and the foreach gradient hand-over
+      # beside the baseline; the attn row. About 8 minutes; 5 files.
+      F="Warning|MA |CPU Virtual|_optimizer|group 0|_warn_once|warn_once|^$"
+      { python3 -c "import inspect, torch, torch.nn.attention.varlen as v; print(torch.__version__, inspect.signature(v.varlen_attn))"
+        timeout 90 python3 -m pytest -q -p no:logging --tb=short tests/test_flex.py -k gpu 2>&1 | grep -E "^E |passed|failed|skipped|Error" | head -20
+        timeout 100 python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn --packed 512 --variants cuda_graphs \
+          --steps 6 --json "$OUT/train_2k_packed_attn.json" 2>&1 | grep -v -E "$F" | tail -6
+        timeout 280 python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla --baseline --variants cuda_graphs \
+          cuda_graphs_split_proj cuda_graphs_ds_grads --json "$OUT/train_2k_bla_ab.json" 2>&1 | grep -v -E "$F" | tail -10
+        timeout 80 python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers attn --variants cuda_graphs \
+          --json "$OUT/train_2k_attn.json" 2>&1 | grep -v -E "$F" | tail -4; } | tee "$OUT/cuts2k.txt" ;;
     packed2k)  # issue 43: the LM path (packed documents, mean 512 tokens; cu_seqlens padded to a power of two) with
       # and without CUDA graph trees: tokens/s, and the loss after the same updates (the graphs must not change it)
       python3 benchmarks/training.py --presets 350m --seq-lens 2048 --mixers bla attn --packed 512 \
