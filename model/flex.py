@@ -25,7 +25,6 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
-
 def flex_applies(q: torch.Tensor) -> bool:
     """Whether this call is traced by torch.compile for a CUDA device (where FlexAttention's
     kernels are generated); callers also leave decode caches and sequence parallelism to SDPA."""
