@@ -65,12 +65,16 @@ _varlen_loaded = False
 
 def load_varlen() -> None:
     """Import ``torch.nn.attention.varlen`` and read its keywords, once: when a softmax layer is
-    built, not when this module is imported (the import brings in the compiler, which ``bla --help``
-    should not pay for), and never while torch.compile traces."""
+    built, not when this module is imported, never while torch.compile traces, and only where
+    CUDA is (its kernel runs nowhere else). The import brings in the compiler, 1.7 s of start-up
+    (2-core CPU machine, 2026-12-08, ``python -X importtime``) that ``bla --help`` and CPU runs
+    should not pay for."""
     global varlen, VARLEN_KEYWORDS, _varlen_loaded
     if _varlen_loaded:
         return
     _varlen_loaded = True
+    if not torch.cuda.is_available():
+        return
     try:
         from torch.nn.attention import varlen as module
     except ImportError:  # a torch before varlen_attn
@@ -92,7 +96,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     ``cu_seqlens``' (one packed row, B = 1) or the batch's rows; key j is read by query i when
     ``i - window < j <= i``, flash's left window of ``window - 1``. The bounds on a document's
     length are the row's T: fixed shapes and no host read of ``cu_seqlens``."""
-    B, H, T, d = q.shape
+    B, H, T, _ = q.shape
     if cu_seqlens is None:
         cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
     else:
