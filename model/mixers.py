@@ -435,19 +435,18 @@ class SoftmaxMixer(nn.Module):
         # a full-attention cache may carry a sliding context (perplexity of long documents)
         window = self.window if self.window is not None else (cache.window if cache is not None else None)
         masked = cache is None and (cu_seqlens is not None or (window is not None and window < T))  # not plain causal
+        o = mask = None
         if self.exchange is not None:  # earlier slices' keys and values, and the global mask
             k, v, mask = self.exchange.key_context(self, k, v)
         elif masked and self.use_varlen(q, window):
             # packed documents or a sliding window on CUDA: flash's variable-length kernel, no T x T mask
             o = varlen_attention(q, k, v, cu_seqlens, window, enable_gqa=Hkv != H)
-            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), None
         elif masked and self.use_flex(q):
             # the same, compiled on CUDA where flash's kernel does not apply: block-sparse FlexAttention
             doc = document_ids(cu_seqlens, T, x.device)[0] if cu_seqlens is not None else None
             o = masked_attention(q, k, v, doc, window, enable_gqa=Hkv != H)
-            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), None
         elif cu_seqlens is None and (window is None or window >= T) and (cache is None or cache.k is None):
-            mask = None  # plain causal (a prompt's prefill too): SDPA's own (flash) path, no T x T mask
+            # plain causal (a prompt's prefill too): SDPA's own (flash) path, no T x T mask
             if cache is not None:
                 keep = T if window is None else min(T, window - 1)
                 new_cache = KVCache(k[:, :, T - keep :], v[:, :, T - keep :], window, conv_buf)
@@ -463,10 +462,8 @@ class SoftmaxMixer(nn.Module):
             doc = document_ids(cu_seqlens, T, x.device) if cu_seqlens is not None else torch.zeros_like(positions)
             k_doc = torch.zeros_like(k_pos) if cu_seqlens is None else doc
             mask = attention_mask(positions, k_pos, doc, k_doc, window)
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+        if o is None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d)), new_cache
 
 
